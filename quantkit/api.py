@@ -1,0 +1,101 @@
+"""The library API that the CLI is a thin layer over: quantize, load, inspect, evaluate."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantkit.calib.pipeline import Progress
+from quantkit.errors import QuantkitError
+from quantkit.formats.loader import load
+from quantkit.methods.base import CalibSpec, QuantJob
+from quantkit.models.sources import resolve
+from quantkit.paths import atomic_dir, check_output
+from quantkit.registry import get_method
+from quantkit.scheme import QuantScheme, make_scheme
+
+__all__ = ["quantize", "load", "resolve_device", "folder_size"]
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float32": torch.float32, "fp32": torch.float32}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise QuantkitError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
+    return dev
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise QuantkitError(f"unknown dtype {name!r}; choose one of: float16, bfloat16, float32")
+    return DTYPES[name]
+
+
+def folder_size(path: Path) -> int:
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _scheme(scheme: QuantScheme | str | dict[str, Any] | None) -> QuantScheme:
+    if isinstance(scheme, QuantScheme):
+        return scheme
+    if isinstance(scheme, str):
+        return make_scheme(scheme)
+    return make_scheme(None, **(scheme or {}))
+
+
+def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantScheme | str | dict | None = None,
+             calib: CalibSpec | dict[str, Any] | None = None, options: dict[str, Any] | None = None,
+             device: str | torch.device = "auto", save_dtype: str | torch.dtype = "float16", force: bool = False,
+             trust_remote_code: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+    """Quantize `model` with `method` and write a checkpoint folder at `out` (atomically).
+
+    Returns a summary: method, output path, scheme, timings and size on disk.
+    """
+    out = Path(out)
+    check_output(out, force)  # fail before any expensive work
+    impl = get_method(method)
+    opts = impl.Options(**(options or {}))
+    job = QuantJob(
+        source=resolve(model),
+        scheme=_scheme(scheme),
+        options=opts,
+        calib=calib if isinstance(calib, CalibSpec) else CalibSpec(**(calib or {})),
+        device=resolve_device(device),
+        save_dtype=resolve_dtype(save_dtype),
+        trust_remote_code=trust_remote_code,
+        progress=progress,
+    )
+    if job.source.is_quantized:
+        raise QuantkitError(f"{model} is already quantized; give the float model it came from")
+    torch.manual_seed(job.calib.seed)
+    t0 = time.perf_counter()
+    artifact = impl.quantize(job)
+    t_quant = time.perf_counter() - t0
+    with atomic_dir(out, force=force) as tmp:
+        artifact.save(tmp)
+    return {
+        "method": method,
+        "model": str(model),
+        "out": str(out),
+        "scheme": job.scheme.model_dump(mode="json"),
+        "calibration": job.calib.model_dump() if impl.needs_calibration else None,
+        "options": opts.model_dump(mode="json"),
+        "device": str(job.device),
+        "quantize_seconds": round(t_quant, 3),
+        "total_seconds": round(time.perf_counter() - t0, 3),
+        "size_bytes": folder_size(out),
+        "files": sorted(p.name for p in out.iterdir()),
+    }

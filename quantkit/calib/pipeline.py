@@ -1,0 +1,209 @@
+"""Block-by-block (sequential) calibration, shared by every calibrated method.
+
+1. Capture the inputs of the first decoder block with a kwargs pre-hook that
+   stops the forward early (only the embeddings run).
+2. For each block: put it on the compute device, let the method calibrate and
+   quantize it (`BlockCalib` runs the block with hooks as often as the method
+   needs), re-run the quantized block, and feed its outputs to the next block.
+
+Only the current block sits on the compute device; activations live on
+`store_device` (CPU by default). Memory is one block plus the activations.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from quantkit.calib.hooks import HookSet
+from quantkit.models.arch import ArchSpec, get_blocks
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+class _StopForward(Exception):
+    """Raised by the capture pre-hook once the first block's inputs are recorded."""
+
+
+@dataclass
+class BlockInputs:
+    hidden: list[Tensor]                         # per batch: (B, T, hidden)
+    args: tuple = ()                             # extra positional args after hidden_states
+    kwargs: dict[str, Any] = field(default_factory=dict)  # shared by every batch (same shapes, no padding)
+    per_layer: list[dict[str, Any]] | None = None  # kwargs per block, for archs whose blocks differ
+
+    def kwargs_for(self, i: int) -> dict[str, Any]:
+        return self.per_layer[i] if self.per_layer is not None else self.kwargs
+
+
+class BlockSource(Protocol):
+    """Hands out decoder blocks one at a time (in memory, or lazily from disk)."""
+
+    def __len__(self) -> int: ...
+    def load(self, i: int, device: torch.device) -> nn.Module: ...
+    def release(self, i: int, block: nn.Module) -> None: ...
+
+
+class InMemoryBlocks:
+    """The model's own blocks: moved to the device for their turn, back to CPU after."""
+
+    def __init__(self, blocks: nn.ModuleList, home: torch.device | str = "cpu"):
+        self.blocks, self.home = blocks, home
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def load(self, i: int, device: torch.device) -> nn.Module:
+        return self.blocks[i].to(device)
+
+    def release(self, i: int, block: nn.Module) -> None:
+        block.to(self.home)
+
+
+def _to(obj: Any, device: torch.device | str) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _first(out: Any) -> Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def place_outside_blocks(model: nn.Module, spec: ArchSpec, device: torch.device | str) -> None:
+    """Move everything but the decoder blocks (embeddings, rotary, final norm, head) to `device`."""
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            full = prefix + name
+            if full == spec.blocks:
+                continue
+            if spec.blocks.startswith(full + "."):
+                walk(child, full + ".")
+            else:
+                child.to(device)
+        for p in module.parameters(recurse=False):
+            p.data = p.data.to(device)
+
+    walk(model, "")
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, spec: ArchSpec, samples: Tensor, batch_size: int,
+                   device: torch.device, store_device: torch.device | str = "cpu") -> BlockInputs:
+    """Run the model up to its first block for each batch of `samples` (n, T); record the block's inputs."""
+    blocks = get_blocks(model, spec)
+    captured = BlockInputs(hidden=[])
+
+    def grab(_mod, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.hidden.append(hidden.detach().to(store_device))
+        if not captured.kwargs:
+            captured.args = _to(tuple(args[1:]), store_device)
+            captured.kwargs = _to({k: v for k, v in kwargs.items() if k != "hidden_states"}, store_device)
+        raise _StopForward
+
+    with HookSet() as hooks:
+        hooks.pre(blocks[0], grab, with_kwargs=True)
+        for batch in samples.split(batch_size):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    if spec.per_layer_kwargs:
+        captured.per_layer = _capture_per_layer_kwargs(model, blocks, samples[:batch_size], device, store_device)
+    return captured
+
+
+def _capture_per_layer_kwargs(model, blocks, batch, device, store_device) -> list[dict[str, Any]]:
+    """One full forward of one batch, recording every block's kwargs (sliding/global masks and ropes)."""
+    per_layer: list[dict[str, Any]] = [{} for _ in blocks]
+
+    def recorder(i):
+        def rec(_mod, args, kwargs):
+            per_layer[i] = _to({k: v for k, v in kwargs.items() if k != "hidden_states"}, store_device)
+        return rec
+
+    with HookSet() as hooks:
+        for i, b in enumerate(blocks):
+            hooks.pre(b, recorder(i), with_kwargs=True)
+        model(input_ids=batch.to(device), use_cache=False)
+    return per_layer
+
+
+class BlockCalib:
+    """One block and its calibration inputs, for a method to run as often as it needs."""
+
+    def __init__(self, index: int, block: nn.Module, inputs: BlockInputs, device: torch.device):
+        self.index, self.block, self.device = index, block, device
+        self._inputs = inputs
+        self._args = _to(inputs.args, device)
+        self._kwargs = _to(inputs.kwargs_for(index), device)
+
+    @property
+    def n_batches(self) -> int:
+        return len(self._inputs.hidden)
+
+    def batches(self) -> Iterator[Tensor]:
+        for h in self._inputs.hidden:
+            yield h.to(self.device)
+
+    @property
+    def block_kwargs(self) -> dict[str, Any]:
+        return self._kwargs
+
+    @torch.no_grad()
+    def forward(self, hooks: Callable[[HookSet], None] | None = None, keep_outputs: bool = False) -> list[Tensor]:
+        """Run the block on every batch; `hooks(hs)` installs hooks for this pass only."""
+        outs: list[Tensor] = []
+        with HookSet() as hs:
+            if hooks is not None:
+                hooks(hs)
+            for h in self.batches():
+                out = _first(self.block(h, *self._args, **self._kwargs))
+                if keep_outputs:
+                    outs.append(out.detach().to(self._inputs.hidden[0].device))
+        return outs
+
+
+BlockFn = Callable[[BlockCalib], dict[str, Any]]
+
+
+@torch.no_grad()
+def run_sequential(model: nn.Module, spec: ArchSpec, samples: Tensor, quantize_block: BlockFn, *,
+                   device: torch.device, batch_size: int = 8, store_device: torch.device | str = "cpu",
+                   blocks: BlockSource | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """Calibrate and quantize the model block by block. Returns {full module name: method result}.
+
+    `quantize_block(calib)` must leave the block computing with its quantized weights
+    (the next block is calibrated on the quantized block's outputs) and return its results
+    keyed by module name relative to the block.
+    """
+    source = blocks or InMemoryBlocks(get_blocks(model, spec))
+    place_outside_blocks(model, spec, device)
+    inputs = capture_inputs(model, spec, samples, batch_size, device, store_device)
+    results: dict[str, Any] = {}
+    n = len(source)
+    for i in range(n):
+        block = source.load(i, device)
+        calib = BlockCalib(i, block, inputs, device)
+        for name, res in quantize_block(calib).items():
+            results[f"{spec.blocks}.{i}.{name}"] = res
+        inputs.hidden = calib.forward(keep_outputs=True)
+        source.release(i, block)
+        if progress:
+            progress("blocks", i + 1, n)
+    return results

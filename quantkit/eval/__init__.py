@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, and agreement with a base model, under a fixed protocol."""

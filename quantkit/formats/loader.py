@@ -1,0 +1,112 @@
+"""`quantkit.load`: any model quantkit reads, ready for inference.
+
+Packed weight-only checkpoints (GPTQ, ...) are rebuilt with quantkit's own
+pure-PyTorch QuantLinear: no gptqmodel, auto-gptq or CUDA needed. Every tensor
+shape is checked against the architecture before anything is assigned.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from quantkit.errors import CheckpointError, ModelSourceError
+from quantkit.formats.qlinear import QuantLinear
+from quantkit.formats.specs import detect_format
+from quantkit.models.sources import load_model, read_config, resolve
+
+log = logging.getLogger(__name__)
+
+
+def weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [folder / n for n in names]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder} holds no .safetensors weights")
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{folder}: weight shard {f.name} named in the index is missing")
+    return files
+
+
+def read_tensors(folder: Path) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for f in weight_files(folder):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    out[k] = fh.get_tensor(k)
+        except Exception as e:  # safetensors raises its own error types on truncated or corrupt files
+            raise CheckpointError(f"cannot read {f}: {str(e).splitlines()[0]}") from None
+    return out
+
+
+def _skeleton(folder: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    """The architecture with parameters on the meta device and real buffers (rotary tables)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def load_packed(folder: Path, qc: dict[str, Any], device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
+    fmt = detect_format(qc)
+    layout, scheme = fmt.read(qc)
+    tensors = read_tensors(folder)
+    model = _skeleton(folder, dtype, trust_remote_code)
+    quantized = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".qweight")})
+    for name in quantized:
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{folder}: quantized tensor {name}.qweight matches no module of the architecture") from None
+        if not isinstance(lin, nn.Linear):
+            raise CheckpointError(f"{folder}: {name} is a {type(lin).__name__}, not a Linear")
+        qlin = QuantLinear(lin.in_features, lin.out_features, scheme.bits, scheme.group_size, scheme.sym,
+                           layout, bias=f"{name}.bias" in tensors)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, qlin)
+    expected = dict(model.state_dict())
+    for k, t in tensors.items():
+        if k not in expected:
+            raise CheckpointError(f"{folder}: unexpected tensor {k} (not part of {type(model).__name__})")
+        if tuple(t.shape) != tuple(expected[k].shape):
+            raise CheckpointError(f"{folder}: tensor {k} has shape {tuple(t.shape)}, expected {tuple(expected[k].shape)}")
+        if t.is_floating_point() and not k.endswith((".scales",)):
+            tensors[k] = t.to(dtype)
+    missing = set(expected) - set(tensors)
+    model.load_state_dict(tensors, strict=False, assign=True)
+    model.tie_weights()
+    still = [k for k in missing if model.get_parameter(k).is_meta] if missing else []
+    if still:
+        raise CheckpointError(f"{folder}: missing tensors: {', '.join(sorted(still)[:5])}")
+    return model.to(device).eval()
+
+
+def load(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+         trust_remote_code: bool = False) -> nn.Module:
+    """Load a quantkit checkpoint, a plain HF folder, a .gguf file or an alias, for inference."""
+    src = resolve(path)
+    if src.kind == "folder":
+        qc = read_config(Path(src.path)).get("quantization_config")
+        if qc is not None:
+            if detect_format(qc) is not None:
+                return load_packed(Path(src.path), qc, device, dtype, trust_remote_code)
+            raise ModelSourceError(f"{path}: quantization method {qc.get('quant_method')!r} is not supported by quantkit.load")
+    model, _ = load_model(src, dtype, trust_remote_code)
+    return model.to(device)

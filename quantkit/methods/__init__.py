@@ -1,0 +1,1 @@
+"""Quantization methods. Each module defines one `Method`; `quantkit.registry` finds them."""

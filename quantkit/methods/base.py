@@ -1,0 +1,93 @@
+"""What every method receives (`QuantJob`) and the shared weight-only machinery.
+
+Weight-only methods (RTN, GPTQ, AWQ) only decide integer codes per Linear; the
+loading, validation and checkpoint writing around them live here, once.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from quantkit.calib.pipeline import Progress
+from quantkit.formats.checkpoint import PackedArtifact
+from quantkit.grid import QuantizedWeight
+from quantkit.models.arch import ArchSpec, block_linears, get_arch, get_blocks
+from quantkit.models.sources import ModelSource, load_model
+from quantkit.scheme import QuantScheme
+
+log = logging.getLogger(__name__)
+
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CalibSpec(BaseModel):
+    """Calibration data: which text, how many windows of how many tokens, which seed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    dataset: str = "wiki-vital"
+    text_field: str = "text"
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    batch_size: int = 8
+
+
+@dataclass
+class QuantJob:
+    source: ModelSource
+    scheme: QuantScheme
+    options: BaseModel = field(default_factory=NoOptions)
+    calib: CalibSpec = field(default_factory=CalibSpec)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    save_dtype: torch.dtype = torch.float16
+    trust_remote_code: bool = False
+    progress: Progress | None = None
+
+
+def target_linears(model: nn.Module, spec: ArchSpec, scheme: QuantScheme) -> dict[str, nn.Linear]:
+    """Every Linear inside the decoder blocks that the scheme does not skip, by full name."""
+    out = {}
+    for i, block in enumerate(get_blocks(model, spec)):
+        for name, mod in block_linears(block, spec).items():
+            full = f"{spec.blocks}.{i}.{name}"
+            if not scheme.skips(full):
+                out[full] = mod
+    return out
+
+
+class WeightOnlyMethod(ABC):
+    """Base for methods that choose integer codes per Linear and write a packed format."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    needs_calibration: ClassVar[bool] = False
+    formats: ClassVar[tuple[str, ...]] = ("gptq",)
+    Options: ClassVar[type[BaseModel]] = NoOptions
+
+    def quantize(self, job: QuantJob) -> PackedArtifact:
+        model, tok = load_model(job.source, torch.float32, job.trust_remote_code)
+        spec = get_arch(model)
+        layers = target_linears(model, spec, job.scheme)
+        job.scheme.check_layers({n: (m.out_features, m.in_features) for n, m in layers.items()})
+        results = self.quantize_model(model, tok, spec, layers, job)
+        return PackedArtifact(model=model, tokenizer=tok, quantized=results, scheme=job.scheme,
+                              fmt=self.formats[0], method=self.name, save_dtype=job.save_dtype,
+                              extra=self.describe(job))
+
+    @abstractmethod
+    def quantize_model(self, model: nn.Module, tokenizer: Any, spec: ArchSpec,
+                       layers: dict[str, nn.Linear], job: QuantJob) -> dict[str, QuantizedWeight]:
+        """Choose the codes of every Linear in `layers` (full name -> module)."""
+
+    def describe(self, job: QuantJob) -> dict[str, Any]:
+        """What the method did, recorded in the checkpoint's quantkit.json."""
+        return {"options": job.options.model_dump()}

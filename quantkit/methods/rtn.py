@@ -1,0 +1,22 @@
+"""Round-to-nearest: a min/max grid per group, no calibration data."""
+
+from __future__ import annotations
+
+from quantkit.grid import QuantizedWeight, rtn_quantize
+from quantkit.methods.base import WeightOnlyMethod
+
+
+class RTN(WeightOnlyMethod):
+    name = "rtn"
+    description = "round-to-nearest on a min/max grid per group; instant, no data"
+    needs_calibration = False
+    formats = ("gptq",)
+
+    def quantize_model(self, model, tokenizer, spec, layers, job) -> dict[str, QuantizedWeight]:
+        s = job.scheme
+        out = {}
+        for i, (name, lin) in enumerate(layers.items()):
+            out[name] = rtn_quantize(lin.weight, s.bits, s.group_size, s.sym, lin.bias)
+            if job.progress:
+                job.progress("layers", i + 1, len(layers))
+        return out

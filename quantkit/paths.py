@@ -1,0 +1,52 @@
+"""Filesystem helpers: the user cache folder and atomic output folders."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from quantkit.errors import OutputExistsError, QuantkitError
+
+
+def cache_dir() -> Path:
+    """$QUANTKIT_CACHE, else $XDG_CACHE_HOME/quantkit, else ~/.cache/quantkit."""
+    if env := os.environ.get("QUANTKIT_CACHE"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "quantkit"
+
+
+def check_output(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise OutputExistsError(f"output {out} already exists; pass --force to overwrite it")
+    if out.exists() and not out.is_dir():
+        raise QuantkitError(f"output {out} exists and is not a folder; remove it or choose another path")
+
+
+@contextmanager
+def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; rename it to `out` only if the body completes.
+
+    A failure (or a kill) never leaves a half-written `out`: at worst a `.out.tmp-*` folder.
+    """
+    out = Path(out)
+    check_output(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():  # force: move the old one aside first, so `out` is never half-replaced
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / "x")
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    os.chmod(out, 0o755)

@@ -20,6 +20,10 @@ ENTRY_POINT_GROUP = "quantkit.methods"
 
 BUILTIN: dict[str, str] = {
     "rtn": "quantkit.methods.rtn:RTN",
+    "gptq": "quantkit.methods.gptq_method:GPTQ",
+    "nf4": "quantkit.methods.bnb:NF4",
+    "fp4": "quantkit.methods.bnb:FP4",
+    "int8": "quantkit.methods.bnb:INT8",
 }
 
 

@@ -107,6 +107,10 @@ def load(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtyp
         if qc is not None:
             if detect_format(qc) is not None:
                 return load_packed(Path(src.path), qc, device, dtype, trust_remote_code)
+            if qc.get("quant_method") == "bitsandbytes":
+                from quantkit.formats.bnb import load_bnb  # bitsandbytes is an optional extra
+
+                return load_bnb(Path(src.path), device, dtype, trust_remote_code)
             raise ModelSourceError(f"{path}: quantization method {qc.get('quant_method')!r} is not supported by quantkit.load")
     model, _ = load_model(src, dtype, trust_remote_code)
     return model.to(device)

@@ -1,0 +1,132 @@
+"""What a checkpoint folder stores: parameters, bytes, and bits per quantized weight.
+
+Quantized Linears are recognised by the tensors each format writes, so one
+function covers every format quantkit writes or reads:
+
+  packed integer (GPTQ, AWQ, ...): X.qweight (+ X.qzeros, X.scales, X.g_idx)
+                    weights = qweight bits / `bits`
+  bitsandbytes 4-bit: X.weight + X.weight.absmax/.quant_map/.nested_*/.quant_state.*
+                    weights = prod(shape) from the quant_state blob
+  bitsandbytes int8: X.weight (int8) + X.SCB + X.weight_format
+                    weights = numel(X.weight)
+
+bits_per_weight = every stored bit of those tensors (codes, scales, zeros, g_idx,
+absmax, double-quant tables, state blobs) / number of quantized weights. Biases are
+counted as ordinary parameters, not as overhead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+from quantkit.errors import CheckpointError
+from quantkit.formats.bnb import QUANT_STATE, quant_state_info
+from quantkit.formats.loader import weight_files
+from quantkit.models.sources import read_config
+
+# safetensors dtype tag -> bytes per element
+DTYPE_BYTES: dict[str, int] = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
+                               "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+PACKED_PARTS = (".qweight", ".qzeros", ".scales", ".g_idx")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        if self.dtype not in DTYPE_BYTES:
+            raise CheckpointError(f"unknown safetensors dtype {self.dtype} in {self.file}")
+        return self.numel * DTYPE_BYTES[self.dtype]
+
+
+def tensor_entries(folder: Path) -> dict[str, TensorEntry]:
+    """name -> (dtype, shape, file) of every stored tensor, read from the headers only."""
+    out: dict[str, TensorEntry] = {}
+    for f in weight_files(folder):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    sl = fh.get_slice(k)
+                    out[k] = TensorEntry(sl.get_dtype(), tuple(sl.get_shape()), f)
+        except Exception as e:  # safetensors raises its own error types on corrupt headers
+            raise CheckpointError(f"cannot read {f}: {str(e).splitlines()[0]}") from None
+    return out
+
+
+def _read(entry: TensorEntry, name: str):
+    with safe_open(str(entry.file), framework="pt") as fh:
+        return fh.get_tensor(name)
+
+
+def quantized_groups(entries: dict[str, TensorEntry], qc: dict[str, Any]) -> dict[str, tuple[int, list[str]]]:
+    """module name -> (number of quantized weights, names of the tensors that store them)."""
+    groups: dict[str, tuple[int, list[str]]] = {}
+    bits = qc.get("bits", qc.get("w_bit"))
+    for name, e in entries.items():
+        if name.endswith(".qweight"):
+            mod = name.removesuffix(".qweight")
+            if not isinstance(bits, int) or bits <= 0:
+                raise CheckpointError(f"{mod}.qweight is packed but quantization_config gives no integer 'bits'")
+            parts = [mod + s for s in PACKED_PARTS if mod + s in entries]
+            groups[mod] = (e.nbytes * 8 // bits, parts)
+        elif QUANT_STATE in name:
+            mod = name.split(QUANT_STATE)[0]
+            info = quant_state_info(_read(e, name))
+            shape = info.get("shape")
+            n = math.prod(shape) if shape else entries[mod + ".weight"].nbytes * 2  # 2 codes per byte
+            parts = [k for k in entries if k == mod + ".weight" or k.startswith(mod + ".weight.")]
+            groups[mod] = (n, parts)
+        elif name.endswith(".SCB"):
+            mod = name.removesuffix(".SCB")
+            weight = entries.get(mod + ".weight")
+            if weight is not None and weight.dtype == "I8":
+                parts = [k for k in (mod + ".weight", name, mod + ".weight_format") if k in entries]
+                groups[mod] = (weight.numel, parts)
+    return groups
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def checkpoint_stats(folder: str | Path) -> dict[str, Any]:
+    """Sizes of a checkpoint folder (quantized or not).
+
+    quant_method:       quantization_config.quant_method, or None for a float model
+    bits_per_weight:    stored bits of the quantized Linears / their weight count (None if none)
+    quantized_params:   weights stored quantized
+    total_params:       every parameter stored (quantized weights counted once, side tensors not)
+    size_bytes:         all files of the folder
+    tensor_count:       tensors in the safetensors files
+    quantized_modules:  Linears stored quantized
+    """
+    folder = Path(folder)
+    qc = read_config(folder).get("quantization_config") or {}
+    entries = tensor_entries(folder)
+    groups = quantized_groups(entries, qc)
+    claimed = {t for _, parts in groups.values() for t in parts}
+    n_quant = sum(n for n, _ in groups.values())
+    quant_bits = sum(entries[t].nbytes * 8 for t in claimed)
+    plain = sum(e.numel for k, e in entries.items() if k not in claimed)
+    return {
+        "quant_method": qc.get("quant_method"),
+        "bits_per_weight": quant_bits / n_quant if n_quant else None,
+        "quantized_params": n_quant,
+        "total_params": plain + n_quant,
+        "size_bytes": folder_bytes(folder),
+        "tensor_count": len(entries),
+        "quantized_modules": len(groups),
+    }

@@ -12,6 +12,7 @@ from typing import ClassVar, Protocol
 import torch
 from torch import Tensor
 
+from quantkit.formats.awq import AWQLayout
 from quantkit.formats.packing import pack_cols, pack_rows, unpack_cols, unpack_rows
 from quantkit.grid import QuantizedWeight
 
@@ -79,7 +80,7 @@ class GPTQLayout:
         )
 
 
-LAYOUTS: dict[str, type] = {"gptq": GPTQLayout}
+LAYOUTS: dict[str, type] = {"gptq": GPTQLayout, "awq": AWQLayout}
 
 
 def get_layout(fmt: str, **kw) -> Layout:

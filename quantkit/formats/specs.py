@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, Protocol
 
 from quantkit.errors import CheckpointError
+from quantkit.formats.awq import AWQFormat
 from quantkit.formats.layouts import GPTQLayout, Layout
 from quantkit.scheme import QuantScheme
 from quantkit.version import __version__
@@ -65,7 +66,7 @@ class GPTQFormat:
         return {"quantize_config.json": {k: qc[k] for k in keys}}
 
 
-FORMATS: dict[str, Format] = {"gptq": GPTQFormat()}
+FORMATS: dict[str, Format] = {"gptq": GPTQFormat(), "awq": AWQFormat()}
 
 
 def get_format(name: str) -> Format:

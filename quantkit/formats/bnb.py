@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -42,6 +43,20 @@ def is_bnb_module(module: nn.Module) -> bool:
     return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
 
+def unquantized_params(model: nn.Module) -> Iterator[nn.Parameter]:
+    """Floating parameters outside bitsandbytes' packed weights (embeddings, norms, skipped Linears, biases)."""
+    packed = {id(m.weight) for m in model.modules() if is_bnb_module(m)}
+    for p in model.parameters():  # parameters() yields tied tensors once
+        if id(p) not in packed and p.is_floating_point():
+            yield p
+
+
+def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the non-quantized parameters to `dtype` in place (packed weights keep their storage dtype)."""
+    for p in unquantized_params(model):
+        p.data = p.data.to(dtype)
+
+
 def quant_state_info(blob: Tensor) -> dict:
     """The JSON dict bitsandbytes packs into a uint8 tensor (quant_type, blocksize, shape, dtype, ...)."""
     try:
@@ -52,7 +67,7 @@ def quant_state_info(blob: Tensor) -> dict:
 
 def load_bnb(folder: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
              trust_remote_code: bool = False) -> nn.Module:
-    """Reload a bitsandbytes checkpoint for inference: non-quantized tensors in `dtype`.
+    """Reload a bitsandbytes checkpoint for inference: non-quantized parameters in `dtype`.
 
     The 4-bit layers multiply in the checkpoint's `bnb_4bit_compute_dtype`; int8 layers as LLM.int8 does.
     """
@@ -65,4 +80,7 @@ def load_bnb(folder: Path, device: torch.device | str = "cpu", dtype: torch.dtyp
         )
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"cannot load bitsandbytes checkpoint {folder}: {str(e).splitlines()[0]}") from None
+    # transformers 5.x keeps a pre-quantized checkpoint's float tensors in their stored dtype whatever
+    # `dtype` says; cast them so `dtype` means what it means for every other quantkit checkpoint.
+    cast_unquantized(model, dtype)
     return model.eval()

@@ -26,7 +26,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 from torch import nn
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.bnb import QUANT_METHOD, is_bnb_module, require_bitsandbytes
+from quantkit.formats.bnb import (QUANT_METHOD, cast_unquantized, is_bnb_module, require_bitsandbytes,
+                                  unquantized_params)
 from quantkit.formats.checkpoint import PROVENANCE, save_tokenizer_and_generation, write_json
 from quantkit.methods.base import QuantJob
 from quantkit.models.sources import ModelSource, _load_tokenizer, load_model
@@ -152,31 +153,22 @@ def skip_modules(linears: list[str], scheme: QuantScheme) -> list[str]:
 
 # ----------------------------------------------------------------------------- artifact
 
-def _unquantized_params(model: nn.Module) -> Iterator[nn.Parameter]:
-    """Floating parameters outside bitsandbytes' packed weights (embeddings, norms, skipped Linears, biases)."""
-    packed = {id(m.weight) for m in model.modules() if is_bnb_module(m)}
-    for p in model.parameters():  # parameters() yields tied tensors once
-        if id(p) not in packed and p.is_floating_point():
-            yield p
-
-
 def round_unquantized(model: nn.Module, dtype: torch.dtype) -> None:
     """Round the non-quantized parameters to `dtype` precision in place, keeping their dtype.
 
     The model then computes exactly what the checkpoint (which stores them in `dtype`)
     reloaded in the same compute dtype computes.
     """
-    for p in _unquantized_params(model):
+    for p in unquantized_params(model):
         p.data = p.data.to(dtype).to(p.dtype)
 
 
 @contextmanager
 def stored_as(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
     """Temporarily cast the non-quantized parameters to `dtype` (save_pretrained writes what it holds)."""
-    params = list(_unquantized_params(model))
+    params = list(unquantized_params(model))
     before = [p.dtype for p in params]
-    for p in params:
-        p.data = p.data.to(dtype)
+    cast_unquantized(model, dtype)
     try:
         yield
     finally:

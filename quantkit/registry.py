@@ -24,6 +24,7 @@ BUILTIN: dict[str, str] = {
     "nf4": "quantkit.methods.bnb:NF4",
     "fp4": "quantkit.methods.bnb:FP4",
     "int8": "quantkit.methods.bnb:INT8",
+    "awq": "quantkit.methods.awq_method:AWQ",
 }
 
 

@@ -1,0 +1,301 @@
+"""AWQ over the sequential calibration pipeline: per-block statistics, alpha-grid evaluators, and
+the block routine that searches, folds, clips and quantizes (see `quantkit.methods.awq`).
+
+One pass of the float block over every calibration batch records, per input site (the first
+Linear of each group sharing an input): sum |x|, the per-group Gram matrices (for clipping) and
+a seeded token subsample; and, for attention modules, their full call inputs (args and kwargs,
+rotary tables included) for the first sequences. Scoring an alpha then runs only the inspected
+module on those cached inputs, never the whole block.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from quantkit.calib.hooks import HookSet
+from quantkit.calib.pipeline import BlockCalib, BlockSource, Progress, run_sequential
+from quantkit.grid import QuantizedWeight, rtn_quantize
+from quantkit.methods.awq import (
+    _CHUNK_ELEMENTS,
+    AWQConfig,
+    AWQSearch,
+    _relative,
+    apply_block,
+    best_scale,
+    clip_eligible,
+    group_view,
+    mixes_tokens,
+    search_clip,
+    usable_mappings,
+)
+from quantkit.models.arch import ArchSpec, block_linears, get_arch, get_blocks
+
+log = logging.getLogger(__name__)
+
+_FULL_GRAM_MAX_GROUP = 128  # wider groups (per-channel) build their Gram matrix from the token subsample
+
+
+# ---------------------------------------------------------------- evaluators
+
+
+def linear_evaluator(x: Tensor, w: Tensor) -> Callable[[list[Tensor]], Tensor]:
+    """The inspected module is the scaled Linear itself: loss = mean ||x (W_hat - W)^T||^2, batched."""
+    n, out_f = x.shape[0], w.shape[0]
+
+    def evaluate(w_hats: list[Tensor]) -> Tensor:
+        (wh,) = w_hats
+        step = max(1, _CHUNK_ELEMENTS // (n * out_f))
+        losses = [(x @ (part - w).transpose(1, 2)).pow(2).sum((1, 2)) for part in wh.split(step)]
+        return torch.cat(losses).double() / (n * out_f)
+
+    return evaluate
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def module_evaluator(module: nn.Module, linears: list[nn.Linear],
+                     calls: list[tuple[tuple, dict]]) -> Callable[[list[Tensor]], Tensor]:
+    """Run `module` on the recorded calls with each candidate's weights swapped into `linears`."""
+    targets = [_first(module(*a, **kw)) for a, kw in calls]
+    numel = sum(t.numel() for t in targets)
+
+    def evaluate(w_hats: list[Tensor]) -> Tensor:
+        originals = [lin.weight.data for lin in linears]
+        losses = []
+        try:
+            for k in range(w_hats[0].shape[0]):
+                for lin, wh in zip(linears, w_hats, strict=True):
+                    lin.weight.data = wh[k].to(lin.weight.dtype)
+                sse = sum(float((_first(module(*a, **kw)) - t).double().pow(2).sum())
+                          for (a, kw), t in zip(calls, targets, strict=True))
+                losses.append(sse / numel)
+        finally:
+            for lin, w in zip(linears, originals, strict=True):
+                lin.weight.data = w
+        return torch.tensor(losses, dtype=torch.float64)
+
+    return evaluate
+
+
+# ---------------------------------------------------------------- calibration statistics
+
+
+@dataclass
+class SiteStats:
+    """What one pass records about the input x of a group of Linears that share it."""
+
+    abs_sum: Tensor                   # (in,) float64: sum |x| over tokens
+    tokens: int = 0
+    gram: Tensor | None = None        # (G, gs, gs) float32: sum x_g x_g^T per group, or None if not needed
+    sample: list[Tensor] = field(default_factory=list)  # token subsample rows (n, in)
+
+    @property
+    def x_mean(self) -> Tensor:
+        return (self.abs_sum / max(self.tokens, 1)).float()
+
+    def samples(self) -> Tensor:
+        return torch.cat(self.sample)
+
+
+def subsample_index(rows: int, k: int, seed: int, device: torch.device) -> Tensor:
+    """k of `rows` token indices, sorted, drawn from a seeded CPU generator (deterministic)."""
+    if k >= rows:
+        return torch.arange(rows, device=device)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(rows, generator=gen)[:k].sort().values.to(device)
+
+
+def site_hook(stats: SiteStats, group_size: int, per_batch: int, seed: int, full_gram: bool) -> Callable:
+    """Forward pre-hook accumulating |x| sums, the group Gram matrices and a token subsample."""
+    batch_no = [0]
+
+    def hook(_mod, args):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
+        idx = subsample_index(x.shape[0], per_batch, seed + batch_no[0], x.device)
+        batch_no[0] += 1
+        stats.abs_sum += x.abs().sum(0, dtype=torch.float64)
+        stats.tokens += x.shape[0]
+        stats.sample.append(x[idx].clone())
+        if stats.gram is not None:
+            xs = x if full_gram else x[idx]  # wide groups: Gram from the subsample only
+            xg = group_view(xs, group_size).transpose(0, 1)  # (G, tokens, gs)
+            stats.gram += xg.transpose(1, 2) @ xg
+
+    return hook
+
+
+def _slice_batch(obj, n: int, batch: int):
+    """The first n sequences of a batch of module inputs: tensors whose dim 0 is the batch size."""
+    if isinstance(obj, Tensor):
+        return obj[:n].clone() if obj.dim() >= 2 and obj.shape[0] == batch else obj
+    if isinstance(obj, tuple):
+        return tuple(_slice_batch(o, n, batch) for o in obj)
+    if isinstance(obj, list):
+        return [_slice_batch(o, n, batch) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _slice_batch(v, n, batch) for k, v in obj.items()}
+    return obj
+
+
+def call_recorder(calls: list[tuple[tuple, dict]], max_tokens: int) -> Callable:
+    """Forward pre-hook (with kwargs) keeping the inputs of the first whole sequences, up to
+    `max_tokens` tokens (at least one sequence)."""
+    seen = [0]
+
+    def hook(_mod, args, kwargs):
+        if seen[0] >= max_tokens:
+            return
+        hidden = args[0] if args else kwargs["hidden_states"]
+        batch, seqlen = hidden.shape[0], hidden.shape[1]
+        n = min(batch, math.ceil((max_tokens - seen[0]) / seqlen))
+        seen[0] += n * seqlen
+        calls.append((_slice_batch(tuple(args), n, batch), _slice_batch(dict(kwargs), n, batch)))
+
+    return hook
+
+
+# ---------------------------------------------------------------- one block
+
+
+@dataclass
+class ModuleResult:
+    """What the search decided for one module of a block (any field may be unset)."""
+
+    quantized: QuantizedWeight | None = None
+    scale: Tensor | None = None   # this module is a previous op: its output was divided by this
+    clip: Tensor | None = None    # this Linear's weights were clipped to these maxima
+
+
+def _sites(linears: dict[str, nn.Linear], spec: ArchSpec) -> dict[str, str]:
+    """Linear name -> the first Linear of its sequential group (they all read the same input)."""
+    site_of = {}
+    for group in spec.sequential:
+        present = [n for n in group if n in linears]
+        for n in present:
+            site_of[n] = present[0]
+    return site_of
+
+
+def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:
+    return QuantizedWeight(codes=qw.codes.cpu(), scales=qw.scales.cpu(), zeros=qw.zeros.cpu(), g_idx=qw.g_idx.cpu(),
+                           bits=qw.bits, group_size=qw.group_size, sym=qw.sym,
+                           bias=None if qw.bias is None else qw.bias.cpu())
+
+
+def collect_stats(calib: BlockCalib, linears: dict[str, nn.Linear], sites: set[str], gram_sites: set[str],
+                  attn_inputs: dict[str, list], cfg: AWQConfig) -> dict[str, SiteStats]:
+    """One pass of the (float) block over every calibration batch; see the module docstring."""
+    dev = calib.device
+    per_batch = math.ceil(cfg.score_tokens / max(calib.n_batches, 1))
+    seed = cfg.seed * 1_000_003 + calib.index * 10_007
+    stats: dict[str, SiteStats] = {}
+    for name in sites:
+        in_f = linears[name].in_features
+        gs = in_f if cfg.group_size == -1 else cfg.group_size
+        gram = torch.zeros(in_f // gs, gs, gs, device=dev) if name in gram_sites else None
+        stats[name] = SiteStats(abs_sum=torch.zeros(in_f, dtype=torch.float64, device=dev), gram=gram)
+
+    def install(hs: HookSet) -> None:
+        for name, st in stats.items():
+            gs = linears[name].in_features if cfg.group_size == -1 else cfg.group_size
+            hs.pre(linears[name], site_hook(st, cfg.group_size, per_batch, seed, gs <= _FULL_GRAM_MAX_GROUP))
+        for name, calls in attn_inputs.items():
+            hs.pre(calib.block.get_submodule(name), call_recorder(calls, cfg.score_tokens), with_kwargs=True)
+
+    calib.forward(hooks=install)
+    return stats
+
+
+@torch.no_grad()
+def awq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], cfg: AWQConfig) -> dict[str, ModuleResult]:
+    """Search, fold, clip and quantize one block; `targets` are Linear names relative to it.
+
+    Leaves the block computing with the dequantized weights, as the pipeline requires.
+    """
+    block = calib.block
+    linears = block_linears(block, spec)
+    names = [n for n in linears if n in targets]
+    if not names:
+        return {}
+    mappings = usable_mappings(block, spec, set(names))
+    site_of = _sites(linears, spec)
+    gram_sites = {site_of[n] for n in names if clip_eligible(n)}
+    sites = gram_sites | {site_of[m.linears[0]] for m in mappings}
+    attn_inputs: dict[str, list] = {m.inspect: [] for m in mappings
+                                    if mixes_tokens(m.inspect, block.get_submodule(m.inspect))}
+    stats = collect_stats(calib, linears, sites, gram_sites, attn_inputs, cfg)
+
+    # 1. scales: every mapping is searched on the float block, then all are folded (as AutoAWQ does)
+    scales: dict[str, Tensor] = {}
+    for m in mappings:
+        lins = [linears[n] for n in m.linears]
+        st = stats[site_of[m.linears[0]]]
+        inspect = block.get_submodule(m.inspect)
+        if m.inspect in attn_inputs:
+            evaluate = module_evaluator(inspect, lins, attn_inputs[m.inspect])
+        elif m.linears == (m.inspect,):
+            evaluate = linear_evaluator(st.samples(), lins[0].weight.data.float())
+        else:  # a token-wise module (MLP) fed by the Linears' input: run it on the token subsample
+            evaluate = module_evaluator(inspect, lins, [((st.samples()[None].to(lins[0].weight.dtype),), {})])
+        scales[m.prev], losses = best_scale(st.x_mean, [lin.weight.data.float() for lin in lins], evaluate, cfg)
+        k = int(torch.argmin(losses))
+        log.debug("awq block %d %s: alpha %.2f loss %.4g (alpha 0: %.4g)", calib.index, m.prev,
+                  k / cfg.n_grid, float(losses[k]), float(losses[0]))
+    attn_inputs.clear()
+    apply_block(block, spec, set(names), scales, {}, cfg.group_size)
+
+    # 2. clipping, scored with the Gram matrices of the now scaled inputs x / s
+    input_scale = {n: scales[m.prev] for m in mappings for n in m.linears}
+    clips: dict[str, Tensor] = {}
+    for n in names:
+        gram = stats[site_of[n]].gram
+        if not clip_eligible(n) or gram is None:
+            continue
+        if n in input_scale:
+            sg = group_view(input_scale[n][None], cfg.group_size)[0]  # (G, gs)
+            gram = gram / (sg[:, :, None] * sg[:, None, :])
+        clips[n] = search_clip(linears[n].weight.data, gram, cfg)
+    apply_block(block, spec, set(names), {}, clips, cfg.group_size)
+
+    # 3. quantize on the scheme's grid; the block now computes with the dequantized weights
+    out: dict[str, ModuleResult] = {}
+    for n in names:
+        lin = linears[n]
+        qw = rtn_quantize(lin.weight.data, cfg.bits, cfg.group_size, cfg.sym, lin.bias)
+        lin.weight.data = qw.dequantize(lin.weight.dtype)
+        out[n] = ModuleResult(quantized=_to_cpu(qw), clip=None if n not in clips else clips[n].cpu())
+    for prev, s in scales.items():
+        out.setdefault(prev, ModuleResult()).scale = s.cpu()
+    return out
+
+
+def run_awq(model: nn.Module, samples: Tensor, cfg: AWQConfig, targets: set[str] | None = None, *,
+            device: torch.device, batch_size: int = 8, blocks: BlockSource | None = None,
+            progress: Progress | None = None) -> tuple[AWQSearch, dict[str, QuantizedWeight]]:
+    """AWQ over every block: (the search result, the quantized target Linears by full name)."""
+    spec = get_arch(model)
+    if targets is None:
+        targets = {f"{spec.blocks}.{i}.{n}" for i, b in enumerate(get_blocks(model, spec)) for n in block_linears(b, spec)}
+
+    def per_block(calib: BlockCalib) -> dict[str, ModuleResult]:
+        return awq_block(calib, spec, _relative(targets, spec, calib.index), cfg)
+
+    results = run_sequential(model, spec, samples, per_block, device=device, batch_size=batch_size,
+                             blocks=blocks, progress=progress)
+    search, quantized = AWQSearch(meta=cfg.meta()), {}
+    for name, r in results.items():
+        if r.scale is not None:
+            search.scales[name] = r.scale
+        if r.clip is not None:
+            search.clips[name] = r.clip
+        if r.quantized is not None:
+            quantized[name] = r.quantized
+    return search, quantized

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from quantkit.calib.hooks import HookSet
-from quantkit.calib.pipeline import BlockCalib, BlockSource, Progress, run_sequential
+from quantkit.calib.pipeline import BlockCalib, BlockSource, Progress, StopForward, run_sequential
 from quantkit.grid import QuantizedWeight, rtn_quantize
 from quantkit.methods.awq import (
     _CHUNK_ELEMENTS,
@@ -113,21 +114,25 @@ def subsample_index(rows: int, k: int, seed: int, device: torch.device) -> Tenso
     return torch.randperm(rows, generator=gen)[:k].sort().values.to(device)
 
 
-def site_hook(stats: SiteStats, group_size: int, per_batch: int, seed: int, full_gram: bool) -> Callable:
-    """Forward pre-hook accumulating |x| sums, the group Gram matrices and a token subsample."""
+def site_hook(stats: SiteStats, group_size: int, per_batch: int, seed: int, full_gram: bool,
+              last: bool = False) -> Callable:
+    """Forward pre-hook accumulating |x| sums, the group Gram matrices and a token subsample.
+    `last`: nothing after this input is needed, so the batch's forward stops here."""
     batch_no = [0]
 
     def hook(_mod, args):
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
         idx = subsample_index(x.shape[0], per_batch, seed + batch_no[0], x.device)
         batch_no[0] += 1
-        stats.abs_sum += x.abs().sum(0, dtype=torch.float64)
+        stats.abs_sum += x.abs().sum(0).double()
         stats.tokens += x.shape[0]
         stats.sample.append(x[idx].clone())
         if stats.gram is not None:
             xs = x if full_gram else x[idx]  # wide groups: Gram from the subsample only
             xg = group_view(xs, group_size).transpose(0, 1)  # (G, tokens, gs)
             stats.gram += xg.transpose(1, 2) @ xg
+        if last:
+            raise StopForward
 
     return hook
 
@@ -190,6 +195,12 @@ def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:
                            bias=None if qw.bias is None else qw.bias.cpu())
 
 
+def _first_linear_under(module_name: str, order: list[str]) -> str:
+    """The first Linear (in execution order) inside `module_name`, or the last Linear if none is."""
+    inside = [n for n in order if n.startswith(module_name + ".")]
+    return inside[0] if inside else order[-1]
+
+
 def collect_stats(calib: BlockCalib, linears: dict[str, nn.Linear], sites: set[str], gram_sites: set[str],
                   attn_inputs: dict[str, list], cfg: AWQConfig) -> dict[str, SiteStats]:
     """One pass of the (float) block over every calibration batch; see the module docstring."""
@@ -203,10 +214,16 @@ def collect_stats(calib: BlockCalib, linears: dict[str, nn.Linear], sites: set[s
         gram = torch.zeros(in_f // gs, gs, gs, device=dev) if name in gram_sites else None
         stats[name] = SiteStats(abs_sum=torch.zeros(in_f, dtype=torch.float64, device=dev), gram=gram)
 
+    order = list(linears)  # execution order
+    last = max(sites, key=order.index)
+    # an attention module recorded after the last site (not in any table entry) needs the whole block
+    stop = all(order.index(last) > order.index(_first_linear_under(name, order)) for name in attn_inputs)
+
     def install(hs: HookSet) -> None:
         for name, st in stats.items():
             gs = linears[name].in_features if cfg.group_size == -1 else cfg.group_size
-            hs.pre(linears[name], site_hook(st, cfg.group_size, per_batch, seed, gs <= _FULL_GRAM_MAX_GROUP))
+            hs.pre(linears[name], site_hook(st, cfg.group_size, per_batch, seed, gs <= _FULL_GRAM_MAX_GROUP,
+                                            last=stop and name == last))
         for name, calls in attn_inputs.items():
             hs.pre(calib.block.get_submodule(name), call_recorder(calls, cfg.score_tokens), with_kwargs=True)
 
@@ -231,7 +248,9 @@ def awq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], cfg: AWQConf
     sites = gram_sites | {site_of[m.linears[0]] for m in mappings}
     attn_inputs: dict[str, list] = {m.inspect: [] for m in mappings
                                     if mixes_tokens(m.inspect, block.get_submodule(m.inspect))}
+    t0 = time.perf_counter()
     stats = collect_stats(calib, linears, sites, gram_sites, attn_inputs, cfg)
+    t_stats = time.perf_counter()
 
     # 1. scales: every mapping is searched on the float block, then all are folded (as AutoAWQ does)
     scales: dict[str, Tensor] = {}
@@ -250,6 +269,7 @@ def awq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], cfg: AWQConf
         log.debug("awq block %d %s: alpha %.2f loss %.4g (alpha 0: %.4g)", calib.index, m.prev,
                   k / cfg.n_grid, float(losses[k]), float(losses[0]))
     attn_inputs.clear()
+    t_scales = time.perf_counter()
     apply_block(block, spec, set(names), scales, {}, cfg.group_size)
 
     # 2. clipping, scored with the Gram matrices of the now scaled inputs x / s
@@ -274,6 +294,8 @@ def awq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], cfg: AWQConf
         out[n] = ModuleResult(quantized=_to_cpu(qw), clip=None if n not in clips else clips[n].cpu())
     for prev, s in scales.items():
         out.setdefault(prev, ModuleResult()).scale = s.cpu()
+    log.debug("awq block %d: stats %.1fs, scale search %.1fs, clip+quantize %.1fs", calib.index,
+              t_stats - t0, t_scales - t_stats, time.perf_counter() - t_scales)
     return out
 
 

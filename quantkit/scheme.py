@@ -70,7 +70,8 @@ class QuantScheme(BaseModel):
         for name, (out_f, in_f) in shapes.items():
             if self.group_size > 0 and in_f % self.group_size:
                 fits = [g for g in (128, 64, 32) if all(i % g == 0 for _, i in shapes.values())]
-                hint = ", ".join(str(g) for g in fits + [-1])
+                options = [str(g) for g in fits + [-1]]
+                hint = ", ".join(options[:-1]) + " or " + options[-1] if len(options) > 1 else options[0]
                 raise SchemeError(
                     f"group_size {self.group_size} does not divide in_features {in_f} of {name}; use {hint}"
                 )

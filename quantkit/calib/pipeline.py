@@ -28,8 +28,15 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
-class _StopForward(Exception):
-    """Raised by the capture pre-hook once the first block's inputs are recorded."""
+class StopForward(Exception):
+    """Raise from a hook to end the current forward early: `BlockCalib.forward` moves on to the next batch.
+
+    Methods that only need the inputs of the block's first Linears (GPTQ's true-sequential
+    groups) stop there instead of paying for the rest of the block.
+    """
+
+
+_StopForward = StopForward  # the capture pre-hook's name for it
 
 
 @dataclass
@@ -167,13 +174,20 @@ class BlockCalib:
 
     @torch.no_grad()
     def forward(self, hooks: Callable[[HookSet], None] | None = None, keep_outputs: bool = False) -> list[Tensor]:
-        """Run the block on every batch; `hooks(hs)` installs hooks for this pass only."""
+        """Run the block on every batch; `hooks(hs)` installs hooks for this pass only.
+
+        A hook may raise `StopForward` to skip the rest of the block for that batch
+        (then no output is kept for it).
+        """
         outs: list[Tensor] = []
         with HookSet() as hs:
             if hooks is not None:
                 hooks(hs)
             for h in self.batches():
-                out = _first(self.block(h, *self._args, **self._kwargs))
+                try:
+                    out = _first(self.block(h, *self._args, **self._kwargs))
+                except StopForward:
+                    continue  # a hook stopped this batch early: there is no output to keep
                 if keep_outputs:
                     outs.append(out.detach().to(self._inputs.hidden[0].device))
         return outs

@@ -50,9 +50,10 @@ def evaluate(models: Sequence[nn.Module], windows: Tensor, device: torch.device 
     kls: list[list[Tensor]] = [[] for _ in models]
     agree = [0] * len(models)
     for w_i, window in enumerate(windows):
-        ref = window_logprobs(base, window, device)[:-1] if base is not None else None
+        base_lp = window_logprobs(base, window, device) if base is not None else None
+        ref = base_lp[:-1] if base_lp is not None else None
         for m_i, model in enumerate(models):
-            lp = window_logprobs(model, window, device)
+            lp = base_lp if model is base else window_logprobs(model, window, device)
             nll_sum[m_i] += float(nll_of(lp, window).double().sum())
             if ref is not None:
                 lp = lp[:-1]

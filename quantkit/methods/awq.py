@@ -48,7 +48,7 @@ class AWQConfig:
     sym: bool
     n_grid: int = 20
     max_shrink: float = 0.5
-    score_tokens: int = 4096  # tokens scoring each alpha (attention: whole sequences adding up to this)
+    score_tokens: int = 2048  # tokens scoring each alpha (attention: whole sequences adding up to this)
     seed: int = 0
 
     def meta(self) -> dict[str, str]:

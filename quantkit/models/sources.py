@@ -107,6 +107,10 @@ def _load_gguf(path: Path, dtype: torch.dtype):
         raise ModelSourceError(f"cannot read GGUF file {path}: {str(e).splitlines()[0]}") from None
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]
+    # The weights are dequantized floats now: drop the GGUF "quantizer" so the model saves as a plain one.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     return model, tok
 
 
@@ -138,3 +142,16 @@ def load_model(src: ModelSource, dtype: torch.dtype = torch.float32, trust_remot
             raise ModelSourceError(f"cannot load {src.path}: {str(e).splitlines()[0]}") from None
     model.eval()
     return model, tok
+
+
+def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
+    """The tokenizer of any source (folder, hub id, .gguf file)."""
+    from transformers import AutoTokenizer
+
+    if src.kind == "gguf":
+        p = Path(src.path)
+        return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+    tok = _load_tokenizer(src.path, trust_remote_code)
+    if tok is None:
+        raise ModelSourceError(f"{src.name} has no tokenizer; copy its tokenizer files into the folder")
+    return tok

@@ -1,0 +1,1 @@
+"""The `quantkit` command line: thin commands over the library API."""

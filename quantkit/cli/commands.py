@@ -1,0 +1,100 @@
+"""Small commands: methods, info, convert, demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from quantkit.cli.options import Device, Force, JsonOut, Quiet
+from quantkit.cli.ui import emit_json, progress_bar
+
+
+def methods(ctx: typer.Context, json_out: JsonOut = None) -> None:
+    """List the quantization methods."""
+    from rich.table import Table
+
+    from quantkit.registry import list_methods
+
+    infos = list_methods()
+    emit_json([i.__dict__ for i in infos], json_out)
+    if json_out == "-":
+        return
+    table = Table(title="quantkit methods")
+    for col in ("method", "calibration data", "format", "description"):
+        table.add_column(col)
+    for i in infos:
+        table.add_row(i.name, "needed" if i.needs_calibration else "not needed", ", ".join(i.formats), i.description)
+    ctx.obj.out.print(table)
+
+
+def info(ctx: typer.Context, path: Annotated[str, typer.Argument(help="A checkpoint folder.")],
+         json_out: JsonOut = None) -> None:
+    """Quantization config, bits per weight, size on disk and tensor count of a checkpoint."""
+    import json
+
+    from rich.table import Table
+
+    from quantkit.formats.stats import checkpoint_stats
+    from quantkit.models.sources import read_config, resolve
+
+    src = resolve(path)
+    folder = Path(src.path)
+    stats = checkpoint_stats(folder)
+    qc = read_config(folder).get("quantization_config") if src.kind == "folder" else None
+    data = {"path": path, "quantization_config": qc, **stats}
+    prov = folder / "quantkit.json"
+    if src.kind == "folder" and prov.is_file():
+        data["quantkit"] = json.loads(prov.read_text())
+    emit_json(data, json_out)
+    if json_out == "-":
+        return
+    table = Table(title=f"quantkit info {path}", show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    for k, v in data.items():
+        if k == "quantkit":
+            continue
+        if isinstance(v, dict):
+            v = ", ".join(f"{a}={b}" for a, b in v.items() if a != "meta")
+        elif isinstance(v, float):
+            v = f"{v:.3f}"
+        table.add_row(k, str(v))
+    ctx.obj.out.print(table)
+
+
+def convert(ctx: typer.Context,
+            src: Annotated[str, typer.Argument(help="Model to convert (.gguf, folder, checkpoint, alias).")],
+            out: Annotated[Path, typer.Argument(help="Output folder.")],
+            to: Annotated[str, typer.Option("--to", help="Target format.")] = "hf",
+            dtype: Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16.")] = "float32",
+            force: Force = False) -> None:
+    """Convert a model to another format (GGUF -> HF safetensors, quantized -> float)."""
+    from quantkit.api import resolve_dtype
+    from quantkit.convert import convert as run
+
+    written = run(src, to, out, resolve_dtype(dtype), force)
+    if not ctx.obj.quiet:
+        ctx.obj.out.print(f"[green]wrote[/] {written}")
+
+
+def demo(ctx: typer.Context,
+         out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo checkpoints and results.")] = Path("demo-out"),
+         only: Annotated[Optional[list[str]], typer.Option("--only", help="Run only these demo entries.")] = None,
+         max_windows: Annotated[int, typer.Option("--max-windows", min=1)] = 40,
+         device: Device = "auto", force: Force = False, quiet: Quiet = False, json_out: JsonOut = None) -> None:
+    """Quantize smollm2-135m with every method, evaluate against the base, print the table."""
+    from quantkit.api import resolve_device
+    from quantkit.demo import run_demo
+    from quantkit.eval.report import markdown, rich_table
+
+    ui = ctx.obj
+    quiet = quiet or ui.quiet
+    with progress_bar(not quiet, "demo") as bar:
+        result = run_demo(out, only=only, max_windows=max_windows, device=resolve_device(device), force=force,
+                          progress=bar, log_line=None if quiet else ui.err.print)
+    (out / "results.md").write_text(markdown(result))
+    emit_json(result, json_out or str(out / "results.json"))
+    if not quiet:
+        ui.out.print(rich_table(result))

@@ -1,0 +1,72 @@
+"""Entry point: the Typer app, global flags, and the one map from exceptions to messages."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from quantkit.cli import commands, evaluate, quantize
+from quantkit.cli.ui import UI, setup_logging
+from quantkit.errors import QuantkitError
+
+
+def _message(exc: BaseException) -> tuple[str, int] | None:
+    """The one exception -> (message, exit code) map. None means: not ours, re-raise."""
+    if isinstance(exc, QuantkitError):
+        return f"error: {exc}", exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", 130
+    if type(exc).__name__ == "OutOfMemoryError":
+        return f"out of memory: {str(exc).splitlines()[0]} (try fewer --nsamples, a smaller --seqlen or --offload disk)", 1
+    if isinstance(exc, MemoryError):
+        return "out of host memory (try fewer --nsamples, a smaller --seqlen or --offload disk)", 1
+    if isinstance(exc, (click.exceptions.Exit, click.exceptions.ClickException, click.exceptions.Abort)):
+        return None
+    return f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (rerun with --debug for the traceback)", 1
+
+
+class QuantkitGroup(TyperGroup):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:  # noqa: BLE001 - mapped to one line below, or re-raised
+            ui = ctx.obj if isinstance(ctx.obj, UI) else UI()
+            mapped = _message(exc)
+            if mapped is None or ui.debug:
+                raise
+            text, code = mapped
+            typer.echo(text, err=True)
+            ctx.exit(code)
+
+
+app = typer.Typer(cls=QuantkitGroup, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Quantize Hugging Face causal LMs, convert between serving formats, and measure what each checkpoint costs and loses.")
+
+
+@app.callback()
+def root(ctx: typer.Context,
+         debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
+         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Errors only.")] = False) -> None:
+    ctx.obj = UI(quiet=quiet, debug=debug)
+    setup_logging(quiet, debug)
+
+
+app.command("methods")(commands.methods)
+app.command("quantize")(quantize.quantize)
+app.command("eval")(evaluate.eval_cmd)
+app.command("info")(commands.info)
+app.command("convert")(commands.convert)
+app.command("demo")(commands.demo)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    # --debug may be given anywhere; it is a global flag.
+    if "--debug" in args[1:]:
+        args.remove("--debug")
+        args.insert(0, "--debug")
+    app(args=args, prog_name="quantkit")

@@ -1,0 +1,171 @@
+"""GPTQ as a quantkit method: orchestration of `quantkit.methods.gptq` over the sequential pipeline.
+
+Per decoder block, in true-sequential order (attention inputs, o_proj, MLP inputs,
+down_proj): run the calibration batches through the block only as far as the
+group's first Linear, streaming XᵀX into one Hessian per group (the group's
+Linears share their input), quantize the group's row-stacked weights in one
+GPTQ call, and write the dequantized weights back so the next group and the
+next block see the quantized model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from quantkit.calib.data import calibration_samples, fingerprint
+from quantkit.calib.hooks import HookSet
+from quantkit.calib.pipeline import BlockCalib, StopForward, run_sequential
+from quantkit.errors import QuantkitError
+from quantkit.formats.checkpoint import PackedArtifact
+from quantkit.grid import QuantizedWeight
+from quantkit.methods.base import QuantJob, WeightOnlyMethod
+from quantkit.methods.gptq import GPTQParams, HessianAccumulator, gptq_quantize, split_rows
+from quantkit.models.arch import ArchSpec
+
+log = logging.getLogger(__name__)
+
+
+class GPTQOptions(BaseModel):
+    """Method options (CLI flags --damp, --block-size, --true-sequential/--no-true-sequential, --offload)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    damp: float = Field(0.01, ge=0.0, le=1.0, description="dampening: fraction of the mean Hessian diagonal")
+    block_size: int = Field(128, ge=1, le=4096, description="columns per lazy-update block")
+    true_sequential: bool = Field(True, description="calibrate each Linear group on the already-quantized earlier groups")
+    offload: Literal["none", "disk"] = Field("none", description="disk: load decoder blocks one at a time from safetensors")
+    damp_retries: int = Field(3, ge=0, le=10, description="Cholesky retries, each with 10x the dampening, before RTN")
+
+
+@dataclass(frozen=True)
+class _Group:
+    names: tuple[str, ...]          # relative to the block, in the spec's order
+    modules: tuple[nn.Linear, ...]
+
+
+def block_groups(block: nn.Module, spec: ArchSpec, keep: set[str]) -> list[_Group]:
+    """The block's Linear groups in execution order, restricted to the relative names in `keep`."""
+    groups = []
+    for names in spec.sequential:
+        found = []
+        for n in names:
+            if n not in keep:
+                continue
+            mod = block.get_submodule(n)
+            if isinstance(mod, nn.Linear):
+                found.append((n, mod))
+        if found:
+            groups.append(_Group(tuple(n for n, _ in found), tuple(m for _, m in found)))
+    return groups
+
+
+def collect_hessians(calib: BlockCalib, groups: list[_Group], stop_after_last: bool = True) -> list[torch.Tensor]:
+    """One pass over the calibration batches; returns H (in, in) per group.
+
+    Only each group's first Linear is hooked: the others read the same tensor. The pass
+    stops after the last group's input is seen (nothing past it is needed).
+    """
+    accs = [HessianAccumulator(g.modules[0].in_features, calib.device) for g in groups]
+
+    def hook_for(k: int):
+        def pre(_mod, args):
+            accs[k].add(args[0].detach())
+            if stop_after_last and k == len(groups) - 1:
+                raise StopForward
+        return pre
+
+    def install(hs: HookSet) -> None:
+        for k, g in enumerate(groups):
+            hs.pre(g.modules[0], hook_for(k))
+
+    calib.forward(hooks=install)
+    return [a.hessian() for a in accs]
+
+
+def quantize_group(group: _Group, h: torch.Tensor, params: GPTQParams) -> dict[str, QuantizedWeight]:
+    """GPTQ on the group's row-stacked weights; writes the dequantized weights back in place."""
+    weights = [m.weight.detach() for m in group.modules]
+    stacked = torch.cat(weights, dim=0) if len(weights) > 1 else weights[0]
+    res = gptq_quantize(stacked, h, params)
+    parts = split_rows(res.weight, [w.shape[0] for w in weights], [m.bias for m in group.modules])
+    out = {}
+    for name, mod, qw in zip(group.names, group.modules, parts, strict=True):
+        mod.weight.data.copy_(qw.dequantize(mod.weight.dtype))
+        out[name] = _to_cpu(qw)
+    log.debug("gptq %s: loss %.4g damp %.3g%s", ",".join(group.names), res.loss, res.damp,
+              " (RTN fallback)" if res.fallback else "")
+    return out
+
+
+def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:
+    return QuantizedWeight(codes=qw.codes.cpu(), scales=qw.scales.cpu(), zeros=qw.zeros.cpu(), g_idx=qw.g_idx.cpu(),
+                           bits=qw.bits, group_size=qw.group_size, sym=qw.sym,
+                           bias=None if qw.bias is None else qw.bias.cpu())
+
+
+def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPTQParams,
+               true_sequential: bool) -> dict[str, QuantizedWeight]:
+    """Quantize one block's target Linears (`targets`: full names); returns relative name -> weight."""
+    prefix = f"{spec.blocks}.{calib.index}."
+    keep = {n.removeprefix(prefix) for n in targets if n.startswith(prefix)}
+    groups = block_groups(calib.block, spec, keep)
+    results: dict[str, QuantizedWeight] = {}
+    if not groups:
+        return results
+    if true_sequential:
+        for g in groups:
+            (h,) = collect_hessians(calib, [g])
+            results.update(quantize_group(g, h, params))
+            del h
+    else:
+        hs = collect_hessians(calib, groups)
+        for g, h in zip(groups, hs, strict=True):
+            results.update(quantize_group(g, h, params))
+    return results
+
+
+class GPTQ(WeightOnlyMethod):
+    name = "gptq"
+    description = "GPTQ: second-order error compensation with calibration data (Frantar et al. 2022)"
+    needs_calibration = True
+    formats = ("gptq",)
+    Options = GPTQOptions
+
+    def quantize(self, job: QuantJob) -> PackedArtifact:
+        if job.options.offload == "disk":
+            from quantkit.calib.offload import quantize_offloaded
+
+            return quantize_offloaded(self, job)
+        return super().quantize(job)
+
+    def params(self, job: QuantJob) -> GPTQParams:
+        s, o = job.scheme, job.options
+        return GPTQParams(bits=s.bits, group_size=s.group_size, sym=s.sym, desc_act=s.desc_act,
+                          static_groups=s.static_groups, damp=o.damp, block_size=o.block_size,
+                          damp_retries=o.damp_retries)
+
+    def quantize_model(self, model: nn.Module, tokenizer: Any, spec: ArchSpec, layers: dict[str, nn.Linear],
+                       job: QuantJob, blocks: Any = None) -> dict[str, QuantizedWeight]:
+        if tokenizer is None:
+            raise QuantkitError("GPTQ needs a tokenizer for calibration; add tokenizer files to the model folder")
+        c = job.calib
+        samples = calibration_samples(tokenizer, c.dataset, c.nsamples, c.seqlen, c.seed, c.text_field)
+        self._fingerprint = fingerprint(samples)
+        params, targets, seq = self.params(job), set(layers), job.options.true_sequential
+        log.info("GPTQ: %d Linears, %d samples x %d tokens, true_sequential=%s", len(layers), len(samples),
+                 samples.shape[1], seq)
+        return run_sequential(model, spec, samples, lambda calib: gptq_block(calib, spec, targets, params, seq),
+                              device=job.device, batch_size=c.batch_size, blocks=blocks, progress=job.progress)
+
+    def describe(self, job: QuantJob) -> dict[str, Any]:
+        opts = job.options.model_dump(mode="json")
+        opts["damp_percent"] = job.options.damp
+        out: dict[str, Any] = {"options": opts, "calibration": job.calib.model_dump(mode="json")}
+        if getattr(self, "_fingerprint", None):
+            out["calibration"]["sha256"] = self._fingerprint
+        return out

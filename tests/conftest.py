@@ -1,0 +1,21 @@
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A saved tiny random Llama with a tiny tokenizer (shared, read-only)."""
+    from tests.tiny import llama_config, make_model
+
+    return make_model(tmp_path_factory.mktemp("tiny") / "llama", llama_config(architectures=["LlamaForCausalLM"]))
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    from tests.tiny import write_text
+
+    return write_text(tmp_path_factory.mktemp("data") / "calib.txt")

@@ -86,6 +86,7 @@ def scaled_fake_quant(w: Tensor, s: Tensor, cfg: AWQConfig) -> Tensor:
     return fake_quant(w[None] * s[:, None, :], cfg) / s[:, None, :]
 
 
+@torch.no_grad()
 def search_clip(w: Tensor, gram: Tensor, cfg: AWQConfig) -> Tensor:
     """Best max |w| per (output, group): w (out, in), gram (G, gs, gs) of the Linear's input -> (out, G)."""
     wg = group_view(w.float(), cfg.group_size)                # (out, G, gs)
@@ -109,6 +110,7 @@ def clip_weight(w: Tensor, max_abs: Tensor, group_size: int) -> Tensor:
     return torch.maximum(torch.minimum(g, m), -m).reshape(w.shape)
 
 
+@torch.no_grad()
 def best_scale(x_mean: Tensor, weights: list[Tensor], evaluate: Callable[[list[Tensor]], Tensor],
                cfg: AWQConfig) -> tuple[Tensor, Tensor]:
     """Grid search: returns (best s (C,), losses (n_grid,)). `evaluate` scores a batch of candidates:

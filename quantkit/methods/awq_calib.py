@@ -65,7 +65,8 @@ def _first(out):
 def module_evaluator(module: nn.Module, linears: list[nn.Linear],
                      calls: list[tuple[tuple, dict]]) -> Callable[[list[Tensor]], Tensor]:
     """Run `module` on the recorded calls with each candidate's weights swapped into `linears`."""
-    targets = [_first(module(*a, **kw)) for a, kw in calls]
+    with torch.no_grad():
+        targets = [_first(module(*a, **kw)) for a, kw in calls]
     numel = sum(t.numel() for t in targets)
 
     def evaluate(w_hats: list[Tensor]) -> Tensor:

@@ -159,6 +159,9 @@ class BlockCalib:
         self._inputs = inputs
         self._args = _to(inputs.args, device)
         self._kwargs = _to(inputs.kwargs_for(index), device)
+        # A method that already ran the block and wants the next block calibrated on those outputs
+        # (AWQ: float propagation, as AutoAWQ does) sets this; the pipeline then skips its own pass.
+        self.next_inputs: list[Tensor] | None = None
 
     @property
     def n_batches(self) -> int:
@@ -216,7 +219,7 @@ def run_sequential(model: nn.Module, spec: ArchSpec, samples: Tensor, quantize_b
         calib = BlockCalib(i, block, inputs, device)
         for name, res in quantize_block(calib).items():
             results[f"{spec.blocks}.{i}.{name}"] = res
-        inputs.hidden = calib.forward(keep_outputs=True)
+        inputs.hidden = calib.next_inputs if calib.next_inputs is not None else calib.forward(keep_outputs=True)
         source.release(i, block)
         if progress:
             progress("blocks", i + 1, n)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from quantkit.formats.awq import AWQLayout
+from quantkit.formats.compressed_tensors import CTLayout
 from quantkit.formats.packing import pack_cols, pack_rows, unpack_cols, unpack_rows
 from quantkit.grid import QuantizedWeight
 
@@ -80,7 +81,7 @@ class GPTQLayout:
         )
 
 
-LAYOUTS: dict[str, type] = {"gptq": GPTQLayout, "awq": AWQLayout}
+LAYOUTS: dict[str, type] = {"gptq": GPTQLayout, "awq": AWQLayout, "compressed-tensors": CTLayout}
 
 
 def get_layout(fmt: str, **kw) -> Layout:

@@ -69,7 +69,8 @@ def load_packed(folder: Path, qc: dict[str, Any], device: torch.device | str = "
     layout, scheme = fmt.read(qc)
     tensors = read_tensors(folder)
     model = _skeleton(folder, dtype, trust_remote_code)
-    quantized = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".qweight")})
+    marker = "." + getattr(layout, "marker", "qweight")  # compressed-tensors marks a quantized Linear by weight_packed
+    quantized = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(marker)})
     for name in quantized:
         try:
             lin = model.get_submodule(name)
@@ -87,7 +88,7 @@ def load_packed(folder: Path, qc: dict[str, Any], device: torch.device | str = "
             raise CheckpointError(f"{folder}: unexpected tensor {k} (not part of {type(model).__name__})")
         if tuple(t.shape) != tuple(expected[k].shape):
             raise CheckpointError(f"{folder}: tensor {k} has shape {tuple(t.shape)}, expected {tuple(expected[k].shape)}")
-        if t.is_floating_point() and not k.endswith((".scales",)):
+        if t.is_floating_point() and not k.endswith((".scales", ".weight_scale")):
             tensors[k] = t.to(dtype)
     missing = set(expected) - set(tensors)
     model.load_state_dict(tensors, strict=False, assign=True)

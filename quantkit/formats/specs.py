@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Protocol
 
 from quantkit.errors import CheckpointError
 from quantkit.formats.awq import AWQFormat
+from quantkit.formats.compressed_tensors import CTFormat
 from quantkit.formats.layouts import GPTQLayout, Layout
 from quantkit.scheme import QuantScheme
 from quantkit.version import __version__
@@ -66,7 +67,7 @@ class GPTQFormat:
         return {"quantize_config.json": {k: qc[k] for k in keys}}
 
 
-FORMATS: dict[str, Format] = {"gptq": GPTQFormat(), "awq": AWQFormat()}
+FORMATS: dict[str, Format] = {"gptq": GPTQFormat(), "awq": AWQFormat(), "compressed-tensors": CTFormat()}
 
 
 def get_format(name: str) -> Format:

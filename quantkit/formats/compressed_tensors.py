@@ -1,0 +1,161 @@
+"""compressed-tensors `pack-quantized` format (what llm-compressor writes and vLLM loads), integer weights only.
+
+Tensors of one quantized Linear (out, in), n_groups = in / group_size (1 for per channel):
+    weight_packed:     (out, in*bits/32)        int32, codes packed along the *input* dim
+    weight_scale:      (out, n_groups)          fp16 (the model's float dtype in general)
+    weight_shape:      (2,)                     int64, [out, in]
+    weight_zero_point: (out*bits/32, n_groups)  int32, zero points packed along the *output* dim (asymmetric only)
+    weight_g_idx:      (in,)                    int32 (actorder "group" only)
+
+compressed-tensors quantizes to signed q in [-2**(b-1), 2**(b-1)) and dequantizes
+w = scale * (q - zp); packing adds 2**(b-1) to q and zp and writes a dense little-endian
+bit stream (32 values in `bits` words). The stored unsigned values are therefore
+exactly GPTQ's unsigned code and zero (code = q + 2**(b-1)), and the bit stream is
+GPTQ's: `pack_rows` along the packed dim. A symmetric grid stores no zero point
+(zp = 0, i.e. the unsigned zero 2**(b-1)). For 2, 4 and 8 bits this layout is the
+same in every compressed-tensors release; for 3 bits it is the dense layout that
+compressed-tensors writes since its 1-8 bit packing change (May 2026).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from quantkit.errors import CheckpointError
+from quantkit.formats.packing import pack_rows, unpack_rows
+from quantkit.grid import QuantizedWeight, trivial_g_idx
+from quantkit.scheme import QuantScheme
+
+CT_FORMAT = "pack-quantized"
+
+
+class CTLayout:
+    """QuantizedWeight <-> compressed-tensors pack-quantized tensors of one Linear."""
+
+    name: ClassVar[str] = "compressed-tensors"
+    marker: ClassVar[str] = "weight_packed"  # the tensor whose presence marks a quantized Linear
+
+    def __init__(self, sym: bool = True, g_idx: bool = False):
+        self.sym, self.g_idx = sym, g_idx
+
+    def shapes(self, out_f: int, in_f: int, bits: int, group_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        ng = 1 if group_size == -1 else in_f // group_size
+        out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
+            "weight_packed": ((out_f, in_f * bits // 32), torch.int32),
+            "weight_scale": ((out_f, ng), torch.float16),
+            "weight_shape": ((2,), torch.int64),
+        }
+        if not self.sym:
+            out["weight_zero_point"] = ((out_f * bits // 32, ng), torch.int32)
+        if self.g_idx:
+            out["weight_g_idx"] = ((in_f,), torch.int32)
+        return out
+
+    def pack(self, qw: QuantizedWeight) -> dict[str, Tensor]:
+        mid = 1 << (qw.bits - 1)
+        if self.sym and not bool((qw.zeros == mid).all()):
+            raise ValueError(f"a symmetric compressed-tensors grid needs every zero point at {mid}")
+        if not self.g_idx and not qw.trivial_g_idx:
+            raise ValueError("act-order g_idx needs actorder 'group' (weight_g_idx) in compressed-tensors")
+        out_f, in_f = qw.shape
+        t = {
+            "weight_packed": pack_rows(qw.codes.t(), qw.bits).t().contiguous(),   # (out, in*bits/32)
+            "weight_scale": qw.scales.to(torch.float16).contiguous(),              # (out, n_groups)
+            "weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64),
+        }
+        if not self.sym:
+            t["weight_zero_point"] = pack_rows(qw.zeros, qw.bits)                  # (out*bits/32, n_groups)
+        if self.g_idx:
+            t["weight_g_idx"] = qw.g_idx.to(torch.int32).contiguous()
+        return t
+
+    def unpack(self, t: dict[str, Tensor], bits: int, group_size: int, sym: bool) -> QuantizedWeight:
+        codes = unpack_rows(t["weight_packed"].t().contiguous(), bits).t()  # (out, in)
+        out_f, in_f = codes.shape
+        scales = t["weight_scale"].float().reshape(out_f, -1)
+        if self.sym:
+            zeros = torch.full_like(scales, 1 << (bits - 1), dtype=torch.int32)
+        else:
+            zeros = unpack_rows(t["weight_zero_point"], bits)[:out_f]  # (out, n_groups)
+        g_idx = t["weight_g_idx"].to(torch.int32) if self.g_idx else trivial_g_idx(in_f, group_size).to(codes.device)
+        return QuantizedWeight(codes=codes.contiguous().to(torch.uint8), scales=scales.contiguous(),
+                               zeros=zeros.contiguous().to(torch.uint8), g_idx=g_idx, bits=bits,
+                               group_size=group_size, sym=sym)
+
+
+def _weights_args(qc: dict[str, Any]) -> dict[str, Any]:
+    groups = qc.get("config_groups") or {}
+    weights = [g.get("weights") for g in groups.values() if isinstance(g, dict) and g.get("weights")]
+    if len(weights) != 1:
+        raise CheckpointError(f"compressed-tensors config with {len(weights)} weight groups; quantkit reads exactly one")
+    w = weights[0]
+    if w.get("type", "int") != "int" or (w.get("dynamic") not in (None, False)):
+        raise CheckpointError("compressed-tensors: only static integer weights are supported by quantkit.load")
+    return w
+
+
+def _ignore_to_skip(ignore: list[str]) -> tuple[str, ...]:
+    """compressed-tensors `ignore` ("lm_head", "re:.*gate$") -> quantkit fnmatch skip patterns."""
+    out = []
+    for p in ignore:
+        if p.startswith("re:"):
+            body = p[3:].lstrip("^").rstrip("$").replace("\\.", ".").replace(".*", "*")
+            out.append(body)
+        else:
+            out.append(p)
+    return tuple(out)
+
+
+class CTFormat:
+    """quantization_config {quant_method: compressed-tensors, format: pack-quantized, config_groups: ...}."""
+
+    name: ClassVar[str] = "compressed-tensors"
+
+    def quantization_config(self, scheme: QuantScheme, extra: dict[str, Any]) -> dict[str, Any]:
+        strategy = "channel" if scheme.group_size == -1 else "group"
+        weights = {
+            "num_bits": scheme.bits,
+            "type": "int",
+            "symmetric": scheme.sym,
+            "group_size": None if scheme.group_size == -1 else scheme.group_size,
+            "strategy": strategy,
+            "block_structure": None,
+            "dynamic": False,
+            "actorder": "group" if extra.get("g_idx") else None,
+            "observer": "minmax",
+            "observer_kwargs": {},
+        }
+        return {
+            "quant_method": "compressed-tensors",
+            "format": CT_FORMAT,
+            "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                          "output_activations": None, "format": CT_FORMAT}},
+            "ignore": list(extra.get("ignore", ["lm_head"])),
+            "kv_cache_scheme": None,
+            "global_compression_ratio": None,
+            "sparsity_config": {},
+        }
+
+    def matches(self, qc: dict[str, Any]) -> bool:
+        return qc.get("quant_method") == "compressed-tensors" and qc.get("format") == CT_FORMAT
+
+    def read(self, qc: dict[str, Any]) -> tuple[CTLayout, QuantScheme]:
+        w = _weights_args(qc)
+        strategy = w.get("strategy") or ("group" if w.get("group_size") else "channel")
+        if strategy not in ("group", "channel"):
+            raise CheckpointError(f"compressed-tensors weight strategy {strategy!r} is not supported; group or channel is")
+        group_size = -1 if strategy == "channel" else int(w.get("group_size") or -1)
+        try:
+            scheme = QuantScheme(bits=w.get("num_bits", 8), group_size=group_size, sym=bool(w.get("symmetric", True)),
+                                 desc_act=w.get("actorder") in ("group", "weight", True, "dynamic", "static"),
+                                 skip=_ignore_to_skip(qc.get("ignore") or []))
+        except ValueError as e:
+            raise CheckpointError(f"malformed compressed-tensors quantization_config: {str(e).splitlines()[0]}") from None
+        return CTLayout(sym=scheme.sym, g_idx=w.get("actorder") in ("group", "dynamic")), scheme
+
+    def side_files(self, qc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        return {}

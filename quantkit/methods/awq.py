@@ -50,11 +50,14 @@ class AWQConfig:
     max_shrink: float = 0.5
     score_tokens: int = 2048  # tokens scoring each alpha (attention: whole sequences adding up to this)
     seed: int = 0
+    # "float": the next block is calibrated on this block's float outputs (AutoAWQ, llm-compressor; one
+    # pass per block); "quantized": on its quantized outputs (one more pass per block)
+    propagate: str = "float"
 
     def meta(self) -> dict[str, str]:
         """Recorded beside a dumped search, checked when it is loaded again."""
         return {k: str(getattr(self, k)) for k in ("bits", "group_size", "sym", "n_grid", "max_shrink",
-                                                    "score_tokens", "seed")}
+                                                    "score_tokens", "seed", "propagate")}
 
 
 # ---------------------------------------------------------------- grid maths

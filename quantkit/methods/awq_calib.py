@@ -204,7 +204,8 @@ def _first_linear_under(module_name: str, order: list[str]) -> str:
 
 def collect_stats(calib: BlockCalib, linears: dict[str, nn.Linear], sites: set[str], gram_sites: set[str],
                   attn_inputs: dict[str, list], cfg: AWQConfig) -> dict[str, SiteStats]:
-    """One pass of the (float) block over every calibration batch; see the module docstring."""
+    """One pass of the (float) block over every calibration batch; see the module docstring.
+    With float propagation its outputs become the next block's inputs (`calib.next_inputs`)."""
     dev = calib.device
     per_batch = math.ceil(cfg.score_tokens / max(calib.n_batches, 1))
     seed = cfg.seed * 1_000_003 + calib.index * 10_007
@@ -217,8 +218,9 @@ def collect_stats(calib: BlockCalib, linears: dict[str, nn.Linear], sites: set[s
 
     order = list(linears)  # execution order
     last = max(sites, key=order.index)
-    # an attention module recorded after the last site (not in any table entry) needs the whole block
-    stop = all(order.index(last) > order.index(_first_linear_under(name, order)) for name in attn_inputs)
+    keep = cfg.propagate == "float"  # the float outputs feed the next block: run the whole block
+    # otherwise stop at the last input needed, unless an attention module to record comes after it
+    stop = not keep and all(order.index(last) > order.index(_first_linear_under(n, order)) for n in attn_inputs)
 
     def install(hs: HookSet) -> None:
         for name, st in stats.items():
@@ -228,7 +230,9 @@ def collect_stats(calib: BlockCalib, linears: dict[str, nn.Linear], sites: set[s
         for name, calls in attn_inputs.items():
             hs.pre(calib.block.get_submodule(name), call_recorder(calls, cfg.score_tokens), with_kwargs=True)
 
-    calib.forward(hooks=install)
+    outputs = calib.forward(hooks=install, keep_outputs=keep)
+    if keep:
+        calib.next_inputs = outputs
     return stats
 
 

@@ -1,19 +1,30 @@
 """Quality under the fixed protocol: perplexity, and KL / top-1 agreement against a base.
 
-Each window of `windows` (n, T) is scored on its own: T-1 predicted tokens.
-ppl = exp(mean NLL over all predicted tokens). KL(P_base || P_model) is averaged
-over the same tokens, on the full vocabulary. Base logits are computed window
-by window and never all kept.
+Scoring convention (the Hugging Face sliding-window convention):
+- window 0 scores every token it can predict: targets at positions 1..T-1;
+- a later window starting `stride` tokens after the previous one scores only the
+  tokens the previous window did not: the last min(stride, T-1) positions. With
+  stride = T (non-overlapping windows, the GPTQ/AWQ convention) every window
+  scores positions 1..T-1.
+`first_target` is the first scored position of a window; the logits used are those
+of positions first_target-1 .. T-2.
+
+ppl = exp(mean NLL over all scored tokens). KL(P_base || P_model) over the full
+vocabulary and top-1 agreement use the same tokens.
+
+The model side never materialises log_softmax: NLL = lse - z[target] and
+KL = sum_v p_b (lp_b - z + lse), with z the model's logits and lse their
+logsumexp, so a window costs the forward plus a few passes over its (S, V) logits.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -27,48 +38,125 @@ class Quality:
     top1: float | None = None        # % of tokens whose argmax matches the base
 
 
-@torch.no_grad()
-def window_logprobs(model: nn.Module, window: Tensor, device: torch.device | str) -> Tensor:
-    """(T, V) float32 log-probs for one window (1-D ids)."""
-    logits = model(input_ids=window.unsqueeze(0).to(device), use_cache=False).logits[0]
-    return F.log_softmax(logits.float(), dim=-1)
+def first_targets(n_windows: int, seqlen: int, stride: int | None = None) -> list[int]:
+    """First scored position of each window: 1 for window 0, T - min(stride, T-1) after."""
+    stride = stride or seqlen
+    later = seqlen - min(stride, seqlen - 1)
+    return [1] + [later] * (n_windows - 1) if n_windows else []
 
 
-def nll_of(logprobs: Tensor, window: Tensor) -> Tensor:
-    """(T-1,) negative log-likelihood of each next token."""
-    targets = window[1:].to(logprobs.device)
-    return -logprobs[:-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
-@torch.no_grad()
+@torch.inference_mode()
+def scored_logits(model: nn.Module, window: Tensor, first: int, device: torch.device | str) -> Tensor:
+    """(S, V) float32 logits predicting window[first:], S = T - first.
+
+    Only the last S+1 positions go through the LM head when the model supports
+    `logits_to_keep` (a sliding window with a small stride skips most of it).
+    """
+    keep = window.numel() - first + 1
+    kwargs = {"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}
+    logits = model(input_ids=window.unsqueeze(0).to(device), use_cache=False, **kwargs).logits[0]
+    return logits[-keep:-1].float()
+
+
+def token_nll(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """(nll (S,), lse (S,)) from logits (S, V) and targets (S,)."""
+    lse = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(-1, targets.to(logits.device).unsqueeze(-1)).squeeze(-1)
+    return lse - picked, lse
+
+
+def base_logprobs(logits: Tensor) -> Tensor:
+    """(S, V) float32 log-probs of the base (what the spill stores)."""
+    return torch.log_softmax(logits, dim=-1)
+
+
+def kl_rows(base_lp: Tensor, logits: Tensor, lse: Tensor) -> Tensor:
+    """(S,) KL(P_base || P_model) per token from base log-probs (S, V), model logits and lse.
+
+    sum_v p_b (lp_b - lp_m) with lp_m = z - lse; the difference is formed first so
+    the terms are small when the models agree (accurate in float32). Not clamped:
+    rounding noise of either sign averages out in the mean.
+    """
+    p = base_lp.exp()
+    d = base_lp - logits
+    d += lse.unsqueeze(-1)
+    return torch.bmm(p.unsqueeze(1), d.unsqueeze(2)).view(-1)
+
+
+@dataclass
+class Accumulator:
+    """Running totals for one model over the windows."""
+
+    with_base: bool
+    nll_sum: float = 0.0
+    count: int = 0
+    agree: int = 0
+    kls: list[Tensor] = field(default_factory=list)
+
+    def add(self, nll: Tensor, kl: Tensor | None = None, agree: int = 0) -> None:
+        self.nll_sum += float(nll.double().sum())
+        self.count += int(nll.numel())
+        self.agree += agree
+        if kl is not None:
+            self.kls.append(kl.detach().float().cpu())
+
+    def result(self) -> Quality:
+        nll = self.nll_sum / max(self.count, 1)
+        q = Quality(ppl=math.exp(nll), nll=nll, tokens=self.count)
+        if self.with_base:
+            kl = torch.cat(self.kls).double() if self.kls else torch.zeros(1, dtype=torch.float64)
+            q.kl = max(float(kl.mean()), 0.0)
+            q.kl_p99 = max(float(torch.quantile(kl, 0.99)), 0.0)
+            q.top1 = 100.0 * self.agree / max(self.count, 1)
+        return q
+
+
+def score_window(model: nn.Module, window: Tensor, first: int, device: torch.device | str, acc: Accumulator,
+                 base_lp: Tensor | None = None, base_top: Tensor | None = None) -> Tensor:
+    """Score one window into `acc`; returns the model's (S, V) logits (for a base pass to store)."""
+    logits = scored_logits(model, window, first, device)
+    nll, lse = token_nll(logits, window[first:])
+    kl, agree = None, 0
+    if base_lp is not None:
+        base_lp = base_lp.to(logits.device, torch.float32)
+        kl = kl_rows(base_lp, logits, lse)
+        top = base_top.to(logits.device) if base_top is not None else base_lp.argmax(-1)
+        agree = int((logits.argmax(-1) == top).sum())
+    acc.add(nll, kl, agree)
+    return logits
+
+
+@torch.inference_mode()
 def evaluate(models: Sequence[nn.Module], windows: Tensor, device: torch.device | str = "cpu",
              base: nn.Module | None = None,
-             progress: Callable[[str, int, int], None] | None = None) -> list[Quality]:
-    """Score every model on the same windows; with `base`, also KL and top-1 against it."""
-    nll_sum = [0.0] * len(models)
-    count = 0
-    kls: list[list[Tensor]] = [[] for _ in models]
-    agree = [0] * len(models)
-    for w_i, window in enumerate(windows):
-        base_lp = window_logprobs(base, window, device) if base is not None else None
-        ref = base_lp[:-1] if base_lp is not None else None
-        for m_i, model in enumerate(models):
-            lp = base_lp if model is base else window_logprobs(model, window, device)
-            nll_sum[m_i] += float(nll_of(lp, window).double().sum())
-            if ref is not None:
-                lp = lp[:-1]
-                kls[m_i].append((ref.exp() * (ref - lp)).sum(-1).cpu())
-                agree[m_i] += int((ref.argmax(-1) == lp.argmax(-1)).sum())
-        count += window.numel() - 1
+             progress: Callable[[str, int, int], None] | None = None,
+             stride: int | None = None) -> list[Quality]:
+    """Score every (already loaded) model on the same windows; with `base`, also KL and top-1 against it.
+
+    The in-memory variant (all models resident): the runner evaluates one model at
+    a time instead (see quantkit.eval.runner). Kept for scripts and tests.
+    """
+    firsts = first_targets(int(windows.shape[0]), int(windows.shape[1]), stride)
+    accs = [Accumulator(with_base=base is not None) for _ in models]
+    for w_i, (window, first) in enumerate(zip(windows, firsts)):
+        base_lp = base_top = None
+        if base is not None:
+            base_logits = scored_logits(base, window, first, device)
+            base_lp = base_logprobs(base_logits)
+            base_top = base_logits.argmax(-1)
+        for model, acc in zip(models, accs):
+            if model is base:
+                nll, _ = token_nll(base_logits, window[first:])
+                acc.add(nll, torch.zeros_like(nll), int(nll.numel()))
+            else:
+                score_window(model, window, first, device, acc, base_lp, base_top)
         if progress:
             progress("windows", w_i + 1, len(windows))
-    out = []
-    for m_i in range(len(models)):
-        nll = nll_sum[m_i] / count
-        q = Quality(ppl=math.exp(nll), nll=nll, tokens=count)
-        if base is not None:
-            kl = torch.cat(kls[m_i]).clamp(min=0)
-            q.kl, q.kl_p99 = float(kl.mean()), float(torch.quantile(kl.double(), 0.99))
-            q.top1 = 100.0 * agree[m_i] / count
-        out.append(q)
-    return out
+    return [a.result() for a in accs]

@@ -1,4 +1,10 @@
-"""Comparison tables: rich for the terminal, Markdown for model cards and the README."""
+"""Comparison tables: rich for the terminal, Markdown for model cards and the README.
+
+Columns follow the article's table: method, bits, size, memory, relative speed,
+TTFT, TPS (and batched throughput), ppl, Δppl %, KL, top-1. Speed columns appear
+only when speed was measured. The base row comes first and is marked; the other
+rows are sorted by perplexity, failed rows last. The protocol is the caption.
+"""
 
 from __future__ import annotations
 
@@ -6,46 +12,77 @@ from typing import Any
 
 from rich.table import Table
 
-COLUMNS = [  # (key, header, format)
-    ("model", "model", "{}"),
-    ("method", "method", "{}"),
-    ("bits_per_weight", "bits/w", "{:.2f}"),
-    ("size_bytes", "size MB", "{:.1f}"),
-    ("ppl", "ppl", "{:.3f}"),
-    ("delta_ppl_pct", "Δppl %", "{:+.1f}"),
-    ("kl", "KL", "{:.4f}"),
-    ("top1", "top-1 %", "{:.2f}"),
+MB = 1e6
+COLUMNS = [  # (key, header, format, needs speed)
+    ("label", "model", "{}", False),
+    ("method", "method", "{}", False),
+    ("bits_per_weight", "bits/w", "{:.2f}", False),
+    ("size_bytes", "size MB", "{:.1f}", False),
+    ("peak_bytes", "mem MB", "{:.0f}", False),
+    ("rel_speed", "speed ×", "{:.2f}", True),
+    ("ttft_ms", "TTFT ms", "{:.1f}", True),
+    ("tps", "TPS", "{:.1f}", True),
+    ("throughput_tps", "batch tok/s", "{:.1f}", True),
+    ("ppl", "ppl", "{:.3f}", False),
+    ("delta_ppl_pct", "Δppl %", "{:+.1f}", False),
+    ("kl", "KL", "{:.4f}", False),
+    ("top1", "top-1 %", "{:.2f}", False),
 ]
+TEXT_KEYS = ("label", "method")
+
+
+def columns(result: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+    speed = result["protocol"].get("speed") is not None
+    return [c for c in COLUMNS if speed or not c[3]]
 
 
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
     v = row.get(key)
+    if key == "label" and v is None:
+        v = row.get("model")
     if v is None:
         return "-"
-    if key == "size_bytes":
-        v = v / 1e6
+    if key in ("size_bytes", "peak_bytes"):
+        v = v / MB
     return fmt.format(v)
 
 
 def caption(result: dict[str, Any]) -> str:
     p = result["protocol"]
-    return (f"{p['dataset']} test split ({p['split']}), {p['windows']} non-overlapping windows of {p['seqlen']} tokens "
-            f"({p['predicted_tokens']} predicted tokens), {p['dtype']} on {p['device']}; KL(base‖model) and top-1 vs the base")
+    windows = (f"{p['windows']} windows of {p['seqlen']} tokens every {p['stride']} (sliding; each token scored once)"
+               if p.get("overlapping") else f"{p['windows']} non-overlapping windows of {p['seqlen']} tokens")
+    text = (f"{p['dataset']} ({p.get('split_text', p.get('split'))}), {windows}, {p['predicted_tokens']} predicted "
+            f"tokens; {p['dtype']} on {p.get('device_name') or p['device']}. ppl = exp(mean NLL); KL(base‖model) "
+            f"over the full vocabulary and top-1 agreement on the same tokens. mem = peak "
+            f"{'CUDA allocation' if str(p['device']).startswith('cuda') else 'RSS'} above the pre-load level over "
+            f"load and {'generation' if p.get('speed') else 'scoring'}.")
+    s = p.get("speed")
+    if s:
+        text += (f" Speed: greedy, KV cache, prompt {s['prompt_len']} tokens, {s['gen_tokens']} new tokens, "
+                 f"median of {s['repeats']} runs after warm-up ({s['timer']}); TTFT and TPS at batch 1, "
+                 f"batch tok/s at batch {s['batch']}; speed × = TPS / base TPS.")
+    return text
 
 
 def sorted_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
-    return sorted(result["rows"], key=lambda r: (not r.get("is_base"), r.get("error") is not None, r.get("ppl") or 0))
+    return sorted(result["rows"], key=lambda r: (not r.get("is_base"), r.get("error") is not None,
+                                                 r.get("ppl") if r.get("ppl") is not None else float("inf")))
+
+
+def _cells(row: dict[str, Any], cols: list[tuple[str, str, str, bool]]) -> list[str]:
+    return [_cell(row, k, f) for k, _, f, _ in cols]
 
 
 def rich_table(result: dict[str, Any]) -> Table:
-    table = Table(title="quantkit eval", caption=caption(result))
-    for _, header, _ in COLUMNS:
-        table.add_column(header, justify="left" if header in ("model", "method") else "right")
+    cols = columns(result)
+    table = Table(title="quantkit eval", caption=caption(result), caption_justify="left")
+    for key, header, _, _ in cols:
+        table.add_column(header, justify="left" if key in TEXT_KEYS else "right")
     for row in sorted_rows(result):
+        cells = _cells(row, cols)
         if row.get("error"):
-            table.add_row(row["model"], row.get("method", "-"), *["-"] * (len(COLUMNS) - 3), f"[red]{row['error']}")
+            table.add_row(cells[0], cells[1], *["-"] * (len(cols) - 3), f"[red]{row['error']}")
             continue
-        cells = [_cell(row, k, f) for k, _, f in COLUMNS]
         if row.get("is_base"):
             cells[0] = f"[bold]{cells[0]} (base)"
         table.add_row(*cells)
@@ -53,13 +90,14 @@ def rich_table(result: dict[str, Any]) -> Table:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |",
-             "|" + "|".join("---" if k in ("model", "method") else "---:" for k, _, _ in COLUMNS) + "|"]
+    cols = columns(result)
+    lines = ["| " + " | ".join(h for _, h, _, _ in cols) + " |",
+             "|" + "|".join("---" if k in TEXT_KEYS else "---:" for k, _, _, _ in cols) + "|"]
     for row in sorted_rows(result):
+        cells = _cells(row, cols)
         if row.get("error"):
-            lines.append(f"| {row['model']} | {row.get('method', '-')} | failed: {row['error']} |")
+            lines.append(f"| {cells[0]} | {cells[1]} | failed: {row['error'].replace('|', '/')} |")
             continue
-        cells = [_cell(row, k, f) for k, _, f in COLUMNS]
         if row.get("is_base"):
             cells[0] += " (base)"
         lines.append("| " + " | ".join(cells) + " |")

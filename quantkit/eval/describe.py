@@ -1,0 +1,81 @@
+"""What a model path is, from its files alone (no weights loaded): method, format, size, bits per weight."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from quantkit.errors import QuantkitError
+from quantkit.models.sources import resolve
+
+log = logging.getLogger(__name__)
+
+
+def label(path: str) -> str:
+    """A short name for tables and plots: the folder or file name (aliases stay as typed)."""
+    p = Path(path)
+    return p.name if (p.exists() or "/" in path or "\\" in path) and p.name else path
+
+
+def _gguf_info(path: Path) -> dict[str, Any]:
+    """GGUF file type (e.g. Q4_1) and stored bits per weight over all tensors."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    out: dict[str, Any] = {}
+    field = reader.fields.get("general.file_type")
+    if field is not None:
+        code = int(field.parts[field.data[0]][0])
+        try:
+            out["method"] = "gguf " + gguf.LlamaFileType(code).name.removeprefix("MOSTLY_")
+        except ValueError:
+            out["method"] = f"gguf type {code}"
+    n = sum(int(t.n_elements) for t in reader.tensors)
+    if n:
+        out["bits_per_weight"] = sum(int(t.n_bytes) for t in reader.tensors) * 8 / n
+    return out
+
+
+def _float_bits(folder: Path) -> float | None:
+    from quantkit.formats.stats import tensor_entries
+
+    entries = tensor_entries(folder).values()
+    n = sum(e.numel for e in entries)
+    return sum(e.nbytes for e in entries) * 8 / n if n else None
+
+
+def describe(path: str) -> dict[str, Any]:
+    """Method, format and size of a model path, from its files (no weights loaded)."""
+    from quantkit.api import folder_size
+
+    src = resolve(path)
+    p = Path(src.path)
+    row: dict[str, Any] = {"model": path, "label": label(path), "method": "float", "format": src.kind,
+                           "size_bytes": folder_size(p) if src.kind != "hub" else None}
+    if src.kind == "gguf":
+        try:
+            row.update(_gguf_info(p))
+        except (ImportError, OSError, ValueError, KeyError, IndexError) as e:
+            log.debug("no GGUF info for %s: %s", path, e)
+        return row
+    if src.kind != "folder":
+        return row
+    cfg = json.loads((p / "config.json").read_text())
+    qc = cfg.get("quantization_config")
+    if qc:
+        row["format"] = qc.get("quant_method")
+        row["method"] = qc.get("quant_method")
+    prov = p / "quantkit.json"
+    if prov.is_file():
+        meta = json.loads(prov.read_text())
+        row["method"] = meta.get("method", row["method"])
+        row["scheme"] = meta.get("scheme")
+    try:
+        from quantkit.formats.stats import checkpoint_stats
+
+        row["bits_per_weight"] = checkpoint_stats(p).get("bits_per_weight") if qc else _float_bits(p)
+    except (ImportError, QuantkitError, KeyError, ValueError) as e:
+        log.debug("no stats for %s: %s", path, e)
+    return row

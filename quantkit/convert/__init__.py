@@ -1,56 +1,132 @@
-"""Conversion between model formats. `to_hf` writes a plain float Hugging Face folder."""
+"""`quantkit convert`: between plain HF, GPTQ (v1/v2), AWQ GEMM, compressed-tensors pack-quantized and GGUF.
+
+    convert(src, "awq", out)                     exact repack of a GPTQ grid
+    convert(src, "gguf", out, gguf_type="q4_1")  llama.cpp file; a 4-bit grid keeps its codes
+    convert(src, "hf", out, dtype=torch.float16) dequantize
+
+The pairs and their exactness live in `quantkit.convert.table.TABLE`. Output is atomic:
+a failure leaves nothing at `out`. A `quantkit_provenance.json` records what was done.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from quantkit.convert.source import FORMAT_NAMES, float_dtype, format_of, open_checkpoint, read_json
+from quantkit.convert.table import TABLE, TARGETS, Conversion, lookup, rows
 from quantkit.errors import QuantkitError
-from quantkit.formats.checkpoint import save_tokenizer_and_generation
-from quantkit.formats.loader import load
-from quantkit.models.sources import load_tokenizer, resolve
+from quantkit.formats.checkpoint import write_json
+from quantkit.models.sources import read_config, resolve
 from quantkit.paths import atomic_dir, check_output
+from quantkit.version import __version__
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("hf",)
+PROVENANCE = "quantkit_provenance.json"
+
+__all__ = ["ConvertResult", "convert", "source_format", "rows", "TABLE", "TARGETS", "Conversion", "FORMAT_NAMES"]
 
 
-def to_hf(src: str | Path, out: str | Path, dtype: torch.dtype = torch.float32, force: bool = False) -> Path:
-    """Any model quantkit reads (GGUF, quantized checkpoint, folder) -> plain safetensors HF folder."""
-    out = Path(out)
-    check_output(out, force)
+@dataclass
+class ConvertResult:
+    out: Path
+    src_format: str
+    dst_format: str
+    exact: bool
+    provenance: dict[str, Any] = field(default_factory=dict)
+    verify: dict[str, Any] | None = None
+
+
+def source_format(src: str | Path) -> str:
+    """The conversion-table name of what `src` is (hf, gptq, gptq-v2, awq, compressed-tensors, gguf)."""
     source = resolve(src)
-    model = load(src, dtype=dtype)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    if any(type(m).__name__ == "QuantLinear" for m in model.modules()):
-        model = dequantize_modules(model, dtype)
-    tok = load_tokenizer(source)
-    with atomic_dir(out, force=force) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        save_tokenizer_and_generation(model, tok, tmp)
-    return out
+    if source.kind == "gguf":
+        return "gguf"
+    if source.kind != "folder":
+        raise QuantkitError(f"{src}: convert reads local folders, .gguf files and aliases; download the model first")
+    return format_of(read_config(Path(source.path)).get("quantization_config"))
 
 
-def dequantize_modules(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """Replace every QuantLinear by an nn.Linear holding its dequantized weight."""
-    from quantkit.formats.qlinear import QuantLinear
+def convert(src: str | Path, to: str, out: str | Path, *, dtype: torch.dtype | str = torch.float32,
+            gguf_type: str = "f16", imatrix: str | Path | None = None, verify: bool = False,
+            verify_windows: int = 4, force: bool = False, device: torch.device | str = "cpu") -> ConvertResult:
+    """Convert `src` to format `to`, written atomically at `out` (a folder, or a .gguf file for gguf)."""
+    dtype = float_dtype(dtype)
+    out = Path(out)
+    src_fmt = source_format(src)
+    conv = lookup(src_fmt, to)
+    if to == "gguf" and out.suffix != ".gguf":
+        raise QuantkitError(f"GGUF output {out} must end in .gguf")
+    if to != "gguf":
+        check_output(out, force)
+    facts: dict[str, Any]
+    exact = conv.exact
+    if to == "gguf":
+        import json
 
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, QuantLinear):
-            lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, dtype=dtype)
-            lin.weight.data = mod.dequantize(dtype)
-            if mod.bias is not None:
-                lin.bias.data = mod.bias.to(dtype)
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, lin)
-    return model
+        from quantkit.convert.gguf_export import export_gguf
+
+        head = provenance_record(src, src_fmt, to, conv, conv.exact, dtype, {"gguf_type": gguf_type})
+        facts = export_gguf(src, out, gguf_type, force=force, provenance=json.dumps(head, sort_keys=True))
+        exact = bool(facts.get("exact", False))
+        write_json(gguf_provenance_path(out), provenance_record(src, src_fmt, to, conv, exact, dtype, facts))
+        if imatrix is not None:
+            from quantkit.convert.imatrix import write_imatrix
+
+            facts["imatrix"] = write_imatrix(src, Path(imatrix), device=device, force=force)
+    elif src_fmt == "gguf":
+        from quantkit.convert.gguf_import import gguf_to_hf
+
+        with atomic_dir(out, force=force) as tmp:
+            facts = gguf_to_hf(Path(resolve(src).path), tmp, dtype)
+            _provenance(tmp / PROVENANCE, src, src_fmt, to, conv, exact, dtype, facts)
+    else:
+        from quantkit.convert.folder import convert_folder
+
+        ck = open_checkpoint(src)
+        if to == "hf" and src_fmt != "hf":
+            exact = dtype == torch.float32
+        elif to == "hf":
+            exact = all(i.dtype == dtype or not i.dtype.is_floating_point for i in ck.infos.values())
+        with atomic_dir(out, force=force) as tmp:
+            facts = convert_folder(ck, to, tmp, dtype)
+            prior = read_json(ck.folder / "quantkit.json")
+            if prior:
+                facts["source_quantkit"] = prior
+            _provenance(tmp / PROVENANCE, src, src_fmt, to, conv, exact, dtype, facts)
+    result = ConvertResult(out, src_fmt, to, exact, facts)
+    if verify:
+        from quantkit.convert.verify import verify_conversion
+
+        result.verify = verify_conversion(src, out, exact=exact and to != "gguf", windows=verify_windows,
+                                          device=device)
+    return result
 
 
-def convert(src: str | Path, to: str, out: str | Path, dtype: torch.dtype = torch.float32, force: bool = False) -> Path:
-    if to not in TARGETS:
-        raise QuantkitError(f"unknown target format {to!r}; quantkit convert writes: {', '.join(TARGETS)}")
-    return to_hf(src, out, dtype, force)
+def gguf_provenance_path(out: Path) -> Path:
+    """A GGUF output is one file: its provenance record sits beside it."""
+    return out.with_name(out.name + "." + PROVENANCE)
+
+
+def _provenance(path: Path, src: str | Path, src_fmt: str, dst: str, conv: Conversion, exact: bool,
+                dtype: torch.dtype, facts: dict[str, Any]) -> None:
+    write_json(path, provenance_record(src, src_fmt, dst, conv, exact, dtype, facts))
+
+
+def provenance_record(src: str | Path, src_fmt: str, dst: str, conv: Conversion, exact: bool, dtype: torch.dtype,
+                      facts: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "quantkit_version": __version__,
+        "converted_from": str(src),
+        "source_format": src_fmt,
+        "target_format": dst,
+        "kind": "exact" if exact else "lossy",
+        "how": conv.note,
+        "dtype": str(dtype).removeprefix("torch."),
+        **facts,
+    }

@@ -1,0 +1,200 @@
+"""GGUF export for the Llama family (Llama, Mistral, Qwen2; SmolLM2 is Llama), with llama.cpp's conventions.
+
+Tensor names come from `gguf.TensorNameMap`; Llama/Mistral q/k rows get llama.cpp's rotary
+permutation; 1-D tensors stay F32; with a block type, token embeddings and output take Q8_0
+(as llama.cpp's own Q4 files do). Every tensor is handed to the writer as a lazy array, so
+the file is written tensor by tensor: peak memory is one tensor, not the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_VERSION, MODEL_ARCH, MODEL_ARCH_NAMES, GGUFWriter, Metadata, TensorNameMap
+from gguf.lazy import LazyNumpyTensor
+
+from quantkit.convert.gguf_tensors import (FILE_TYPES, GGUF_TYPES, TYPE_BITS, EncodeStats, Q, byte_shape,
+                                           encode_weight, permute_rows, qk_permutation)
+from quantkit.convert.gguf_vocab import add_tokenizer
+from quantkit.convert.source import Checkpoint, open_checkpoint
+from quantkit.errors import OutputExistsError, QuantkitError, UnknownNameError
+
+log = logging.getLogger(__name__)
+
+# HF architecture -> (llama.cpp architecture, apply the q/k rotary permutation)
+GGUF_ARCHS: dict[str, tuple[MODEL_ARCH, bool]] = {
+    "LlamaForCausalLM": (MODEL_ARCH.LLAMA, True),
+    "MistralForCausalLM": (MODEL_ARCH.LLAMA, True),
+    "Qwen2ForCausalLM": (MODEL_ARCH.QWEN2, False),
+}
+_BLOCK = re.compile(r"\.layers\.(\d+)\.")
+
+
+def _rope_theta(cfg: dict[str, Any]) -> float:
+    params = cfg.get("rope_parameters") or {}
+    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+
+
+def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    params = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    return None if kind in (None, "default") else params
+
+
+def add_hparams(w: GGUFWriter, cfg: dict[str, Any], type_name: str) -> None:
+    """The architecture keys llama.cpp reads for a Llama-style model."""
+    heads = int(cfg["num_attention_heads"])
+    hidden = int(cfg["hidden_size"])
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    w.add_context_length(int(cfg.get("max_position_embeddings", 2048)))
+    w.add_embedding_length(hidden)
+    w.add_block_count(int(cfg["num_hidden_layers"]))
+    w.add_feed_forward_length(int(cfg["intermediate_size"]))
+    w.add_head_count(heads)
+    w.add_head_count_kv(int(cfg.get("num_key_value_heads") or heads))
+    w.add_rope_freq_base(_rope_theta(cfg))
+    w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
+    w.add_rope_dimension_count(head_dim)
+    if head_dim != hidden // heads:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_vocab_size(int(cfg["vocab_size"]))
+    w.add_file_type(int(FILE_TYPES[type_name]))
+    if type_name in TYPE_BITS:
+        w.add_quantization_version(GGML_QUANT_VERSION)
+
+
+def _tensor_type(gguf_name: str, shape: tuple[int, ...], qtype: Q) -> Q:
+    """Per-tensor type: norms/biases F32; embeddings and output Q8_0 under a 4/5-bit type; F16 if rows don't block."""
+    if len(shape) == 1:
+        return Q.F32
+    if qtype in (Q.F32, Q.F16, Q.BF16):
+        return qtype
+    if gguf_name.startswith(("token_embd", "output.")) and qtype != Q.Q8_0:
+        return Q.Q8_0
+    return qtype if shape[-1] % 32 == 0 else Q.F16
+
+
+def _order(name: str) -> tuple[int, int, str]:
+    m = _BLOCK.search(name)
+    if m:
+        return (1, int(m.group(1)), name)
+    return (0 if "embed" in name else 2, 0, name)
+
+
+def _logical_tensors(ck: Checkpoint) -> list[tuple[str, tuple[int, ...]]]:
+    """(HF name, shape) of every weight as a float model would have it: packed Linears become `.weight`."""
+    packed_keys: set[str] = set()
+    out: list[tuple[str, tuple[int, ...]]] = []
+    if ck.layout is not None:
+        for name, (o, i) in ck.linears.items():
+            packed_keys |= {f"{name}.{k}" for k in ck.layout.shapes(o, i, ck.scheme.bits, ck.scheme.group_size)}
+            out.append((f"{name}.weight", (o, i)))
+    out += [(k, info.shape) for k, info in ck.infos.items() if k not in packed_keys]
+    return sorted(out, key=lambda t: _order(t[0]))
+
+
+def check_export(ck: Checkpoint, type_name: str) -> tuple[MODEL_ARCH, bool]:
+    if type_name not in GGUF_TYPES:
+        raise UnknownNameError(f"unknown GGUF type {type_name!r}; choose one of: {', '.join(GGUF_TYPES)}")
+    arch = (ck.config.get("architectures") or ["?"])[0]
+    if arch not in GGUF_ARCHS:
+        raise QuantkitError(f"GGUF export does not support {arch}; supported: {', '.join(GGUF_ARCHS)} "
+                            "(closest: --to hf, then llama.cpp's convert_hf_to_gguf.py)")
+    if ck.scheme is not None and type_name in TYPE_BITS and TYPE_BITS[type_name] != ck.scheme.bits:
+        raise QuantkitError(f"a {ck.scheme.bits}-bit {ck.fmt} checkpoint cannot go to {type_name} without re-quantizing "
+                            f"its calibrated grid to {TYPE_BITS[type_name]} bits; use --type f16 (dequantized) or "
+                            "quantize the float model to the bit width you want")
+    if _rope_scaling(ck.config) is not None:
+        raise QuantkitError(f"GGUF export does not write rope scaling {_rope_scaling(ck.config)!r} yet; "
+                            "closest: --to hf, then llama.cpp's convert_hf_to_gguf.py")
+    return GGUF_ARCHS[arch]
+
+
+def _producer(ck: Checkpoint, hf_name: str, qtype: Q, perm: torch.Tensor | None, stats: EncodeStats):
+    def run() -> np.ndarray:
+        mod = hf_name.rsplit(".", 1)[0]
+        if hf_name.endswith(".weight") and mod in ck.linears:
+            qw = ck.quantized(mod)
+            qw.bias = None
+            w: Any = permute_rows(qw, perm) if perm is not None else qw
+        else:
+            w = ck.tensor(hf_name).float()
+            w = w[perm] if perm is not None else w
+        return encode_weight(w, qtype, hf_name, stats)
+    return run
+
+
+def export_gguf(src: str | Path, out: Path, type_name: str, force: bool = False, provenance: str = "{}") -> dict[str, Any]:
+    """Write `src` (plain HF or packed folder) as a GGUF file at `out`; returns provenance facts.
+
+    `provenance` (JSON text) is stored under the key quantkit.provenance.
+    """
+    ck = open_checkpoint(src)
+    arch, permute = check_export(ck, type_name)
+    if out.exists() and not force:
+        raise OutputExistsError(f"output {out} already exists; pass --force to overwrite it")
+    if out.exists() and not out.is_file():
+        raise QuantkitError(f"output {out} exists and is not a file; remove it or choose another path")
+    cfg = ck.config
+    heads = int(cfg["num_attention_heads"])
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    qtype = GGUF_TYPES[type_name]
+    tmap = TensorNameMap(arch, int(cfg["num_hidden_layers"]))
+    stats = EncodeStats()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        writer = GGUFWriter(tmp, MODEL_ARCH_NAMES[arch])
+        total = 0
+        for hf_name, shape in _logical_tensors(ck):
+            if hf_name.endswith("rotary_emb.inv_freq"):
+                continue
+            gname = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if gname is None:
+                raise QuantkitError(f"tensor {hf_name} has no llama.cpp name for {MODEL_ARCH_NAMES[arch]}; "
+                                    "closest: --to hf, then llama.cpp's convert_hf_to_gguf.py")
+            perm = None
+            if permute and re.search(r"\.(q_proj|k_proj)\.(weight|bias)$", hf_name):
+                perm = qk_permutation(shape[0], heads if ".q_proj." in hf_name else kv_heads)
+            ttype = _tensor_type(gname, shape, qtype)
+            bshape, bdtype = byte_shape(tuple(shape), ttype)
+            lazy = LazyNumpyTensor(meta=LazyNumpyTensor.meta_with_dtype_and_shape(bdtype, bshape),
+                                   func=_producer(ck, hf_name, ttype, perm, stats))
+            writer.add_tensor(gname, lazy, raw_dtype=None if ttype in (Q.F32, Q.F16) else ttype)
+            total += int(np.prod(shape))
+        Metadata.load(None, ck.folder, None, total).set_gguf_meta_model(writer)
+        add_hparams(writer, cfg, type_name)
+        add_tokenizer(writer, ck.folder, int(cfg["vocab_size"]))
+        writer.add_string("quantkit.provenance", provenance)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    facts: dict[str, Any] = {
+        "gguf_type": type_name,
+        "architecture": MODEL_ARCH_NAMES[arch],
+        "grid_kept": len(stats.exact),
+        "requantized": len(stats.requantized),
+        "exact": ck.scheme is not None and not stats.requantized and type_name in TYPE_BITS,
+    }
+    if stats.requantized:
+        facts["requantized_reasons"] = sorted(set(stats.requantized.values()))
+        facts["added_error"] = {"rel_rmse": stats.rel_rmse, "max_abs": stats.max_abs}
+        log.warning("%d quantized Linears were re-quantized to %s (%s): added error rel RMSE %.3e, max |dw| %.3e",
+                    len(stats.requantized), type_name, ", ".join(facts["requantized_reasons"]),
+                    stats.rel_rmse, stats.max_abs)
+    return facts

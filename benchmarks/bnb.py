@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import platform
 import tempfile
 import time
@@ -56,7 +57,16 @@ PEERS: dict[str, tuple[float, float, float, float]] = {  # ppl, KL, top-1 %, ckp
 }
 
 
-def table(results: list[dict[str, Any]], windows: int, seconds: float) -> str:
+def merge(parts: list[Quality]) -> Quality:
+    """One Quality from scores of consecutive window chunks (token-weighted means; no p99)."""
+    tokens = sum(q.tokens for q in parts)
+    nll = sum(q.nll * q.tokens for q in parts) / tokens
+    kl = sum(q.kl * q.tokens for q in parts) / tokens
+    top1 = sum(q.top1 * q.tokens for q in parts) / tokens
+    return Quality(ppl=math.exp(nll), nll=nll, tokens=tokens, kl=kl, top1=top1)
+
+
+def table(results: list[dict[str, Any]], windows: int, seconds: float, total: int) -> str:
     lines = [
         f"# bitsandbytes methods on {MODEL}",
         "",
@@ -67,7 +77,7 @@ def table(results: list[dict[str, Any]], windows: int, seconds: float) -> str:
         "shared with other jobs (seconds are noisy; the peers measured on an idle machine).",
         "",
         "Produced by `.venv/bin/python benchmarks/bnb.py` "
-        f"(total {seconds / 60:.1f} min).",
+        f"(total {seconds / 60:.1f} min{'' if windows == total else f'; stopped early: {windows} of {total} windows'}).",
         "",
         "| row | method | options | stored non-quantized | quant s | ckpt MB | bits/weight | ppl | KL | top-1 % "
         "| peer ppl | peer KL | peer top-1 % | peer MB |",
@@ -101,6 +111,7 @@ def main() -> None:
     parser.add_argument("--rows", default="nf4,int8,nf4-fp32", help=f"comma list of: {', '.join(ROWS)}")
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--chunk", type=int, default=4, help="windows per evaluation call (table rewritten after each)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bnb.md")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -125,15 +136,17 @@ def main() -> None:
                             "size_bytes": stats["size_bytes"], "bits_per_weight": stats["bits_per_weight"]})
             models.append(quantkit.load(out, dtype=torch.float32))
 
-        def progress(stage: str, done: int, total: int) -> None:
-            log.info("%s %d/%d (%.0f s)", stage, done, total, time.perf_counter() - t_start)
-
-        qualities = evaluate(models, windows, base=base, progress=progress)
-    for r, q in zip(results, qualities):
-        r["quality"] = q
-        log.info("%s: ppl %.3f KL %.4f top-1 %.2f", r["name"], q.ppl, q.kl, q.top1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table(results, len(windows), time.perf_counter() - t_start))
+        # Score in chunks and rewrite the table after each, so a stopped run still leaves its figures.
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        parts: list[list[Quality]] = []
+        for start in range(0, len(windows), args.chunk):
+            parts.append(evaluate(models, windows[start:start + args.chunk], base=base))
+            done = min(start + args.chunk, len(windows))
+            for i, r in enumerate(results):
+                r["quality"] = merge([p[i] for p in parts])
+            args.out.write_text(table(results, done, time.perf_counter() - t_start, len(windows)))
+            log.info("windows %d/%d (%.0f s): %s", done, len(windows), time.perf_counter() - t_start,
+                     ", ".join(f"{r['name']} ppl {r['quality'].ppl:.3f}" for r in results))
     log.info("wrote %s", args.out)
 
 

@@ -7,7 +7,9 @@ precision the checkpoint stores (`save_dtype`), and writes the folder with
 `save_pretrained` plus tokenizer, generation config and quantkit.json.
 
 The scheme's grid fields (bits, group_size, sym, desc_act) do not apply: the
-method fixes the grid. Only `scheme.skip` is used (fnmatch patterns over Linear names).
+method fixes the grid (4-bit codes with one absmax per 64 weights, or int8 rows
+with one fp32 scale per output channel). Only `scheme.skip` is used (fnmatch
+patterns over Linear names, expanded to exact names for transformers).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 from torch import nn
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import ModelSourceError, QuantkitError
 from quantkit.formats.bnb import (QUANT_METHOD, cast_unquantized, is_bnb_module, require_bitsandbytes,
                                   unquantized_params)
 from quantkit.formats.checkpoint import PROVENANCE, save_tokenizer_and_generation, write_json
@@ -189,7 +191,7 @@ class BnbArtifact:
     def save(self, folder: Path) -> None:
         folder = Path(folder)
         with stored_as(self.model, self.save_dtype):
-            self.model.save_pretrained(folder, safe_serialization=True)
+            self.model.save_pretrained(folder)  # transformers 5 writes safetensors only
         save_tokenizer_and_generation(self.model, self.tokenizer, folder)
         write_json(folder / PROVENANCE, {
             "quantkit_version": __version__,
@@ -250,10 +252,13 @@ class _Bitsandbytes(ABC):
                      job.device, len(skip))
             if job.progress:
                 job.progress("quantize", 0, 1)
-            model = AutoModelForCausalLM.from_pretrained(
-                path, quantization_config=config, dtype=torch.float32, device_map={"": str(job.device)},
-                trust_remote_code=trc,
-            )
+            try:
+                model = AutoModelForCausalLM.from_pretrained(
+                    path, quantization_config=config, dtype=torch.float32, device_map={"": str(job.device)},
+                    trust_remote_code=trc,
+                )
+            except (OSError, ValueError) as e:
+                raise ModelSourceError(f"cannot load {job.source.name} with bitsandbytes: {str(e).splitlines()[0]}") from None
         model.eval()
         round_unquantized(model, job.save_dtype)
         n_quant = sum(1 for m in model.modules() if is_bnb_module(m))

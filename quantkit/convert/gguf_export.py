@@ -71,12 +71,18 @@ def add_hparams(w: GGUFWriter, cfg: dict[str, Any], type_name: str) -> None:
         w.add_quantization_version(GGML_QUANT_VERSION)
 
 
-def _tensor_type(gguf_name: str, shape: tuple[int, ...], qtype: Q) -> Q:
-    """Per-tensor type: norms/biases F32; embeddings and output Q8_0 under a 4/5-bit type; F16 if rows don't block."""
+def _tensor_type(gguf_name: str, shape: tuple[int, ...], qtype: Q, packed: bool) -> Q:
+    """Per-tensor type: norms/biases F32; F16 where rows don't split into blocks.
+
+    Under a block type, a float source's embeddings and output take Q8_0 (as llama.cpp's Q4 files do);
+    a packed source keeps its float (fp16) tensors in F16, so nothing but its Linears changes.
+    """
     if len(shape) == 1:
         return Q.F32
     if qtype in (Q.F32, Q.F16, Q.BF16):
         return qtype
+    if packed and not gguf_name.startswith("blk."):
+        return Q.F16
     if gguf_name.startswith(("token_embd", "output.")) and qtype != Q.Q8_0:
         return Q.Q8_0
     return qtype if shape[-1] % 32 == 0 else Q.F16
@@ -132,6 +138,14 @@ def _producer(ck: Checkpoint, hf_name: str, qtype: Q, perm: torch.Tensor | None,
     return run
 
 
+def _exact(ck: Checkpoint, type_name: str, stats: EncodeStats) -> bool:
+    """Exact: f32 of an fp32/packed source, or a packed source whose Linears all kept their grid."""
+    if type_name == "f32":
+        return all(i.dtype in (torch.float32, torch.int32, torch.int64) or not i.dtype.is_floating_point
+                   or ck.scheme is not None for i in ck.infos.values())
+    return ck.scheme is not None and not stats.requantized and type_name in TYPE_BITS
+
+
 def export_gguf(src: str | Path, out: Path, type_name: str, force: bool = False, provenance: str = "{}") -> dict[str, Any]:
     """Write `src` (plain HF or packed folder) as a GGUF file at `out`; returns provenance facts.
 
@@ -166,7 +180,7 @@ def export_gguf(src: str | Path, out: Path, type_name: str, force: bool = False,
             perm = None
             if permute and re.search(r"\.(q_proj|k_proj)\.(weight|bias)$", hf_name):
                 perm = qk_permutation(shape[0], heads if ".q_proj." in hf_name else kv_heads)
-            ttype = _tensor_type(gname, shape, qtype)
+            ttype = _tensor_type(gname, shape, qtype, ck.scheme is not None)
             bshape, bdtype = byte_shape(tuple(shape), ttype)
             lazy = LazyNumpyTensor(meta=LazyNumpyTensor.meta_with_dtype_and_shape(bdtype, bshape),
                                    func=_producer(ck, hf_name, ttype, perm, stats))
@@ -189,7 +203,7 @@ def export_gguf(src: str | Path, out: Path, type_name: str, force: bool = False,
         "architecture": MODEL_ARCH_NAMES[arch],
         "grid_kept": len(stats.exact),
         "requantized": len(stats.requantized),
-        "exact": ck.scheme is not None and not stats.requantized and type_name in TYPE_BITS,
+        "exact": _exact(ck, type_name, stats),
     }
     if stats.requantized:
         facts["requantized_reasons"] = sorted(set(stats.requantized.values()))

@@ -40,15 +40,14 @@ def _build() -> dict[tuple[str, str], Conversion]:
             cond = {"awq": "4 bits, no act-order g_idx", "gptq": "zero points >= 1"}.get(d, "same grid")
             table[s, d] = Conversion(s, d, True, repack_linear, f"repack the integer grid ({cond})")
         table[s, "hf"] = Conversion(s, "hf", True, dequantize_linear,
-                                    "dequantize; bit-identical to quantkit.load at float32, rounded at f16/bf16")
+                                    "dequantize (bit-identical at float32)")
         table[s, "gguf"] = Conversion(s, "gguf", True, _gguf_fn(),
-                                      "q4_0 (sym) / q4_1 from 4 bits, q8_0 from sym 8 bits keep the grid; "
-                                      "act-order or asym->q4_0 re-quantize with a warning; f32/f16/bf16 dequantize")
+                                      "4-bit grid -> q4_1/q4_0, 8-bit -> q8_0 keep the codes (act-order: re-quantized, warned)")
     table["hf", "hf"] = Conversion("hf", "hf", True, cast_tensor, "copy, casting floats to --dtype")
     table["hf", "gguf"] = Conversion("hf", "gguf", False, _gguf_fn(),
-                                     "f32 exact from fp32; f16/bf16 round; q8_0/q4_0/q4_1/q5_0/q5_1 round to nearest")
+                                     "f32 copies fp32; other types round")
     table["gguf", "hf"] = Conversion("gguf", "hf", True, cast_tensor,
-                                     "dequantize every type the gguf package reads (K-quants included)")
+                                     "dequantize any type gguf reads (K-quants too)")
     return table
 
 

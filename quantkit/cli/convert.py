@@ -1,0 +1,66 @@
+"""`quantkit convert`: a thin wrapper over quantkit.convert."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from quantkit.cli.options import Device, Force, JsonOut
+from quantkit.cli.ui import emit_json
+
+
+def convert(ctx: typer.Context,
+            src: Annotated[Optional[str], typer.Argument(help="Model to convert: folder (hf, gptq, awq, compressed-tensors), .gguf file or alias.")] = None,
+            out: Annotated[Optional[Path], typer.Argument(help="Output folder, or a .gguf file for --to gguf.")] = None,
+            to: Annotated[str, typer.Option("--to", help="Target: hf, gptq, gptq-v2, awq, compressed-tensors or gguf.")] = "hf",
+            dtype: Annotated[str, typer.Option("--dtype", help="--to hf: float32, float16 or bfloat16.")] = "float32",
+            gguf_type: Annotated[str, typer.Option("--type", help="--to gguf: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1.")] = "f16",
+            imatrix: Annotated[Optional[Path], typer.Option("--imatrix", help="--to gguf: also write llama.cpp's importance matrix here.")] = None,
+            verify: Annotated[bool, typer.Option("--verify", help="Reload the output and compare its logits with the source's.")] = False,
+            list_table: Annotated[bool, typer.Option("--list", help="Print the conversion table and exit.")] = False,
+            device: Device = "cpu", force: Force = False, json_out: JsonOut = None) -> None:
+    """Convert between plain HF, GPTQ, AWQ, compressed-tensors and GGUF (exact where the grid allows)."""
+    from quantkit.convert import convert as run
+    from quantkit.convert import rows
+    from quantkit.errors import QuantkitError
+
+    ui = ctx.obj
+    if list_table:
+        _print_table(ui, rows(), json_out)
+        return
+    if src is None or out is None:
+        raise QuantkitError("quantkit convert needs SRC and OUT (or --list); e.g. quantkit convert model-gptq --to awq model-awq")
+    from quantkit.api import resolve_device
+
+    result = run(src, to, out, dtype=dtype, gguf_type=gguf_type, imatrix=imatrix, verify=verify,
+                 force=force, device=resolve_device(device))
+    summary = {"out": str(result.out), "from": result.src_format, "to": result.dst_format,
+               "kind": "exact" if result.exact else "lossy", **result.provenance, "verify": result.verify}
+    emit_json(summary, json_out)
+    if json_out == "-":
+        return
+    line = f"[green]wrote[/] {result.out} ({result.src_format} -> {result.dst_format}, {summary['kind']})"
+    if "added_error" in result.provenance:
+        e = result.provenance["added_error"]
+        line += f", re-quantized: rel RMSE {e['rel_rmse']:.2e}"
+    ui.out.print(line)
+    if result.verify is not None:
+        v = result.verify
+        ui.out.print(f"verify: max |dlogit| {v['max_abs_logit']:.3g}, KL {v['kl']:.3g}, top-1 {v['top1']:.4f} "
+                     f"over {v['windows']} windows")
+
+
+def _print_table(ui, table: list[dict[str, str]], json_out: str | None) -> None:
+    from rich.table import Table
+
+    emit_json(table, json_out)
+    if json_out == "-":
+        return
+    t = Table(title="quantkit convert")
+    for col in ("from", "to", "kind", "how"):
+        t.add_column(col)
+    for r in table:
+        t.add_row(r["from"], r["to"], r["kind"], r["how"])
+    ui.out.print(t)

@@ -1,0 +1,122 @@
+"""`--imatrix FILE`: llama.cpp's importance matrix from quantkit's calibration data and pipeline.
+
+For every Linear of every decoder block, the sum over calibration tokens of x**2 per input
+channel (x = the Linear's input), collected block by block with `run_sequential` (the
+pipeline GPTQ and AWQ calibrate with; the blocks are left unchanged). Written in llama.cpp's
+GGUF imatrix format, keyed by llama.cpp tensor names:
+    general.type = "imatrix", imatrix.datasets, imatrix.chunk_count, imatrix.chunk_size
+    <name>.in_sum2  F32 (1, in)   sum of x**2        <name>.counts  F32 (1, 1)   tokens seen
+llama-quantize divides in_sum2 by counts: the per-channel mean of x**2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import MODEL_ARCH_NAMES, GGUFWriter, TensorNameMap
+from torch import Tensor
+
+from quantkit.calib.data import calibration_samples
+from quantkit.calib.hooks import HookSet
+from quantkit.calib.pipeline import BlockCalib, run_sequential
+from quantkit.errors import OutputExistsError, QuantkitError
+from quantkit.formats.loader import load
+from quantkit.models.arch import get_arch
+from quantkit.models.sources import load_tokenizer, resolve
+
+log = logging.getLogger(__name__)
+
+
+def channel_sq_sums(x: Tensor) -> tuple[Tensor, int]:
+    """(..., in) activations -> ((in,) float64 sum of x**2 over all tokens, token count)."""
+    flat = x.reshape(-1, x.shape[-1]).double()
+    return (flat * flat).sum(0), flat.shape[0]
+
+
+@torch.no_grad()
+def collect_imatrix(model: torch.nn.Module, samples: Tensor, device: torch.device | str = "cpu",
+                    batch_size: int = 8) -> dict[str, tuple[Tensor, int]]:
+    """{full Linear name: (sum of x**2 per input channel, tokens)} over `samples` (n, T)."""
+    spec = get_arch(model)
+
+    def per_block(calib: BlockCalib) -> dict[str, Any]:
+        sums: dict[str, list[Any]] = {}
+        mods = {}
+        for name in spec.linears:
+            try:
+                mods[name] = calib.block.get_submodule(name)
+            except AttributeError:
+                continue
+
+        def record(name: str, x: Tensor) -> None:
+            s, n = channel_sq_sums(x)
+            acc = sums.setdefault(name, [torch.zeros_like(s), 0])
+            acc[0] += s
+            acc[1] += n
+
+        def install(hs: HookSet) -> None:
+            for name, mod in mods.items():
+                hs.inputs(mod, record, name)
+
+        calib.next_inputs = calib.forward(hooks=install, keep_outputs=True)  # one pass: stats and next inputs
+        return {k: (v[0].cpu(), v[1]) for k, v in sums.items()}
+
+    return run_sequential(model, spec, samples, per_block, device=torch.device(device), batch_size=batch_size)
+
+
+def imatrix_arrays(stats: dict[str, tuple[Tensor, int]], name_map: TensorNameMap) -> dict[str, np.ndarray]:
+    """HF-named statistics -> llama.cpp-named float32 tensors (in_sum2 (1, in), counts (1, 1)), sorted."""
+    out: dict[str, np.ndarray] = {}
+    for hf_name in sorted(stats):
+        gname = name_map.get_name(hf_name + ".weight", try_suffixes=(".weight",))
+        if gname is None:
+            raise QuantkitError(f"{hf_name} has no llama.cpp tensor name; --imatrix supports the GGUF architectures")
+        sq, n = stats[hf_name]
+        out[f"{gname}.in_sum2"] = sq.to(torch.float32).numpy().reshape(1, -1)
+        out[f"{gname}.counts"] = np.array([[float(n)]], dtype=np.float32)
+    return out
+
+
+def write_imatrix(src: str | Path, path: Path, dataset: str = "wiki-vital", nsamples: int = 32, seqlen: int = 512,
+                  seed: int = 0, device: torch.device | str = "cpu", force: bool = False) -> dict[str, Any]:
+    """Compute the importance matrix of `src` on `dataset` and write it (atomically) at `path`."""
+    from quantkit.convert.gguf_export import GGUF_ARCHS
+
+    if path.exists() and not force:
+        raise OutputExistsError(f"imatrix output {path} already exists; pass --force to overwrite it")
+    model = load(src, device="cpu")
+    arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    if arch not in GGUF_ARCHS:
+        raise QuantkitError(f"--imatrix supports {', '.join(GGUF_ARCHS)}, not {arch}")
+    tok = load_tokenizer(resolve(src))
+    samples = calibration_samples(tok, dataset, nsamples, seqlen, seed)
+    stats = collect_imatrix(model, samples, device)
+    gg_arch = GGUF_ARCHS[arch][0]
+    arrays = imatrix_arrays(stats, TensorNameMap(gg_arch, model.config.num_hidden_layers))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        w = GGUFWriter(tmp, MODEL_ARCH_NAMES[gg_arch])
+        w.add_type("imatrix")
+        w.add_array("imatrix.datasets", [dataset])
+        w.add_uint32("imatrix.chunk_count", nsamples)
+        w.add_uint32("imatrix.chunk_size", seqlen)
+        for name, arr in arrays.items():
+            w.add_tensor(name, arr)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"path": str(path), "entries": len(arrays) // 2, "dataset": dataset, "chunks": nsamples, "chunk_size": seqlen}

@@ -1,0 +1,170 @@
+"""CPU kernels on torch's packed low-bit matmuls (torch 2.13, x86 AVX2/AVX512 and ARM).
+
+Measured on the 2-core AVX2 machine (benchmarks/kernels.py): the int4 and int8
+ops are fast only with bf16 activations (fp32/fp16 run a scalar path 10-40x
+slower), so both kernels compute in bf16 whatever the model's dtype.
+`_dyn_quant_matmul_4bit` is fast only with KleidiAI (ARM); elsewhere it is a
+reference loop slower than the dequantizing QuantLinear, so `auto` never
+picks it there.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from quantkit.grid import QuantizedWeight
+from quantkit.kernels.base import KernelLinear, LayerSpec, act_order_perm, g_idx_kind
+from quantkit.kernels.int4 import int4_parts, int4_refusal
+
+_aten = torch.ops.aten
+
+
+def _has_ops(*names: str) -> str | None:
+    missing = [n for n in names if not hasattr(_aten, n)]
+    return f"this torch ({torch.__version__}) has no {', '.join(missing)}" if missing else None
+
+
+class CpuInt4(KernelLinear):
+    """2/3/4-bit, any group size divisible by 32, sym or asym, act-order: `_weight_int4pack_mm_for_cpu`."""
+
+    kernel_name: ClassVar[str] = "cpu-int4"
+    priority: ClassVar[int] = 30
+    devices: ClassVar[tuple[str, ...]] = ("cpu",)
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        return _has_ops("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu")
+
+    @classmethod
+    def refusal(cls, spec: LayerSpec) -> str | None:
+        return int4_refusal(spec, n_multiple=16)  # the CPU packer needs N % 16 == 0
+
+    @classmethod
+    def compute_dtype(cls, dtype: torch.dtype) -> torch.dtype:
+        return torch.bfloat16
+
+    def pack(self, qw: QuantizedWeight, device: torch.device) -> None:
+        parts = int4_parts(qw, device)
+        self.qgs = parts.qgs
+        # (N, K) int32 codes -> (N, K/2) uint8 in the op's own order (innerKTiles is unused on CPU)
+        self.register_buffer("qweight", _aten._convert_weight_to_int4pack_for_cpu(parts.codes, 2))
+        self.register_buffer("scales_zeros", parts.scales_zeros.to(torch.bfloat16))
+        self.register_buffer("perm", parts.perm)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        if self.perm is not None:
+            x = x.index_select(1, self.perm)
+        y = _aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), self.qweight, self.qgs,
+                                              self.scales_zeros)
+        return y.to(x.dtype)
+
+
+class CpuInt8(KernelLinear):
+    """8-bit per output channel, sym or asym: `_weight_int8pack_mm` (int8 weights, one scale per row).
+
+    Codes q in [0, 256) with zero z become int8 (q - 128); the zero's share is a rank-1 term:
+    x W^T = s * (x (q - 128)^T) - (sum_k x_k) * s * (z - 128), added in fp32.
+    """
+
+    kernel_name: ClassVar[str] = "cpu-int8"
+    priority: ClassVar[int] = 30
+    devices: ClassVar[tuple[str, ...]] = ("cpu",)
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        return _has_ops("_weight_int8pack_mm")
+
+    @classmethod
+    def refusal(cls, spec: LayerSpec) -> str | None:
+        if spec.bits != 8:
+            return f"serves 8-bit weights, the layer has {spec.bits} bits"
+        if spec.effective_group != spec.in_features:
+            return f"serves one group per output channel, the layer has groups of {spec.group_size}"
+        # shapes outside these multiples crash the op in torch 2.13 (seen at 7x33 in bf16)
+        if spec.out_features % 16 or spec.in_features % 32:
+            return (f"needs out_features % 16 == 0 and in_features % 32 == 0, "
+                    f"the layer is {spec.out_features}x{spec.in_features}")
+        return None
+
+    @classmethod
+    def compute_dtype(cls, dtype: torch.dtype) -> torch.dtype:
+        return torch.bfloat16
+
+    def pack(self, qw: QuantizedWeight, device: torch.device) -> None:
+        s = qw.scales[:, 0].float()                                        # (N,)
+        shift = qw.zeros[:, 0].float() - 128                               # (N,)
+        self.register_buffer("qweight", (qw.codes.to(torch.int16) - 128).to(torch.int8).to(device).contiguous())
+        self.register_buffer("scales", s.to(device=device, dtype=torch.bfloat16))
+        self.register_buffer("zero_term", (s * shift).to(device) if bool(shift.any()) else None)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        xb = x.to(torch.bfloat16).contiguous()
+        y = _aten._weight_int8pack_mm(xb, self.qweight, self.scales)       # (M, N) bf16
+        if self.zero_term is None:
+            return y.to(x.dtype)
+        xsum = xb.float().sum(dim=1, keepdim=True)                         # (M, 1)
+        return (y.float() - xsum * self.zero_term).to(x.dtype)
+
+
+class CpuDynQuant4(KernelLinear):
+    """Symmetric 4-bit through `_dyn_quant_pack_4bit_weight` / `_dyn_quant_matmul_4bit`.
+
+    The op quantizes activations to int8 per row on the fly (a lossier result than the weight-only
+    kernels); it takes fp32 activations (bf16 only per channel), so it computes in fp32.
+    """
+
+    kernel_name: ClassVar[str] = "cpu-dyn4"
+    priority: ClassVar[int] = 20
+    devices: ClassVar[tuple[str, ...]] = ("cpu",)
+    quantizes_activations: ClassVar[bool] = True
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        return _has_ops("_dyn_quant_pack_4bit_weight", "_dyn_quant_matmul_4bit")
+
+    @classmethod
+    def rank(cls, spec: LayerSpec) -> int:
+        kleidi = getattr(torch.backends, "kleidiai", None)
+        return cls.priority if kleidi is not None and kleidi.is_available() else -1
+
+    @classmethod
+    def refusal(cls, spec: LayerSpec) -> str | None:
+        if spec.bits != 4 or not spec.sym:
+            return f"serves symmetric 4-bit weights, the layer is {'sym' if spec.sym else 'asym'} {spec.bits}-bit"
+        if spec.effective_group % 32 or spec.in_features % 32:
+            return f"needs group size and in_features divisible by 32, the layer has {spec.effective_group}"
+        if spec.g_idx == "irregular":
+            return "act-order g_idx whose groups are not runs of group_size inputs"
+        return None
+
+    @classmethod
+    def compute_dtype(cls, dtype: torch.dtype) -> torch.dtype:
+        return torch.float32
+
+    def pack(self, qw: QuantizedWeight, device: torch.device) -> None:
+        out_f, in_f = qw.shape
+        if not bool((qw.zeros == 8).all()):
+            raise ValueError("cpu-dyn4 needs the symmetric zero point 8 in every group")
+        self.block = in_f if qw.group_size == -1 else qw.group_size
+        codes = qw.codes.to(device=device, dtype=torch.uint8)
+        perm = None
+        if g_idx_kind(qw.g_idx, in_f, qw.group_size) == "permutable":
+            perm = act_order_perm(qw.g_idx).to(device)
+            codes = codes[:, perm]
+        nibbles = codes[:, 0::2] | (codes[:, 1::2] << 4)                   # (N, K/2): even input low
+        # KleidiAI takes fp32 scales per channel and bf16 scales per group (bf16 rounds the fp16 scales)
+        sdt = torch.float32 if self.block == in_f else torch.bfloat16
+        scales = qw.scales.to(device=device, dtype=sdt).contiguous()       # (N, G)
+        self.register_buffer("qweight", _aten._dyn_quant_pack_4bit_weight(nibbles.contiguous(), scales, None,
+                                                                          self.block, in_f, out_f))
+        self.register_buffer("perm", perm)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        if self.perm is not None:
+            x = x.index_select(1, self.perm)
+        y = _aten._dyn_quant_matmul_4bit(x.float().contiguous(), self.qweight, self.block,
+                                         self.in_features, self.out_features)
+        return y.to(x.dtype)

@@ -1,0 +1,71 @@
+"""Shared packing maths of torch's int4 matmuls (CPU `_weight_int4pack_mm_for_cpu`, CUDA tinygemm).
+
+Both ops dequantize w = (q - 8) * s + zf with q in [0, 16), per group of
+`qgs` consecutive inputs (qgs in 32, 64, 128, 256), from a (K/qgs, N, 2)
+tensor of (s, zf) pairs. GPTQ/AWQ integer zeros map exactly: zf = s * (8 - z).
+2- and 3-bit codes are 4-bit codes that do not use the top values, so the
+same ops serve them; their codes and zeros are shifted up by 8 - 2**(bits-1) so
+that q - 8 stays small (the bf16 scale's rounding error is multiplied by |q - 8|).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from quantkit.grid import QuantizedWeight
+from quantkit.kernels.base import LayerSpec, act_order_perm, g_idx_kind, grid_zero_floats
+
+INT4_GROUPS = (256, 128, 64, 32)  # group sizes the ops accept, largest first
+INT4_MID = 8
+
+
+def int4_group(group: int) -> int | None:
+    """The largest op group size dividing a layer's effective group (groups split into equal op groups)."""
+    return next((g for g in INT4_GROUPS if group % g == 0), None)
+
+
+def int4_refusal(spec: LayerSpec, n_multiple: int) -> str | None:
+    if spec.bits not in (2, 3, 4):
+        return f"serves 2-, 3- and 4-bit weights, the layer has {spec.bits} bits"
+    if spec.out_features % n_multiple:
+        return f"needs out_features divisible by {n_multiple}, the layer has {spec.out_features}"
+    if spec.in_features % 32:
+        return f"needs in_features divisible by 32, the layer has {spec.in_features}"
+    if int4_group(spec.effective_group) is None:
+        return f"needs a group size divisible by 32, the layer has {spec.effective_group}"
+    if spec.g_idx == "irregular":
+        return "act-order g_idx whose groups are not runs of group_size inputs"
+    return None
+
+
+@dataclass
+class Int4Parts:
+    codes: Tensor          # (N, K) int32 in [0, 16), input columns in kernel order
+    scales_zeros: Tensor   # (K/qgs, N, 2) float32: (s, zf) per op group
+    qgs: int               # op group size
+    perm: Tensor | None    # (K,) int64 input permutation (act-order), or None
+
+
+def int4_parts(qw: QuantizedWeight, device: torch.device) -> Int4Parts:
+    """Codes, (scale, float zero) pairs and the act-order permutation, ready for either op's packer."""
+    out_f, in_f = qw.shape
+    gs = in_f if qw.group_size == -1 else qw.group_size
+    qgs = int4_group(gs)
+    assert qgs is not None, gs
+    offset = INT4_MID - (1 << (qw.bits - 1))               # 0 for 4 bits, 4 for 3, 6 for 2
+    codes = qw.codes.to(device=device, dtype=torch.int32) + offset
+    perm = None
+    if g_idx_kind(qw.g_idx, in_f, qw.group_size) == "permutable":
+        # Sorting inputs by group makes group g the g-th run of gs inputs: permute W's columns once
+        # here, and the activations' columns (an index_select) on every call.
+        perm = act_order_perm(qw.g_idx).to(device)
+        codes = codes[:, perm]
+    s, zf = grid_zero_floats(qw, INT4_MID - offset)        # (N, G) each, G = K / gs; s*(8 - (z+offset))
+    reps = gs // qgs                                       # op groups per checkpoint group
+    s = s.repeat_interleave(reps, dim=1)
+    zf = zf.repeat_interleave(reps, dim=1)                 # (N, K/qgs)
+    sz = torch.stack([s.t(), zf.t()], dim=-1).to(device)   # (K/qgs, N, 2)
+    return Int4Parts(codes.contiguous(), sz.contiguous(), qgs, perm)

@@ -100,14 +100,23 @@ def load_packed(folder: Path, qc: dict[str, Any], device: torch.device | str = "
 
 
 def load(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-         trust_remote_code: bool = False) -> nn.Module:
-    """Load a quantkit checkpoint, a plain HF folder, a .gguf file or an alias, for inference."""
+         trust_remote_code: bool = False, kernel: str = "reference") -> nn.Module:
+    """Load a quantkit checkpoint, a plain HF folder, a .gguf file or an alias, for inference.
+
+    `kernel` serves the quantized Linears: "reference" (exact pure-PyTorch maths in `dtype`), "auto"
+    (fastest accepting kernel per layer; may compute in bf16) or a name from quantkit.kernels.kernel_names().
+    """
+    from quantkit.kernels import apply_kernels, check_kernel_name
+
+    check_kernel_name(kernel)
     src = resolve(path)
     if src.kind == "folder":
         qc = read_config(Path(src.path)).get("quantization_config")
         if qc is not None:
             if detect_format(qc) is not None:
-                return load_packed(Path(src.path), qc, device, dtype, trust_remote_code)
+                model = load_packed(Path(src.path), qc, device, dtype, trust_remote_code)
+                apply_kernels(model, kernel, dtype)
+                return model
             if qc.get("quant_method") == "bitsandbytes":
                 from quantkit.formats.bnb import load_bnb  # bitsandbytes is an optional extra
 

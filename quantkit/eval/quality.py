@@ -77,6 +77,17 @@ def base_logprobs(logits: Tensor) -> Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
+def renormalize(logprobs: Tensor) -> Tensor:
+    """(S, V) log-probs made to sum to one again after rounding (in place on float32 input).
+
+    KL is then taken against the rounded base distribution itself, so the rounding
+    error enters only through the (small) log-ratio: KL(P~ || P~) = 0 and agreeing
+    models stay exact to second order.
+    """
+    logprobs -= torch.logsumexp(logprobs, dim=-1, keepdim=True)
+    return logprobs
+
+
 def kl_rows(base_lp: Tensor, logits: Tensor, lse: Tensor) -> Tensor:
     """(S,) KL(P_base || P_model) per token from base log-probs (S, V), model logits and lse.
 

@@ -32,7 +32,7 @@ from quantkit.eval import hardware, protocol
 from quantkit.eval.cache import BaseCache, BaseEntry, Spill, base_key, content_digest, spill_bytes
 from quantkit.eval.describe import describe
 from quantkit.eval.memory import PeakMemory, model_bytes, release
-from quantkit.eval.quality import Accumulator, base_logprobs, score_window, scored_logits, token_nll
+from quantkit.eval.quality import Accumulator, base_logprobs, renormalize, score_window, scored_logits, token_nll
 from quantkit.eval.speed import SpeedConfig, measure
 from quantkit.formats.loader import load
 from quantkit.models.sources import load_tokenizer, resolve
@@ -157,6 +157,7 @@ class Run:
                 base_lp = top = None
                 if self.spill is not None:
                     base_lp, top = self.spill.read(i)
+                    base_lp = renormalize(base_lp.to(self.device, torch.float32))
                 elif self.base_model is not None:
                     b_logits = scored_logits(self.base_model, window, first, self.device)
                     base_lp, top = base_logprobs(b_logits), b_logits.argmax(-1)

@@ -13,6 +13,7 @@ the same for every model of a run. Timing: see quantkit.eval.hardware.Stopwatch.
 
 from __future__ import annotations
 
+import inspect
 import statistics
 from dataclasses import dataclass
 
@@ -48,6 +49,19 @@ class SpeedResult:
     runs: int
 
 
+def _cache_arg(model: nn.Module) -> str:
+    """The forward's KV-cache argument: `cache` in recent transformers, `past_key_values` before."""
+    try:
+        return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    except (TypeError, ValueError):
+        return "past_key_values"
+
+
+def _past(out) -> object:
+    past = getattr(out, "cache", None)
+    return past if past is not None else getattr(out, "past_key_values", None)
+
+
 @torch.inference_mode()
 def _generate(model: nn.Module, prompt: Tensor, new_tokens: int, watch: Stopwatch) -> tuple[float, float]:
     """Greedy generation of `new_tokens` tokens from prompt (B, P); returns (prefill s, decode s)."""
@@ -55,11 +69,11 @@ def _generate(model: nn.Module, prompt: Tensor, new_tokens: int, watch: Stopwatc
     out = model(input_ids=prompt, use_cache=True)
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)        # (B, 1): token 1
     t_prefill = watch.stop()
-    past = out.past_key_values
+    past, arg = _past(out), _cache_arg(model)
     watch.start()
     for _ in range(new_tokens - 1):
-        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=nxt, use_cache=True, **{arg: past})
+        past = _past(out)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     t_decode = watch.stop()
     return t_prefill, t_decode

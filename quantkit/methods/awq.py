@@ -24,6 +24,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -53,11 +54,12 @@ class AWQConfig:
     # "float": the next block is calibrated on this block's float outputs (AutoAWQ, llm-compressor; one
     # pass per block); "quantized": on its quantized outputs (one more pass per block)
     propagate: str = "float"
+    screen: bool = True      # screen the alpha grid on a quarter of the scoring sample first
 
     def meta(self) -> dict[str, str]:
         """Recorded beside a dumped search, checked when it is loaded again."""
         return {k: str(getattr(self, k)) for k in ("bits", "group_size", "sym", "n_grid", "max_shrink",
-                                                    "score_tokens", "seed", "propagate")}
+                                                    "score_tokens", "seed", "propagate", "screen")}
 
 
 # ---------------------------------------------------------------- grid maths
@@ -113,16 +115,44 @@ def clip_weight(w: Tensor, max_abs: Tensor, group_size: int) -> Tensor:
     return torch.maximum(torch.minimum(g, m), -m).reshape(w.shape)
 
 
+SCREEN_KEEP = 3  # candidates re-scored on the whole scoring sample after screening (alpha 0 always is too)
+
+
+class Evaluator(Protocol):
+    """Scores a batch of candidates: one (k, out, in) fake-quantized weight per Linear -> (k,) losses.
+    With `screen`, on a quarter of the scoring sample (`screens` says whether that is smaller)."""
+
+    screens: bool
+
+    def __call__(self, w_hats: list[Tensor], screen: bool = False) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class ScaleChoice:
+    scale: Tensor                # (C,) the chosen s
+    index: int                   # its alpha is index / n_grid
+    losses: dict[int, float]     # alpha index -> loss on the whole scoring sample, for the re-scored ones
+
+
 @torch.no_grad()
-def best_scale(x_mean: Tensor, weights: list[Tensor], evaluate: Callable[[list[Tensor]], Tensor],
-               cfg: AWQConfig) -> tuple[Tensor, Tensor]:
-    """Grid search: returns (best s (C,), losses (n_grid,)). `evaluate` scores a batch of candidates:
-    one (k, out, in) fake-quantized weight per Linear -> (k,) losses."""
+def best_scale(x_mean: Tensor, weights: list[Tensor], evaluate: Evaluator, cfg: AWQConfig) -> ScaleChoice:
+    """Grid search over alpha. With `cfg.screen`, every alpha is first scored on a quarter of the
+    sample, then the best SCREEN_KEEP and alpha 0 (plain RTN) are scored on all of it; the best wins."""
     cands = candidate_scales(x_mean, cfg.n_grid)
-    per_candidate = sum(w.numel() for w in weights)
-    chunk = max(1, _CHUNK_ELEMENTS // per_candidate)
-    losses = torch.cat([evaluate([scaled_fake_quant(w, c, cfg) for w in weights]) for c in cands.split(chunk)])
-    return cands[int(torch.argmin(losses))], losses
+    chunk = max(1, _CHUNK_ELEMENTS // sum(w.numel() for w in weights))
+
+    def score(idx: list[int], screen: bool) -> Tensor:
+        sel = cands[idx]
+        return torch.cat([evaluate([scaled_fake_quant(w, c, cfg) for w in weights], screen)
+                          for c in sel.split(chunk)])
+
+    keep = list(range(cfg.n_grid))
+    if cfg.screen and evaluate.screens and cfg.n_grid > SCREEN_KEEP + 1:
+        order = torch.argsort(score(keep, True), stable=True)
+        keep = sorted({0, *order[:SCREEN_KEEP].tolist()})
+    final = score(keep, False)
+    best = keep[int(torch.argmin(final))]
+    return ScaleChoice(cands[best], best, dict(zip(keep, final.tolist())))
 
 
 def mixes_tokens(name: str, module: nn.Module) -> bool:

@@ -26,6 +26,7 @@ from quantkit.methods.awq import (
     _CHUNK_ELEMENTS,
     AWQConfig,
     AWQSearch,
+    Evaluator,
     _relative,
     apply_block,
     best_scale,
@@ -45,46 +46,56 @@ _FULL_GRAM_MAX_GROUP = 128  # wider groups (per-channel) build their Gram matrix
 # ---------------------------------------------------------------- evaluators
 
 
-def linear_evaluator(x: Tensor, w: Tensor) -> Callable[[list[Tensor]], Tensor]:
+SCREEN_FRACTION = 4  # screening scores on 1/4 of the scoring sample
+
+
+class LinearEvaluator:
     """The inspected module is the scaled Linear itself: loss = mean ||x (W_hat - W)^T||^2, batched."""
-    n, out_f = x.shape[0], w.shape[0]
 
-    def evaluate(w_hats: list[Tensor]) -> Tensor:
+    def __init__(self, x: Tensor, w: Tensor):
+        self.x, self.w = x, w
+        self.screens = x.shape[0] >= SCREEN_FRACTION
+
+    def __call__(self, w_hats: list[Tensor], screen: bool = False) -> Tensor:
         (wh,) = w_hats
+        x = self.x[: self.x.shape[0] // SCREEN_FRACTION] if screen else self.x
+        n, out_f = x.shape[0], self.w.shape[0]
         step = max(1, _CHUNK_ELEMENTS // (n * out_f))
-        losses = [(x @ (part - w).transpose(1, 2)).pow(2).sum((1, 2)) for part in wh.split(step)]
+        losses = [(x @ (part - self.w).transpose(1, 2)).pow(2).sum((1, 2)) for part in wh.split(step)]
         return torch.cat(losses).double() / (n * out_f)
-
-    return evaluate
 
 
 def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def module_evaluator(module: nn.Module, linears: list[nn.Linear],
-                     calls: list[tuple[tuple, dict]]) -> Callable[[list[Tensor]], Tensor]:
-    """Run `module` on the recorded calls with each candidate's weights swapped into `linears`."""
-    with torch.no_grad():
-        targets = [_first(module(*a, **kw)) for a, kw in calls]
-    numel = sum(t.numel() for t in targets)
+class ModuleEvaluator:
+    """Run `module` on recorded calls with each candidate's weights swapped into `linears`;
+    loss = mean squared error against its float output. Screening uses the first quarter of the calls."""
 
-    def evaluate(w_hats: list[Tensor]) -> Tensor:
-        originals = [lin.weight.data for lin in linears]
+    def __init__(self, module: nn.Module, linears: list[nn.Linear], calls: list[tuple[tuple, dict]]):
+        self.module, self.linears, self.calls = module, linears, calls
+        with torch.no_grad():
+            self.targets = [_first(module(*a, **kw)) for a, kw in calls]
+        self.screens = len(calls) >= SCREEN_FRACTION
+
+    @torch.no_grad()
+    def __call__(self, w_hats: list[Tensor], screen: bool = False) -> Tensor:
+        n_calls = len(self.calls) // SCREEN_FRACTION if screen else len(self.calls)
+        pairs = list(zip(self.calls, self.targets, strict=True))[:n_calls]
+        numel = sum(t.numel() for _, t in pairs)
+        originals = [lin.weight.data for lin in self.linears]
         losses = []
         try:
             for k in range(w_hats[0].shape[0]):
-                for lin, wh in zip(linears, w_hats, strict=True):
+                for lin, wh in zip(self.linears, w_hats, strict=True):
                     lin.weight.data = wh[k].to(lin.weight.dtype)
-                sse = sum(float((_first(module(*a, **kw)) - t).double().pow(2).sum())
-                          for (a, kw), t in zip(calls, targets, strict=True))
+                sse = sum(float((_first(self.module(*a, **kw)) - t).double().pow(2).sum()) for (a, kw), t in pairs)
                 losses.append(sse / numel)
         finally:
-            for lin, w in zip(linears, originals, strict=True):
+            for lin, w in zip(self.linears, originals, strict=True):
                 lin.weight.data = w
         return torch.tensor(losses, dtype=torch.float64)
-
-    return evaluate
 
 
 # ---------------------------------------------------------------- calibration statistics
@@ -138,32 +149,32 @@ def site_hook(stats: SiteStats, group_size: int, per_batch: int, seed: int, full
     return hook
 
 
-def _slice_batch(obj, n: int, batch: int):
-    """The first n sequences of a batch of module inputs: tensors whose dim 0 is the batch size."""
+def _select(obj, rows: slice, batch: int):
+    """Sequences `rows` of a batch of module inputs: tensors whose dim 0 is the batch size are cut."""
     if isinstance(obj, Tensor):
-        return obj[:n].clone() if obj.dim() >= 2 and obj.shape[0] == batch else obj
+        return obj[rows].clone() if obj.dim() >= 2 and obj.shape[0] == batch else obj
     if isinstance(obj, tuple):
-        return tuple(_slice_batch(o, n, batch) for o in obj)
+        return tuple(_select(o, rows, batch) for o in obj)
     if isinstance(obj, list):
-        return [_slice_batch(o, n, batch) for o in obj]
+        return [_select(o, rows, batch) for o in obj]
     if isinstance(obj, dict):
-        return {k: _slice_batch(v, n, batch) for k, v in obj.items()}
+        return {k: _select(v, rows, batch) for k, v in obj.items()}
     return obj
 
 
 def call_recorder(calls: list[tuple[tuple, dict]], max_tokens: int) -> Callable:
-    """Forward pre-hook (with kwargs) keeping the inputs of the first whole sequences, up to
-    `max_tokens` tokens (at least one sequence)."""
+    """Forward pre-hook (with kwargs) keeping the inputs of the first whole sequences, one call per
+    sequence, up to `max_tokens` tokens (at least one sequence)."""
     seen = [0]
 
     def hook(_mod, args, kwargs):
-        if seen[0] >= max_tokens:
-            return
         hidden = args[0] if args else kwargs["hidden_states"]
         batch, seqlen = hidden.shape[0], hidden.shape[1]
-        n = min(batch, math.ceil((max_tokens - seen[0]) / seqlen))
-        seen[0] += n * seqlen
-        calls.append((_slice_batch(tuple(args), n, batch), _slice_batch(dict(kwargs), n, batch)))
+        for j in range(batch):
+            if seen[0] >= max_tokens:
+                return
+            seen[0] += seqlen
+            calls.append((_select(tuple(args), slice(j, j + 1), batch), _select(dict(kwargs), slice(j, j + 1), batch)))
 
     return hook
 
@@ -263,16 +274,19 @@ def awq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], cfg: AWQConf
         lins = [linears[n] for n in m.linears]
         st = stats[site_of[m.linears[0]]]
         inspect = block.get_submodule(m.inspect)
+        evaluate: Evaluator
         if m.inspect in attn_inputs:
-            evaluate = module_evaluator(inspect, lins, attn_inputs[m.inspect])
+            evaluate = ModuleEvaluator(inspect, lins, attn_inputs[m.inspect])
         elif m.linears == (m.inspect,):
-            evaluate = linear_evaluator(st.samples(), lins[0].weight.data.float())
+            evaluate = LinearEvaluator(st.samples(), lins[0].weight.data.float())
         else:  # a token-wise module (MLP) fed by the Linears' input: run it on the token subsample
-            evaluate = module_evaluator(inspect, lins, [((st.samples()[None].to(lins[0].weight.dtype),), {})])
-        scales[m.prev], losses = best_scale(st.x_mean, [lin.weight.data.float() for lin in lins], evaluate, cfg)
-        k = int(torch.argmin(losses))
+            x = st.samples().to(lins[0].weight.dtype)
+            chunks = x.chunk(min(SCREEN_FRACTION, x.shape[0]))
+            evaluate = ModuleEvaluator(inspect, lins, [((c[None],), {}) for c in chunks])
+        choice = best_scale(st.x_mean, [lin.weight.data.float() for lin in lins], evaluate, cfg)
+        scales[m.prev] = choice.scale
         log.debug("awq block %d %s: alpha %.2f loss %.4g (alpha 0: %.4g)", calib.index, m.prev,
-                  k / cfg.n_grid, float(losses[k]), float(losses[0]))
+                  choice.index / cfg.n_grid, choice.losses[choice.index], choice.losses.get(0, float("nan")))
     attn_inputs.clear()
     t_scales = time.perf_counter()
     apply_block(block, spec, set(names), scales, {}, cfg.group_size)

@@ -26,7 +26,7 @@ from quantkit.methods.awq import (
     search_clip,
     usable_mappings,
 )
-from quantkit.methods.awq_calib import linear_evaluator, module_evaluator
+from quantkit.methods.awq_calib import LinearEvaluator, ModuleEvaluator
 from quantkit.models.arch import get_arch, get_blocks
 
 CFG = AWQConfig(bits=4, group_size=32, sym=False)
@@ -89,20 +89,25 @@ def test_candidate_scales_are_normalised_powers():
     torch.testing.assert_close(s[10], raw / (raw.max() * raw.min()).sqrt())
 
 
-def test_linear_evaluator_matches_running_the_linear():
+@pytest.mark.parametrize("screen", [False, True])
+def test_linear_evaluator_matches_running_the_linear(screen):
     g = torch.Generator().manual_seed(0)
     lin = torch.nn.Linear(64, 32, bias=True)
     x = torch.randn(100, 64, generator=g) * torch.linspace(0.1, 5, 64)
     w = lin.weight.data.clone()
-    fast = linear_evaluator(x, w)
-    slow = module_evaluator(lin, [lin], [((x,), {})])
+    cfg = AWQConfig(bits=4, group_size=32, sym=False, screen=screen)
+    fast = LinearEvaluator(x, w)
+    slow = ModuleEvaluator(lin, [lin], [((c,), {}) for c in x.chunk(4)])
     x_mean = x.abs().mean(0)
-    s_fast, l_fast = best_scale(x_mean, [w], fast, CFG)
-    s_slow, l_slow = best_scale(x_mean, [w], slow, CFG)
-    torch.testing.assert_close(l_fast, l_slow, rtol=1e-4, atol=1e-9)
-    assert torch.equal(s_fast, s_slow)
+    c_fast = best_scale(x_mean, [w], fast, cfg)
+    c_slow = best_scale(x_mean, [w], slow, cfg)
+    assert c_fast.losses.keys() == c_slow.losses.keys()
+    assert len(c_fast.losses) == (4 if screen else 20) and 0 in c_fast.losses
+    for k, v in c_fast.losses.items():
+        assert v == pytest.approx(c_slow.losses[k], rel=1e-4)
+    assert c_fast.index == c_slow.index and torch.equal(c_fast.scale, c_slow.scale)
     assert torch.equal(lin.weight.data, w)  # the module evaluator restores the weights
-    assert l_fast.min() <= l_fast[0]  # never worse than RTN on its own objective
+    assert c_fast.losses[c_fast.index] <= c_fast.losses[0]  # never worse than RTN on its own objective
 
 
 def test_search_clip_never_increases_the_output_error():

@@ -15,14 +15,15 @@ so the cost does not grow with the token count. q/k projections are not clipped 
 their own output error is not what the attention logits feel).
 
 Cost control: x_mean and the Gram matrices see all tokens; the alpha grid is scored on a fixed
-subsample (`score_tokens` random tokens for token-wise modules, whole sequences for attention).
+subsample (`score_tokens` random tokens for token-wise modules, whole sequences for attention),
+and screened first: every alpha on a quarter of that subsample, then the best SCREEN_KEEP and
+alpha 0 (plain RTN, so the choice is never worse than RTN on the objective) on all of it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 

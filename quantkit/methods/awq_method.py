@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from quantkit.calib.data import calibration_samples, fingerprint
-from quantkit.errors import SchemeError
+from quantkit.calib.pipeline import BlockSource
+from quantkit.errors import QuantkitError, SchemeError
 from quantkit.formats.awq import AWQ_BITS
 from quantkit.formats.checkpoint import PackedArtifact
 from quantkit.grid import QuantizedWeight, rtn_quantize
@@ -90,19 +91,25 @@ class AWQ(WeightOnlyMethod):
         return AWQConfig(bits=s.bits, group_size=s.group_size, sym=s.sym, n_grid=o.n_grid,
                          max_shrink=o.max_shrink, seed=job.calib.seed)
 
-    def quantize_model(self, model: nn.Module, tokenizer: Any, spec: ArchSpec,
-                       layers: dict[str, nn.Linear], job: QuantJob) -> dict[str, QuantizedWeight]:
+    def quantize_model(self, model: nn.Module, tokenizer: Any, spec: ArchSpec, layers: dict[str, nn.Linear],
+                       job: QuantJob, blocks: BlockSource | None = None) -> dict[str, QuantizedWeight]:
+        """`blocks`: the disk-offload block source (then `model` holds no block weights)."""
         cfg, o = self.config(job), job.options
         if o.load_awq is not None:
+            if blocks is not None:
+                raise QuantkitError("--load-awq reapplies scales to a model in memory; drop --offload disk")
             search = load_search(o.load_awq)
             apply_awq(model, search, cfg, set(layers))
             s = job.scheme
             return {n: rtn_quantize(lin.weight.data, s.bits, s.group_size, s.sym, lin.bias) for n, lin in layers.items()}
+        if tokenizer is None:
+            raise QuantkitError("AWQ needs a tokenizer for calibration; add tokenizer files to the model folder "
+                                "or reapply a saved search with --load-awq")
         c = job.calib
         samples = calibration_samples(tokenizer, c.dataset, c.nsamples, c.seqlen, c.seed, c.text_field)
         self._fingerprint = fingerprint(samples)
         search, quantized = run_awq(model, samples, cfg, set(layers), device=job.device, batch_size=c.batch_size,
-                                    progress=job.progress)
+                                    blocks=blocks, progress=job.progress)
         if o.dump_awq is not None:
             save_search(search, o.dump_awq)
             log.info("saved the AWQ search (%d scales, %d clips) to %s", len(search.scales), len(search.clips), o.dump_awq)

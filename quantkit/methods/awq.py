@@ -300,11 +300,20 @@ def _relative(names: set[str], spec: ArchSpec, i: int) -> set[str]:
     return {n.removeprefix(prefix) for n in names if n.startswith(prefix)}
 
 
-def apply_awq(model: nn.Module, search: AWQSearch, cfg: AWQConfig, targets: set[str] | None = None) -> None:
+def apply_awq(model: nn.Module, search: AWQSearch, cfg: AWQConfig | None = None,
+              targets: set[str] | None = None) -> None:
     """Fold the searched scales and clip the weights of a float model, in place.
 
+    `cfg`: the scheme it will be quantized with (checked against the search's; default: the search's own).
     `targets`: full names of the Linears to be quantized (default: every block Linear).
     """
+    if cfg is None:
+        try:
+            m = search.meta
+            cfg = AWQConfig(bits=int(m["bits"]), group_size=int(m["group_size"]), sym=m["sym"] == "True")
+        except (KeyError, ValueError):
+            raise AWQDataError("the AWQ search holds no grid description (bits, group_size, sym); "
+                               "pass the scheme's AWQConfig") from None
     spec = get_arch(model)
     blocks = get_blocks(model, spec)
     if targets is None:

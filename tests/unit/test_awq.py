@@ -154,7 +154,8 @@ def test_folding_preserves_the_float_function(arch_model):
     n_blocks = len(get_blocks(model, get_arch(model)))
     assert len(search.scales) == EXPECTED_MAPPINGS[arch] * n_blocks
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    apply_awq(model, search, CFG)
+    search.meta = CFG.meta()
+    apply_awq(model, search)  # the grid comes from the search's meta
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert changed  # the weights moved...
     with torch.no_grad():

@@ -10,6 +10,7 @@ import typer
 from typer.core import TyperGroup
 
 from quantkit.cli import commands, convert, evaluate, quantize
+from quantkit.cli import zoo as zoo_cli
 from quantkit.cli.ui import UI, setup_logging
 from quantkit.errors import QuantkitError
 
@@ -61,6 +62,7 @@ app.command("eval")(evaluate.eval_cmd)
 app.command("info")(commands.info)
 app.command("convert")(convert.convert)
 app.command("demo")(commands.demo)
+app.add_typer(zoo_cli.app, name="zoo")
 
 
 def main(argv: list[str] | None = None) -> None:

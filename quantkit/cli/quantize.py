@@ -44,8 +44,8 @@ def _method_options(impl: Any, given: dict[str, Any], extra: list[str]) -> dict[
 
 def quantize(
     ctx: typer.Context,
-    model: Annotated[str, typer.Argument(help="Local HF folder, hub id, .gguf file, or alias (smollm2-135m).")],
     out: OutDir,
+    model: Annotated[Optional[str], typer.Argument(help="Local HF folder, hub id, .gguf file, or alias (smollm2-135m); optional with --recipe.")] = None,
     method: Annotated[str, typer.Option("--method", "-m", help="See `quantkit methods`.")] = "rtn",
     preset: Annotated[Optional[str], typer.Option("--preset", help="w4g128, w4g64, w4g32, w3g64 or w8.")] = None,
     bits: Annotated[Optional[int], typer.Option("--bits", help="2, 3, 4 or 8.")] = None,
@@ -79,10 +79,17 @@ def quantize(
     quiet: Quiet = False,
     json_out: JsonOut = None,
     trust_remote_code: TrustRemoteCode = False,
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="Recipe YAML (recipes/*.yaml); flags given on the command line override it.")] = None,
 ) -> None:
     """Quantize MODEL with a method and write a checkpoint folder."""
     from quantkit import api
     from quantkit.registry import get_method
+    from quantkit.zoo import flags as recipe_flags
+
+    if recipe is not None:  # recipe values under the flags given, then the same command without --recipe
+        return quantize(**recipe_flags.recipe_params(recipe, ctx))
+    if model is None:
+        raise QuantkitError("give MODEL (a folder, hub id, .gguf file or alias) or --recipe FILE")
 
     ui = ctx.obj
     quiet = quiet or ui.quiet
@@ -103,6 +110,7 @@ def quantize(
     with progress_bar(not quiet, f"{method}") as bar:
         summary = api.quantize(model, method, out, scheme=scheme, calib=calib, options=options, device=device,
                                save_dtype=save_dtype, force=force, trust_remote_code=trust_remote_code, progress=bar)
+    recipe_flags.record_recipe(summary, save_dtype)  # quantkit_recipe.yaml: how to make this checkpoint again
     emit_json(summary, json_out)
     if not quiet and json_out != "-":
         size = summary["size_bytes"] / 2**20

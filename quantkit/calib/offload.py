@@ -1,0 +1,178 @@
+"""`--offload disk`: decoder blocks read lazily from the safetensors shards, one at a time.
+
+The model is built as a skeleton: every tensor outside the decoder blocks
+(embeddings, final norm, head, rotary buffers) is loaded, the blocks' parameters
+stay on the meta device. `DiskBlocks` (a `BlockSource`) reads block i's tensors
+from the shards when the pipeline asks for it and, on release, drops the weights
+of the Linears that were quantized (their codes live in the method's results);
+the block's small tensors (norms, skipped Linears) stay for the checkpoint writer.
+Peak memory is then one block, the activations and the codes so far, whatever
+the depth.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from quantkit.calib.hooks import HookSet
+from quantkit.errors import CheckpointError, QuantkitError
+from quantkit.formats.checkpoint import PackedArtifact
+from quantkit.models.arch import ArchSpec, get_arch, get_blocks
+
+log = logging.getLogger(__name__)
+
+
+def shard_index(folder: Path) -> dict[str, Path]:
+    """Tensor name -> shard file, for every .safetensors file of a model folder."""
+    from quantkit.formats.loader import weight_files
+
+    index: dict[str, Path] = {}
+    for f in weight_files(folder):
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                index[k] = f
+    return index
+
+
+def read_tensors(index: dict[str, Path], names: list[str]) -> dict[str, Tensor]:
+    """Read `names` from their shards, opening each shard once (and closing it: no mapping stays)."""
+    by_file: dict[Path, list[str]] = {}
+    for n in names:
+        by_file.setdefault(index[n], []).append(n)
+    out: dict[str, Tensor] = {}
+    for f, keys in sorted(by_file.items()):
+        with safe_open(str(f), framework="pt") as fh:
+            for k in keys:
+                out[k] = fh.get_tensor(k)
+    return out
+
+
+def _drop_to_meta(module: nn.Module) -> None:
+    """Replace the module's own parameters by meta tensors of the same shape (frees their memory)."""
+    for name, p in list(module._parameters.items()):
+        if p is not None:
+            module._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+
+
+def build_skeleton(folder: Path, trust_remote_code: bool = False) -> tuple[nn.Module, ArchSpec, dict[str, Path]]:
+    """The model with everything but its decoder blocks loaded (float32); blocks on the meta device."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    spec = get_arch(model)
+    index = shard_index(folder)
+    prefix = spec.blocks + "."
+    outside = [k for k in index if not k.startswith(prefix)]
+    model.load_state_dict({k: t.float() if t.is_floating_point() else t
+                           for k, t in read_tensors(index, outside).items()}, strict=False, assign=True)
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(prefix)]
+    if missing:
+        raise CheckpointError(f"{folder}: tensors missing from the shards: {', '.join(missing[:5])}")
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    except OSError:
+        pass  # no generation_config.json: keep the one derived from the config
+    return model.eval(), spec, index
+
+
+class DiskBlocks:
+    """A `BlockSource` that reads each block from the shards when its turn comes."""
+
+    def __init__(self, model: nn.Module, spec: ArchSpec, index: dict[str, Path], drop: set[str]):
+        self.blocks = get_blocks(model, spec)
+        self.spec, self.index = spec, index
+        self.drop = drop  # full names of the Linears whose weights are not needed after their block
+        self._streamed: set[int] = set()  # blocks loaded by `streaming` hooks, freed after their call
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def _materialize(self, i: int, device: torch.device | str) -> nn.Module:
+        block = self.blocks[i]
+        prefix = f"{self.spec.blocks}.{i}."
+        names = [k for k in self.index if k.startswith(prefix)]
+        tensors = read_tensors(self.index, names)
+        block.load_state_dict({k[len(prefix):]: t.float() if t.is_floating_point() else t for k, t in tensors.items()},
+                              strict=False, assign=True)
+        still = [n for n, p in block.named_parameters() if p.is_meta]
+        if still:
+            raise CheckpointError(f"block {i}: tensors missing from the shards: {', '.join(still[:5])}")
+        return block.to(device)
+
+    def load(self, i: int, device: torch.device) -> nn.Module:
+        block = self.blocks[i]
+        self._streamed.discard(i)  # the pipeline owns it now: streaming hooks must not free it
+        if any(p.is_meta for p in block.parameters()):
+            return self._materialize(i, device)
+        return block.to(device)
+
+    def release(self, i: int, block: nn.Module) -> None:
+        prefix = f"{self.spec.blocks}.{i}."
+        block.to("cpu")
+        for name, mod in block.named_modules():
+            if prefix + name in self.drop:
+                _drop_to_meta(mod)
+
+    @contextmanager
+    def streaming(self) -> Iterator[None]:
+        """While open, a full-model forward loads each block just for its call (then frees it).
+
+        The pipeline needs this once for architectures whose blocks get different kwargs
+        (one forward records them all) before it walks the blocks itself.
+        """
+        loaded = self._streamed
+
+        def pre(i: int):
+            def hook(_mod, args, kwargs):
+                if any(p.is_meta for p in self.blocks[i].parameters()):
+                    hidden = args[0] if args else kwargs["hidden_states"]
+                    self._materialize(i, hidden.device)
+                    loaded.add(i)
+            return hook
+
+        def post(i: int):
+            def hook(_mod, _args, _out):
+                if i in loaded:
+                    loaded.discard(i)
+                    for mod in self.blocks[i].modules():
+                        _drop_to_meta(mod)
+            return hook
+
+        with HookSet() as hs:
+            for i, b in enumerate(self.blocks):
+                hs.pre(b, pre(i), with_kwargs=True)
+                hs.forward(b, post(i))
+            yield
+
+
+def quantize_offloaded(method: Any, job: Any) -> PackedArtifact:
+    """`WeightOnlyMethod.quantize` with blocks streamed from disk: `method.quantize_model(..., blocks=DiskBlocks)`."""
+    from quantkit.methods.base import target_linears
+    from quantkit.models.sources import _load_tokenizer
+
+    if job.source.kind != "folder":
+        raise QuantkitError(f"--offload disk reads safetensors shards from a local model folder; {job.source.name} "
+                            f"is a {job.source.kind} source: convert it to a folder first or drop --offload")
+    folder = Path(job.source.path)
+    tok = _load_tokenizer(str(folder), job.trust_remote_code)
+    model, spec, index = build_skeleton(folder, job.trust_remote_code)
+    layers = target_linears(model, spec, job.scheme)
+    job.scheme.check_layers({n: (m.out_features, m.in_features) for n, m in layers.items()})
+    source = DiskBlocks(model, spec, index, drop=set(layers))
+    log.info("offload disk: %d blocks read one at a time from %d shard(s)", len(source), len(set(index.values())))
+    with source.streaming():
+        results = method.quantize_model(model, tok, spec, layers, job, blocks=source)
+    return PackedArtifact(model=model, tokenizer=tok, quantized=results, scheme=job.scheme, fmt=method.formats[0],
+                          method=method.name, save_dtype=job.save_dtype, extra=method.describe(job))

@@ -1,0 +1,66 @@
+"""transformers (+ optimum + GPTQModel) loads a quantkit GPTQ checkpoint and computes what quantkit.load does.
+
+Runs in the separate interop environment (scripts/setup-interop.sh):
+    GPTQMODEL_CPU_WORKERS=2 .venv-interop/bin/python -m pytest tests/interop
+and skips cleanly anywhere gptqmodel cannot be imported.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+try:
+    import gptqmodel  # noqa: F401  (transformers' GPTQ integration builds its QuantLinears from it)
+    import optimum  # noqa: F401
+except Exception as e:  # not installed, or installed without a working backend
+    pytest.skip(f"gptqmodel/optimum is not importable here ({type(e).__name__}); run in .venv-interop",
+                allow_module_level=True)
+
+import quantkit
+from quantkit.api import quantize
+from tests.tiny import llama_config, make_model
+
+CASES = {  # name -> scheme
+    "w4g32": {"bits": 4, "group_size": 32},
+    "w4g32-act": {"bits": 4, "group_size": 32, "desc_act": True},
+    "w4g32-act-sym": {"bits": 4, "group_size": 32, "desc_act": True, "sym": True},
+    "w8-perchannel": {"bits": 8, "group_size": -1},
+    "w3g32-act": {"bits": 3, "group_size": 32, "desc_act": True},
+}
+
+
+@pytest.fixture(scope="module")
+def gptq_checkpoints(tmp_path_factory, text_file):
+    folder = make_model(tmp_path_factory.mktemp("interop") / "llama",
+                        llama_config(hidden=128, inter=256, architectures=["LlamaForCausalLM"]))
+    calib = {"dataset": str(text_file), "nsamples": 8, "seqlen": 32, "batch_size": 4}
+    outs = {}
+    for name, scheme in CASES.items():
+        out = folder.parent / f"gptq-{name}"
+        quantize(folder, "gptq", out, scheme=scheme, calib=calib, device="cpu")
+        outs[name] = out
+    return outs
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_transformers_matches_quantkit_load(gptq_checkpoints, case):
+    from transformers import AutoModelForCausalLM
+
+    out = gptq_checkpoints[case]
+    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
+    ours = quantkit.load(out, dtype=torch.float16)
+    hf = AutoModelForCausalLM.from_pretrained(out, device_map="cpu", dtype=torch.float16).eval()
+    replaced = [n for n, m in hf.named_modules() if hasattr(m, "qweight") and not isinstance(m, torch.nn.Linear)]
+    assert len(replaced) == 2 * 7, replaced  # every block Linear went through the GPTQ loader, lm_head did not
+    if CASES[case].get("desc_act"):
+        g_idx = next(m for n, m in hf.named_modules() if n.endswith("layers.0.mlp.down_proj")).g_idx
+        assert not torch.equal(g_idx.cpu(), torch.arange(g_idx.numel(), dtype=g_idx.dtype) // 32)
+    with torch.no_grad():
+        want = ours(ids).logits.float()
+        got = hf(ids).logits.float()
+    rel = float((got - want).norm() / want.norm())
+    assert rel < 1e-3, rel

@@ -50,7 +50,7 @@ class AWQConfig:
     sym: bool
     n_grid: int = 20
     max_shrink: float = 0.5
-    score_tokens: int = 2048  # tokens scoring each alpha (attention: whole sequences adding up to this)
+    score_tokens: int = 2048  # tokens scoring each alpha, at most 1/4 of the data (attention: whole sequences)
     seed: int = 0
     # "float": the next block is calibrated on this block's float outputs (AutoAWQ, llm-compressor; one
     # pass per block); "quantized": on its quantized outputs (one more pass per block)

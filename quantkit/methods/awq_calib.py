@@ -40,6 +40,7 @@ from quantkit.models.arch import ArchSpec, block_linears, get_arch, get_blocks
 
 log = logging.getLogger(__name__)
 
+SCORE_SHARE = 4  # the scoring sample is at most 1/SCORE_SHARE of the calibration tokens
 _FULL_GRAM_MAX_GROUP = 128  # wider groups (per-channel) build their Gram matrix from the token subsample
 
 
@@ -213,12 +214,21 @@ def _first_linear_under(module_name: str, order: list[str]) -> str:
     return inside[0] if inside else order[-1]
 
 
+def score_budget(calib: BlockCalib, cfg: AWQConfig) -> int:
+    """Tokens that score the alpha grid: cfg.score_tokens, but at most a quarter of the calibration
+    tokens (small calibration sets stay cheap; 64 x 512 scores on 2048)."""
+    first = next(calib.batches(), None)
+    total = 0 if first is None else first.shape[0] * first.shape[1] * calib.n_batches
+    return max(1, min(cfg.score_tokens, total // SCORE_SHARE))
+
+
 def collect_stats(calib: BlockCalib, linears: dict[str, nn.Linear], sites: set[str], gram_sites: set[str],
                   attn_inputs: dict[str, list], cfg: AWQConfig) -> dict[str, SiteStats]:
     """One pass of the (float) block over every calibration batch; see the module docstring.
     With float propagation its outputs become the next block's inputs (`calib.next_inputs`)."""
     dev = calib.device
-    per_batch = math.ceil(cfg.score_tokens / max(calib.n_batches, 1))
+    budget = score_budget(calib, cfg)
+    per_batch = math.ceil(budget / max(calib.n_batches, 1))
     seed = cfg.seed * 1_000_003 + calib.index * 10_007
     stats: dict[str, SiteStats] = {}
     for name in sites:
@@ -239,7 +249,7 @@ def collect_stats(calib: BlockCalib, linears: dict[str, nn.Linear], sites: set[s
             hs.pre(linears[name], site_hook(st, cfg.group_size, per_batch, seed, gs <= _FULL_GRAM_MAX_GROUP,
                                             last=stop and name == last))
         for name, calls in attn_inputs.items():
-            hs.pre(calib.block.get_submodule(name), call_recorder(calls, cfg.score_tokens), with_kwargs=True)
+            hs.pre(calib.block.get_submodule(name), call_recorder(calls, budget), with_kwargs=True)
 
     outputs = calib.forward(hooks=install, keep_outputs=keep)
     if keep:

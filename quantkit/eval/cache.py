@@ -9,8 +9,12 @@ An entry (`cache_dir()/eval/base-<key>/`) holds the base's row (ppl, nll, load
 time, ...) and, when it fits the budget, the spill: the base's log-probs of every
 scored token as float16 (`logprobs.f16`, (tokens, vocab) row-major) plus its
 argmax (`argmax.i32`, exact, so top-1 never suffers from fp16 ties). float16
-log-probs are accurate to half an ulp (<= 1.2e-4 for the tokens that carry the
-mass), which moves a mean KL by ~1e-5 nats at most. Entries are written under a
+log-probs are accurate to half an ulp (<= 1e-3 for log-probs above -4); the
+reader renormalises them (quality.renormalize), so KL is taken against the
+rounded base distribution itself: KL(base~ || base) = 0 and the rounding moves a
+model's KL only through the log-ratio, i.e. to second order (measured: the
+smollm2 benchmark compares the spill with the exact float32 recompute path).
+Half the bytes of float32 means half the disk traffic per model. Entries are written under a
 temporary name and renamed when complete; the oldest are evicted beyond the
 budget. Without caching the spill lives in a temporary folder removed after the run.
 """

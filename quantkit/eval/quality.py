@@ -88,15 +88,16 @@ def renormalize(logprobs: Tensor) -> Tensor:
     return logprobs
 
 
-def kl_rows(base_lp: Tensor, logits: Tensor, lse: Tensor) -> Tensor:
+def kl_rows(base_lp: Tensor, logits: Tensor, lse: Tensor, inplace: bool = False) -> Tensor:
     """(S,) KL(P_base || P_model) per token from base log-probs (S, V), model logits and lse.
 
     sum_v p_b (lp_b - lp_m) with lp_m = z - lse; the difference is formed first so
     the terms are small when the models agree (accurate in float32). Not clamped:
-    rounding noise of either sign averages out in the mean.
+    rounding noise of either sign averages out in the mean. `inplace` reuses base_lp's
+    storage for the difference (it is overwritten): one (S, V) allocation less.
     """
     p = base_lp.exp()
-    d = base_lp - logits
+    d = base_lp.sub_(logits) if inplace else base_lp - logits
     d += lse.unsqueeze(-1)
     return torch.bmm(p.unsqueeze(1), d.unsqueeze(2)).view(-1)
 
@@ -130,16 +131,19 @@ class Accumulator:
 
 
 def score_window(model: nn.Module, window: Tensor, first: int, device: torch.device | str, acc: Accumulator,
-                 base_lp: Tensor | None = None, base_top: Tensor | None = None) -> Tensor:
-    """Score one window into `acc`; returns the model's (S, V) logits (for a base pass to store)."""
+                 base_lp: Tensor | None = None, base_top: Tensor | None = None, owned: bool = False) -> Tensor:
+    """Score one window into `acc`; returns the model's (S, V) logits.
+
+    `owned`: base_lp is a scratch tensor of the caller and may be overwritten.
+    """
     logits = scored_logits(model, window, first, device)
     nll, lse = token_nll(logits, window[first:])
     kl, agree = None, 0
     if base_lp is not None:
-        base_lp = base_lp.to(logits.device, torch.float32)
-        kl = kl_rows(base_lp, logits, lse)
         top = base_top.to(logits.device) if base_top is not None else base_lp.argmax(-1)
         agree = int((logits.argmax(-1) == top).sum())
+        as_f32 = base_lp.to(logits.device, torch.float32)
+        kl = kl_rows(as_f32, logits, lse, inplace=owned or as_f32 is not base_lp)
     acc.add(nll, kl, agree)
     return logits
 

@@ -162,7 +162,7 @@ class Run:
                     b_logits = scored_logits(self.base_model, window, first, self.device)
                     base_lp, top = base_logprobs(b_logits), b_logits.argmax(-1)
                     del b_logits
-                score_window(model, window, first, self.device, acc, base_lp, top)
+                score_window(model, window, first, self.device, acc, base_lp, top, owned=True)
                 self.tick(f"{row['label']} windows", i + 1, n)
             seconds = time.perf_counter() - t0
         q = acc.result()

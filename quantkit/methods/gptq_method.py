@@ -64,13 +64,27 @@ def block_groups(block: nn.Module, spec: ArchSpec, keep: set[str]) -> list[_Grou
     return groups
 
 
-def collect_hessians(calib: BlockCalib, groups: list[_Group], stop_after_last: bool = True) -> list[torch.Tensor]:
-    """One pass over the calibration batches; returns H (in, in) per group.
+@dataclass
+class Replay:
+    """A submodule and the (args, kwargs) it received per batch: rerun it alone for the next group."""
+
+    module: nn.Module
+    inputs: list[tuple[tuple, dict[str, Any]]]
+
+
+def collect_hessians(calib: BlockCalib, groups: list[_Group], stop_after_last: bool = True,
+                     replay: Replay | None = None,
+                     capture: str | None = None) -> tuple[list[torch.Tensor], Replay | None]:
+    """One pass over the calibration batches; returns H (in, in) per group, and the capture.
 
     Only each group's first Linear is hooked: the others read the same tensor. The pass
     stops after the last group's input is seen (nothing past it is needed).
+    `replay`: run only that submodule on its recorded inputs instead of the whole block.
+    `capture`: record the inputs of that submodule (relative name) during this pass, for
+    the next group's replay.
     """
     accs = [HessianAccumulator(g.modules[0].in_features, calib.device) for g in groups]
+    recorded: list[tuple[tuple, dict[str, Any]]] = []
 
     def hook_for(k: int):
         def pre(_mod, args):
@@ -79,12 +93,42 @@ def collect_hessians(calib: BlockCalib, groups: list[_Group], stop_after_last: b
                 raise StopForward
         return pre
 
+    def record(_mod, args, kwargs):
+        recorded.append((tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
+                         {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}))
+
     def install(hs: HookSet) -> None:
+        if capture is not None:
+            hs.pre(calib.block.get_submodule(capture), record, with_kwargs=True)
         for k, g in enumerate(groups):
             hs.pre(g.modules[0], hook_for(k))
 
-    calib.forward(hooks=install)
-    return [a.hessian() for a in accs]
+    if replay is None:
+        calib.forward(hooks=install)
+    else:
+        with HookSet() as hs, torch.no_grad():
+            install(hs)
+            for args, kwargs in replay.inputs:
+                try:
+                    replay.module(*args, **kwargs)
+                except StopForward:
+                    pass
+    captured = Replay(calib.block.get_submodule(capture), recorded) if capture else None
+    return [a.hessian() for a in accs], captured
+
+
+def replay_parent(prev: _Group, nxt: _Group) -> str | None:
+    """The innermost submodule holding both groups (e.g. "mlp" for gate/up -> down), or None if only the block does.
+
+    Its inputs are computed before `prev` runs, so they stay valid after `prev` is quantized.
+    """
+    a, b = prev.names[0].split("."), nxt.names[0].split(".")
+    common = []
+    for x, y in zip(a[:-1], b[:-1]):
+        if x != y:
+            break
+        common.append(x)
+    return ".".join(common) or None
 
 
 def quantize_group(group: _Group, h: torch.Tensor, params: GPTQParams) -> dict[str, QuantizedWeight]:
@@ -109,7 +153,7 @@ def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:
 
 
 def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPTQParams,
-               true_sequential: bool) -> dict[str, QuantizedWeight]:
+               true_sequential: bool, replay: bool = True) -> dict[str, QuantizedWeight]:
     """Quantize one block's target Linears (`targets`: full names); returns relative name -> weight."""
     prefix = f"{spec.blocks}.{calib.index}."
     keep = {n.removeprefix(prefix) for n in targets if n.startswith(prefix)}
@@ -118,12 +162,14 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
     if not groups:
         return results
     if true_sequential:
-        for g in groups:
-            (h,) = collect_hessians(calib, [g])
+        previous: Replay | None = None
+        for k, g in enumerate(groups):
+            nxt = replay_parent(g, groups[k + 1]) if replay and k + 1 < len(groups) else None
+            (h,), previous = collect_hessians(calib, [g], replay=previous, capture=nxt)
             results.update(quantize_group(g, h, params))
             del h
     else:
-        hs = collect_hessians(calib, groups)
+        hs, _ = collect_hessians(calib, groups)
         for g, h in zip(groups, hs, strict=True):
             results.update(quantize_group(g, h, params))
     return results

@@ -44,7 +44,7 @@ def build(
                      f"{len(report.gate_failures)} gate failures, {len(report.errors)} errors "
                      f"({report.seconds:.1f} s)", highlight=False)
     if not report.ok:
-        raise typer.Exit(1)
+        raise SystemExit(1)  # not typer.Exit: the root group maps every Exception it sees to one line
 
 
 @app.command("verify")
@@ -58,7 +58,7 @@ def verify(ctx: typer.Context,
         for p in found:
             typer.echo(f"verify failed: {name}: {p}", err=True)
     if problems:
-        raise typer.Exit(1)
+        raise SystemExit(1)  # not typer.Exit: the root group maps every Exception it sees to one line
     n = sum(1 for e in read_index(out)["entries"] if "manifest_sha256" in e)
     ctx.obj.out.print(f"{out}: {n} entries, every file matches its manifest", highlight=False)
 

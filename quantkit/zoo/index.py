@@ -108,15 +108,19 @@ def write_index(out: Path, plans: list[Any], statuses: dict[str, tuple[str, list
             manifests[name] = manifest
     data = index_data(plans, statuses, zoo_file)
     combined = _combined(data, manifests)
+    index_text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
+    unchanged = (out / INDEX_JSON).is_file() and (out / INDEX_JSON).read_text(encoding="utf-8") == index_text
     plot_name = None
-    if combined["rows"]:
+    if unchanged and (out / PLOT).is_file():
+        plot_name = PLOT  # same rows as last time: the picture is still right (drawing it costs seconds)
+    elif combined["rows"]:
         plot_name = _plot(combined, out)
     tables = []
     if combined["rows"]:
         from quantkit.eval.report import markdown as eval_markdown
 
         tables.append(eval_markdown(combined))
-    _write_if_changed(out / INDEX_JSON, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    _write_if_changed(out / INDEX_JSON, index_text)
     _write_if_changed(out / INDEX_MD, markdown(data, plot_name, tables))
     return data
 

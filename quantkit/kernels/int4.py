@@ -56,7 +56,9 @@ def int4_parts(qw: QuantizedWeight, device: torch.device) -> Int4Parts:
     qgs = int4_group(gs)
     assert qgs is not None, gs
     offset = INT4_MID - (1 << (qw.bits - 1))               # 0 for 4 bits, 4 for 3, 6 for 2
-    codes = qw.codes.to(device=device, dtype=torch.int32) + offset
+    codes = qw.codes.to(device=device, dtype=torch.int32)
+    if offset:
+        codes += offset
     perm = None
     if g_idx_kind(qw.g_idx, in_f, qw.group_size) == "permutable":
         # Sorting inputs by group makes group g the g-th run of gs inputs: permute W's columns once

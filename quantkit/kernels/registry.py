@@ -19,6 +19,7 @@ from quantkit.formats.qlinear import QuantLinear
 from quantkit.kernels.base import KernelError, KernelLinear, LayerSpec, spec_of
 from quantkit.kernels.cpu import CpuDynQuant4, CpuInt4, CpuInt8
 from quantkit.kernels.cuda import CudaTinygemm, GPTQModelExllamaV2, GPTQModelMarlin, GPTQModelTorch
+from quantkit.kernels.unpack import fast_quantized
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def apply_kernels(model: nn.Module, kernel: str = AUTO, dtype: torch.dtype | Non
         targets = [(n, m) for n, m in model.named_modules()
                    if isinstance(m, QuantLinear) and not isinstance(m, KernelLinear)]
         for name, mod in targets:
-            qw = mod.quantized()
+            qw = fast_quantized(mod)
             device = _module_device(mod)
             cls = select_kernel(spec_of(qw, device, dtype), kernel, layer=name)
             if cls is None:

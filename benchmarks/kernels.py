@@ -1,0 +1,271 @@
+"""Benchmark: quantkit's kernels against fp32/bf16 dense matmuls, per layer and end to end.
+
+1. Per-layer matmul time at batch 1 and 16 for smollm2-135m's Linear shapes and for a
+   1B-shaped (TinyLlama: 2048/5632, 4 kv heads) and a 7B-shaped (4096/11008) Llama layer,
+   random weights: fp32 and bf16 `F.linear`, the reference QuantLinear, and every CPU kernel.
+2. Decode tokens/s (batch 1, KV cache) and prefill tokens/s for smollm2-135m and a ~1B
+   random Llama written to a temporary folder (deleted afterwards): fp32, bf16, RTN w4g64
+   through each kernel, RTN w8 (per channel) through cpu-int8. All variants of a model are
+   resident together and timed round-robin, so ratios are taken side by side on this shared machine.
+3. Load time of the quantized checkpoints with kernel="reference" and with packing (auto).
+
+The machine is shared: run it under the heavy-job lock. The table goes to benchmarks/results/kernels.md.
+
+    flock /tmp/quantkit-heavy.lock .venv/bin/python benchmarks/kernels.py
+    .venv/bin/python benchmarks/kernels.py --skip-1b --rounds 1          # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import quantkit
+from quantkit.api import quantize, resolve
+from quantkit.errors import QuantkitError
+from quantkit.formats.layouts import GPTQLayout
+from quantkit.formats.qlinear import QuantLinear
+from quantkit.grid import rtn_quantize
+from quantkit.kernels import KERNELS, kernels_used, spec_of
+
+log = logging.getLogger("benchmarks.kernels")
+RESULTS = Path(__file__).parent / "results" / "kernels.md"
+
+LAYERS = {
+    "smollm2": [(576, 576), (192, 576), (1536, 576), (576, 1536)],
+    "1B": [(2048, 2048), (256, 2048), (5632, 2048), (2048, 5632)],
+    "7B": [(4096, 4096), (11008, 4096), (4096, 11008)],
+}
+W4 = (4, 64, False)   # RTN w4g64 asym, the peers' protocol scheme
+W4SYM = (4, 64, True)  # symmetric: what _dyn_quant_matmul_4bit takes
+W8 = (8, -1, False)   # RTN w8 per channel
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=True)
+
+
+def timeit(fn: Callable[[], Any], budget: float, min_reps: int = 3) -> float:
+    """Median seconds of `fn` over at least `min_reps` calls and about `budget` seconds (after one warm-up)."""
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_reps or time.perf_counter() - start < budget:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ---- 1. per layer --------------------------------------------------------------------------------
+def layer_variants(out_f: int, in_f: int, with_reference: bool) -> dict[str, tuple[torch.nn.Module, torch.dtype]]:
+    """Dense fp32/bf16 Linears and the quantized variants of one random (out, in) weight."""
+    g = torch.Generator().manual_seed(out_f * 7 + in_f)
+    w = torch.randn(out_f, in_f, generator=g) * 0.02
+    dense32 = torch.nn.Linear(in_f, out_f, bias=False)
+    dense32.weight.data = w
+    dense16 = torch.nn.Linear(in_f, out_f, bias=False).to(torch.bfloat16)
+    dense16.weight.data = w.bfloat16()
+    out: dict[str, tuple[torch.nn.Module, torch.dtype]] = {"fp32": (dense32, torch.float32),
+                                                            "bf16": (dense16, torch.bfloat16)}
+    for label, (bits, group, sym), kernels in (("w4", W4, ("cpu-int4",)), ("w4sym", W4SYM, ("cpu-dyn4",)),
+                                               ("w8", W8, ("cpu-int8",))):
+        qw = rtn_quantize(w, bits, group, sym)
+        if with_reference and label != "w4sym":
+            out[f"{label} reference"] = (QuantLinear.from_quantized(qw, GPTQLayout()), torch.float32)
+        for name in kernels:
+            if KERNELS[name].check(spec_of(qw, "cpu", torch.float32)) is None:
+                out[f"{label} {name}"] = (KERNELS[name](qw, GPTQLayout(), "cpu", torch.float32), torch.float32)
+    return out
+
+
+def bench_layers(budget: float) -> tuple[list[str], list[list[str]]]:
+    rows: list[list[str]] = []
+    header: list[str] = []
+    for model, shapes in LAYERS.items():
+        for out_f, in_f in shapes:
+            variants = layer_variants(out_f, in_f, with_reference=model == "smollm2")
+            header = header or list(variants)
+            for batch in (1, 16):
+                x = torch.randn(batch, in_f)
+                cells = [model, f"{out_f}x{in_f}", str(batch)]
+                base = None
+                with torch.no_grad():
+                    for name in header:
+                        if name not in variants:
+                            cells.append("-")
+                            continue
+                        mod, dtype = variants[name]
+                        xd = x.to(dtype)
+                        t = timeit(lambda: mod(xd), budget)
+                        base = base or t
+                        cells.append(f"{t * 1e6:.0f} ({base / t:.2f}x)")
+                log.info("layer %s", " | ".join(cells))
+                rows.append(cells)
+            del variants
+            gc.collect()
+    return ["model", "shape (out x in)", "batch", *header], rows
+
+
+# ---- 2. end to end -------------------------------------------------------------------------------
+def decode_step_time(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> float:
+    """Seconds per generated token at batch 1 (greedy, KV cache), prefill excluded."""
+    with torch.no_grad():
+        out = model(prompt, use_cache=True)
+        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            out = model(tok, past_key_values=past, use_cache=True)
+            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        return (time.perf_counter() - t0) / steps
+
+
+def prefill_time(model: torch.nn.Module, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model(ids, use_cache=False, logits_to_keep=1)
+        return time.perf_counter() - t0
+
+
+def timed_load(path: str | Path, **kw: Any) -> tuple[torch.nn.Module, float]:
+    t0 = time.perf_counter()
+    model = quantkit.load(path, **kw).eval()
+    return model, time.perf_counter() - t0
+
+
+def e2e_variants(base: str | Path, w4: Path, w8: Path, reference: bool) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
+    models: dict[str, torch.nn.Module] = {}
+    notes: dict[str, str] = {}
+    models["fp32"], _ = timed_load(base)
+    models["bf16"], _ = timed_load(base, dtype=torch.bfloat16)
+    for label, path in (("w4g64", w4), ("w8", w8)):
+        ref, t_ref = timed_load(path, kernel="reference")
+        if reference:
+            models[f"{label} reference"] = ref
+        del ref
+        for name, cls in KERNELS.items():
+            if "cpu" not in cls.devices or cls.unavailable():
+                continue
+            try:
+                model, t = timed_load(path, kernel=name)
+            except QuantkitError:
+                continue  # the kernel does not serve this scheme
+            models[f"{label} {name}"] = model
+            notes[f"{label} {name}"] = f"load {t:.1f} s vs reference {t_ref:.1f} s ({t / t_ref:.2f}x); " + \
+                ", ".join(f"{k} x{v}" for k, v in kernels_used(model).items())
+        model, t = timed_load(path, kernel="auto", dtype=torch.bfloat16)
+        models[f"{label} auto, bf16 model"] = model
+        notes[f"{label} auto, bf16 model"] = ", ".join(f"{k} x{v}" for k, v in kernels_used(model).items())
+    return models, notes
+
+
+def bench_e2e(label: str, models: dict[str, torch.nn.Module], rounds: int, steps: int, prompt_len: int,
+              prefill_len: int, vocab: int) -> list[list[str]]:
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (1, prompt_len), generator=g)
+    long = torch.randint(0, vocab, (1, prefill_len), generator=g)
+    dec: dict[str, list[float]] = {k: [] for k in models}
+    pre: dict[str, list[float]] = {k: [] for k in models}
+    for name, m in models.items():  # warm-up
+        decode_step_time(m, prompt, 2)
+    for r in range(rounds):
+        for name, m in models.items():  # round-robin: every variant sees the same machine load
+            dec[name].append(decode_step_time(m, prompt, steps))
+            pre[name].append(prefill_time(m, long))
+            log.info("%s round %d %s: decode %.1f tok/s prefill %.1f tok/s", label, r, name,
+                     1 / dec[name][-1], prefill_len / pre[name][-1])
+    rows = []
+    d32, p32 = statistics.median(dec["fp32"]), statistics.median(pre["fp32"])
+    for name in models:
+        d, p = statistics.median(dec[name]), statistics.median(pre[name])
+        rows.append([label, name, f"{1 / d:.2f}", f"{d32 / d:.2f}x", f"{prefill_len / p:.1f}", f"{p32 / p:.2f}x"])
+    return rows
+
+
+def make_1b(folder: Path) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**LLAMA_1B, architectures=["LlamaForCausalLM"])
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)  # random init (std 0.02); bf16 halves disk and RAM
+    n = sum(p.numel() for p in model.parameters())
+    log.info("1B model: %.2f B parameters", n / 1e9)
+    model.save_pretrained(folder)
+    del model
+    gc.collect()
+    src = Path(resolve("smollm2-135m").path)
+    AutoTokenizer.from_pretrained(src).save_pretrained(folder)  # any tokenizer: RTN needs none, the loader may
+    return folder
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3, help="round-robin rounds per model (median taken)")
+    ap.add_argument("--steps", type=int, default=16, help="decode steps per round")
+    ap.add_argument("--layer-budget", type=float, default=0.5, help="seconds per layer timing")
+    ap.add_argument("--prefill", type=int, default=128, help="prefill length in tokens")
+    ap.add_argument("--skip-1b", action="store_true")
+    ap.add_argument("--skip-layers", action="store_true")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.manual_seed(0)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    load_avg = os.getloadavg()[0]
+    parts = [f"# Kernel benchmark\n\n`{' '.join(['flock /tmp/quantkit-heavy.lock .venv/bin/python', *sys.argv])}`\n",
+             f"{started}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+             f"{torch.backends.cpu.get_cpu_capability()}, {platform.processor() or platform.machine()}; "
+             f"1-min load average at start {load_avg:.1f} (shared machine: compare ratios within a table).\n"]
+    if not args.skip_layers:
+        header, rows = bench_layers(args.layer_budget)
+        parts.append("## Per-layer matmul, microseconds (speed-up vs fp32)\n\n"
+                     "Random weights; w4 = RTN w4g64 asym, w8 = RTN per-channel asym; fp32 activations "
+                     "(the CPU kernels compute in bf16).\n\n" + table(header, rows) + "\n")
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(parts))
+    e2e_rows: list[list[str]] = []
+    notes: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="qk-kernels-", dir="/tmp") as tmp:
+        sources: list[tuple[str, str | Path, int]] = [("smollm2-135m", "smollm2-135m", 49152)]
+        if not args.skip_1b:
+            sources.append(("llama-1B (random)", make_1b(Path(tmp) / "llama1b"), LLAMA_1B["vocab_size"]))
+        for label, src, vocab in sources:
+            w4, w8 = Path(tmp) / f"{vocab}-w4g64", Path(tmp) / f"{vocab}-w8"
+            quantize(src, "rtn", w4, scheme="w4g64", device="cpu")
+            quantize(src, "rtn", w8, scheme="w8", device="cpu")
+            models, n = e2e_variants(src, w4, w8, reference=vocab != LLAMA_1B["vocab_size"])
+            notes.update({f"{label}: {k}": v for k, v in n.items()})
+            e2e_rows += bench_e2e(label, models, args.rounds, args.steps, prompt_len=32, prefill_len=args.prefill, vocab=vocab)
+            del models
+            gc.collect()
+            parts_e2e = (f"## End to end (batch 1)\n\nDecode: tokens/s generating after a 32-token prompt "
+                         f"with the KV cache; prefill: one {args.prefill}-token forward. Models loaded in fp32 unless "
+                         "the row says bf16; medians of round-robin rounds.\n\n"
+                         + table(["model", "variant", "decode tok/s", "vs fp32", "prefill tok/s", "vs fp32"], e2e_rows)
+                         + "\n\nKernels and load times:\n\n" + "\n".join(f"- {k}: {v}" for k, v in notes.items()) + "\n")
+            args.out.write_text("\n".join(parts + [parts_e2e]))
+            shutil.rmtree(w4)
+            shutil.rmtree(w8)
+    log.info("wrote %s", args.out)
+    sys.stdout.write(args.out.read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "eval.md")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    os.environ.setdefault("TQDM_DISABLE", "1")
     load_start = os.getloadavg()[0]
     t_all = time.perf_counter()
 
@@ -142,7 +143,8 @@ def main() -> None:
         "",
         f"- KL + top-1 overhead over ppl only: **{overhead:+.1f}%** (target: at most +15%).",
         f"- quantkit ppl-only throughput vs the plain HF loop: **{tps['ppl'] / tps['hf']:.3f}×** (target: ≥ 1).",
-        f"- Base spill: {spill_mb:.0f} MB of float16 log-probs for {tokens} tokens (vocabulary 49,152); "
+        f"- Base spill: {spill_mb:.0f} MB of float16 log-probs for {tokens} tokens "
+        f"(vocabulary {model.config.vocab_size:,}); "
         f"KL of the base against its own spill: {kl_self:.2e}.",
         f"- Spill accuracy on RTN w4g64: KL {spilled['kl']:.6f} / p99 {spilled['kl_p99']:.4f} / top-1 "
         f"{spilled['top1']:.2f}% against the float16 spill vs KL {exact['kl']:.6f} / p99 {exact['kl_p99']:.4f} / "

@@ -22,6 +22,7 @@ def build(
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Entries built in parallel processes.")] = 1,
     executor: Annotated[str, typer.Option("--executor", help="local (process pool when --jobs > 1), process, or ray.")] = "local",
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray).")] = None,
+    model: Annotated[Optional[list[str]], typer.Option("--model", help="Only the entries of this model name (repeatable; one CI matrix job per model).")] = None,
     device: Device = "auto",
     json_out: JsonOut = None,
 ) -> None:
@@ -33,7 +34,7 @@ def build(
 
     ui = ctx.obj
     report = build_zoo(zoo, out, force=force or [], jobs=jobs, executor=executor, device=device,
-                       ray_address=ray_address, say=lambda s: ui.quiet or ui.err.print(s, highlight=False, markup=False))
+                       ray_address=ray_address, models=model or [], say=lambda s: ui.quiet or ui.err.print(s, highlight=False, markup=False))
     emit_json(report.as_dict(), json_out)
     for name, err in report.errors.items():
         typer.echo(f"build failed: {name}: {err}", err=True)

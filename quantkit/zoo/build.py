@@ -128,14 +128,23 @@ def plan(entries: list[Entry], out: Path, force: list[str], device: str, zoo_nam
 
 def build_zoo(zoo_file: str | Path, out: str | Path, force: list[str] | None = None, jobs: int = 1,
               executor: str = "local", device: str = "auto", ray_address: str | None = None,
-              say: Callable[[str], Any] | None = None) -> BuildReport:
-    """Build every entry of `zoo_file` that changed into `out`, then gate and index the whole zoo."""
+              models: list[str] | None = None, say: Callable[[str], Any] | None = None) -> BuildReport:
+    """Build every entry of `zoo_file` that changed into `out`, then gate and index the whole zoo.
+
+    `models` keeps only the entries of those model names (one CI matrix job per model).
+    """
     from quantkit.zoo.index import write_index
 
     say = say or log.info
     t0 = time.perf_counter()
     zoo_file, out = Path(zoo_file), Path(out)
     entries = load_zoo(zoo_file)
+    if models:
+        known = list(dict.fromkeys(e.model_name for e in entries))
+        missing = [m for m in models if m not in known]
+        if missing:
+            raise QuantkitError(f"--model {missing[0]}: not in {zoo_file}; the models are: {', '.join(known)}")
+        entries = [e for e in entries if e.model_name in models]
     names = [e.name for e in entries]
     unknown = [n for n in (force or []) if n not in names]
     if unknown:

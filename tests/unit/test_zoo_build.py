@@ -41,7 +41,7 @@ def _cache(tmp_path, monkeypatch):
 
 def test_build_is_idempotent_and_rebuilds_only_what_changed(tiny_llama, text_file, tmp_path):
     zoo, out = make_zoo(tmp_path / "r", tiny_llama, text_file), tmp_path / "zoo"
-    r, rep = build(zoo, out)
+    r, rep = build(zoo, out, "--jobs", "2")  # the process pool; every later build runs in this process
     assert r.exit_code == 0, r.output
     assert sorted(rep["built"]) == ["tiny-gptq", "tiny-rtn"] and rep["up_to_date"] == []
     for name in ("tiny-rtn", "tiny-gptq"):
@@ -82,19 +82,6 @@ def test_build_is_idempotent_and_rebuilds_only_what_changed(tiny_llama, text_fil
 
     r = runner.invoke(app, ["zoo", "verify", str(out)])
     assert r.exit_code == 0, r.output
-
-
-def test_parallel_build_matches_sequential(tiny_llama, text_file, tmp_path):
-    zoo = make_zoo(tmp_path / "r", tiny_llama, text_file)
-    r, rep = build(zoo, tmp_path / "par", "--jobs", "2")
-    assert r.exit_code == 0, r.output
-    assert sorted(rep["built"]) == ["tiny-gptq", "tiny-rtn"]
-    r, rep = build(zoo, tmp_path / "seq")
-    assert r.exit_code == 0, r.output
-    for name in ("tiny-rtn", "tiny-gptq"):  # deterministic: the same bytes whichever executor built them
-        a = json.loads((tmp_path / "par" / name / MANIFEST).read_text())["files"]["model.safetensors"]
-        b = json.loads((tmp_path / "seq" / name / MANIFEST).read_text())["files"]["model.safetensors"]
-        assert a == b
 
 
 def test_failed_gate_exits_1_and_is_not_published(tiny_llama, text_file, tmp_path):

@@ -97,7 +97,7 @@ def publish_zoo(out: str | Path, repo_prefix: str, dry_run: bool = False, privat
         api = HfApi()
         try:
             api.create_repo(p["repo_id"], repo_type="model", private=private, exist_ok=True)
-            api.upload_folder(repo_id=p["repo_id"], folder_path=p["folder"], repo_type="model",
+            api.upload_folder(repo_id=p["repo_id"], folder_path=p["folder"], repo_type="model", allow_patterns=p["files"],
                               commit_message=f"quantkit zoo: {p['name']} (inputs {str(p['digest'])[:12]})")
         except Exception as exc:  # auth, network, permissions: one line for the user
             raise QuantkitError(f"upload of {p['name']} to {p['repo_id']} failed: {str(exc).splitlines()[0]}") from None

@@ -103,12 +103,15 @@ class Recipe(_Strict):
         return bool(get_method(self.method).needs_calibration)
 
     def effective(self) -> dict[str, Any]:
-        """What determines the artifact and its metrics (not name, description or gates)."""
+        """What determines the artifact and its metrics (not name, description or gates).
+
+        The model is identified by its files' hashes in the fingerprint, not by its path here,
+        so moving a local base model does not rebuild anything.
+        """
         from quantkit.registry import get_method
 
         impl = get_method(self.method)
         return {
-            "model": self.model,
             "method": self.method,
             "scheme": self.quant_scheme().model_dump(mode="json"),
             "options": impl.Options(**self.options).model_dump(mode="json"),

@@ -47,9 +47,11 @@ def child(method: str, out: Path, nsamples: int, seqlen: int, threads: int) -> N
                                 calib={"dataset": "wiki-vital", "nsamples": nsamples, "seqlen": seqlen, "seed": 0},
                                 progress=lambda stage, done, total: log.info("%s %d/%d %.0f s", stage, done, total,
                                                                              time.perf_counter() - t_proc))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"quant_s": summary["quantize_seconds"], "process_s": time.perf_counter() - t_proc,
-                      "peak_rss_mib": peak, "size_bytes": summary["size_bytes"]}))
+                      "cpu_s": usage.ru_utime + usage.ru_stime,  # on a shared machine: divide by threads
+                      "peak_rss_mib": usage.ru_maxrss / 1024,  # KiB -> MiB on Linux
+                      "size_bytes": summary["size_bytes"]}))
 
 
 def run_child(method: str, out: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -77,18 +79,20 @@ def table(results: dict[str, dict[str, Any]], args: argparse.Namespace, seconds:
         f"Eval: first {args.windows} non-overlapping 512-token windows of wiki-vital's test text, each on its own; "
         "KL(base || model) over the full vocabulary and top-1 agreement against the fp32 base; checkpoints "
         f"reloaded with `quantkit.load` (fp32 compute). torch {torch.__version__}, {args.threads} threads, "
-        f"{platform.machine()} CPU shared with other jobs (seconds are noisy).",
+        f"{platform.machine()} CPU shared with other jobs: wall seconds are noisy; process CPU s / {args.threads} "
+        "estimates the wall time on an idle machine.",
         "",
         f"Produced by `.venv/bin/python benchmarks/awq.py` (total {seconds / 60:.1f} min).",
         "",
-        "| row | quant s | process s | peak RSS MiB | ckpt MB | ppl | KL | top-1 % |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-        f"| fp32 base | - | - | - | - | {results['base']['ppl']:.3f} | 0 | 100.00 |",
+        "| row | quant s | process s | process CPU s | peak RSS MiB | ckpt MB | ppl | KL | top-1 % |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| fp32 base | - | - | - | - | - | {results['base']['ppl']:.3f} | 0 | 100.00 |",
     ]
     for name, r in results.items():
         if name == "base":
             continue
-        lines.append(f"| {name} w4g64 | {r['quant_s']:.1f} | {r['process_s']:.1f} | {r['peak_rss_mib']:.0f} "
+        lines.append(f"| {name} w4g64 | {r['quant_s']:.1f} | {r['process_s']:.1f} | {r.get('cpu_s', float('nan')):.0f} "
+                     f"| {r['peak_rss_mib']:.0f} "
                      f"| {r['size_bytes'] / 1e6:.1f} | {r['ppl']:.3f} | {r['kl']:.4f} | {r['top1']:.2f} |")
     if "awq" in results and "rtn" in results:
         a, r = results["awq"], results["rtn"]

@@ -9,7 +9,7 @@ import torch
 
 import quantkit
 from quantkit.api import quantize
-from quantkit.calib.data import test_windows
+from quantkit.calib import data
 from quantkit.eval.quality import evaluate
 from quantkit.formats.qlinear import QuantLinear
 from quantkit.models.sources import load_model, resolve
@@ -27,7 +27,7 @@ def test_awq_w4g64_beats_rtn_on_smollm2(tmp_path):
         "awq", 4, 64, True, "gemm")
 
     base, tok = load_model(resolve("smollm2-135m"))
-    windows = test_windows(tok, seqlen=512, max_windows=3)
+    windows = data.test_windows(tok, seqlen=512, max_windows=3)
     awq = quantkit.load(tmp_path / "awq")
     assert sum(isinstance(m, QuantLinear) for m in awq.modules()) == 30 * 7
     q_awq, q_rtn = evaluate([awq, quantkit.load(tmp_path / "rtn")], windows, base=base)

@@ -156,6 +156,8 @@ def build_zoo(zoo_file: str | Path, out: str | Path, force: list[str] | None = N
     report = BuildReport()
     todo = [p for p in plans if p.reasons]
     report.up_to_date = [p.entry.name for p in plans if not p.reasons]
+    for name in report.up_to_date:  # a build killed after its final rename leaves only leftovers here
+        shutil.rmtree(out / STAGING / name, ignore_errors=True)
     if not todo:
         say(f"nothing to rebuild: all {len(plans)} entries are up to date")
     for p in todo:

@@ -71,6 +71,10 @@ class RayExecutor:
     """Entries as Ray tasks on a cluster (`address` None: $RAY_ADDRESS, else a local Ray instance)."""
 
     def __init__(self, address: str | None = None, gpus_per_entry: float | None = None, cpus_per_entry: float = 1.0):
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:  # refuse before any planning work
+            raise QuantkitError("--executor ray needs Ray: pip install 'quantkit[ray]'")
         self.address = address
         self.gpus = gpus_per_entry
         self.cpus = cpus_per_entry

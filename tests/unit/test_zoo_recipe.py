@@ -123,3 +123,18 @@ def test_quantize_recipe_errors(tmp_path):
     r = runner.invoke(app, ["quantize", "--recipe", str(bad), "-o", str(tmp_path / "o")])
     assert r.exit_code == 2 and r.stderr.strip() == (
         f"error: {bad}: calibration.nsamples: Input should be greater than or equal to 1")
+
+
+def test_executor_choice():
+    import importlib.util
+
+    from quantkit.errors import QuantkitError
+    from quantkit.zoo.executors import LocalExecutor, ProcessExecutor, make_executor
+
+    assert isinstance(make_executor("local", 1), LocalExecutor)
+    assert isinstance(make_executor("local", 3), ProcessExecutor) and make_executor("local", 3).jobs == 3
+    with pytest.raises(QuantkitError, match="unknown executor 'slurm'"):
+        make_executor("slurm")
+    if importlib.util.find_spec("ray") is None:
+        with pytest.raises(QuantkitError, match=r"needs Ray: pip install 'quantkit\[ray\]'"):
+            make_executor("ray")

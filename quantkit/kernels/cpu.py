@@ -2,7 +2,7 @@
 
 Measured on the 2-core AVX2 machine (benchmarks/kernels.py): the int4 and int8
 ops are fast only with bf16 activations (fp32/fp16 run a scalar path 10-40x
-slower), so both kernels compute in bf16 whatever the model's dtype.
+slower), so the int4/int8 kernels compute in bf16 whatever the model's dtype.
 `_dyn_quant_matmul_4bit` is fast only with KleidiAI (ARM); elsewhere it is a
 reference loop slower than the dequantizing QuantLinear, so `auto` never
 picks it there.
@@ -167,4 +167,70 @@ class CpuDynQuant4(KernelLinear):
             x = x.index_select(1, self.perm)
         y = _aten._dyn_quant_matmul_4bit(x.float().contiguous(), self.qweight, self.block,
                                          self.in_features, self.out_features)
+        return y.to(x.dtype)
+
+
+class CpuInt8Grouped(KernelLinear):
+    """8-bit with groups along the inputs: one `_weight_int8pack_mm` per group, summed in fp32.
+
+    Slower than the dense matmul (one op call per group) but far faster than the reference's
+    per-call unpacking (benchmarks/kernels.py), at 1 byte per weight.
+    w = s_g (q - z_g) = s_g (q - 128) - s_g (z_g - 128): the second part is (x summed per group) @ C.
+    """
+
+    kernel_name: ClassVar[str] = "cpu-int8-grouped"
+    priority: ClassVar[int] = 10
+    devices: ClassVar[tuple[str, ...]] = ("cpu",)
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        return _has_ops("_weight_int8pack_mm")
+
+    @classmethod
+    def refusal(cls, spec: LayerSpec) -> str | None:
+        if spec.bits != 8:
+            return f"serves 8-bit weights, the layer has {spec.bits} bits"
+        if spec.effective_group == spec.in_features:
+            return "serves grouped 8-bit weights; per-channel ones go to cpu-int8"
+        if spec.out_features % 16 or spec.effective_group % 32:
+            return (f"needs out_features % 16 == 0 and a group size divisible by 32, "
+                    f"the layer is {spec.out_features}x{spec.in_features} in groups of {spec.effective_group}")
+        if spec.g_idx == "irregular":
+            return "act-order g_idx whose groups are not runs of group_size inputs"
+        return None
+
+    @classmethod
+    def compute_dtype(cls, dtype: torch.dtype) -> torch.dtype:
+        return torch.bfloat16
+
+    def pack(self, qw: QuantizedWeight, device: torch.device) -> None:
+        out_f, in_f = qw.shape
+        gs = qw.group_size
+        n_groups = in_f // gs
+        codes = qw.codes.to(device)
+        perm = None
+        if g_idx_kind(qw.g_idx, in_f, gs) == "permutable":
+            perm = act_order_perm(qw.g_idx).to(device)
+            codes = codes[:, perm]
+        w8 = (codes.to(torch.int16) - 128).to(torch.int8)                          # (N, K)
+        self.register_buffer("qweight", w8.reshape(out_f, n_groups, gs).transpose(0, 1).contiguous())  # (G, N, gs)
+        self.register_buffer("scales", qw.scales.t().to(device=device, dtype=torch.bfloat16).contiguous())  # (G, N)
+        shift = qw.zeros.float() - 128                                               # (N, G)
+        self.register_buffer("zero_term", (qw.scales.float() * shift).t().contiguous().to(device)
+                             if bool(shift.any()) else None)                         # (G, N)
+        self.register_buffer("perm", perm)
+        self.gs = gs
+
+    def matmul(self, x: Tensor) -> Tensor:
+        if self.perm is not None:
+            x = x.index_select(1, self.perm)
+        xb = x.to(torch.bfloat16)
+        m = xb.shape[0]
+        y = torch.zeros(m, self.out_features, dtype=torch.float32, device=x.device)
+        for g in range(self.qweight.shape[0]):
+            xg = xb[:, g * self.gs:(g + 1) * self.gs].contiguous()                  # (M, gs)
+            y += _aten._weight_int8pack_mm(xg, self.qweight[g], self.scales[g]).float()
+        if self.zero_term is not None:
+            xsum = xb.float().reshape(m, -1, self.gs).sum(-1)                       # (M, G)
+            y -= xsum @ self.zero_term
         return y.to(x.dtype)

@@ -29,7 +29,8 @@ def name_of(cls) -> str:
     (spec(g_idx="permutable"), "cpu-int4"),
     (spec(g_idx="irregular"), "reference"),
     (spec(bits=8, group=-1), "cpu-int8"),
-    (spec(bits=8, group=64), "reference"),          # grouped 8-bit: no measured kernel beats the reference
+    (spec(bits=8, group=64), "cpu-int8-grouped"),
+    (spec(bits=8, group=64, g_idx="permutable"), "cpu-int8-grouped"),
     (spec(out_f=200), "reference"),                 # the int4 packer needs out_features % 16 == 0
     (spec(dtype=torch.bfloat16), "cpu-int4"),
 ])
@@ -58,6 +59,7 @@ def test_reference_and_unknown_names():
     ("cpu-int8", spec(bits=4), "serves 8-bit weights, the layer has 4 bits"),
     ("cpu-int8", spec(bits=8, group=64), "serves one group per output channel"),
     ("cpu-int4", spec(bits=8, group=-1), "serves 2-, 3- and 4-bit weights"),
+    ("cpu-int8-grouped", spec(bits=8, group=-1), "per-channel ones go to cpu-int8"),
     ("cpu-int4", spec(g_idx="irregular"), "act-order g_idx whose groups are not runs"),
     ("cpu-dyn4", spec(sym=False), "serves symmetric 4-bit weights"),
     ("cuda-tinygemm", spec(), "runs on cuda only, the model is on cpu"),
@@ -170,7 +172,7 @@ def _logits(model, seed=0):
         return model(ids).logits.float()
 
 
-@pytest.mark.parametrize("ck,want", [("w4", {"cpu-int4": 14}), ("w8", {"cpu-int8": 14}), ("w8g32", {"reference": 14})])
+@pytest.mark.parametrize("ck,want", [("w4", {"cpu-int4": 14}), ("w8", {"cpu-int8": 14}), ("w8g32", {"cpu-int8-grouped": 14})])
 def test_load_auto_serves_each_layer_and_matches_reference(checkpoints, ck, want):
     ref = quantkit.load(checkpoints[ck])
     assert kernels_used(ref) == {"reference": 14}

@@ -66,7 +66,7 @@ def merge(parts: list[Quality]) -> Quality:
     return Quality(ppl=math.exp(nll), nll=nll, tokens=tokens, kl=kl, top1=top1)
 
 
-def table(results: list[dict[str, Any]], windows: int, seconds: float, total: int) -> str:
+def table(results: list[dict[str, Any]], base_q: Quality, windows: int, seconds: float, total: int) -> str:
     lines = [
         f"# bitsandbytes methods on {MODEL}",
         "",
@@ -82,7 +82,7 @@ def table(results: list[dict[str, Any]], windows: int, seconds: float, total: in
         "| row | method | options | stored non-quantized | quant s | ckpt MB | bits/weight | ppl | KL | top-1 % "
         "| peer ppl | peer KL | peer top-1 % | peer MB |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        "| fp32 base | - | - | float32 | - | 541.6 | 32 | 14.817 (peer run) | 0 | 100.00 | 14.817 | 0 | 100.00 | 541.6 |",
+        f"| fp32 base | - | - | float32 | - | 541.6 | 32 | {base_q.ppl:.3f} | 0 | 100.00 | 14.817 | 0 | 100.00 | 541.6 |",
     ]
     for r in results:
         q: Quality = r["quality"]
@@ -138,13 +138,15 @@ def main() -> None:
 
         # Score in chunks and rewrite the table after each, so a stopped run still leaves its figures.
         args.out.parent.mkdir(parents=True, exist_ok=True)
+        # The base is scored as a model too: its ppl on the same windows is the reference for the rows'.
         parts: list[list[Quality]] = []
         for start in range(0, len(windows), args.chunk):
-            parts.append(evaluate(models, windows[start:start + args.chunk], base=base))
+            parts.append(evaluate([base, *models], windows[start:start + args.chunk], base=base))
             done = min(start + args.chunk, len(windows))
+            base_q = merge([p[0] for p in parts])
             for i, r in enumerate(results):
-                r["quality"] = merge([p[i] for p in parts])
-            args.out.write_text(table(results, done, time.perf_counter() - t_start, len(windows)))
+                r["quality"] = merge([p[i + 1] for p in parts])
+            args.out.write_text(table(results, base_q, done, time.perf_counter() - t_start, len(windows)))
             log.info("windows %d/%d (%.0f s): %s", done, len(windows), time.perf_counter() - t_start,
                      ", ".join(f"{r['name']} ppl {r['quality'].ppl:.3f}" for r in results))
     log.info("wrote %s", args.out)

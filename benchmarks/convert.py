@@ -5,8 +5,8 @@ tensor by tensor into a temporary folder under /tmp and deleted afterwards) with
 GPTQ w4g128 checkpoint of the same config (random codes, fp16 scales).
 Conversions: HF -> GGUF q8_0, GPTQ -> AWQ, GPTQ -> compressed-tensors.
 
-Each conversion runs in its own subprocess: peak RSS is that process's ru_maxrss, reported
-above its RSS right after imports (the interpreter's baseline). Throughput is input bytes
+Each conversion runs in its own subprocess: peak RSS is sampled every 2 ms during the conversion
+and reported above the RSS right after imports (the interpreter's baseline). Throughput is input bytes
 per second; "copy" is shutil.copyfile of the same input weights.
 The table goes to benchmarks/results/convert.md.
 
@@ -37,19 +37,40 @@ BIG = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_a
 
 
 def child(src: str, to: str, out: str, gguf_type: str) -> None:
-    """Run one conversion; print JSON {seconds, baseline_rss, peak_rss} (bytes)."""
-    import resource
+    """Run one conversion; print JSON {seconds, baseline_rss, peak_rss} (bytes).
+
+    The peak is sampled every 2 ms by a thread during the conversion only: ru_maxrss would also
+    count transient peaks of the imports, which happen before the baseline is taken.
+    """
+    import threading
 
     import psutil
 
+    import transformers  # noqa: F401  - the libraries a conversion uses count as the baseline, not its data
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
+    import quantkit.convert.folder  # noqa: F401
+    import quantkit.convert.gguf_export  # noqa: F401
     from quantkit.convert import convert
 
-    base = psutil.Process().memory_info().rss
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            done.wait(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     t0 = time.perf_counter()
     convert(src, to, out, gguf_type=gguf_type)
     dt = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"seconds": dt, "baseline_rss": base, "peak_rss": peak}))
+    done.set()
+    sampler.join()
+    print(json.dumps({"seconds": dt, "baseline_rss": base, "peak_rss": max(peak[0], proc.memory_info().rss)}))
 
 
 def weights_bytes(folder: Path) -> int:
@@ -166,7 +187,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, CPU shared with other jobs. "
         "Command: `flock /tmp/quantkit-heavy.lock .venv/bin/python benchmarks/convert.py`.",
-        "Peak RSS is the conversion subprocess's ru_maxrss minus its RSS after imports (the interpreter baseline). "
+        "Peak RSS: the conversion subprocess's RSS sampled every 2 ms during the conversion, minus its RSS after importing quantkit.convert, transformers and gguf (the interpreter baseline). "
         "Rates are input weight bytes per second; copy = shutil.copyfile of the same files just before.",
         "",
         "| model | conversion | input | time (s) | peak RSS above baseline | baseline RSS | rate | copy rate | rate / copy |",

@@ -132,7 +132,7 @@ def _producer(ck: Checkpoint, hf_name: str, qtype: Q, perm: torch.Tensor | None,
             qw.bias = None
             w: Any = permute_rows(qw, perm) if perm is not None else qw
         else:
-            w = ck.tensor(hf_name).float()
+            w = ck.tensor(hf_name)  # kept in its dtype: encode_float converts chunk by chunk
             w = w[perm] if perm is not None else w
         return encode_weight(w, qtype, hf_name, stats)
     return run

@@ -65,14 +65,28 @@ def byte_shape(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> tuple[tup
     return (*shape[:-1], shape[-1] // block * size), np.dtype(np.uint8)
 
 
+CHUNK = 1 << 22  # elements quantized at a time: bounds the float32 intermediates of a large embedding
+
+
 def encode_float(w: Tensor, qtype: GGMLQuantizationType) -> np.ndarray:
-    """A float tensor in `qtype` (round to nearest with the gguf package's reference quantizers)."""
-    a = w.detach().to(torch.float32).cpu().numpy()
+    """A float tensor (any float dtype) in `qtype`, rounding to nearest with the gguf package's quantizers.
+
+    Rows are converted in chunks of about CHUNK elements, so the memory beyond the output
+    array is one chunk, not a float32 copy of the whole tensor.
+    """
+    w = w.detach().cpu()
     if qtype == Q.F32:
-        return a
+        return w.to(torch.float32).numpy()
     if qtype == Q.F16:
-        return a.astype(np.float16)
-    return gq.quantize(a, qtype)
+        return w.to(torch.float16).numpy()
+    if w.dim() == 1:
+        return gq.quantize(w.to(torch.float32).numpy(), qtype)
+    shape, dtype = byte_shape(tuple(w.shape), qtype)
+    out = np.empty(shape, dtype)
+    step = max(1, CHUNK // w.shape[-1])
+    for r in range(0, w.shape[0], step):
+        out[r:r + step] = gq.quantize(w[r:r + step].to(torch.float32).numpy(), qtype)
+    return out
 
 
 def _nibbles(q: np.ndarray) -> np.ndarray:

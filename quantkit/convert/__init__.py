@@ -64,6 +64,8 @@ def convert(src: str | Path, to: str, out: str | Path, *, dtype: torch.dtype | s
         raise QuantkitError(f"GGUF output {out} must end in .gguf")
     if to != "gguf":
         check_output(out, force)
+    if imatrix is not None and (to != "gguf" or (Path(imatrix).exists() and not force)):
+        raise QuantkitError(f"--imatrix goes with --to gguf and a new file; {imatrix} exists or the target is {to}")
     facts: dict[str, Any]
     exact = conv.exact
     if to == "gguf":

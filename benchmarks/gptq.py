@@ -33,6 +33,12 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _cpu_s() -> float:
+    """CPU seconds of this process (user + system): comparable across runs on a busy machine."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _rss_mib() -> float:
     import psutil
 
@@ -47,7 +53,8 @@ def child_quantkit(a: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     s = quantize(MODEL, a.method, a.out, scheme=dict(PRESETS[a.preset]), device="cpu", force=True,
                  calib={"nsamples": a.nsamples, "seqlen": a.seqlen, "batch_size": 8})
-    return {"quant_s": s["quantize_seconds"], "process_s": time.perf_counter() - t0, "peak_mib": _peak_mib()}
+    return {"quant_s": s["quantize_seconds"], "process_s": time.perf_counter() - t0, "peak_mib": _peak_mib(),
+            "cpu_s": _cpu_s()}
 
 
 def child_gptqmodel(a: argparse.Namespace) -> dict:
@@ -66,7 +73,7 @@ def child_gptqmodel(a: argparse.Namespace) -> dict:
     model.quantize(calib, batch_size=8)
     quant_s = time.perf_counter() - t1
     model.save(a.out)
-    return {"quant_s": quant_s, "process_s": time.perf_counter() - t0, "peak_mib": _peak_mib()}
+    return {"quant_s": quant_s, "process_s": time.perf_counter() - t0, "peak_mib": _peak_mib(), "cpu_s": _cpu_s()}
 
 
 def child_offload(a: argparse.Namespace) -> dict:
@@ -180,15 +187,16 @@ def markdown(a: argparse.Namespace, rows: list[dict], off: list[dict]) -> str:
              f"Calibration: wiki-vital, {a.nsamples} x {a.seqlen} tokens (random.Random(0)); evaluation: first "
              f"{a.windows} test windows of 512 tokens; fp32 CPU, {a.threads} threads; asymmetric, no act-order.",
              "Each quantization ran in its own process: `quant s` is the quantize call, `process s` includes "
-             "model load and save, `peak RSS` is the process's ru_maxrss.", "",
-             "| setting | library | quant s | process s | peak RSS MiB | ppl | KL | top-1 % |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "model load and save, `CPU s` its user+system CPU time (what a busy machine cannot inflate much), "
+             "`peak RSS` its ru_maxrss.", "",
+             "| setting | library | quant s | process s | CPU s | peak RSS MiB | ppl | KL | top-1 % |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r.get("failed"):
-            lines.append(f"| {r['setting']} | {r['library']} | FAILED (see the log) ||||||")
+            lines.append(f"| {r['setting']} | {r['library']} | FAILED (see the log) |||||||")
             continue
         lines.append(f"| {r['setting']} | {r['library']} | {r['quant_s']:.1f} | {r['process_s']:.1f} | "
-                     f"{r['peak_mib']:.0f} | {_f(r.get('ppl'), '.3f')} | {_f(r.get('kl'), '.4f')} | "
+                     f"{_f(r.get('cpu_s'), '.0f')} | {r['peak_mib']:.0f} | {_f(r.get('ppl'), '.3f')} | {_f(r.get('kl'), '.4f')} | "
                      f"{_f(r.get('top1'), '.2f')} |")
     by = {(r["setting"], r["library"]): r for r in rows if not r.get("failed")}
     notes = []

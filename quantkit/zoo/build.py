@@ -118,8 +118,8 @@ def plan(entries: list[Entry], out: Path, force: list[str], device: str, zoo_nam
             reasons = ["forced"]
         if reasons == ["new"] and (out / STAGING / e.name).is_dir():
             reasons = ["resuming an interrupted build"]
-        task = Task(name=e.name, recipe=e.recipe.model_dump(mode="json"), model_path=str(path), out=str(out),
-                    inputs=inputs.as_dict(), device=device,
+        task = Task(name=e.name, recipe=e.recipe.model_dump(mode="json"), model_path=str(path), model=model,
+                    out=str(out.resolve()), inputs=inputs.as_dict(), device=device,
                     card={"base_model": e.base_model, "license": license_, "model_name": e.model_name, "zoo": zoo_name})
         plans.append(Plan(e, task, reasons))
     cache.save()

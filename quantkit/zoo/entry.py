@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +41,13 @@ class Task:
 
     name: str
     recipe: dict[str, Any]          # Recipe.model_dump(mode="json")
-    model_path: str                 # local base model (folder or .gguf)
+    model_path: str                 # local base model (folder or .gguf) as the driver resolved it
     out: str                        # the zoo folder DIR
     inputs: dict[str, Any]          # Inputs.as_dict()
     card: dict[str, Any] = field(default_factory=dict)   # base_model, license, model_name, zoo
     device: str = "auto"
     threads: int | None = None
+    model: str = ""                 # the model as the zoo names it (a Ray node without model_path resolves this)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -129,6 +130,10 @@ def build_entry(task: Task) -> dict[str, Any]:
 
         torch.set_num_threads(task.threads)
     recipe = Recipe(**task.recipe)
+    if task.model and not Path(task.model_path).exists():  # another machine: its own download of the same model
+        from quantkit.zoo.fingerprint import local_model
+
+        task = replace(task, model_path=str(local_model(task.model)[0]))
     out = Path(task.out)
     staging = out / STAGING / task.name
     ckpt, eval_file, inputs_file = staging / "checkpoint", staging / "eval.json", staging / "inputs.json"

@@ -84,7 +84,7 @@ def child_offload(a: argparse.Namespace) -> dict:
     tmp = Path(a.out)
     folder = tmp / f"llama{a.layers}"
     if not (folder / "config.json").is_file():  # the parent builds it; a child never writes the model twice
-        make_model(folder, llama_config(layers=a.layers, hidden=512, inter=1536))
+        make_model(folder, llama_config(layers=a.layers, hidden=a.hidden, inter=3 * a.hidden))
     text = write_text(tmp / "calib.txt")
     before = _rss_mib()
     t0 = time.perf_counter()
@@ -170,10 +170,11 @@ def offload_runs(a: argparse.Namespace, tmp: Path) -> list[dict]:
 
     rows = []
     for layers in a.depths:
-        make_model(tmp / f"llama{layers}", llama_config(layers=layers, hidden=512, inter=1536))
+        make_model(tmp / f"llama{layers}", llama_config(layers=layers, hidden=a.hidden, inter=3 * a.hidden))
         for mode in ("none", "disk"):
             res = _spawn(sys.executable, ["--child", "offload", "--layers", str(layers), "--offload", mode,
-                                          "--out", str(tmp), "--threads", str(a.threads)], tmp, f"off{layers}-{mode}")
+                                          "--hidden", str(a.hidden), "--out", str(tmp), "--threads", str(a.threads)],
+                         tmp, f"off{layers}-{mode}")
             rows.append({"layers": layers, "offload": mode, **(res or {"failed": True})})
     return rows
 
@@ -210,7 +211,7 @@ def markdown(a: argparse.Namespace, rows: list[dict], off: list[dict]) -> str:
     if notes:
         lines += ["", "Ratios:", *notes]
     if off:
-        lines += ["", "## Disk offload: peak RSS vs depth (tiny random Llama, hidden 512, w4g64, GPTQ)", "",
+        lines += ["", f"## Disk offload: peak RSS vs depth (tiny random Llama, hidden {a.hidden}, w4g64, GPTQ)", "",
                   "`peak - start` is the growth of the quantizing process over its RSS just before `quantize`.", "",
                   "| layers | offload | block MiB | model MiB | s | RSS at start MiB | peak RSS MiB | peak - start MiB |",
                   "|---:|---|---:|---:|---:|---:|---:|---:|"]
@@ -235,6 +236,7 @@ def main() -> None:
     ap.add_argument("--quality", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--offload-demo", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--depths", type=lambda s: [int(x) for x in s.split(",")], default=[4, 16, 64])
+    ap.add_argument("--hidden", type=int, default=256, help="hidden size of the offload demo's tiny Llamas")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gptq.md")
     # child-process arguments
     ap.add_argument("--child", choices=["quantkit", "gptqmodel", "offload"])

@@ -90,7 +90,7 @@ def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantSc
         "method": method,
         "model": str(model),
         "out": str(out),
-        "scheme": job.scheme.model_dump(mode="json"),
+        "scheme": job.scheme.model_dump(mode="json") if getattr(impl, "uses_scheme", True) else {"skip": list(job.scheme.skip)},
         "calibration": job.calib.model_dump() if impl.needs_calibration else None,
         "options": opts.model_dump(mode="json"),
         "device": str(job.device),

@@ -43,6 +43,8 @@ class Method(Protocol):
     description: ClassVar[str]
     needs_calibration: ClassVar[bool]
     formats: ClassVar[tuple[str, ...]]
+    # uses_scheme (optional, default True): False for methods whose bits/grid are fixed (bitsandbytes);
+    # the CLI then refuses --bits/--group-size/--preset for them.
     Options: ClassVar[type[BaseModel]]  # method-specific options, extra="forbid"
 
     def quantize(self, job: Any) -> Any: ...

@@ -224,6 +224,7 @@ class _Bitsandbytes(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     needs_calibration: ClassVar[bool] = False
+    uses_scheme: ClassVar[bool] = False  # bits and grid are fixed by bitsandbytes; only the skip list applies
     formats: ClassVar[tuple[str, ...]] = (QUANT_METHOD,)
     Options: ClassVar[type[BaseModel]]
 

@@ -120,3 +120,9 @@ def test_eval_row_for_broken_checkpoint(tiny_llama, tmp_path, text_file):
     assert r.exit_code == 0, r.output
     rows = json.loads(r.stdout)["rows"]
     assert rows[1]["error"]
+
+
+def test_scheme_flags_refused_for_fixed_format_methods(tiny_llama, tmp_path):
+    r = run("quantize", str(tiny_llama), "-m", "nf4", "--bits", "4", "-o", str(tmp_path / "o"))
+    assert_user_error(r, "--bits does not apply to method nf4")
+    assert not (tmp_path / "o").exists()

@@ -10,6 +10,8 @@ next block see the quantized model.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -147,6 +149,15 @@ def quantize_group(group: _Group, h: torch.Tensor, params: GPTQParams) -> dict[s
     return out
 
 
+def release_heap() -> None:
+    """Return freed C-heap pages to the OS (glibc's malloc_trim); a no-op elsewhere."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:
     return QuantizedWeight(codes=qw.codes.cpu(), scales=qw.scales.cpu(), zeros=qw.zeros.cpu(), g_idx=qw.g_idx.cpu(),
                            bits=qw.bits, group_size=qw.group_size, sym=qw.sym,
@@ -186,6 +197,17 @@ class GPTQ(WeightOnlyMethod):
     Options = GPTQOptions
 
     def quantize(self, job: QuantJob) -> PackedArtifact:
+        self._samples = None
+        if job.source.kind == "folder":
+            # Tokenizing the calibration corpus is the largest transient of the run (~600 MB for
+            # wiki-vital): do it before the model is in memory, then hand the freed heap back.
+            from quantkit.models.sources import _load_tokenizer
+
+            tok = _load_tokenizer(job.source.path, job.trust_remote_code)
+            if tok is not None:
+                self._samples = self.calibration(tok, job)
+                del tok
+                release_heap()
         if job.options.offload == "disk":
             from quantkit.calib.offload import quantize_offloaded
 
@@ -203,13 +225,22 @@ class GPTQ(WeightOnlyMethod):
         if tokenizer is None:
             raise QuantkitError("GPTQ needs a tokenizer for calibration; add tokenizer files to the model folder")
         c = job.calib
-        samples = calibration_samples(tokenizer, c.dataset, c.nsamples, c.seqlen, c.seed, c.text_field)
-        self._fingerprint = fingerprint(samples)
+        samples = getattr(self, "_samples", None)
+        if samples is None:
+            samples = self.calibration(tokenizer, job)
+        self._samples = None
         params, targets, seq = self.params(job), set(layers), job.options.true_sequential
         log.info("GPTQ: %d Linears, %d samples x %d tokens, true_sequential=%s", len(layers), len(samples),
                  samples.shape[1], seq)
         return run_sequential(model, spec, samples, lambda calib: gptq_block(calib, spec, targets, params, seq),
                               device=job.device, batch_size=c.batch_size, blocks=blocks, progress=job.progress)
+
+    def calibration(self, tokenizer: Any, job: QuantJob) -> torch.Tensor:
+        """(nsamples, seqlen) token ids of the job's calibration windows; remembers their fingerprint."""
+        c = job.calib
+        samples = calibration_samples(tokenizer, c.dataset, c.nsamples, c.seqlen, c.seed, c.text_field)
+        self._fingerprint = fingerprint(samples)
+        return samples
 
     def describe(self, job: QuantJob) -> dict[str, Any]:
         opts = job.options.model_dump(mode="json")

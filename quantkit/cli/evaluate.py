@@ -28,6 +28,7 @@ def eval_cmd(
     batch: Annotated[int, typer.Option("--batch", min=1, help="Batch size of the throughput run.")] = 8,
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed runs after warm-up (the median is quoted).")] = 3,
     device: Device = "auto",
+    kernel: Annotated[str, typer.Option("--kernel", help="Kernel for the speed pass: auto (fastest per layer), reference, or a name from quantkit.kernels (quality always uses the exact reference maths).")] = "auto",
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Reuse the base's results cached by content hash.")] = True,
     cache_gb: Annotated[float, typer.Option("--cache-gb", min=0.0, help="Disk budget for the base's log-prob spill and cache; above it the base is recomputed beside each model.")] = 8.0,
     markdown_out: Annotated[Optional[Path], typer.Option("--markdown", help="Also write the table as Markdown.")] = None,
@@ -53,7 +54,8 @@ def eval_cmd(
     with progress_bar(not quiet, "eval") as bar:
         result = evaluate_paths(paths, base=base, dataset=dataset, seqlen=seqlen, max_windows=max_windows or None,
                                 device=device, text_field=text_field, progress=bar, stride=stride, split=split,
-                                dtype=dtype, speed=speed_cfg, cache=cache, cache_budget_gb=cache_gb)
+                                dtype=dtype, speed=speed_cfg, cache=cache, cache_budget_gb=cache_gb,
+                                kernel=kernel)
     emit_json(result, json_out)
     if markdown_out is not None:
         markdown_out.write_text(markdown(result))

@@ -35,16 +35,18 @@ from quantkit.eval.memory import PeakMemory, model_bytes, release
 from quantkit.eval.quality import Accumulator, base_logprobs, renormalize, score_window, scored_logits, token_nll
 from quantkit.eval.speed import SpeedConfig, measure
 from quantkit.formats.loader import load
+from quantkit.kernels import check_kernel_name, kernels_used
 from quantkit.models.sources import load_tokenizer, resolve
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 ROW_KEYS = (
     "model", "label", "method", "format", "scheme", "size_bytes", "bits_per_weight", "is_base", "cached", "error",
     "ppl", "nll", "tokens", "kl", "kl_p99", "top1", "delta_ppl_pct",
     "load_seconds", "load_peak_bytes", "weights_bytes", "eval_seconds", "eval_tokens_per_s", "eval_peak_bytes",
     "ttft_ms", "tps", "throughput_tps", "rel_speed", "gen_peak_bytes", "peak_bytes", "attn_implementation",
+    "kernels",
 )
 QUALITY_KEYS = ("ppl", "nll", "tokens", "kl", "kl_p99", "top1", "delta_ppl_pct", "eval_seconds", "eval_tokens_per_s",
                 "eval_peak_bytes")
@@ -75,8 +77,9 @@ class Run:
     """One `quantkit eval` run: the shared protocol, device, cache and base."""
 
     def __init__(self, ev: protocol.EvalData, device: torch.device, dtype: torch.dtype, speed: SpeedConfig | None,
-                 store: BaseCache, progress: Progress | None):
+                 store: BaseCache, progress: Progress | None, kernel: str = "reference"):
         self.ev, self.device, self.dtype, self.speed = ev, device, dtype, speed
+        self.kernel = kernel  # serves the speed pass; quality is always scored on the exact reference maths
         self.store, self.progress = store, progress
         self.prompts = protocol.prompts(ev, speed.batch, speed.prompt_len) if speed else None
         self.spill: Spill | None = None
@@ -89,11 +92,12 @@ class Run:
             self.progress(label, done, total)
 
     # ---- loading, timing, memory -------------------------------------------------
-    def load(self, row: dict[str, Any]) -> nn.Module:
+    def load(self, row: dict[str, Any], kernel: str = "reference") -> nn.Module:
         """Load row["model"]; memory is measured from here (the previous model was released after its row)."""
         with PeakMemory(self.device) as pm:
             t0 = time.perf_counter()
-            model = load(row["model"], device=self.device, dtype=self.dtype).eval()
+            model = load(row["model"], device=self.device, dtype=self.dtype, kernel=kernel).eval()
+            row["kernels"] = kernels_used(model) or None
             row["load_seconds"] = round(time.perf_counter() - t0, 3)
         row["_baseline"] = pm.start_bytes
         row["load_peak_bytes"] = pm.peak_bytes
@@ -210,6 +214,10 @@ class Run:
             model = self.load(row)
             self.score(model, row)
             if self.speed is not None:
+                if self.kernel != "reference" and row["kernels"]:
+                    del model
+                    release(self.device)
+                    model = self.load(row, self.kernel)  # the speed pass runs on the fastest kernels
                 self.measure_speed(model, row)
         except Exception as exc:  # noqa: BLE001 - one row records why; the other rows still complete
             log.warning("%s: %s", name, _reason(exc))
@@ -240,11 +248,12 @@ def evaluate_paths(paths: list[str], base: str | None = None, dataset: str = "wi
                    max_windows: int | None = 40, device: torch.device | str = "cpu", text_field: str = "text",
                    progress: Progress | None = None, *, stride: int | None = None, split: str = "auto",
                    dtype: str | None = None, speed: SpeedConfig | None = None, cache: bool = True,
-                   cache_budget_gb: float = 8.0, cache_root: Any = None) -> dict[str, Any]:
+                   cache_budget_gb: float = 8.0, cache_root: Any = None, kernel: str = "auto") -> dict[str, Any]:
     """Score `paths` (and `base`, marked and first) on the same windows; KL and top-1 against the base.
 
     seqlen None -> 2048 on CUDA, 512 on CPU; dtype None -> float16 on CUDA, float32 on CPU;
-    max_windows None -> every window; speed None -> no speed measurement.
+    max_windows None -> every window; speed None -> no speed measurement. `kernel` serves the
+    quantized Linears in the speed pass ("auto": fastest per layer); quality uses the reference maths.
     """
     if not paths and base is None:
         raise QuantkitError("nothing to evaluate: give at least one model path (and optionally --base)")
@@ -256,7 +265,8 @@ def evaluate_paths(paths: list[str], base: str | None = None, dataset: str = "wi
     ev = protocol.build(load_tokenizer(resolve(base if base is not None else paths[0])), dataset, seqlen, stride,
                         max_windows, text_field, split)
     store = BaseCache(cache_root, int(cache_budget_gb * (1 << 30)), persist=cache)
-    run = Run(ev, dev, torch_dtype, speed, store, progress)
+    check_kernel_name(kernel)
+    run = Run(ev, dev, torch_dtype, speed, store, progress, kernel)
     rows: list[dict[str, Any]] = []
     try:
         if base is not None:

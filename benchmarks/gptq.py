@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests.tiny builds the offload demo's random models
 MODEL = "smollm2-135m"
 log = logging.getLogger("bench.gptq")
 

@@ -25,8 +25,8 @@ def _message(exc: BaseException) -> tuple[str, int] | None:
         return f"out of memory: {str(exc).splitlines()[0]} (try fewer --nsamples, a smaller --seqlen or --offload disk)", 1
     if isinstance(exc, MemoryError):
         return "out of host memory (try fewer --nsamples, a smaller --seqlen or --offload disk)", 1
-    if isinstance(exc, (click.exceptions.Exit, click.exceptions.ClickException, click.exceptions.Abort)):
-        return None
+    if type(exc).__module__.startswith(("click", "typer")):
+        return None  # Exit, usage errors, --help: click/typer (which vendors its own click) handle their own
     return f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (rerun with --debug for the traceback)", 1
 
 

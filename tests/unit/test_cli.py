@@ -126,3 +126,14 @@ def test_scheme_flags_refused_for_fixed_format_methods(tiny_llama, tmp_path):
     r = run("quantize", str(tiny_llama), "-m", "nf4", "--bits", "4", "-o", str(tmp_path / "o"))
     assert_user_error(r, "--bits does not apply to method nf4")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args", [["--help"], ["quantize", "--help"], ["eval", "--help"], ["zoo", "--help"], ["convert", "--help"]])
+def test_help_is_not_an_error(args):
+    r = run(*args)
+    assert r.exit_code == 0 and "internal error" not in r.output and "Usage" in r.output
+
+
+def test_usage_error_exits_2():
+    r = run("quantize")
+    assert r.exit_code == 2 and "internal error" not in r.output

@@ -79,7 +79,10 @@ def demo(ctx: typer.Context,
     with progress_bar(not quiet, "demo") as bar:
         result = run_demo(out, only=only, max_windows=max_windows, device=resolve_device(device), force=force,
                           progress=bar, log_line=None if quiet else ui.err.print)
+    from quantkit.eval.plot import plot
+
     (out / "results.md").write_text(markdown(result))
+    plot(result, out / "results.png")
     emit_json(result, json_out or str(out / "results.json"))
     if not quiet:
         ui.out.print(rich_table(result))

@@ -165,3 +165,9 @@ class KernelLinear(QuantLinear, ABC):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", kernel={self.kernel_name}"
+
+
+def missing_ops(*names: str) -> str | None:
+    """Why a kernel is unavailable: the aten ops this torch build lacks (None when all exist)."""
+    missing = [n for n in names if not hasattr(torch.ops.aten, n)]
+    return f"this torch ({torch.__version__}) has no {', '.join(missing)}" if missing else None

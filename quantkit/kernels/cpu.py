@@ -16,15 +16,10 @@ import torch
 from torch import Tensor
 
 from quantkit.grid import QuantizedWeight
-from quantkit.kernels.base import KernelLinear, LayerSpec, act_order_perm, g_idx_kind
+from quantkit.kernels.base import KernelLinear, LayerSpec, act_order_perm, g_idx_kind, missing_ops
 from quantkit.kernels.int4 import int4_parts, int4_refusal
 
 _aten = torch.ops.aten
-
-
-def _has_ops(*names: str) -> str | None:
-    missing = [n for n in names if not hasattr(_aten, n)]
-    return f"this torch ({torch.__version__}) has no {', '.join(missing)}" if missing else None
 
 
 class CpuInt4(KernelLinear):
@@ -36,7 +31,7 @@ class CpuInt4(KernelLinear):
 
     @classmethod
     def unavailable(cls) -> str | None:
-        return _has_ops("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu")
+        return missing_ops("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu")
 
     @classmethod
     def refusal(cls, spec: LayerSpec) -> str | None:
@@ -62,7 +57,27 @@ class CpuInt4(KernelLinear):
         return y.to(x.dtype)
 
 
-class CpuInt8(KernelLinear):
+class _CpuInt8Base(KernelLinear):
+    """What the two int8 kernels share: `_weight_int8pack_mm` on CPU, 8-bit codes only."""
+
+    devices: ClassVar[tuple[str, ...]] = ("cpu",)
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        return missing_ops("_weight_int8pack_mm")
+
+    @classmethod
+    def refusal(cls, spec: LayerSpec) -> str | None:
+        if spec.bits != 8:
+            return f"serves 8-bit weights, the layer has {spec.bits} bits"
+        return cls.grid_refusal(spec)
+
+    @classmethod
+    def grid_refusal(cls, spec: LayerSpec) -> str | None:
+        return None
+
+
+class CpuInt8(_CpuInt8Base):
     """8-bit per output channel, sym or asym: `_weight_int8pack_mm` (int8 weights, one scale per row).
 
     Codes q in [0, 256) with zero z become int8 (q - 128); the zero's share is a rank-1 term:
@@ -71,16 +86,9 @@ class CpuInt8(KernelLinear):
 
     kernel_name: ClassVar[str] = "cpu-int8"
     priority: ClassVar[int] = 30
-    devices: ClassVar[tuple[str, ...]] = ("cpu",)
 
     @classmethod
-    def unavailable(cls) -> str | None:
-        return _has_ops("_weight_int8pack_mm")
-
-    @classmethod
-    def refusal(cls, spec: LayerSpec) -> str | None:
-        if spec.bits != 8:
-            return f"serves 8-bit weights, the layer has {spec.bits} bits"
+    def grid_refusal(cls, spec: LayerSpec) -> str | None:
         if spec.effective_group != spec.in_features:
             return f"serves one group per output channel, the layer has groups of {spec.group_size}"
         # shapes outside these multiples crash the op in torch 2.13 (seen at 7x33 in bf16)
@@ -123,7 +131,7 @@ class CpuDynQuant4(KernelLinear):
 
     @classmethod
     def unavailable(cls) -> str | None:
-        return _has_ops("_dyn_quant_pack_4bit_weight", "_dyn_quant_matmul_4bit")
+        return missing_ops("_dyn_quant_pack_4bit_weight", "_dyn_quant_matmul_4bit")
 
     @classmethod
     def rank(cls, spec: LayerSpec) -> int:
@@ -170,7 +178,7 @@ class CpuDynQuant4(KernelLinear):
         return y.to(x.dtype)
 
 
-class CpuInt8Grouped(KernelLinear):
+class CpuInt8Grouped(_CpuInt8Base):
     """8-bit with groups along the inputs: one `_weight_int8pack_mm` per group, summed in fp32.
 
     Slower than the dense matmul (one op call per group) but far faster than the reference's
@@ -180,16 +188,9 @@ class CpuInt8Grouped(KernelLinear):
 
     kernel_name: ClassVar[str] = "cpu-int8-grouped"
     priority: ClassVar[int] = 10
-    devices: ClassVar[tuple[str, ...]] = ("cpu",)
 
     @classmethod
-    def unavailable(cls) -> str | None:
-        return _has_ops("_weight_int8pack_mm")
-
-    @classmethod
-    def refusal(cls, spec: LayerSpec) -> str | None:
-        if spec.bits != 8:
-            return f"serves 8-bit weights, the layer has {spec.bits} bits"
+    def grid_refusal(cls, spec: LayerSpec) -> str | None:
         if spec.effective_group == spec.in_features:
             return "serves grouped 8-bit weights; per-channel ones go to cpu-int8"
         if spec.out_features % 16 or spec.effective_group % 32:

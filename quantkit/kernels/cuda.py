@@ -17,7 +17,7 @@ from torch import Tensor
 
 from quantkit.formats.layouts import GPTQLayout
 from quantkit.grid import QuantizedWeight
-from quantkit.kernels.base import KernelLinear, LayerSpec
+from quantkit.kernels.base import KernelLinear, LayerSpec, missing_ops
 from quantkit.kernels.int4 import int4_parts, int4_refusal
 
 _aten = torch.ops.aten
@@ -43,9 +43,7 @@ class CudaTinygemm(KernelLinear):
 
     @classmethod
     def unavailable(cls) -> str | None:
-        ops = ("_convert_weight_to_int4pack", "_weight_int4pack_mm")
-        missing = [n for n in ops if not hasattr(_aten, n)]
-        return f"this torch ({torch.__version__}) has no {', '.join(missing)}" if missing else None
+        return missing_ops("_convert_weight_to_int4pack", "_weight_int4pack_mm")
 
     @classmethod
     def refusal(cls, spec: LayerSpec) -> str | None:

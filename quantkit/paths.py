@@ -50,3 +50,19 @@ def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
     else:
         os.replace(tmp, out)
     os.chmod(out, 0o755)
+
+
+@contextmanager
+def atomic_file(out: Path) -> Iterator[Path]:
+    """Yield a temporary file path beside `out`; it replaces `out` only if the body completes."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, out)

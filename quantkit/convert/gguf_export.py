@@ -9,9 +9,7 @@ the file is written tensor by tensor: peak memory is one tensor, not the model.
 from __future__ import annotations
 
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +19,11 @@ from gguf import GGML_QUANT_VERSION, MODEL_ARCH, MODEL_ARCH_NAMES, GGUFWriter, M
 from gguf.lazy import LazyNumpyTensor
 
 from quantkit.convert.gguf_tensors import (FILE_TYPES, GGUF_TYPES, TYPE_BITS, EncodeStats, Q, byte_shape,
-                                           encode_weight, permute_rows, qk_permutation)
+                                           encode_weight, permute_rows, qk_permutation, write_gguf)
 from quantkit.convert.gguf_vocab import add_tokenizer
 from quantkit.convert.source import Checkpoint, open_checkpoint
 from quantkit.errors import OutputExistsError, QuantkitError, UnknownNameError
+from quantkit.paths import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -163,11 +162,7 @@ def export_gguf(src: str | Path, out: Path, type_name: str, force: bool = False,
     qtype = GGUF_TYPES[type_name]
     tmap = TensorNameMap(arch, int(cfg["num_hidden_layers"]))
     stats = EncodeStats()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_file(out) as tmp:
         writer = GGUFWriter(tmp, MODEL_ARCH_NAMES[arch])
         total = 0
         for hf_name, shape in _logical_tensors(ck):
@@ -190,14 +185,7 @@ def export_gguf(src: str | Path, out: Path, type_name: str, force: bool = False,
         add_hparams(writer, cfg, type_name)
         add_tokenizer(writer, ck.folder, int(cfg["vocab_size"]))
         writer.add_string("quantkit.provenance", provenance)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        write_gguf(writer)
     facts: dict[str, Any] = {
         "gguf_type": type_name,
         "architecture": MODEL_ARCH_NAMES[arch],

@@ -164,3 +164,11 @@ def encode_weight(w: Tensor | QuantizedWeight, qtype: GGMLQuantizationType, name
         stats.add_error(ref, data, qtype)
         return data
     return encode_float(w, qtype)
+
+
+def write_gguf(writer) -> None:
+    """Header, key/values, then tensors (streamed by the lazy writer), and close: a GGUFWriter's full write."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

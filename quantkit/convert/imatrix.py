@@ -12,8 +12,6 @@ llama-quantize divides in_sum2 by counts: the per-channel mean of x**2.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +23,12 @@ from torch import Tensor
 from quantkit.calib.data import calibration_samples
 from quantkit.calib.hooks import HookSet
 from quantkit.calib.pipeline import BlockCalib, run_sequential
+from quantkit.convert.gguf_tensors import write_gguf
 from quantkit.errors import OutputExistsError, QuantkitError
 from quantkit.formats.loader import load
 from quantkit.models.arch import get_arch
 from quantkit.models.sources import load_tokenizer, resolve
+from quantkit.paths import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +99,7 @@ def write_imatrix(src: str | Path, path: Path, dataset: str = "wiki-vital", nsam
     stats = collect_imatrix(model, samples, device)
     gg_arch = GGUF_ARCHS[arch][0]
     arrays = imatrix_arrays(stats, TensorNameMap(gg_arch, model.config.num_hidden_layers))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_file(path) as tmp:
         w = GGUFWriter(tmp, MODEL_ARCH_NAMES[gg_arch])
         w.add_type("imatrix")
         w.add_array("imatrix.datasets", [dataset])
@@ -111,12 +107,5 @@ def write_imatrix(src: str | Path, path: Path, dataset: str = "wiki-vital", nsam
         w.add_uint32("imatrix.chunk_size", seqlen)
         for name, arr in arrays.items():
             w.add_tensor(name, arr)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        write_gguf(w)
     return {"path": str(path), "entries": len(arrays) // 2, "dataset": dataset, "chunks": nsamples, "chunk_size": seqlen}

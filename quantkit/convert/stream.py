@@ -27,6 +27,14 @@ DTYPE_CODES: dict[torch.dtype, str] = {
 _CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 
 
+def tensor_nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    """Bytes a tensor of `dtype` and `shape` takes, without allocating it."""
+    n = torch.empty((), dtype=dtype).element_size()
+    for d in shape:
+        n *= d
+    return n
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     file: Path
@@ -35,10 +43,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        n = torch.empty((), dtype=self.dtype).element_size()
-        for d in self.shape:
-            n *= d
-        return n
+        return tensor_nbytes(self.dtype, self.shape)
 
 
 def _first_line(e: Exception) -> str:
@@ -86,7 +91,7 @@ class PlannedTensor:
 
     @property
     def nbytes(self) -> int:
-        return TensorInfo(Path(), self.dtype, self.shape).nbytes
+        return tensor_nbytes(self.dtype, self.shape)
 
 
 class StreamingWriter:

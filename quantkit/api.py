@@ -12,11 +12,13 @@ import torch
 from quantkit.calib.pipeline import Progress
 from quantkit.errors import QuantkitError
 from quantkit.formats.loader import load
+from quantkit.formats.shards import DEFAULT_MAX_SHARD_SIZE
 from quantkit.methods.base import CalibSpec, QuantJob
 from quantkit.models.sources import resolve
 from quantkit.paths import atomic_dir, check_output
 from quantkit.registry import get_method
 from quantkit.scheme import QuantScheme, make_scheme
+from quantkit.sizes import parse_size
 
 __all__ = ["quantize", "load", "resolve_device", "folder_size"]
 
@@ -59,13 +61,16 @@ def _scheme(scheme: QuantScheme | str | dict[str, Any] | None) -> QuantScheme:
 def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantScheme | str | dict | None = None,
              calib: CalibSpec | dict[str, Any] | None = None, options: dict[str, Any] | None = None,
              device: str | torch.device = "auto", save_dtype: str | torch.dtype = "float16", force: bool = False,
-             trust_remote_code: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+             trust_remote_code: bool = False, progress: Progress | None = None,
+             max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> dict[str, Any]:
     """Quantize `model` with `method` and write a checkpoint folder at `out` (atomically).
 
+    `max_shard_size` ("2GB", "500MB" or bytes): larger outputs are split into shards with an index.
     Returns a summary: method, output path, scheme, timings and size on disk.
     """
     out = Path(out)
     check_output(out, force)  # fail before any expensive work
+    shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     impl = get_method(method)
     opts = impl.Options(**(options or {}))
     job = QuantJob(
@@ -85,7 +90,7 @@ def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantSc
     artifact = impl.quantize(job)
     t_quant = time.perf_counter() - t0
     with atomic_dir(out, force=force) as tmp:
-        artifact.save(tmp)
+        artifact.save(tmp, shard_bytes)
     return {
         "method": method,
         "model": str(model),

@@ -1,7 +1,10 @@
-"""Writing packed checkpoints: safetensors weights, config.json with quantization_config,
-format side files, tokenizer, generation config and quantkit.json provenance.
+"""Writing packed checkpoints: safetensors weights (sharded, streamed), config.json with
+quantization_config, format side files, tokenizer, generation config and quantkit.json provenance.
 
-Output is deterministic: the same model and codes give byte-identical files.
+Output is deterministic: the same model and codes give byte-identical files. Weights are
+written one tensor at a time (`quantkit.formats.shards`): the in-memory model's float tensors,
+codes still held in memory (RTN), and blocks a calibrated run already stored on disk
+(`StoredTensors`, the run's work folder) are all just entries of one plan.
 """
 
 from __future__ import annotations
@@ -10,13 +13,13 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from quantkit.errors import CheckpointError
+from quantkit.formats.shards import DEFAULT_MAX_SHARD_SIZE, WEIGHTS, Entry, natural_key, write_shards
 from quantkit.formats.specs import get_format
 from quantkit.grid import QuantizedWeight
 from quantkit.scheme import QuantScheme
@@ -24,33 +27,82 @@ from quantkit.version import __version__
 
 log = logging.getLogger(__name__)
 
-WEIGHTS = "model.safetensors"
 PROVENANCE = "quantkit.json"
+__all__ = ["WEIGHTS", "PROVENANCE", "PackedArtifact", "StoredTensors", "write_json", "check_finite"]
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def float_state_dict(model: nn.Module, skip_modules: set[str], dtype: torch.dtype) -> dict[str, Tensor]:
-    """The model's tensors outside `skip_modules`, floats cast to `dtype`, tied aliases dropped."""
-    out: dict[str, Tensor] = {}
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return (t.to(dtype) if t.is_floating_point() else t).detach().cpu().contiguous()
+
+
+def float_entries(model: nn.Module, skip_modules: set[str], dtype: torch.dtype,
+                  skip_prefixes: tuple[str, ...] = ()) -> list[Entry]:
+    """The model's tensors outside `skip_modules` and `skip_prefixes`, floats as `dtype`, tied aliases dropped.
+
+    Each entry casts its tensor only when written (one tensor of `dtype` at a time).
+    """
+    out: list[Entry] = []
     seen: set[tuple[int, tuple[int, ...]]] = set()
     for name, t in model.state_dict().items():
-        if name.rsplit(".", 1)[0] in skip_modules:
+        if name.rsplit(".", 1)[0] in skip_modules or name.startswith(skip_prefixes):
             continue
+        if t.is_meta:
+            raise CheckpointError(f"tensor {name} was never loaded (meta); cannot write it")
         key = (t.data_ptr(), tuple(t.shape))
         if key in seen:  # tied weights (lm_head <- embed_tokens): transformers re-ties on load
             continue
         seen.add(key)
-        out[name] = (t.to(dtype) if t.is_floating_point() else t).detach().cpu().contiguous()
+        out.append(Entry(name, dtype if t.is_floating_point() else t.dtype, tuple(t.shape),
+                         lambda t=t: _cast(t, dtype)))
+    return out
+
+
+def float_state_dict(model: nn.Module, skip_modules: set[str], dtype: torch.dtype) -> dict[str, Tensor]:
+    """The model's tensors outside `skip_modules`, floats cast to `dtype`, tied aliases dropped."""
+    return {e.name: e.load() for e in float_entries(model, skip_modules, dtype)}
+
+
+def packed_entries(quantized: dict[str, QuantizedWeight], layout: Any) -> list[Entry]:
+    """The format tensors of in-memory quantized Linears; each Linear is packed once, when first needed."""
+    out: list[Entry] = []
+    for name, qw in quantized.items():
+        out_f, in_f = qw.shape
+        parts: dict[str, Tensor] = {}
+
+        def load(key: str, qw: QuantizedWeight = qw, parts: dict[str, Tensor] = parts) -> Tensor:
+            if not parts:
+                parts.update(layout.pack(qw))
+            return parts.pop(key).cpu().contiguous()
+
+        for key, (shape, dtype) in layout.shapes(out_f, in_f, qw.bits, qw.group_size).items():
+            out.append(Entry(f"{name}.{key}", dtype, tuple(shape), lambda key=key, load=load: load(key)))
+        if qw.bias is not None:
+            out.append(Entry(f"{name}.bias", torch.float16, tuple(qw.bias.shape),
+                             lambda qw=qw: qw.bias.to(torch.float16).cpu().contiguous()))
     return out
 
 
 def check_finite(tensors: dict[str, Tensor]) -> None:
     for name, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise CheckpointError(f"tensor {name} holds NaN or Inf; refusing to write a broken checkpoint")
+        check_finite_one(name, t)
+
+
+def check_finite_one(name: str, t: Tensor) -> None:
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise CheckpointError(f"tensor {name} holds NaN or Inf; refusing to write a broken checkpoint")
+
+
+class StoredTensors(Protocol):
+    """Checkpoint tensors a run already wrote elsewhere (the work folder's finished blocks)."""
+
+    n_quantized: int                                 # quantized Linears among them
+
+    def prefixes(self) -> tuple[str, ...]: ...       # module prefixes ("model.layers.3.") whose tensors it holds
+    def entries(self) -> list[Entry]: ...           # those tensors, read back one at a time
 
 
 @dataclass
@@ -65,25 +117,31 @@ class PackedArtifact:
     method: str
     save_dtype: torch.dtype = torch.float16
     extra: dict[str, Any] = field(default_factory=dict)
+    stored: StoredTensors | None = None  # blocks already written by the run (their tensors are not in `model`)
+
+    def entries(self) -> list[Entry]:
+        """Every output tensor, in model order (embeddings, block 0, block 1, ..., head)."""
+        layout = get_format(self.fmt).read(self.quantization_config())[0]
+        prefixes = self.stored.prefixes() if self.stored is not None else ()
+        entries = float_entries(self.model, set(self.quantized), self.save_dtype, prefixes)
+        entries += packed_entries(self.quantized, layout)
+        if self.stored is not None:
+            entries += self.stored.entries()
+        return sorted(entries, key=lambda e: natural_key(e.name))
 
     def tensors(self) -> dict[str, Tensor]:
-        layout = get_format(self.fmt).read(self.quantization_config())[0]
-        sd = float_state_dict(self.model, set(self.quantized), self.save_dtype)
-        for name, qw in self.quantized.items():
-            for k, v in layout.pack(qw).items():
-                sd[f"{name}.{k}"] = v.cpu().contiguous()
-            if qw.bias is not None:
-                sd[f"{name}.bias"] = qw.bias.to(torch.float16).cpu()
-        return sd
+        """All output tensors in memory at once (small models and tests; `save` streams them)."""
+        return {e.name: e.load() for e in self.entries()}
 
     def quantization_config(self) -> dict[str, Any]:
         return get_format(self.fmt).quantization_config(self.scheme, self.extra.get("options", {}))
 
-    def save(self, folder: Path) -> None:
+    def save(self, folder: Path, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> None:
+        """Write the checkpoint into `folder` (an empty temporary folder: `paths.atomic_dir`)."""
         folder = Path(folder)
-        sd = self.tensors()
-        check_finite(sd)
-        save_file(sd, folder / WEIGHTS, metadata={"format": "pt"})
+        files = write_shards(folder, self.entries(), max_shard_size, check=check_finite_one)
+        if len(files) > 1:
+            log.info("wrote %d weight shards of at most %d bytes", len(files), max_shard_size)
         qc = self.quantization_config()
         config = self.model.config.to_dict()
         config["quantization_config"] = qc
@@ -98,7 +156,7 @@ class PackedArtifact:
             "method": self.method,
             "format": self.fmt,
             "scheme": self.scheme.model_dump(mode="json"),
-            "quantized_modules": len(self.quantized),
+            "quantized_modules": len(self.quantized) + (self.stored.n_quantized if self.stored is not None else 0),
             **self.extra,
         })
 

@@ -91,7 +91,7 @@ def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantSc
     t_quant = time.perf_counter() - t0
     with atomic_dir(out, force=force) as tmp:
         artifact.save(tmp, shard_bytes)
-    return {
+    summary = {
         "method": method,
         "model": str(model),
         "out": str(out),
@@ -104,3 +104,6 @@ def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantSc
         "size_bytes": folder_size(out),
         "files": sorted(p.name for p in out.iterdir()),
     }
+    if "moe" in artifact.extra:  # MoE: calibration tokens per expert, and the experts that fell back to RTN
+        summary["moe"] = artifact.extra["moe"]
+    return summary

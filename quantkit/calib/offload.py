@@ -26,6 +26,7 @@ from quantkit.calib.hooks import HookSet
 from quantkit.errors import CheckpointError, QuantkitError
 from quantkit.formats.checkpoint import PackedArtifact
 from quantkit.models.arch import ArchSpec, get_arch, get_blocks
+from quantkit.models.moe import PerExpertMoE, block_from_hub, swap_experts
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ def build_skeleton(folder: Path, trust_remote_code: bool = False) -> tuple[nn.Mo
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     spec = get_arch(model)
+    swap_experts(model, spec)  # MoE: per-expert Linears (meta); blocks then read the hub's per-expert tensors
     index = shard_index(folder)
     prefix = spec.blocks + "."
     outside = [k for k in index if not k.startswith(prefix)]
@@ -103,9 +105,11 @@ class DiskBlocks:
         block = self.blocks[i]
         prefix = f"{self.spec.blocks}.{i}."
         names = [k for k in self.index if k.startswith(prefix)]
-        tensors = read_tensors(self.index, names)
-        block.load_state_dict({k[len(prefix):]: t.float() if t.is_floating_point() else t for k, t in tensors.items()},
-                              strict=False, assign=True)
+        tensors = {k[len(prefix):]: t.float() if t.is_floating_point() else t
+                   for k, t in read_tensors(self.index, names).items()}
+        if self.spec.moe is not None and any(isinstance(m, PerExpertMoE) for m in block.modules()):
+            tensors = block_from_hub(self.spec.moe, tensors)  # hub per-expert (or fused) names -> module names
+        block.load_state_dict(tensors, strict=False, assign=True)
         still = [n for n, p in block.named_parameters() if p.is_meta]
         if still:
             raise CheckpointError(f"block {i}: tensors missing from the shards: {', '.join(still[:5])}")

@@ -74,6 +74,8 @@ def quantize(
     compute_dtype: Annotated[Optional[str], typer.Option("--compute-dtype", help="bnb compute dtype: bf16, fp16, fp32.", rich_help_panel=OPT)] = None,
     quant_storage: Annotated[Optional[str], typer.Option("--quant-storage", rich_help_panel=OPT)] = None,
     int8_threshold: Annotated[Optional[float], typer.Option("--int8-threshold", help="LLM.int8 outlier threshold.", rich_help_panel=OPT)] = None,
+    moe_calibration: Annotated[Optional[str], typer.Option("--moe-calibration", help="MoE experts' statistics: routed (the router's tokens) or all (every token; outputs stay routed).", rich_help_panel=OPT)] = None,
+    moe_min_tokens: Annotated[Optional[int], typer.Option("--moe-min-tokens", help="An MoE expert that saw fewer calibration tokens is quantized with RTN (default 16).", rich_help_panel=OPT)] = None,
     option: Annotated[Optional[list[str]], typer.Option("--option", "-O", help="Any other method option, KEY=VALUE.", rich_help_panel=OPT)] = None,
     force: Force = False,
     quiet: Quiet = False,
@@ -96,7 +98,8 @@ def quantize(
     impl = get_method(method)
     given = dict(damp=damp, true_sequential=true_sequential, offload=offload, n_grid=n_grid, max_shrink=max_shrink,
                  zero_point=zero_point, dump_awq=dump_awq, load_awq=load_awq, double_quant=double_quant,
-                 compute_dtype=compute_dtype, quant_storage=quant_storage, int8_threshold=int8_threshold)
+                 compute_dtype=compute_dtype, quant_storage=quant_storage, int8_threshold=int8_threshold,
+                 moe_calibration=moe_calibration, moe_min_tokens=moe_min_tokens)
     options = _method_options(impl, given, option or [])
     scheme_fields = dict(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, static_groups=static_groups)
     if not getattr(impl, "uses_scheme", True):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,6 +22,7 @@ from quantkit.errors import CheckpointError
 from quantkit.formats.shards import DEFAULT_MAX_SHARD_SIZE, WEIGHTS, Entry, natural_key, write_shards
 from quantkit.formats.specs import get_format
 from quantkit.grid import QuantizedWeight
+from quantkit.models.moe import to_hub_names
 from quantkit.scheme import QuantScheme
 from quantkit.version import __version__
 
@@ -127,6 +128,8 @@ class PackedArtifact:
         entries += packed_entries(self.quantized, layout)
         if self.stored is not None:
             entries += self.stored.entries()
+        # MoE: per-expert tensors under the hub's names (Mixtral: block_sparse_moe.experts.{e}.w1, ...)
+        entries = [replace(e, name=name) for name, e in to_hub_names(self.model, {e.name: e for e in entries}).items()]
         return sorted(entries, key=lambda e: natural_key(e.name))
 
     def tensors(self) -> dict[str, Tensor]:

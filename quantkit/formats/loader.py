@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from quantkit.errors import CheckpointError, ModelSourceError
 from quantkit.formats.qlinear import QuantLinear
 from quantkit.formats.specs import detect_format
+from quantkit.models.moe import from_hub_names, swap_experts
 from quantkit.models.sources import load_model, read_config, resolve
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,9 @@ def load_packed(folder: Path, qc: dict[str, Any], device: torch.device | str = "
                 dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
     fmt = detect_format(qc)
     layout, scheme = fmt.read(qc)
-    tensors = read_tensors(folder)
     model = _skeleton(folder, dtype, trust_remote_code)
+    swap_experts(model)  # MoE: per-expert Linears, as quantized; hub names (experts.{e}.w1, ...) -> module names
+    tensors = from_hub_names(model, read_tensors(folder))
     marker = "." + getattr(layout, "marker", "qweight")  # compressed-tensors marks a quantized Linear by weight_packed
     quantized = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(marker)})
     for name in quantized:

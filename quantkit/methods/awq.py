@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from quantkit.calib.pipeline import BlockSource, Progress
 from quantkit.errors import QuantkitError
 from quantkit.grid import fake_quantize, fit_grid
-from quantkit.models.arch import ArchSpec, AWQMapping, block_linears, get_arch, get_blocks
+from quantkit.models.arch import ArchSpec, AWQMapping, block_linears, block_mappings, get_arch, get_blocks
 
 log = logging.getLogger(__name__)
 
@@ -170,11 +170,13 @@ def clip_eligible(name: str) -> bool:
 
 
 def fold_scale(block: nn.Module, prev_name: str, linear_names: tuple[str, ...], s: Tensor,
-               norm_offset: float = 0.0) -> None:
+               norm_offset: float = 0.0, compensate: tuple[str, ...] = ()) -> None:
     """Divide the previous op's output by s (C,) and multiply the Linears' input columns by s.
 
     Exact in real arithmetic: a norm computes x_hat * (offset + w) + b, so (offset + w)/s - offset
     and b/s give its output / s; a previous Linear's output rows (and bias) are divided by s.
+    `compensate`: full-precision modules also fed by prev (MoE routers): their weight columns
+    are multiplied by s too, so their outputs (the routing) do not change.
     """
     prev = block.get_submodule(prev_name)
     if isinstance(prev, nn.Linear):
@@ -184,7 +186,7 @@ def fold_scale(block: nn.Module, prev_name: str, linear_names: tuple[str, ...], 
     bias = getattr(prev, "bias", None)
     if isinstance(bias, Tensor):
         bias.data = bias.data / s.to(bias.dtype)
-    for name in linear_names:
+    for name in (*linear_names, *compensate):
         lin = block.get_submodule(name)
         lin.weight.data = lin.weight.data * s.to(lin.weight.dtype)[None, :]
 
@@ -197,17 +199,22 @@ def usable_mappings(block: nn.Module, spec: ArchSpec, targets: set[str]) -> list
     than o_proj's input (num_kv_heads * head_dim != hidden) and no per-channel scale can fold.
     """
     out = []
-    for m in spec.awq:
+    for m in block_mappings(block, spec):
         try:
             prev = block.get_submodule(m.prev)
             lins = [block.get_submodule(n) for n in m.linears]
             block.get_submodule(m.inspect)
+            comp = [block.get_submodule(n) for n in m.compensate]
+            if m.input:
+                block.get_submodule(m.input)
         except AttributeError:
             continue
-        if any(n not in targets for n in m.linears) or not all(isinstance(lin, nn.Linear) for lin in lins):
+        if not lins or any(n not in targets for n in m.linears) or not all(isinstance(lin, nn.Linear) for lin in lins):
             continue
         width = lins[0].in_features
         if any(lin.in_features != width for lin in lins):
+            continue
+        if any(not isinstance(getattr(c, "weight", None), Tensor) or c.weight.shape[-1] != width for c in comp):
             continue
         if isinstance(prev, nn.Linear):
             if prev.out_features != width:
@@ -262,8 +269,8 @@ def apply_block(block: nn.Module, spec: ArchSpec, targets: set[str], scales: dic
     for m in usable_mappings(block, spec, targets):
         if m.prev in scales:
             s = scales[m.prev].to(block.get_submodule(m.linears[0]).weight.device)
-            fold_scale(block, m.prev, m.linears, s, m.norm_offset)
-    for name in spec.linears:
+            fold_scale(block, m.prev, m.linears, s, m.norm_offset, m.compensate)
+    for name in block_linears(block, spec):
         if name in clips:
             lin = block.get_submodule(name)
             lin.weight.data = clip_weight(lin.weight.data, clips[name].to(lin.weight.device), group_size)

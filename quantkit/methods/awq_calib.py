@@ -36,7 +36,8 @@ from quantkit.methods.awq import (
     search_clip,
     usable_mappings,
 )
-from quantkit.models.arch import ArchSpec, block_linears, get_arch, get_blocks
+from quantkit.models.arch import ArchSpec, block_linears, block_stages, expert_of, get_arch, get_blocks
+from quantkit.models.moe import ExpertCoverage
 
 log = logging.getLogger(__name__)
 
@@ -192,13 +193,14 @@ class ModuleResult:
     clip: Tensor | None = None    # this Linear's weights were clipped to these maxima
 
 
-def _sites(linears: dict[str, nn.Linear], spec: ArchSpec) -> dict[str, str]:
+def _sites(block: nn.Module, linears: dict[str, nn.Linear], spec: ArchSpec) -> dict[str, str]:
     """Linear name -> the first Linear of its sequential group (they all read the same input)."""
     site_of = {}
-    for group in spec.sequential:
-        present = [n for n in group if n in linears]
-        for n in present:
-            site_of[n] = present[0]
+    for stage in block_stages(block, spec):
+        for group in stage:
+            present = [n for n in group if n in linears]
+            for n in present:
+                site_of[n] = present[0]
     return site_of
 
 
@@ -222,31 +224,35 @@ def score_budget(calib: BlockCalib, cfg: AWQConfig) -> int:
     return max(1, min(cfg.score_tokens, total // SCORE_SHARE))
 
 
-def collect_stats(calib: BlockCalib, linears: dict[str, nn.Linear], sites: set[str], gram_sites: set[str],
+def collect_stats(calib: BlockCalib, linears: dict[str, nn.Linear], sites: dict[str, int], gram_sites: set[str],
                   attn_inputs: dict[str, list], cfg: AWQConfig) -> dict[str, SiteStats]:
     """One pass of the (float) block over every calibration batch; see the module docstring.
+    `sites`: module (a Linear, or an MoE block feeding its experts) -> its input width.
     With float propagation its outputs become the next block's inputs (`calib.next_inputs`)."""
     dev = calib.device
     budget = score_budget(calib, cfg)
     per_batch = math.ceil(budget / max(calib.n_batches, 1))
     seed = cfg.seed * 1_000_003 + calib.index * 10_007
     stats: dict[str, SiteStats] = {}
-    for name in sites:
-        in_f = linears[name].in_features
+    for name, in_f in sites.items():
         gs = in_f if cfg.group_size == -1 else cfg.group_size
         gram = torch.zeros(in_f // gs, gs, gs, device=dev) if name in gram_sites else None
         stats[name] = SiteStats(abs_sum=torch.zeros(in_f, dtype=torch.float64, device=dev), gram=gram)
 
-    order = list(linears)  # execution order
-    last = max(sites, key=order.index)
+    order = list(linears)  # execution order (experts: all gate/up, then all down; each expert runs in turn)
+
+    def position(name: str) -> int:
+        return order.index(name if name in linears else _first_linear_under(name, order))
+
+    last = max(sites, key=position)
     keep = cfg.propagate == "float"  # the float outputs feed the next block: run the whole block
     # otherwise stop at the last input needed, unless an attention module to record comes after it
     stop = not keep and all(order.index(last) > order.index(_first_linear_under(n, order)) for n in attn_inputs)
 
     def install(hs: HookSet) -> None:
         for name, st in stats.items():
-            gs = linears[name].in_features if cfg.group_size == -1 else cfg.group_size
-            hs.pre(linears[name], site_hook(st, cfg.group_size, per_batch, seed, gs <= _FULL_GRAM_MAX_GROUP,
+            gs = sites[name] if cfg.group_size == -1 else cfg.group_size
+            hs.pre(calib.block.get_submodule(name), site_hook(st, cfg.group_size, per_batch, seed, gs <= _FULL_GRAM_MAX_GROUP,
                                             last=stop and name == last))
         for name, calls in attn_inputs.items():
             hs.pre(calib.block.get_submodule(name), call_recorder(calls, budget), with_kwargs=True)
@@ -258,10 +264,13 @@ def collect_stats(calib: BlockCalib, linears: dict[str, nn.Linear], sites: set[s
 
 
 @torch.no_grad()
-def awq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], cfg: AWQConfig) -> dict[str, ModuleResult]:
+def awq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], cfg: AWQConfig,
+              coverage: ExpertCoverage | None = None) -> dict[str, ModuleResult]:
     """Search, fold, clip and quantize one block; `targets` are Linear names relative to it.
 
     Leaves the block computing with the dequantized weights, as the pipeline requires.
+    MoE (`coverage`: expert policy and record): an expert too few tokens reached gets no search of
+    its own (no up -> down scale, no clipping), only the norm's shared scale, then RTN.
     """
     block = calib.block
     linears = block_linears(block, spec)
@@ -269,20 +278,26 @@ def awq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], cfg: AWQConf
     if not names:
         return {}
     mappings = usable_mappings(block, spec, set(names))
-    site_of = _sites(linears, spec)
+    site_of = _sites(block, linears, spec)
     gram_sites = {site_of[n] for n in names if clip_eligible(n)}
-    sites = gram_sites | {site_of[m.linears[0]] for m in mappings}
+    input_of = {m.prev: m.input or site_of[m.linears[0]] for m in mappings}  # whose input gives x_mean
+    sites = {n: linears[n].in_features for n in gram_sites}
+    sites.update({input_of[m.prev]: linears[m.linears[0]].in_features for m in mappings})
     attn_inputs: dict[str, list] = {m.inspect: [] for m in mappings
                                     if mixes_tokens(m.inspect, block.get_submodule(m.inspect))}
     t0 = time.perf_counter()
-    stats = collect_stats(calib, linears, sites, gram_sites, attn_inputs, cfg)
+    coverage = coverage or ExpertCoverage()
+    with coverage.statistics(block):
+        stats = collect_stats(calib, linears, sites, gram_sites, attn_inputs, cfg)
     t_stats = time.perf_counter()
+    fallback = _starved_experts(spec, names, site_of, stats, coverage, f"{spec.blocks}.{calib.index}.")
+    mappings = [m for m in mappings if expert_of(spec, m.prev) not in fallback]
 
     # 1. scales: every mapping is searched on the float block, then all are folded (as AutoAWQ does)
     scales: dict[str, Tensor] = {}
     for m in mappings:
         lins = [linears[n] for n in m.linears]
-        st = stats[site_of[m.linears[0]]]
+        st = stats[input_of[m.prev]]
         inspect = block.get_submodule(m.inspect)
         evaluate: Evaluator
         if m.inspect in attn_inputs:
@@ -306,7 +321,7 @@ def awq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], cfg: AWQConf
     clips: dict[str, Tensor] = {}
     for n in names:
         gram = stats[site_of[n]].gram
-        if not clip_eligible(n) or gram is None:
+        if not clip_eligible(n) or gram is None or expert_of(spec, n) in fallback:
             continue
         if n in input_scale:
             sg = group_view(input_scale[n][None], cfg.group_size)[0]  # (G, gs)
@@ -328,16 +343,28 @@ def awq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], cfg: AWQConf
     return out
 
 
+def _starved_experts(spec: ArchSpec, names: list[str], site_of: dict[str, str], stats: dict[str, SiteStats],
+                     coverage: ExpertCoverage, prefix: str) -> set[str]:
+    """The block's experts (relative names) whose inputs saw too few tokens; records every expert's count."""
+    first_site: dict[str, str] = {}
+    for n in names:
+        if (e := expert_of(spec, n)) is not None:
+            first_site.setdefault(e, site_of[n])
+    return {e for e, site in first_site.items()
+            if not coverage.enough(prefix + e, stats[site].tokens if site in stats else 0)}
+
+
 def run_awq(model: nn.Module, samples: Tensor, cfg: AWQConfig, targets: set[str] | None = None, *,
             device: torch.device, batch_size: int = 8, blocks: BlockSource | None = None,
-            progress: Progress | None = None) -> tuple[AWQSearch, dict[str, QuantizedWeight]]:
+            progress: Progress | None = None,
+            coverage: ExpertCoverage | None = None) -> tuple[AWQSearch, dict[str, QuantizedWeight]]:
     """AWQ over every block: (the search result, the quantized target Linears by full name)."""
     spec = get_arch(model)
     if targets is None:
         targets = {f"{spec.blocks}.{i}.{n}" for i, b in enumerate(get_blocks(model, spec)) for n in block_linears(b, spec)}
 
     def per_block(calib: BlockCalib) -> dict[str, ModuleResult]:
-        return awq_block(calib, spec, _relative(targets, spec, calib.index), cfg)
+        return awq_block(calib, spec, _relative(targets, spec, calib.index), cfg, coverage)
 
     results = run_sequential(model, spec, samples, per_block, device=device, batch_size=batch_size,
                              blocks=blocks, progress=progress)

@@ -27,6 +27,7 @@ from quantkit.methods.awq import AWQConfig, AWQDataError, AWQSearch, apply_awq
 from quantkit.methods.awq_calib import run_awq
 from quantkit.methods.base import QuantJob, WeightOnlyMethod
 from quantkit.models.arch import ArchSpec
+from quantkit.models.moe import ExpertCoverage
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,9 @@ class AWQOptions(BaseModel):
     dump_awq: Path | None = Field(None, description="save the searched scales and clips to this safetensors file")
     load_awq: Path | None = Field(None, description="reapply scales and clips from this file, without calibration")
     offload: Literal["none", "disk"] = Field("none", description="disk: load decoder blocks one at a time from safetensors")
+    moe_calibration: Literal["routed", "all"] = Field(
+        "routed", description="MoE experts: routed = the router's tokens; all = every token (outputs stay routed)")
+    moe_min_tokens: int = Field(16, ge=0, description="an expert that saw fewer calibration tokens gets no search (RTN)")
 
 
 def save_search(search: AWQSearch, path: Path) -> None:
@@ -95,6 +99,7 @@ class AWQ(WeightOnlyMethod):
                        job: QuantJob, blocks: BlockSource | None = None) -> dict[str, QuantizedWeight]:
         """`blocks`: the disk-offload block source (then `model` holds no block weights)."""
         cfg, o = self.config(job), job.options
+        self.coverage = None
         if o.load_awq is not None:
             if blocks is not None:
                 raise QuantkitError("--load-awq reapplies scales to a model in memory; drop --offload disk")
@@ -108,8 +113,9 @@ class AWQ(WeightOnlyMethod):
         c = job.calib
         samples = calibration_samples(tokenizer, c.dataset, c.nsamples, c.seqlen, c.seed, c.text_field)
         self._fingerprint = fingerprint(samples)
+        self.coverage = ExpertCoverage(o.moe_calibration, o.moe_min_tokens)
         search, quantized = run_awq(model, samples, cfg, set(layers), device=job.device, batch_size=c.batch_size,
-                                    blocks=blocks, progress=job.progress)
+                                    blocks=blocks, progress=job.progress, coverage=self.coverage)
         if o.dump_awq is not None:
             save_search(search, o.dump_awq)
             log.info("saved the AWQ search (%d scales, %d clips) to %s", len(search.scales), len(search.clips), o.dump_awq)
@@ -122,4 +128,4 @@ class AWQ(WeightOnlyMethod):
             out["calibration"] = job.calib.model_dump()
             if fp := getattr(self, "_fingerprint", None):
                 out["calibration_sha256"] = fp
-        return out
+        return self.describe_moe(out)

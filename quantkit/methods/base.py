@@ -19,6 +19,7 @@ from quantkit.calib.pipeline import Progress
 from quantkit.formats.checkpoint import PackedArtifact
 from quantkit.grid import QuantizedWeight
 from quantkit.models.arch import ArchSpec, block_linears, get_arch, get_blocks
+from quantkit.models.moe import ExpertCoverage, swap_experts
 from quantkit.models.sources import ModelSource, load_model
 from quantkit.scheme import QuantScheme
 
@@ -76,6 +77,7 @@ class WeightOnlyMethod(ABC):
     def quantize(self, job: QuantJob) -> PackedArtifact:
         model, tok = load_model(job.source, torch.float32, job.trust_remote_code)
         spec = get_arch(model)
+        swap_experts(model, spec)  # MoE: fused 3-D experts -> per-expert Linears (a no-op for dense models)
         layers = target_linears(model, spec, job.scheme)
         job.scheme.check_layers({n: (m.out_features, m.in_features) for n, m in layers.items()})
         results = self.quantize_model(model, tok, spec, layers, job)
@@ -90,4 +92,11 @@ class WeightOnlyMethod(ABC):
 
     def describe(self, job: QuantJob) -> dict[str, Any]:
         """What the method did, recorded in the checkpoint's quantkit.json."""
-        return {"options": job.options.model_dump()}
+        return self.describe_moe({"options": job.options.model_dump()})
+
+    def describe_moe(self, out: dict[str, Any]) -> dict[str, Any]:
+        """`out` plus the MoE expert coverage ("moe") of the last calibration, if it reached any expert."""
+        cov: ExpertCoverage | None = getattr(self, "coverage", None)
+        if cov is not None and (summary := cov.summary()) is not None:
+            out["moe"] = summary
+        return out

@@ -32,7 +32,8 @@ from quantkit.formats.bnb import (QUANT_METHOD, cast_unquantized, is_bnb_module,
                                   unquantized_params)
 from quantkit.formats.checkpoint import PROVENANCE, save_tokenizer_and_generation, write_json
 from quantkit.methods.base import QuantJob
-from quantkit.models.sources import ModelSource, _load_tokenizer, load_model
+from quantkit.models.moe import moe_architecture
+from quantkit.models.sources import ModelSource, _load_tokenizer, load_model, read_config
 from quantkit.scheme import QuantScheme
 from quantkit.version import __version__
 
@@ -244,6 +245,9 @@ class _Bitsandbytes(ABC):
         opts = job.options if isinstance(job.options, self.Options) else self.Options(**job.options.model_dump())
         trc = job.trust_remote_code
         with float_folder(job.source, trc) as (path, tok):
+            if moe_architecture(read_config(Path(path))):
+                raise QuantkitError(f"{self.name} (bitsandbytes) cannot quantize the fused 3-D experts of the MoE model "
+                                    f"{job.source.name}; use --method gptq, awq or rtn")
             linears = linear_names(path, trc)
             skip = skip_modules(linears, job.scheme)
             if len(skip) == len(linears):

@@ -6,6 +6,11 @@ group's first Linear, streaming XᵀX into one Hessian per group (the group's
 Linears share their input), quantize the group's row-stacked weights in one
 GPTQ call, and write the dequantized weights back so the next group and the
 next block see the quantized model.
+
+Mixture-of-experts blocks: each expert's gate/up (then down) is its own group, and
+the groups of all experts form one stage collected in a single pass; an expert's
+Hessian holds only the tokens routed to it (or all, with --moe-calibration all).
+An expert that saw fewer than --moe-min-tokens is quantized with RTN.
 """
 
 from __future__ import annotations
@@ -26,10 +31,11 @@ from quantkit.calib.hooks import HookSet
 from quantkit.calib.pipeline import BlockCalib, StopForward, run_sequential
 from quantkit.errors import QuantkitError
 from quantkit.formats.checkpoint import PackedArtifact
-from quantkit.grid import QuantizedWeight
+from quantkit.grid import QuantizedWeight, rtn_quantize
 from quantkit.methods.base import QuantJob, WeightOnlyMethod
 from quantkit.methods.gptq import GPTQParams, HessianAccumulator, gptq_quantize, split_rows
-from quantkit.models.arch import ArchSpec
+from quantkit.models.arch import ArchSpec, block_stages, expert_of
+from quantkit.models.moe import ExpertCoverage
 
 log = logging.getLogger(__name__)
 
@@ -43,28 +49,45 @@ class GPTQOptions(BaseModel):
     true_sequential: bool = Field(True, description="calibrate each Linear group on the already-quantized earlier groups")
     offload: Literal["none", "disk"] = Field("none", description="disk: load decoder blocks one at a time from safetensors")
     damp_retries: int = Field(3, ge=0, le=10, description="Cholesky retries, each with 10x the dampening, before RTN")
+    moe_calibration: Literal["routed", "all"] = Field(
+        "routed", description="MoE experts: routed = the router's tokens; all = every token (outputs stay routed)")
+    moe_min_tokens: int = Field(16, ge=0, description="an expert that saw fewer calibration tokens gets RTN")
 
 
 @dataclass(frozen=True)
 class _Group:
     names: tuple[str, ...]          # relative to the block, in the spec's order
     modules: tuple[nn.Linear, ...]
+    stage: int = 0                  # groups of one stage have independent inputs: one pass collects them all
+    expert: str | None = None       # the MoE expert they belong to ("mlp.experts.5"), relative to the block
 
 
 def block_groups(block: nn.Module, spec: ArchSpec, keep: set[str]) -> list[_Group]:
     """The block's Linear groups in execution order, restricted to the relative names in `keep`."""
     groups = []
-    for names in spec.sequential:
-        found = []
-        for n in names:
-            if n not in keep:
-                continue
-            mod = block.get_submodule(n)
-            if isinstance(mod, nn.Linear):
-                found.append((n, mod))
-        if found:
-            groups.append(_Group(tuple(n for n, _ in found), tuple(m for _, m in found)))
+    for k, stage in enumerate(block_stages(block, spec)):
+        for names in stage:
+            found = []
+            for n in names:
+                if n not in keep:
+                    continue
+                mod = block.get_submodule(n)
+                if isinstance(mod, nn.Linear):
+                    found.append((n, mod))
+            if found:
+                groups.append(_Group(tuple(n for n, _ in found), tuple(m for _, m in found), k,
+                                     expert_of(spec, found[0][0])))
     return groups
+
+
+def _stages(groups: list[_Group]) -> list[list[_Group]]:
+    out: list[list[_Group]] = []
+    for g in groups:
+        if out and out[-1][0].stage == g.stage:
+            out[-1].append(g)
+        else:
+            out.append([g])
+    return out
 
 
 @dataclass
@@ -76,8 +99,8 @@ class Replay:
 
 
 def collect_hessians(calib: BlockCalib, groups: list[_Group], stop_after_last: bool = True,
-                     replay: Replay | None = None,
-                     capture: str | None = None) -> tuple[list[torch.Tensor], Replay | None]:
+                     replay: Replay | None = None, capture: str | None = None,
+                     tokens: list[int] | None = None) -> tuple[list[torch.Tensor], Replay | None]:
     """One pass over the calibration batches; returns H (in, in) per group, and the capture.
 
     Only each group's first Linear is hooked: the others read the same tensor. The pass
@@ -85,6 +108,8 @@ def collect_hessians(calib: BlockCalib, groups: list[_Group], stop_after_last: b
     `replay`: run only that submodule on its recorded inputs instead of the whole block.
     `capture`: record the inputs of that submodule (relative name) during this pass, for
     the next group's replay.
+    `tokens`: filled with the token count per group; a group no token reached (an MoE expert
+    the router never chose) then gets an all-zero H instead of an error.
     """
     accs = [HessianAccumulator(g.modules[0].in_features, calib.device) for g in groups]
     recorded: list[tuple[tuple, dict[str, Any]]] = []
@@ -117,21 +142,37 @@ def collect_hessians(calib: BlockCalib, groups: list[_Group], stop_after_last: b
                 except StopForward:
                     pass
     captured = Replay(calib.block.get_submodule(capture), recorded) if capture else None
+    if tokens is not None:
+        tokens[:] = [a.tokens for a in accs]
+        return [a.hessian() if a.tokens else a.sum for a in accs], captured
     return [a.hessian() for a in accs], captured
 
 
-def replay_parent(prev: _Group, nxt: _Group) -> str | None:
+def replay_parent(prev: _Group | list[_Group], nxt: _Group | list[_Group]) -> str | None:
     """The innermost submodule holding both groups (e.g. "mlp" for gate/up -> down), or None if only the block does.
 
     Its inputs are computed before `prev` runs, so they stay valid after `prev` is quantized.
+    Stages (lists of groups) count by all their groups ("mlp.experts" for experts' gate/up -> down).
     """
-    a, b = prev.names[0].split("."), nxt.names[0].split(".")
-    common = []
-    for x, y in zip(a[:-1], b[:-1]):
-        if x != y:
-            break
-        common.append(x)
+    names = [g.names[0] for g in (prev if isinstance(prev, list) else [prev]) + (nxt if isinstance(nxt, list) else [nxt])]
+    common = names[0].split(".")[:-1]
+    for n in names[1:]:
+        parts = n.split(".")[:-1]
+        k = 0
+        while k < min(len(common), len(parts)) and common[k] == parts[k]:
+            k += 1
+        common = common[:k]
     return ".".join(common) or None
+
+
+def rtn_group(group: _Group, params: GPTQParams) -> dict[str, QuantizedWeight]:
+    """Round-to-nearest for a group calibration could not serve (an MoE expert too few tokens reached)."""
+    out = {}
+    for name, mod in zip(group.names, group.modules, strict=True):
+        qw = rtn_quantize(mod.weight.detach(), params.bits, params.group_size, params.sym, mod.bias)
+        mod.weight.data.copy_(qw.dequantize(mod.weight.dtype))
+        out[name] = _to_cpu(qw)
+    return out
 
 
 def quantize_group(group: _Group, h: torch.Tensor, params: GPTQParams) -> dict[str, QuantizedWeight]:
@@ -165,26 +206,42 @@ def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:
 
 
 def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPTQParams,
-               true_sequential: bool, replay: bool = True) -> dict[str, QuantizedWeight]:
-    """Quantize one block's target Linears (`targets`: full names); returns relative name -> weight."""
+               true_sequential: bool, replay: bool = True,
+               coverage: ExpertCoverage | None = None) -> dict[str, QuantizedWeight]:
+    """Quantize one block's target Linears (`targets`: full names); returns relative name -> weight.
+
+    `coverage`: MoE expert policy and record (default: routed, 16 tokens at least).
+    """
     prefix = f"{spec.blocks}.{calib.index}."
     keep = {n.removeprefix(prefix) for n in targets if n.startswith(prefix)}
     groups = block_groups(calib.block, spec, keep)
     results: dict[str, QuantizedWeight] = {}
     if not groups:
         return results
+    coverage = coverage or ExpertCoverage()
+
+    def finish(stage: list[_Group], hs: list[torch.Tensor], tokens: list[int]) -> None:
+        for g, h, n in zip(stage, hs, tokens, strict=True):
+            if g.expert is not None and not coverage.enough(prefix + g.expert, n):
+                results.update(rtn_group(g, params))
+            else:
+                results.update(quantize_group(g, h, params))
+
     t0 = time.perf_counter()
-    if true_sequential:
-        previous: Replay | None = None
-        for k, g in enumerate(groups):
-            nxt = replay_parent(g, groups[k + 1]) if replay and k + 1 < len(groups) else None
-            (h,), previous = collect_hessians(calib, [g], replay=previous, capture=nxt)
-            results.update(quantize_group(g, h, params))
-            del h
-    else:
-        hs, _ = collect_hessians(calib, groups)
-        for g, h in zip(groups, hs, strict=True):
-            results.update(quantize_group(g, h, params))
+    with coverage.statistics(calib.block):
+        if true_sequential:
+            previous: Replay | None = None
+            stages = _stages(groups)
+            for k, st in enumerate(stages):
+                nxt = replay_parent(st, stages[k + 1]) if replay and k + 1 < len(stages) else None
+                tokens: list[int] = []
+                hs, previous = collect_hessians(calib, st, replay=previous, capture=nxt, tokens=tokens)
+                finish(st, hs, tokens)
+                del hs
+        else:
+            tokens = []
+            hs, _ = collect_hessians(calib, groups, tokens=tokens)
+            finish(groups, hs, tokens)
     log.info("gptq block %d: %d Linears in %.1fs", calib.index, len(results), time.perf_counter() - t0)
     return results
 
@@ -232,7 +289,9 @@ class GPTQ(WeightOnlyMethod):
         params, targets, seq = self.params(job), set(layers), job.options.true_sequential
         log.info("GPTQ: %d Linears, %d samples x %d tokens, true_sequential=%s", len(layers), len(samples),
                  samples.shape[1], seq)
-        return run_sequential(model, spec, samples, lambda calib: gptq_block(calib, spec, targets, params, seq),
+        cov = self.coverage = ExpertCoverage(job.options.moe_calibration, job.options.moe_min_tokens)
+        return run_sequential(model, spec, samples, lambda calib: gptq_block(calib, spec, targets, params, seq,
+                                                                             coverage=cov),
                               device=job.device, batch_size=c.batch_size, blocks=blocks, progress=job.progress)
 
     def calibration(self, tokenizer: Any, job: QuantJob) -> torch.Tensor:
@@ -248,4 +307,4 @@ class GPTQ(WeightOnlyMethod):
         out: dict[str, Any] = {"options": opts, "calibration": job.calib.model_dump(mode="json")}
         if getattr(self, "_fingerprint", None):
             out["calibration"]["sha256"] = self._fingerprint
-        return out
+        return self.describe_moe(out)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from quantkit.errors import ModelSourceError
-from quantkit.models.arch import ArchSpec, MoESpec, find_arch, get_blocks
+from quantkit.models.arch import ARCHITECTURES, ArchSpec, MoESpec, find_arch, get_blocks
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,15 @@ def swap_experts(model: nn.Module, spec: ArchSpec | None = None) -> int:
     if n:
         log.debug("moe: %d blocks now hold per-expert Linears", n)
     return n
+
+
+def moe_architecture(config: dict[str, Any]) -> str | None:
+    """The MoE architecture a config.json names (from the table), or None for dense or unknown models."""
+    for name in config.get("architectures") or []:
+        spec = ARCHITECTURES.get(name)
+        if spec is not None and spec.moe is not None:
+            return name
+    return None
 
 
 # ---------------------------------------------------------------- hub tensor names
@@ -285,3 +294,4 @@ class ExpertCoverage:
         return {"mode": self.mode, "min_tokens": self.min_tokens, "tokens": layers,
                 "min": self.tokens[low_name][low_e], "min_expert": f"{low_name}.{low_e}",
                 "rtn_fallback": list(self.fallback)}
+

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from quantkit.cli.options import Device, Force, JsonOut, Quiet
 from quantkit.cli.ui import emit_json, progress_bar
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 
 def methods(ctx: typer.Context, json_out: JsonOut = None) -> None:
@@ -62,6 +65,21 @@ def info(ctx: typer.Context, path: Annotated[str, typer.Argument(help="A checkpo
             v = f"{v:.3f}"
         table.add_row(k, str(v))
     ctx.obj.out.print(table)
+    if moe := data.get("quantkit", {}).get("moe"):
+        ctx.obj.out.print(moe_table(moe))
+
+
+def moe_table(moe: dict) -> Table:
+    """The MoE expert coverage of quantkit.json: calibration tokens per expert and layer, RTN fallbacks."""
+    from rich.table import Table
+
+    table = Table(title=f"MoE expert coverage ({moe['mode']} calibration, RTN below {moe['min_tokens']} tokens)")
+    for col in ("experts", "tokens per expert", "min", "RTN fallback"):
+        table.add_column(col)
+    for layer, counts in moe["tokens"].items():
+        fallback = [n.rsplit(".", 1)[-1] for n in moe["rtn_fallback"] if n.rsplit(".", 1)[0] == layer]
+        table.add_row(layer, " ".join(map(str, counts)), str(min(counts)), ", ".join(fallback) or "-")
+    return table
 
 
 def demo(ctx: typer.Context,

@@ -208,3 +208,31 @@ def test_nan_in_an_expert_is_refused(starved, tmp_path, text):
     (tmp_path / "bad").mkdir()
     with pytest.raises(CheckpointError, match=r"block_sparse_moe\.experts\.3\.w1\.scales holds NaN"):
         artifact.save(tmp_path / "bad")
+
+
+def test_gptq_expert_stages_replay_and_single_pass(starved):
+    """Replaying only `mlp.experts` for the down projections gives the codes full block forwards give;
+    the non-sequential single pass covers every expert too."""
+    from quantkit.calib.pipeline import run_sequential
+    from quantkit.methods.gptq import GPTQParams
+    from quantkit.methods.gptq_method import block_groups, gptq_block, replay_parent
+    from quantkit.models.sources import load_model, resolve
+
+    samples = torch.randint(0, 320, (4, 24), generator=torch.Generator().manual_seed(0))
+    results = []
+    for seq, replay in ((True, False), (True, True), (False, False)):
+        model, _ = load_model(resolve(starved))
+        swap_experts(model)
+        spec = get_arch(model)
+        block0 = get_blocks(model, spec)[0]
+        groups = block_groups(block0, spec, set(block_linears(block0, spec)))
+        targets = {f"{spec.blocks}.{i}.{n}" for i, b in enumerate(get_blocks(model, spec)) for n in block_linears(b, spec)}
+        p = GPTQParams(bits=4, group_size=32)
+        results.append(run_sequential(model, spec, samples, lambda c, s=seq, r=replay: gptq_block(c, spec, targets, p, s, r),
+                                      device=torch.device("cpu"), batch_size=2))
+    assert [g.expert for g in groups[2:6]] == [f"mlp.experts.{e}" for e in range(4)]
+    assert len({g.stage for g in groups[2:6]}) == 1 and groups[6].stage == groups[2].stage + 1
+    assert replay_parent(groups[2:6], groups[6:10]) == "mlp.experts"
+    assert results[0].keys() == results[1].keys() == results[2].keys() and len(results[0]) == 2 * (4 + 4 * 3)
+    for k in results[0]:
+        assert torch.equal(results[0][k].codes, results[1][k].codes), k

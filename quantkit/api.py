@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from quantkit.calib.pipeline import Progress
+from quantkit.calib.workdir import WorkFolder, run_fingerprint
 from quantkit.errors import QuantkitError
 from quantkit.formats.loader import load
 from quantkit.formats.shards import DEFAULT_MAX_SHARD_SIZE
@@ -62,10 +63,12 @@ def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantSc
              calib: CalibSpec | dict[str, Any] | None = None, options: dict[str, Any] | None = None,
              device: str | torch.device = "auto", save_dtype: str | torch.dtype = "float16", force: bool = False,
              trust_remote_code: bool = False, progress: Progress | None = None,
-             max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> dict[str, Any]:
+             max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, resume: bool | None = None) -> dict[str, Any]:
     """Quantize `model` with `method` and write a checkpoint folder at `out` (atomically).
 
     `max_shard_size` ("2GB", "500MB" or bytes): larger outputs are split into shards with an index.
+    Calibrated methods keep finished blocks in `OUT.partial/` until the save: `resume` None continues
+    a matching one (a killed run), False deletes it and starts over.
     Returns a summary: method, output path, scheme, timings and size on disk.
     """
     out = Path(out)
@@ -85,12 +88,21 @@ def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantSc
     )
     if job.source.is_quantized:
         raise QuantkitError(f"{model} is already quantized; give the float model it came from")
+    work = WorkFolder(out, lambda: run_fingerprint(job, method), resume) if impl.resumable else None
+    job.work = work
     torch.manual_seed(job.calib.seed)
     t0 = time.perf_counter()
-    artifact = impl.quantize(job)
-    t_quant = time.perf_counter() - t0
-    with atomic_dir(out, force=force) as tmp:
-        artifact.save(tmp, shard_bytes)
+    try:
+        artifact = impl.quantize(job)
+        t_quant = time.perf_counter() - t0
+        with atomic_dir(out, force=force) as tmp:
+            artifact.save(tmp, shard_bytes)
+    except BaseException:
+        if work is not None:
+            work.close()  # kept: the same command continues from the last finished block
+        raise
+    if work is not None:
+        work.close(remove=True)
     summary = {
         "method": method,
         "model": str(model),
@@ -103,6 +115,7 @@ def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantSc
         "total_seconds": round(time.perf_counter() - t0, 3),
         "size_bytes": folder_size(out),
         "files": sorted(p.name for p in out.iterdir()),
+        "resume": work.summary() if work is not None else None,
     }
     if "moe" in artifact.extra:  # MoE: calibration tokens per expert, and the experts that fell back to RTN
         summary["moe"] = artifact.extra["moe"]

@@ -174,9 +174,13 @@ def quantize_offloaded(method: Any, job: Any) -> PackedArtifact:
     model, spec, index = build_skeleton(folder, job.trust_remote_code)
     layers = target_linears(model, spec, job.scheme)
     job.scheme.check_layers({n: (m.out_features, m.in_features) for n, m in layers.items()})
-    source = DiskBlocks(model, spec, index, drop=set(layers))
+    drop = set(layers)
+    if job.work is not None:  # finished blocks live in the work folder: free all of a block's weights after it
+        drop |= {f"{spec.blocks}.{i}.{n}" for i, b in enumerate(get_blocks(model, spec)) for n, _ in b.named_modules()}
+    source = DiskBlocks(model, spec, index, drop=drop)
     log.info("offload disk: %d blocks read one at a time from %d shard(s)", len(source), len(set(index.values())))
     with source.streaming():
         results = method.quantize_model(model, tok, spec, layers, job, blocks=source)
     return PackedArtifact(model=model, tokenizer=tok, quantized=results, scheme=job.scheme, fmt=method.formats[0],
-                          method=method.name, save_dtype=job.save_dtype, extra=method.describe(job))
+                          method=method.name, save_dtype=job.save_dtype, extra=method.describe(job),
+                          stored=job.work.stored() if job.work else None)

@@ -8,11 +8,17 @@
 
 Only the current block sits on the compute device; activations live on
 `store_device` (CPU by default). Memory is one block plus the activations.
+
+With a `BlockStore` (the run's work folder, `quantkit.calib.workdir`) each finished
+block's results go to disk instead of the returned dict, and a run that was killed
+continues after its last finished block.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -56,6 +62,14 @@ class BlockSource(Protocol):
     def __len__(self) -> int: ...
     def load(self, i: int, device: torch.device) -> nn.Module: ...
     def release(self, i: int, block: nn.Module) -> None: ...
+
+
+class BlockStore(Protocol):
+    """Where finished blocks go (`quantkit.calib.workdir.BlockStore`): resume point in, results out."""
+
+    def resume(self, n_blocks: int, samples: Tensor) -> tuple[int, list[Tensor] | None, dict[str, Any]]: ...
+    def finished(self, i: int, block: nn.Module, results: dict[str, Any], next_inputs: list[Tensor] | None,
+                 last: bool) -> dict[str, Any]: ...
 
 
 class InMemoryBlocks:
@@ -199,27 +213,50 @@ class BlockCalib:
 BlockFn = Callable[[BlockCalib], dict[str, Any]]
 
 
+def _test_hook_kill(i: int) -> None:
+    """TEST HOOK (tests/unit/test_resume.py), inert unless QUANTKIT_TEST_KILL_AT_BLOCK is set: SIGKILL this
+    process in the middle of block k (quantized, results not stored yet), as an OOM killer would."""
+    at = os.environ.get("QUANTKIT_TEST_KILL_AT_BLOCK")
+    if at is not None and int(at) == i:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 @torch.no_grad()
 def run_sequential(model: nn.Module, spec: ArchSpec, samples: Tensor, quantize_block: BlockFn, *,
                    device: torch.device, batch_size: int = 8, store_device: torch.device | str = "cpu",
-                   blocks: BlockSource | None = None, progress: Progress | None = None) -> dict[str, Any]:
+                   blocks: BlockSource | None = None, progress: Progress | None = None,
+                   store: BlockStore | None = None) -> dict[str, Any]:
     """Calibrate and quantize the model block by block. Returns {full module name: method result}.
 
     `quantize_block(calib)` must leave the block computing with its quantized weights
     (the next block is calibrated on the quantized block's outputs) and return its results
-    keyed by module name relative to the block.
+    keyed by module name relative to the block. With a `store`, the blocks it already holds
+    are skipped and each finished block is handed to it: the returned dict then keeps only
+    what the store gives back (QuantizedWeight results live on disk).
     """
     source = blocks or InMemoryBlocks(get_blocks(model, spec))
     place_outside_blocks(model, spec, device)
     inputs = capture_inputs(model, spec, samples, batch_size, device, store_device)
     results: dict[str, Any] = {}
-    n = len(source)
-    for i in range(n):
+    n, start = len(source), 0
+    if store is not None:
+        start, saved, kept = store.resume(n, samples)
+        results.update(kept)
+        if saved is not None:
+            inputs.hidden = [h.to(store_device) for h in saved]
+        if start and progress:
+            progress("blocks", start, n)
+    for i in range(start, n):
         block = source.load(i, device)
         calib = BlockCalib(i, block, inputs, device)
-        for name, res in quantize_block(calib).items():
-            results[f"{spec.blocks}.{i}.{name}"] = res
-        inputs.hidden = calib.next_inputs if calib.next_inputs is not None else calib.forward(keep_outputs=True)
+        done = {f"{spec.blocks}.{i}.{name}": res for name, res in quantize_block(calib).items()}
+        _test_hook_kill(i)
+        last = i == n - 1
+        if calib.next_inputs is not None:
+            inputs.hidden = calib.next_inputs
+        elif not last:  # nobody reads the last block's outputs
+            inputs.hidden = calib.forward(keep_outputs=True)
+        results.update(done if store is None else store.finished(i, block, done, inputs.hidden, last))
         source.release(i, block)
         if progress:
             progress("blocks", i + 1, n)

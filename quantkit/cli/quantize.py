@@ -62,6 +62,8 @@ def quantize(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Calibration windows per forward.")] = 8,
     device: Device = "auto",
     save_dtype: Annotated[str, typer.Option("--save-dtype", help="dtype of unquantized tensors: float16, bfloat16, float32.")] = "float16",
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Split the weights into shards of at most this size (2GB, 500MB, ...), with an index.")] = "2GB",
+    resume: Annotated[Optional[bool], typer.Option("--resume/--no-resume", help="Continue a killed run from OUT.partial/ (default when it exists) or start over.")] = None,
     damp: Annotated[Optional[float], typer.Option("--damp", help="GPTQ dampening, fraction of the mean Hessian diagonal.", rich_help_panel=OPT)] = None,
     true_sequential: Annotated[Optional[bool], typer.Option("--true-sequential/--no-true-sequential", rich_help_panel=OPT)] = None,
     offload: Annotated[Optional[str], typer.Option("--offload", help="none, or disk: load blocks lazily from the shards.", rich_help_panel=OPT)] = None,
@@ -112,7 +114,8 @@ def quantize(
     calib = dict(dataset=dataset, text_field=text_field, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size)
     with progress_bar(not quiet, f"{method}") as bar:
         summary = api.quantize(model, method, out, scheme=scheme, calib=calib, options=options, device=device,
-                               save_dtype=save_dtype, force=force, trust_remote_code=trust_remote_code, progress=bar)
+                               save_dtype=save_dtype, force=force, trust_remote_code=trust_remote_code, progress=bar,
+                               max_shard_size=max_shard_size, resume=resume)
     recipe_flags.record_recipe(summary, save_dtype)  # quantkit_recipe.yaml: how to make this checkpoint again
     emit_json(summary, json_out)
     if not quiet and json_out != "-":

@@ -15,12 +15,13 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from quantkit.calib.hooks import HookSet
-from quantkit.calib.pipeline import BlockCalib, BlockSource, Progress, StopForward, run_sequential
+from quantkit.calib.pipeline import BlockCalib, BlockSource, BlockStore, Progress, StopForward, run_sequential
 from quantkit.grid import QuantizedWeight, rtn_quantize
 from quantkit.methods.awq import (
     _CHUNK_ELEMENTS,
@@ -354,8 +355,25 @@ def _starved_experts(spec: ArchSpec, names: list[str], site_of: dict[str, str], 
             if not coverage.enough(prefix + e, stats[site].tokens if site in stats else 0)}
 
 
+SCALE, CLIP = ":awq_scale", ":awq_clip"  # side-result keys: module name + suffix
+
+
+def _flat(results: dict[str, ModuleResult]) -> dict[str, Any]:
+    """A block's results as the pipeline's store takes them: codes to the checkpoint, scales and clips kept."""
+    out: dict[str, Any] = {}
+    for name, r in results.items():
+        if r.quantized is not None:
+            out[name] = r.quantized
+        if r.scale is not None:
+            out[name + SCALE] = r.scale
+        if r.clip is not None:
+            out[name + CLIP] = r.clip
+    return out
+
+
 def run_awq(model: nn.Module, samples: Tensor, cfg: AWQConfig, targets: set[str] | None = None, *,
             device: torch.device, batch_size: int = 8, blocks: BlockSource | None = None,
+            store: BlockStore | None = None,
             progress: Progress | None = None,
             coverage: ExpertCoverage | None = None) -> tuple[AWQSearch, dict[str, QuantizedWeight]]:
     """AWQ over every block: (the search result, the quantized target Linears by full name)."""
@@ -366,14 +384,14 @@ def run_awq(model: nn.Module, samples: Tensor, cfg: AWQConfig, targets: set[str]
     def per_block(calib: BlockCalib) -> dict[str, ModuleResult]:
         return awq_block(calib, spec, _relative(targets, spec, calib.index), cfg, coverage)
 
-    results = run_sequential(model, spec, samples, per_block, device=device, batch_size=batch_size,
-                             blocks=blocks, progress=progress)
+    results = run_sequential(model, spec, samples, lambda calib: _flat(per_block(calib)), device=device,
+                             batch_size=batch_size, blocks=blocks, progress=progress, store=store)
     search, quantized = AWQSearch(meta=cfg.meta()), {}
-    for name, r in results.items():
-        if r.scale is not None:
-            search.scales[name] = r.scale
-        if r.clip is not None:
-            search.clips[name] = r.clip
-        if r.quantized is not None:
-            quantized[name] = r.quantized
+    for name, r in results.items():  # with a store, the codes are on disk: only scales and clips come back
+        if name.endswith(SCALE):
+            search.scales[name.removesuffix(SCALE)] = r
+        elif name.endswith(CLIP):
+            search.clips[name.removesuffix(CLIP)] = r
+        else:
+            quantized[name] = r
     return search, quantized

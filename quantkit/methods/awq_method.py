@@ -74,6 +74,7 @@ class AWQ(WeightOnlyMethod):
     needs_calibration = True
     formats = ("awq",)
     Options = AWQOptions
+    resumable = True
 
     def quantize(self, job: QuantJob) -> PackedArtifact:
         s, o = job.scheme, job.options
@@ -115,6 +116,7 @@ class AWQ(WeightOnlyMethod):
         self._fingerprint = fingerprint(samples)
         self.coverage = ExpertCoverage(o.moe_calibration, o.moe_min_tokens)
         search, quantized = run_awq(model, samples, cfg, set(layers), device=job.device, batch_size=c.batch_size,
+                                    store=self.block_store(job, spec),
                                     blocks=blocks, progress=job.progress, coverage=self.coverage)
         if o.dump_awq is not None:
             save_search(search, o.dump_awq)

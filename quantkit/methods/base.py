@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -17,11 +17,15 @@ from torch import nn
 
 from quantkit.calib.pipeline import Progress
 from quantkit.formats.checkpoint import PackedArtifact
+from quantkit.formats.specs import get_format
 from quantkit.grid import QuantizedWeight
 from quantkit.models.arch import ArchSpec, block_linears, get_arch, get_blocks
 from quantkit.models.moe import ExpertCoverage, swap_experts
 from quantkit.models.sources import ModelSource, load_model
 from quantkit.scheme import QuantScheme
+
+if TYPE_CHECKING:
+    from quantkit.calib.workdir import BlockStore, WorkFolder
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,7 @@ class QuantJob:
     save_dtype: torch.dtype = torch.float16
     trust_remote_code: bool = False
     progress: Progress | None = None
+    work: WorkFolder | None = None  # the output's work folder (api.quantize): per-block results and resume
 
 
 def target_linears(model: nn.Module, spec: ArchSpec, scheme: QuantScheme) -> dict[str, nn.Linear]:
@@ -83,12 +88,22 @@ class WeightOnlyMethod(ABC):
         results = self.quantize_model(model, tok, spec, layers, job)
         return PackedArtifact(model=model, tokenizer=tok, quantized=results, scheme=job.scheme,
                               fmt=self.formats[0], method=self.name, save_dtype=job.save_dtype,
-                              extra=self.describe(job))
+                              extra=self.describe(job), stored=job.work.stored() if job.work else None)
 
     @abstractmethod
     def quantize_model(self, model: nn.Module, tokenizer: Any, spec: ArchSpec,
                        layers: dict[str, nn.Linear], job: QuantJob) -> dict[str, QuantizedWeight]:
         """Choose the codes of every Linear in `layers` (full name -> module)."""
+
+    resumable: ClassVar[bool] = False  # quantize_model runs `run_sequential` with `block_store(job, spec)`
+
+    def block_store(self, job: QuantJob, spec: ArchSpec) -> BlockStore | None:
+        """The job's work folder as `run_sequential`'s store: finished blocks packed in this method's format."""
+        if job.work is None:
+            return None
+        fmt = get_format(self.formats[0])
+        layout = fmt.read(fmt.quantization_config(job.scheme, self.describe(job).get("options", {})))[0]
+        return job.work.blocks(spec.blocks, layout.pack, job.save_dtype)
 
     def describe(self, job: QuantJob) -> dict[str, Any]:
         """What the method did, recorded in the checkpoint's quantkit.json."""

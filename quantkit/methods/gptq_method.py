@@ -252,6 +252,7 @@ class GPTQ(WeightOnlyMethod):
     needs_calibration = True
     formats = ("gptq",)
     Options = GPTQOptions
+    resumable = True
 
     def quantize(self, job: QuantJob) -> PackedArtifact:
         self._samples = None
@@ -292,7 +293,8 @@ class GPTQ(WeightOnlyMethod):
         cov = self.coverage = ExpertCoverage(job.options.moe_calibration, job.options.moe_min_tokens)
         return run_sequential(model, spec, samples, lambda calib: gptq_block(calib, spec, targets, params, seq,
                                                                              coverage=cov),
-                              device=job.device, batch_size=c.batch_size, blocks=blocks, progress=job.progress)
+                              device=job.device, batch_size=c.batch_size, blocks=blocks, progress=job.progress,
+                              store=self.block_store(job, spec))
 
     def calibration(self, tokenizer: Any, job: QuantJob) -> torch.Tensor:
         """(nsamples, seqlen) token ids of the job's calibration windows; remembers their fingerprint."""

@@ -228,18 +228,17 @@ def from_hub_names(model: nn.Module, tensors: dict[str, T]) -> dict[str, T]:
     spec = _moe_spec(model, None)
     if spec is None:
         return tensors
-    layers = set(moe_layers(model, spec))
-    pat = re.compile(re.escape(spec.blocks) + r"\.(\d+)\.(.+)")
+    inside = _by_block(model, spec, list(tensors))
     per_block: dict[int, dict[str, T]] = {}
     out: dict[str, T] = {}
     for name, t in tensors.items():
-        m = pat.fullmatch(name)
-        if m and int(m.group(1)) in layers:
-            per_block.setdefault(int(m.group(1)), {})[m.group(2)] = t
+        if name in inside:
+            i, rel = inside[name]
+            per_block.setdefault(i, {})[rel] = t
         else:
             out[name] = t
-    for i, rel in per_block.items():
-        out.update({f"{spec.blocks}.{i}.{k}": v for k, v in block_from_hub(spec.moe, rel).items()})
+    for i, rel_tensors in per_block.items():
+        out.update({f"{spec.blocks}.{i}.{k}": v for k, v in block_from_hub(spec.moe, rel_tensors).items()})
     return out
 
 

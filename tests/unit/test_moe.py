@@ -92,7 +92,11 @@ def test_hub_names_round_trip_through_transformers(tmp_path):
 
     model = _random("MixtralForCausalLM")
     want = logits(model)
+    fused = dict(model.state_dict())
     swap_experts(model)
+    split = from_hub_names(model, fused)  # transformers' fused 3-D experts are read as well
+    assert split.keys() == model.state_dict().keys()
+    assert all(torch.equal(split[k], v) for k, v in model.state_dict().items())
     sd = to_hub_names(model, {k: v.contiguous() for k, v in model.state_dict().items()})
     assert "model.layers.1.block_sparse_moe.experts.3.w3.weight" in sd and "model.layers.0.block_sparse_moe.gate.weight" in sd
     assert not any(".mlp." in k for k in sd)

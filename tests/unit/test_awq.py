@@ -252,6 +252,7 @@ def test_options_forbid_unknown_fields():
     from quantkit.methods.awq_method import AWQOptions
 
     assert AWQOptions().model_dump() == {"n_grid": 20, "max_shrink": 0.5, "zero_point": True, "dump_awq": None,
-                                         "load_awq": None, "offload": "none"}
+                                         "load_awq": None, "offload": "none", "moe_calibration": "routed",
+                                         "moe_min_tokens": 16}
     with pytest.raises(ValidationError):
         AWQOptions(alpha=0.5)

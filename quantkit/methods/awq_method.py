@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 
 class AWQOptions(BaseModel):
-    """Method options (CLI flags --n-grid, --max-shrink, --zero-point/--no-zero-point, --dump-awq, --load-awq, --offload)."""
+    """Method options (CLI flags --n-grid, --max-shrink, --zero-point/--no-zero-point, --dump-awq, --load-awq, --offload,
+    --moe-calibration, --moe-min-tokens)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     n_grid: int = Field(20, ge=1, le=1000, description="alpha grid points in [0, 1), and clipping grid resolution")

@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 
 
 class GPTQOptions(BaseModel):
-    """Method options (CLI flags --damp, --block-size, --true-sequential/--no-true-sequential, --offload)."""
+    """Method options (CLI flags --damp, --block-size, --true-sequential/--no-true-sequential, --offload,
+    --moe-calibration, --moe-min-tokens)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     damp: float = Field(0.01, ge=0.0, le=1.0, description="dampening: fraction of the mean Hessian diagonal")

@@ -236,7 +236,8 @@ def expert_of(spec: ArchSpec, name: str) -> str | None:
 
 
 def block_linears(block: nn.Module, spec: ArchSpec) -> dict[str, nn.Linear]:
-    """The block's Linears named in the spec that exist (e.g. no bias-only variants), in run order."""
+    """The block's Linears named in the spec that exist (e.g. no bias-only variants), in run order
+    (MoE: stage order, every expert's gate/up then every down; the experts themselves run one after another)."""
     out = {}
     for name in (n for stage in block_stages(block, spec) for group in stage for n in group):
         try:

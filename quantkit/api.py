@@ -14,14 +14,16 @@ from quantkit.calib.workdir import WorkFolder, run_fingerprint
 from quantkit.errors import QuantkitError
 from quantkit.formats.loader import load
 from quantkit.formats.shards import DEFAULT_MAX_SHARD_SIZE
+from quantkit.memcheck import check_job, plan_job
 from quantkit.methods.base import CalibSpec, QuantJob
 from quantkit.models.sources import resolve
 from quantkit.paths import atomic_dir, check_output
+from quantkit.plan import MemoryPlan
 from quantkit.registry import get_method
 from quantkit.scheme import QuantScheme, make_scheme
 from quantkit.sizes import parse_size
 
-__all__ = ["quantize", "load", "resolve_device", "folder_size"]
+__all__ = ["quantize", "plan", "make_job", "load", "resolve_device", "folder_size"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,32 @@ def _scheme(scheme: QuantScheme | str | dict[str, Any] | None) -> QuantScheme:
     return make_scheme(None, **(scheme or {}))
 
 
+def make_job(model: str | Path, method: str, *, scheme: QuantScheme | str | dict | None = None,
+             calib: CalibSpec | dict[str, Any] | None = None, options: dict[str, Any] | None = None,
+             device: str | torch.device = "auto", save_dtype: str | torch.dtype = "float16",
+             trust_remote_code: bool = False, progress: Progress | None = None) -> tuple[Any, QuantJob]:
+    """The method and the validated job that `quantize` runs (nothing is loaded yet)."""
+    impl = get_method(method)
+    job = QuantJob(
+        source=resolve(model),
+        scheme=_scheme(scheme),
+        options=impl.Options(**(options or {})),
+        calib=calib if isinstance(calib, CalibSpec) else CalibSpec(**(calib or {})),
+        device=resolve_device(device),
+        save_dtype=resolve_dtype(save_dtype),
+        trust_remote_code=trust_remote_code,
+        progress=progress,
+    )
+    if job.source.is_quantized:
+        raise QuantkitError(f"{model} is already quantized; give the float model it came from")
+    return impl, job
+
+
+def plan(model: str | Path, method: str, **job: Any) -> MemoryPlan:
+    """The memory plan of `quantize(model, method, **job)` from config.json and safetensors headers only."""
+    return plan_job(make_job(model, method, **job)[1], method)
+
+
 def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantScheme | str | dict | None = None,
              calib: CalibSpec | dict[str, Any] | None = None, options: dict[str, Any] | None = None,
              device: str | torch.device = "auto", save_dtype: str | torch.dtype = "float16", force: bool = False,
@@ -69,25 +97,16 @@ def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantSc
     `max_shard_size` ("2GB", "500MB" or bytes): larger outputs are split into shards with an index.
     Calibrated methods keep finished blocks in `OUT.partial/` until the save: `resume` None continues
     a matching one (a killed run), False deletes it and starts over.
+    Before anything is loaded, the memory plan must fit (`quantkit.memcheck`; QUANTKIT_MEMORY_LIMIT).
     Returns a summary: method, output path, scheme, timings and size on disk.
     """
     out = Path(out)
     check_output(out, force)  # fail before any expensive work
     shard_bytes = parse_size(max_shard_size, "--max-shard-size")
-    impl = get_method(method)
-    opts = impl.Options(**(options or {}))
-    job = QuantJob(
-        source=resolve(model),
-        scheme=_scheme(scheme),
-        options=opts,
-        calib=calib if isinstance(calib, CalibSpec) else CalibSpec(**(calib or {})),
-        device=resolve_device(device),
-        save_dtype=resolve_dtype(save_dtype),
-        trust_remote_code=trust_remote_code,
-        progress=progress,
-    )
-    if job.source.is_quantized:
-        raise QuantkitError(f"{model} is already quantized; give the float model it came from")
+    impl, job = make_job(model, method, scheme=scheme, calib=calib, options=options, device=device,
+                         save_dtype=save_dtype, trust_remote_code=trust_remote_code, progress=progress)
+    opts = job.options
+    memory = check_job(job, method, "offload" in impl.Options.model_fields, out)
     work = WorkFolder(out, lambda: run_fingerprint(job, method), resume) if impl.resumable else None
     job.work = work
     torch.manual_seed(job.calib.seed)
@@ -116,6 +135,7 @@ def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantSc
         "size_bytes": folder_size(out),
         "files": sorted(p.name for p in out.iterdir()),
         "resume": work.summary() if work is not None else None,
+        "memory_plan_peak_bytes": memory.host if memory is not None else None,
     }
     if "moe" in artifact.extra:  # MoE: calibration tokens per expert, and the experts that fell back to RTN
         summary["moe"] = artifact.extra["moe"]

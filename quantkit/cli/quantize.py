@@ -64,6 +64,7 @@ def quantize(
     save_dtype: Annotated[str, typer.Option("--save-dtype", help="dtype of unquantized tensors: float16, bfloat16, float32.")] = "float16",
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Split the weights into shards of at most this size (2GB, 500MB, ...), with an index.")] = "2GB",
     resume: Annotated[Optional[bool], typer.Option("--resume/--no-resume", help="Continue a killed run from OUT.partial/ (default when it exists) or start over.")] = None,
+    plan: Annotated[bool, typer.Option("--plan", help="Print the memory plan (RAM, device, disk per stage) and exit without quantizing.")] = False,
     damp: Annotated[Optional[float], typer.Option("--damp", help="GPTQ dampening, fraction of the mean Hessian diagonal.", rich_help_panel=OPT)] = None,
     true_sequential: Annotated[Optional[bool], typer.Option("--true-sequential/--no-true-sequential", rich_help_panel=OPT)] = None,
     offload: Annotated[Optional[str], typer.Option("--offload", help="none, or disk: load blocks lazily from the shards.", rich_help_panel=OPT)] = None,
@@ -112,6 +113,12 @@ def quantize(
 
     scheme = make_scheme(preset or (None if bits else "w4g128"), skip=skip, **scheme_fields)
     calib = dict(dataset=dataset, text_field=text_field, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size)
+    if plan:  # config.json and safetensors headers only: nothing is loaded or written
+        from quantkit.cli.plan import show_plan
+
+        memory = api.plan(model, method, scheme=scheme, calib=calib, options=options, device=device,
+                          save_dtype=save_dtype, trust_remote_code=trust_remote_code)
+        return show_plan(ui, memory, api.resolve_device(device), out, json_out)
     with progress_bar(not quiet, f"{method}") as bar:
         summary = api.quantize(model, method, out, scheme=scheme, calib=calib, options=options, device=device,
                                save_dtype=save_dtype, force=force, trust_remote_code=trust_remote_code, progress=bar,

@@ -139,10 +139,15 @@ def natural_key(name: str) -> tuple:
 _CODES = {code: dt for dt, (code, _) in DTYPES.items()}
 
 
-def read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """name -> (dtype, shape) of a safetensors file, from its header only (no tensor data is read)."""
+def raw_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (safetensors dtype code, shape) of a file, from its header only (no tensor data is read)."""
     with open(path, "rb") as fh:
         (n,) = struct.unpack("<Q", fh.read(8))
         header = json.loads(fh.read(n))
     header.pop("__metadata__", None)
-    return {k: (_CODES[v["dtype"]], tuple(v["shape"])) for k, v in header.items()}
+    return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items()}
+
+
+def read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """name -> (torch dtype, shape) of a file written by this module (dtypes it knows)."""
+    return {k: (_CODES[code], shape) for k, (code, shape) in raw_header(path).items()}

@@ -1,0 +1,274 @@
+"""The memory plan of a quantization run, from config.json and the safetensors headers only (no weights).
+
+`estimate(geometry, settings, ...)` is a pure function: per stage, the expected peak host RAM,
+device memory and temporary disk. What dominates each stage (fp32 bytes unless said otherwise):
+
+- baseline:    the interpreter with torch imported (measured: the caller's RSS) + transformers +
+               the loaded tokenizer;
+- calibration: tokenizing the calibration text (a transient of ~TOKENIZE_PER_CHAR bytes per character);
+- model load:  every weight as fp32, or with `--offload disk` only the tensors outside the blocks;
+- block:       one block's weights, its inputs and outputs (nsamples x seqlen x hidden x 4 each), the
+               forward transients of one batch (attention scores batch x heads x T x T, MLP intermediate
+               batch x T x inter) and the method's own: GPTQ's per-group Hessians (in^2) and its
+               working copies of the stacked weights, plus the recorded inputs it replays; AWQ's
+               statistics (Gram matrices, token sample), recorded attention calls and candidate grids;
+- save:        the packed output, streamed one tensor at a time (RTN holds all codes until then);
+- disk:        the work folder (packed finished blocks + two activation files) and the output.
+
+The constants below were fitted against measured peak RSS (ru_maxrss) with benchmarks/big.py;
+the plan is meant to be within 25% of it and not below by more than 10%.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+MiB = 2**20
+F32 = 4
+TRANSFORMERS_IMPORT = 30 * MiB  # transformers and its auto classes, when not imported yet
+TOKENIZER_PER_BYTE = 48         # RSS of a loaded fast tokenizer per byte of tokenizer.json
+TOKENIZER_MIN = 8 * MiB
+TOKENIZE_PER_CHAR = 135         # transient RSS per character of calibration text while it is tokenized
+ALLOCATOR_SLACK = 1.10          # freed-but-not-returned heap (glibc arenas) on top of the live tensors
+AWQ_CHUNK = (1 << 24) * F32     # methods/awq.py _CHUNK_ELEMENTS: one batch of candidate weights
+AWQ_SCORE_TOKENS = 2048         # methods/awq.py AWQConfig.score_tokens
+BNB_METHODS = ("nf4", "fp4", "int8")
+
+DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What the plan needs to know about a model, from its config and tensor headers."""
+
+    n_blocks: int
+    hidden: int
+    heads: int
+    inter: int                              # MLP intermediate width (largest Linear output in a block)
+    block_params: int                       # parameters of the largest block
+    groups: tuple[tuple[int, int], ...]     # largest block's Linear groups as (stacked rows, in_features)
+    linears: tuple[tuple[int, int], ...]    # every quantizable Linear of one block as (out, in)
+    outside_params: int                     # parameters outside the blocks (embeddings, final norm, head)
+    file_bytes: int                         # all tensors as stored
+    max_tensor: int                         # largest tensor, elements
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The run's choices that move memory."""
+
+    method: str = "gptq"
+    bits: int = 4
+    group_size: int = 128
+    nsamples: int = 128
+    seqlen: int = 512
+    batch_size: int = 8
+    offload: bool = False
+    device: str = "cpu"
+    save_dtype_bytes: int = 2
+    true_sequential: bool = True
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    host: int       # peak host RAM during the stage, bytes (whole process)
+    device: int     # peak device memory (0 on CPU, where it is host RAM)
+    disk: int       # temporary disk in use (work folder + output being written)
+    detail: str     # what dominates
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    stages: tuple[Stage, ...]
+    settings: Settings
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def peak(self) -> Stage:
+        return max(self.stages, key=lambda s: s.host)
+
+    @property
+    def host(self) -> int:
+        return max(s.host for s in self.stages)
+
+    @property
+    def device(self) -> int:
+        return max(s.device for s in self.stages)
+
+    @property
+    def disk(self) -> int:
+        return max(s.disk for s in self.stages)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stages": [asdict(s) for s in self.stages], "settings": asdict(self.settings),
+                "peak_host_bytes": self.host, "peak_device_bytes": self.device, "peak_disk_bytes": self.disk,
+                "notes": list(self.notes)}
+
+
+# ------------------------------------------------------------------------------------- geometry
+def _numel(shape: list[int] | tuple[int, ...]) -> int:
+    return math.prod(shape) if shape else 1
+
+
+def blocks_prefix(config: dict[str, Any], names: list[str]) -> str:
+    """The dotted path of the decoder blocks: from the architecture table, else the commonest `x.N.` prefix."""
+    from quantkit.models.arch import ARCHITECTURES
+
+    arch = (config.get("architectures") or [""])[0]
+    if arch in ARCHITECTURES:
+        return ARCHITECTURES[arch].blocks
+    counts: dict[str, int] = {}
+    for n in names:
+        if m := re.match(r"^(.*?)\.\d+\.", n):
+            counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+    return max(counts, key=counts.__getitem__) if counts else "model.layers"
+
+
+def geometry(config: dict[str, Any], header: dict[str, tuple[str, tuple[int, ...]]]) -> Geometry:
+    """`header`: tensor name -> (safetensors dtype code, shape), over all shards (`formats.shards.raw_header`)."""
+    from quantkit.models.arch import ARCHITECTURES
+
+    text = config.get("text_config") or config
+    prefix = blocks_prefix(config, list(header)) + "."
+    per_block: dict[int, dict[str, tuple[int, ...]]] = {}
+    outside = 0
+    for name, (_, shape) in header.items():
+        if name.startswith(prefix):
+            i = int(name[len(prefix):].split(".", 1)[0])
+            per_block.setdefault(i, {})[name[len(prefix):].split(".", 1)[1]] = shape
+        else:
+            outside += _numel(shape)
+    if not per_block:
+        raise ValueError(f"no tensors under {prefix}N.: cannot find the decoder blocks")
+    big = max(per_block.values(), key=lambda b: sum(_numel(s) for s in b.values()))
+    linears = {n.removesuffix(".weight"): s for n, s in big.items() if n.endswith(".weight") and len(s) == 2}
+    arch = ARCHITECTURES.get((config.get("architectures") or [""])[0])
+    groups: list[tuple[int, int]] = []
+    seen: set[str] = set()
+    for names in arch.sequential if arch is not None else ():
+        present = [n for n in names if n in linears]
+        if present:
+            groups.append((sum(linears[n][0] for n in present), linears[present[0]][1]))
+            seen.update(present)
+    groups += [(s[0], s[1]) for n, s in linears.items() if n not in seen and "embed" not in n]
+    hidden = int(text.get("hidden_size") or text.get("d_model") or max(s[1] for s in linears.values()))
+    heads = int(text.get("num_attention_heads") or text.get("n_head") or max(1, hidden // 64))
+    inter = max([s[0] for s in linears.values()] + [int(text.get("intermediate_size") or 0)])
+    return Geometry(
+        n_blocks=len(per_block), hidden=hidden, heads=heads, inter=inter,
+        block_params=sum(_numel(s) for s in big.values()), groups=tuple(groups),
+        linears=tuple((s[0], s[1]) for n, s in linears.items() if "embed" not in n),
+        outside_params=outside,
+        file_bytes=sum(DTYPE_BYTES.get(d, 4) * _numel(s) for d, s in header.values()),
+        max_tensor=max(_numel(s) for _, s in header.values()),
+    )
+
+
+# ------------------------------------------------------------------------------------- estimate
+def packed_bytes(out_f: int, in_f: int, bits: int, group_size: int) -> int:
+    """Codes, zeros, fp16 scales and g_idx of one Linear in a packed checkpoint."""
+    groups = 1 if group_size == -1 else max(1, in_f // group_size)
+    return out_f * in_f * bits // 8 + groups * out_f * (bits / 8 + 2) + in_f * 4
+
+
+def _block_method_bytes(g: Geometry, s: Settings) -> tuple[int, str]:
+    """The method's own working memory while one block is calibrated, and a description."""
+    n_tok = s.nsamples * s.seqlen
+    if s.method == "gptq":  # the inputs it records to replay the next group share the outputs' slot
+        return max(4 * i * i * F32 + 5 * r * i * F32 for r, i in g.groups), "Hessian + GPTQ work"
+    if s.method == "awq":
+        budget = min(AWQ_SCORE_TOKENS, n_tok // 4)
+        sites = sum(i for _, i in g.groups)
+        gs = s.group_size if s.group_size != -1 else 128
+        stats = sites * (gs + budget) * F32                                  # Gram matrices + token sample
+        calls = 2 * max(budget, s.seqlen) * g.hidden * F32 * 4               # attention calls and their outputs
+        grid = min(AWQ_CHUNK, 20 * max(o * i for o, i in g.linears) * F32) * 4  # candidate weights + temporaries
+        return stats + calls + grid, "statistics + scale grid"
+    return 0, ""
+
+
+def _forward_bytes(g: Geometry, s: Settings) -> int:
+    """Transients of one block forward on one batch: attention scores or MLP intermediates, whichever is larger."""
+    b = min(s.batch_size, s.nsamples)
+    attn = b * g.heads * s.seqlen * s.seqlen * F32 * 2       # scores and probabilities
+    mlp = b * s.seqlen * g.inter * F32 * 3                   # gate, up, act(gate) * up
+    return max(attn, mlp) + 4 * b * s.seqlen * g.hidden * F32
+
+
+def estimate(g: Geometry, s: Settings, baseline: int, tokenizer_bytes: int = 0, text_chars: int = 0,
+             transformers_loaded: bool = False) -> MemoryPlan:
+    """Per-stage peaks of a run (bytes). `baseline`: the process's RSS now (torch imported)."""
+    cpu = s.device == "cpu"
+    base = baseline + (0 if transformers_loaded else TRANSFORMERS_IMPORT)
+    base += max(TOKENIZER_MIN, TOKENIZER_PER_BYTE * tokenizer_bytes) if tokenizer_bytes else 0
+    calibrated = s.method in ("gptq", "awq")
+    tokenize = TOKENIZE_PER_CHAR * text_chars if calibrated else 0
+    model = (g.outside_params if s.offload else g.outside_params + g.n_blocks * g.block_params) * F32
+    block = g.block_params * F32
+    acts = s.nsamples * s.seqlen * g.hidden * F32
+    packed_block = sum(packed_bytes(o, i, s.bits, s.group_size) for o, i in g.linears)
+    other_block = max(0, g.block_params - sum(o * i for o, i in g.linears)) * s.save_dtype_bytes
+    out_bytes = g.n_blocks * (packed_block + other_block) + g.outside_params * s.save_dtype_bytes
+    work = g.n_blocks * (packed_block + other_block) + 2 * acts if calibrated else 0
+    stages = [Stage("baseline", base, 0, 0, "python + torch + transformers + tokenizer")]
+    # GPTQ tokenizes before the model is loaded (folder sources); AWQ after
+    tok_on_top = model if s.method == "awq" else 0
+    if calibrated:
+        stages.append(Stage("calibration data", base + tok_on_top + tokenize, 0, 0, "tokenizing the calibration text"))
+    load_peak = g.max_tensor * F32  # one tensor converted (or read from a shard) at a time
+    what = "tensors outside the blocks (--offload disk)" if s.offload else "every weight as fp32"
+    stages.append(Stage("model load", base + model + load_peak, 0, 0, what))
+    if calibrated:
+        method, mdesc = _block_method_bytes(g, s)
+        fwd = _forward_bytes(g, s)
+        # activations stay on the host (store_device); the device holds the block, one batch and the method's work
+        on_device = (block if s.offload or not cpu else 0) + fwd + method
+        host = base + model + 2 * acts + (on_device if cpu else block if s.offload else 0)
+        stages.append(Stage("block + activations", int(host * ALLOCATOR_SLACK), 0 if cpu else on_device, work,
+                            f"1 block + inputs and outputs ({acts / MiB:.0f} MiB each) + {mdesc}"))
+        save_host = base + model + g.max_tensor * F32
+        detail = "streamed: one tensor at a time"
+    elif s.method in BNB_METHODS:  # quantized while transformers loads it; save_pretrained writes from memory
+        linear = g.n_blocks * sum(o * i for o, i in g.linears)
+        loaded = linear * s.bits // 8 + (g.outside_params + g.n_blocks * g.block_params - linear) * s.save_dtype_bytes
+        stages[-1] = Stage("model load", base + loaded + load_peak, 0, 0, "quantized on load (bitsandbytes)")
+        save_host = base + 2 * loaded
+        detail = "transformers save_pretrained"
+    else:  # RTN: every Linear's codes (uint8) and grids are held until the save
+        codes = g.n_blocks * sum(o * i + 2 * o * (1 if s.group_size == -1 else i // s.group_size) * F32
+                                 for o, i in g.linears)
+        rtn_tmp = 4 * max(o * i for o, i in g.linears) * F32
+        stages.append(Stage("quantize", int((base + model + codes + rtn_tmp) * ALLOCATOR_SLACK), 0, 0,
+                            "all codes held in memory"))
+        save_host = base + model + codes + 2 * g.max_tensor * F32
+        detail = "streamed, codes held until written"
+    stages.append(Stage("save", int(save_host * ALLOCATOR_SLACK), 0, work + out_bytes, detail))
+    notes = []
+    if calibrated:
+        notes.append(f"activations grow with --nsamples x --seqlen: {acts / MiB:.0f} MiB per copy at "
+                     f"{s.nsamples} x {s.seqlen}")
+    return MemoryPlan(tuple(stages), s, tuple(notes))
+
+
+def alternatives(g: Geometry, s: Settings, can_offload: bool) -> list[tuple[str, Settings]]:
+    """Smaller settings to suggest, cheapest change first: (flags, settings)."""
+    out: list[tuple[str, Settings]] = []
+    bases = [("", s)]
+    if can_offload and not s.offload:
+        bases.append(("--offload disk", replace(s, offload=True)))
+    out += bases[1:]
+    for flag, b in bases:
+        n = b.nsamples // 2
+        while n >= 8:
+            out.append(((flag + " " if flag else "") + f"--nsamples {n}", replace(b, nsamples=n)))
+            n //= 2
+        t = b.seqlen // 2
+        while t >= 128:
+            out.append(((flag + " " if flag else "") + f"--seqlen {t}", replace(b, seqlen=t)))
+            t //= 2
+    return out

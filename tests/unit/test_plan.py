@@ -1,0 +1,120 @@
+"""The memory plan: pure estimates from config + headers, `--plan`, and the refusal before loading."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+from typer.testing import CliRunner
+
+from quantkit import api, memcheck
+from quantkit.cli.main import app
+from quantkit.plan import MiB, Settings, estimate, geometry
+from tests.tiny import llama_config, make_model, write_text
+
+BASE = 300 * MiB  # the process RSS the plan starts from (fixed: the tests do not depend on this process's heap)
+
+
+@pytest.fixture(autouse=True)
+def fixed_rss(monkeypatch):
+    monkeypatch.setattr(memcheck, "_rss", lambda: BASE)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    base = tmp_path_factory.mktemp("plan")
+    return make_model(base / "m", llama_config(layers=16, hidden=256, inter=768)), write_text(base / "calib.txt")
+
+
+def _header(folder):
+    from quantkit.formats.shards import raw_header
+
+    return raw_header(folder / "model.safetensors")
+
+
+def test_geometry_from_headers(model):
+    folder, _ = model
+    g = geometry(json.loads((folder / "config.json").read_text()), _header(folder))
+    assert (g.n_blocks, g.hidden, g.heads, g.inter) == (16, 256, 4, 768)
+    # q/k/v stacked (256 + 2 * 128 rows, GQA), o, gate/up stacked, down
+    assert g.groups == ((512, 256), (256, 256), (1536, 256), (256, 768))
+    assert g.block_params == 256 * 256 * 2 + 2 * 128 * 256 + 3 * 256 * 768 + 2 * 256
+    assert g.outside_params == 320 * 256 + 256  # tied embeddings + final norm
+
+
+def test_estimate_moves_with_the_settings(model):
+    folder, _ = model
+    g = geometry(json.loads((folder / "config.json").read_text()), _header(folder))
+    s = Settings(method="gptq", nsamples=64, seqlen=256, batch_size=4)
+    plan = estimate(g, s, BASE)
+    block = {st.name: st for st in plan.stages}["block + activations"]
+    acts = 64 * 256 * 256 * 4
+    bigger = {st.name: st for st in estimate(g, replace(s, nsamples=128), BASE).stages}["block + activations"]
+    assert bigger.host - block.host == pytest.approx(2 * acts * 1.1, rel=0.01)  # inputs + outputs, allocator slack
+    off = estimate(g, replace(s, offload=True), BASE)
+    assert plan.host - off.host >= 0.9 * 15 * g.block_params * 4  # all but one block stay on disk
+    assert plan.disk > 0 and {st.name for st in plan.stages} >= {"baseline", "model load", "save"}
+    rtn = estimate(g, replace(s, method="rtn"), BASE)
+    assert "block + activations" not in {st.name for st in rtn.stages} and rtn.disk > 0
+    cuda = estimate(g, replace(s, device="cuda"), BASE)
+    assert cuda.device > 0 and plan.device == 0
+
+
+def _cli(folder, text, out, *extra, **env):
+    args = ["quantize", str(folder), "-o", str(out), "-m", "gptq", "--bits", "4", "--group-size", "64",
+            "--dataset", str(text), "--nsamples", "64", "--seqlen", "256", "--batch-size", "4", "--device", "cpu",
+            *extra]
+    return CliRunner(env=env).invoke(app, args)
+
+
+def test_plan_flag_prints_and_writes_nothing(model, tmp_path):
+    folder, text = model
+    r = _cli(folder, text, tmp_path / "q", "--plan")
+    assert r.exit_code == 0, r.output
+    assert "block + activations" in r.stdout and "fits" in r.stdout
+    assert not list(tmp_path.iterdir())
+    r = _cli(folder, text, tmp_path / "q", "--plan", "--json", "-", QUANTKIT_MEMORY_LIMIT="1MiB")
+    data = json.loads(r.stdout)
+    assert r.exit_code == 0 and data["fits"] is False and data["available_host_bytes"] == 2**20
+    assert [s["name"] for s in data["stages"]][0] == "baseline" and data["peak_host_bytes"] > 0
+
+
+def _plans(folder, text):
+    kw = dict(scheme={"bits": 4, "group_size": 64}, device="cpu",
+              calib={"dataset": str(text), "nsamples": 64, "seqlen": 256, "batch_size": 4})
+    return api.plan(folder, "gptq", **kw).host, api.plan(folder, "gptq", options={"offload": "disk"}, **kw).host
+
+
+def _one_error_line(r):
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.output, r.stderr
+    return lines[0]
+
+
+def test_a_small_machine_is_refused_before_loading_with_the_option_that_fits(model, tmp_path):
+    folder, text = model
+    in_memory, offloaded = _plans(folder, text)
+    assert offloaded < in_memory
+    limit = str((in_memory + offloaded) // 2)
+    line = _one_error_line(_cli(folder, text, tmp_path / "q", QUANTKIT_MEMORY_LIMIT=limit))
+    assert "exceeds the" in line and "QUANTKIT_MEMORY_LIMIT" in line and "with --offload disk the plan needs" in line
+    assert not list(tmp_path.iterdir())  # nothing loaded, nothing written, no work folder
+    line = _one_error_line(_cli(folder, text, tmp_path / "q", "--offload", "disk",
+                                QUANTKIT_MEMORY_LIMIT=str(offloaded - 1)))
+    assert "--nsamples 32" in line  # offload already on: fewer samples is the next smaller setting
+    line = _one_error_line(_cli(folder, text, tmp_path / "q", QUANTKIT_MEMORY_LIMIT="100MiB"))
+    assert "no smaller" in line
+    line = _one_error_line(_cli(folder, text, tmp_path / "q", QUANTKIT_MEMORY_LIMIT="lots"))
+    assert "QUANTKIT_MEMORY_LIMIT 'lots' is not a size" in line
+
+
+def test_the_limit_allows_a_run_that_fits(model, tmp_path, monkeypatch):
+    folder, text = model
+    in_memory, _ = _plans(folder, text)
+    s = api.quantize(folder, "rtn", tmp_path / "q", scheme={"bits": 4, "group_size": 64}, device="cpu")
+    assert s["memory_plan_peak_bytes"] > BASE
+    monkeypatch.setenv("QUANTKIT_MEMORY_LIMIT", str(in_memory + MiB))
+    r = _cli(folder, text, tmp_path / "g", "--nsamples", "4", "--seqlen", "32")  # smaller than the plan above
+    assert r.exit_code == 0, r.output

@@ -107,7 +107,7 @@ def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantSc
                          save_dtype=save_dtype, trust_remote_code=trust_remote_code, progress=progress)
     opts = job.options
     memory = check_job(job, method, "offload" in impl.Options.model_fields, out)
-    work = WorkFolder(out, lambda: run_fingerprint(job, method), resume) if impl.resumable else None
+    work = WorkFolder(out, lambda: run_fingerprint(job, method), resume) if getattr(impl, "resumable", False) else None
     job.work = work
     torch.manual_seed(job.calib.seed)
     t0 = time.perf_counter()

@@ -381,11 +381,14 @@ def run_awq(model: nn.Module, samples: Tensor, cfg: AWQConfig, targets: set[str]
     if targets is None:
         targets = {f"{spec.blocks}.{i}.{n}" for i, b in enumerate(get_blocks(model, spec)) for n in block_linears(b, spec)}
 
-    def per_block(calib: BlockCalib) -> dict[str, ModuleResult]:
-        return awq_block(calib, spec, _relative(targets, spec, calib.index), cfg, coverage)
+    cov = coverage or ExpertCoverage()
 
-    results = run_sequential(model, spec, samples, lambda calib: _flat(per_block(calib)), device=device,
-                             batch_size=batch_size, blocks=blocks, progress=progress, store=store)
+    def per_block(calib: BlockCalib) -> dict[str, Any]:  # + the block's MoE token counts (kept on resume)
+        done = _flat(awq_block(calib, spec, _relative(targets, spec, calib.index), cfg, cov))
+        return {**done, **cov.block_results(f"{spec.blocks}.{calib.index}.")}
+
+    results = cov.absorb(run_sequential(model, spec, samples, per_block, device=device, batch_size=batch_size,
+                                        blocks=blocks, progress=progress, store=store))
     search, quantized = AWQSearch(meta=cfg.meta()), {}
     for name, r in results.items():  # with a store, the codes are on disk: only scales and clips come back
         if name.endswith(SCALE):

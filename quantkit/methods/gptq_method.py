@@ -292,10 +292,14 @@ class GPTQ(WeightOnlyMethod):
         log.info("GPTQ: %d Linears, %d samples x %d tokens, true_sequential=%s", len(layers), len(samples),
                  samples.shape[1], seq)
         cov = self.coverage = ExpertCoverage(job.options.moe_calibration, job.options.moe_min_tokens)
-        return run_sequential(model, spec, samples, lambda calib: gptq_block(calib, spec, targets, params, seq,
-                                                                             coverage=cov),
-                              device=job.device, batch_size=c.batch_size, blocks=blocks, progress=job.progress,
-                              store=self.block_store(job, spec))
+
+        def block(calib: BlockCalib) -> dict[str, Any]:  # codes, and the block's MoE token counts (kept on resume)
+            done = gptq_block(calib, spec, targets, params, seq, coverage=cov)
+            return {**done, **cov.block_results(f"{spec.blocks}.{calib.index}.")}
+
+        results = run_sequential(model, spec, samples, block, device=job.device, batch_size=c.batch_size,
+                                 blocks=blocks, progress=job.progress, store=self.block_store(job, spec))
+        return cov.absorb(results)
 
     def calibration(self, tokenizer: Any, job: QuantJob) -> torch.Tensor:
         """(nsamples, seqlen) token ids of the job's calibration windows; remembers their fingerprint."""

@@ -244,6 +244,12 @@ def from_hub_names(model: nn.Module, tensors: dict[str, T]) -> dict[str, T]:
 
 # ---------------------------------------------------------------- expert coverage
 
+TOKENS = ":moe_tokens"  # side-result key suffix: an experts module's (2, n) expert indices and token counts
+
+
+def _natural(name: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
 
 @dataclass
 class ExpertCoverage:
@@ -283,14 +289,33 @@ class ExpertCoverage:
                         "(more --nsamples or --moe-calibration all reach it)", expert, tokens, self.min_tokens)
         return False
 
+    def block_results(self, prefix: str) -> dict[str, Tensor]:
+        """The counts recorded in block `prefix` ("model.layers.3.") as side results keyed relative to it:
+        a resumable run keeps them on disk with the block, so a resumed run reports every block."""
+        return {name.removeprefix(prefix) + TOKENS: torch.tensor([sorted(per), [per[e] for e in sorted(per)]])
+                for name, per in self.tokens.items() if name.startswith(prefix)}
+
+    def absorb(self, results: dict[str, Any]) -> dict[str, Any]:
+        """`results` (full names) without the `block_results` entries, whose counts are recorded (blocks a
+        resumed run did not calibrate again come back this way; their RTN fallbacks follow from the counts)."""
+        out = {}
+        for name, value in results.items():
+            if name.endswith(TOKENS):
+                for e, n in zip(*value.tolist(), strict=True):
+                    self.enough(f"{name.removesuffix(TOKENS)}.{e}", n)
+            else:
+                out[name] = value
+        return out
+
     def summary(self) -> dict[str, Any] | None:
-        """JSON for the --json summary and quantkit.json; None when no expert was calibrated."""
+        """JSON for the --json summary and quantkit.json (blocks in model order); None when no expert was calibrated."""
         if not self.tokens:
             return None
-        layers = {name: [per[e] for e in sorted(per)] for name, per in self.tokens.items()}
+        layers = {name: [self.tokens[name][e] for e in sorted(self.tokens[name])]
+                  for name in sorted(self.tokens, key=_natural)}
         low_name, low_e = min(((n, e) for n, per in self.tokens.items() for e in per),
                               key=lambda k: self.tokens[k[0]][k[1]])
         return {"mode": self.mode, "min_tokens": self.min_tokens, "tokens": layers,
                 "min": self.tokens[low_name][low_e], "min_expert": f"{low_name}.{low_e}",
-                "rtn_fallback": list(self.fallback)}
+                "rtn_fallback": sorted(self.fallback, key=_natural)}
 

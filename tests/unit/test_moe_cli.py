@@ -79,3 +79,23 @@ def test_offload_disk_matches_in_memory(starved, text, tmp_path):
                            options={"offload": offload})
         runs[offload] = ((out / "model.safetensors").read_bytes(), summary["moe"])
     assert runs["none"] == runs["disk"]
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_killed_run_resumes_with_the_whole_coverage(starved, text, tmp_path, method):
+    """The token counts travel with each finished block: a resumed run writes the same checkpoint and report."""
+    import signal
+
+    from tests.unit.test_resume import _cli, _cmd, _hashes, _run
+
+    extra = ("--n-grid", "4") if method == "awq" else ()
+    _cli(starved, text, tmp_path / "full", method, *extra)
+    out = tmp_path / "killed"
+    killed = _run(_cmd(starved, text, out, method, *extra), QUANTKIT_TEST_KILL_AT_BLOCK="1")
+    assert killed.returncode == -signal.SIGKILL
+    resumed = _run(_cmd(starved, text, out, method, *extra))
+    assert resumed.returncode == 0, resumed.stderr
+    moe = json.loads((out / "quantkit.json").read_text())["moe"]
+    assert list(moe["tokens"]) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert moe["rtn_fallback"] == ["model.layers.0.mlp.experts.2"]  # decided in the killed run's block 0
+    assert _hashes(out) == _hashes(tmp_path / "full")

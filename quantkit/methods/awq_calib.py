@@ -253,8 +253,9 @@ def collect_stats(calib: BlockCalib, linears: dict[str, nn.Linear], sites: dict[
     def install(hs: HookSet) -> None:
         for name, st in stats.items():
             gs = sites[name] if cfg.group_size == -1 else cfg.group_size
-            hs.pre(calib.block.get_submodule(name), site_hook(st, cfg.group_size, per_batch, seed, gs <= _FULL_GRAM_MAX_GROUP,
-                                            last=stop and name == last))
+            hook = site_hook(st, cfg.group_size, per_batch, seed, gs <= _FULL_GRAM_MAX_GROUP,
+                             last=stop and name == last)
+            hs.pre(calib.block.get_submodule(name), hook)
         for name, calls in attn_inputs.items():
             hs.pre(calib.block.get_submodule(name), call_recorder(calls, budget), with_kwargs=True)
 
@@ -291,7 +292,11 @@ def awq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], cfg: AWQConf
     with coverage.statistics(block):
         stats = collect_stats(calib, linears, sites, gram_sites, attn_inputs, cfg)
     t_stats = time.perf_counter()
-    fallback = _starved_experts(spec, names, site_of, stats, coverage, f"{spec.blocks}.{calib.index}.")
+    expert_tokens: dict[str, int] = {}  # each expert's first input: the tokens routed to it
+    for n in names:
+        if (e := expert_of(spec, n)) is not None:
+            expert_tokens.setdefault(e, stats[site_of[n]].tokens if site_of[n] in stats else 0)
+    fallback = coverage.starved(f"{spec.blocks}.{calib.index}.", expert_tokens)
     mappings = [m for m in mappings if expert_of(spec, m.prev) not in fallback]
 
     # 1. scales: every mapping is searched on the float block, then all are folded (as AutoAWQ does)
@@ -342,17 +347,6 @@ def awq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], cfg: AWQConf
     log.debug("awq block %d: stats %.1fs, scale search %.1fs, clip+quantize %.1fs", calib.index,
               t_stats - t0, t_scales - t_stats, time.perf_counter() - t_scales)
     return out
-
-
-def _starved_experts(spec: ArchSpec, names: list[str], site_of: dict[str, str], stats: dict[str, SiteStats],
-                     coverage: ExpertCoverage, prefix: str) -> set[str]:
-    """The block's experts (relative names) whose inputs saw too few tokens; records every expert's count."""
-    first_site: dict[str, str] = {}
-    for n in names:
-        if (e := expert_of(spec, n)) is not None:
-            first_site.setdefault(e, site_of[n])
-    return {e for e, site in first_site.items()
-            if not coverage.enough(prefix + e, stats[site].tokens if site in stats else 0)}
 
 
 SCALE, CLIP = ":awq_scale", ":awq_clip"  # side-result keys: module name + suffix

@@ -155,7 +155,8 @@ def replay_parent(prev: _Group | list[_Group], nxt: _Group | list[_Group]) -> st
     Its inputs are computed before `prev` runs, so they stay valid after `prev` is quantized.
     Stages (lists of groups) count by all their groups ("mlp.experts" for experts' gate/up -> down).
     """
-    names = [g.names[0] for g in (prev if isinstance(prev, list) else [prev]) + (nxt if isinstance(nxt, list) else [nxt])]
+    groups = [*(prev if isinstance(prev, list) else [prev]), *(nxt if isinstance(nxt, list) else [nxt])]
+    names = [g.names[0] for g in groups]
     common = names[0].split(".")[:-1]
     for n in names[1:]:
         parts = n.split(".")[:-1]

@@ -289,6 +289,10 @@ class ExpertCoverage:
                         "(more --nsamples or --moe-calibration all reach it)", expert, tokens, self.min_tokens)
         return False
 
+    def starved(self, prefix: str, tokens: dict[str, int]) -> set[str]:
+        """Record a block's experts (name relative to block `prefix` -> tokens); returns those too few reached."""
+        return {e for e, n in tokens.items() if not self.enough(prefix + e, n)}
+
     def block_results(self, prefix: str) -> dict[str, Tensor]:
         """The counts recorded in block `prefix` ("model.layers.3.") as side results keyed relative to it:
         a resumable run keeps them on disk with the block, so a resumed run reports every block."""

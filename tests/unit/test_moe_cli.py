@@ -55,11 +55,14 @@ def test_cli_flags_json_coverage_and_info_table(starved, text, tmp_path):
 
 
 def test_bad_moe_flags_are_one_line(starved, tmp_path):
-    r = runner.invoke(app, ["quantize", str(starved), "-m", "gptq", "--moe-calibration", "some", "-o", str(tmp_path / "a")])
+    def run(*args):
+        return runner.invoke(app, ["quantize", str(starved), *args])
+
+    r = run("-m", "gptq", "--moe-calibration", "some", "-o", str(tmp_path / "a"))
     _one_line_error(r, "--moe-calibration")
-    r = runner.invoke(app, ["quantize", str(starved), "-m", "awq", "--moe-min-tokens", "-1", "-o", str(tmp_path / "b")])
+    r = run("-m", "awq", "--moe-min-tokens", "-1", "-o", str(tmp_path / "b"))
     _one_line_error(r, "--moe-min-tokens")
-    r = runner.invoke(app, ["quantize", str(starved), "-m", "rtn", "--moe-calibration", "all", "-o", str(tmp_path / "c")])
+    r = run("-m", "rtn", "--moe-calibration", "all", "-o", str(tmp_path / "c"))
     _one_line_error(r, "does not apply to method rtn")
 
 

@@ -315,9 +315,9 @@ class ExpertCoverage:
         """JSON for the --json summary and quantkit.json (blocks in model order); None when no expert was calibrated."""
         if not self.tokens:
             return None
-        layers = {name: [self.tokens[name][e] for e in sorted(self.tokens[name])]
-                  for name in sorted(self.tokens, key=_natural)}
-        low_name, low_e = min(((n, e) for n, per in self.tokens.items() for e in per),
+        names = sorted(self.tokens, key=_natural)
+        layers = {name: [self.tokens[name][e] for e in sorted(self.tokens[name])] for name in names}
+        low_name, low_e = min(((n, e) for n in names for e in sorted(self.tokens[n])),  # ties: the first in model order
                               key=lambda k: self.tokens[k[0]][k[1]])
         return {"mode": self.mode, "min_tokens": self.min_tokens, "tokens": layers,
                 "min": self.tokens[low_name][low_e], "min_expert": f"{low_name}.{low_e}",

@@ -231,7 +231,7 @@ def main() -> None:
         return
     if a.quick:  # the same code paths on small settings
         a.nsamples, a.seqlen, a.tiny_nsamples, a.tiny_seqlen, a.depths = 8, 128, 8, 128, [4, 16]
-        a.big_hidden, a.big_inter, a.big_layers, a.big_nsamples, a.big_seqlen = 512, 1376, 4, 4, 128
+        a.big_hidden, a.big_inter, a.big_layers, a.big_nsamples, a.big_seqlen = 512, 1408, 4, 4, 128
         a.methods = ["gptq"]
     from tests.tiny import write_text
 

@@ -126,7 +126,7 @@ def _fits(plan: MemoryPlan, host: int, dev: int | None) -> bool:
 def check_job(job: Any, method: str, can_offload: bool, out: Path) -> MemoryPlan | None:
     """Refuse a run whose plan does not fit; returns the plan (None when it cannot be made: not a folder)."""
     if job.source.kind != "folder":
-        log.info("no memory plan for a %s source (it reads a local folder's headers)", job.source.kind)
+        log.debug("no memory plan for a %s source (it reads a local folder's headers)", job.source.kind)
         return None
     planner = JobPlanner(job, method)
     plan = planner.plan()

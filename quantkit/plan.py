@@ -28,11 +28,14 @@ from typing import Any
 
 MiB = 2**20
 F32 = 4
+# Measured on CPU (torch 2.13, transformers 5.24, glibc), see benchmarks/big.py:
 TRANSFORMERS_IMPORT = 30 * MiB  # transformers and its auto classes, when not imported yet
-TOKENIZER_PER_BYTE = 48         # RSS of a loaded fast tokenizer per byte of tokenizer.json
-TOKENIZER_MIN = 8 * MiB
+TOKENIZER_FIXED = 50 * MiB      # the tokenization modules and a loaded fast tokenizer ...
+TOKENIZER_PER_BYTE = 24         # ... plus this much per byte of tokenizer.json (smollm2: 2 MB -> +50 MiB)
 TOKENIZE_PER_CHAR = 135         # transient RSS per character of calibration text while it is tokenized
-ALLOCATOR_SLACK = 1.10          # freed-but-not-returned heap (glibc arenas) on top of the live tensors
+RUNTIME = 60 * MiB              # modeling code, weight loading machinery, first-use buffers of torch's kernels
+FORWARD_FACTOR = 2              # a batch's forward transients as seen in RSS, over the tensors it allocates
+ALLOCATOR_SLACK = 1.10          # freed-but-not-returned heap (glibc arenas) on everything allocated
 AWQ_CHUNK = (1 << 24) * F32     # methods/awq.py _CHUNK_ELEMENTS: one batch of candidate weights
 AWQ_SCORE_TOKENS = 2048         # methods/awq.py AWQConfig.score_tokens
 BNB_METHODS = ("nf4", "fp4", "int8")
@@ -193,11 +196,17 @@ def _block_method_bytes(g: Geometry, s: Settings) -> tuple[int, str]:
 
 
 def _forward_bytes(g: Geometry, s: Settings) -> int:
-    """Transients of one block forward on one batch: attention scores or MLP intermediates, whichever is larger."""
+    """Transients of one block forward on one batch: attention scores or MLP intermediates, whichever is
+    larger, plus the hidden-sized temporaries (norm, residual, q/k/v), times what the allocator keeps."""
     b = min(s.batch_size, s.nsamples)
-    attn = b * g.heads * s.seqlen * s.seqlen * F32 * 2       # scores and probabilities
+    attn = b * g.heads * s.seqlen * s.seqlen * F32           # scores (eager; sdpa's math path the same)
     mlp = b * s.seqlen * g.inter * F32 * 3                   # gate, up, act(gate) * up
-    return max(attn, mlp) + 4 * b * s.seqlen * g.hidden * F32
+    return FORWARD_FACTOR * (max(attn, mlp) + 4 * b * s.seqlen * g.hidden * F32)
+
+
+def _slack(rss_now: int, total: int) -> int:
+    """`total` plus the allocator's share of everything allocated after `rss_now`."""
+    return int(total + (ALLOCATOR_SLACK - 1) * max(0, total - rss_now))
 
 
 def estimate(g: Geometry, s: Settings, baseline: int, tokenizer_bytes: int = 0, text_chars: int = 0,
@@ -205,49 +214,49 @@ def estimate(g: Geometry, s: Settings, baseline: int, tokenizer_bytes: int = 0, 
     """Per-stage peaks of a run (bytes). `baseline`: the process's RSS now (torch imported)."""
     cpu = s.device == "cpu"
     base = baseline + (0 if transformers_loaded else TRANSFORMERS_IMPORT)
-    base += max(TOKENIZER_MIN, TOKENIZER_PER_BYTE * tokenizer_bytes) if tokenizer_bytes else 0
+    base += TOKENIZER_FIXED + TOKENIZER_PER_BYTE * tokenizer_bytes if tokenizer_bytes else 0
     calibrated = s.method in ("gptq", "awq")
     tokenize = TOKENIZE_PER_CHAR * text_chars if calibrated else 0
-    model = (g.outside_params if s.offload else g.outside_params + g.n_blocks * g.block_params) * F32
+    model = (g.outside_params if s.offload else g.outside_params + g.n_blocks * g.block_params) * F32 + RUNTIME
     block = g.block_params * F32
     acts = s.nsamples * s.seqlen * g.hidden * F32
+    big = g.max_tensor * (F32 + s.save_dtype_bytes)  # the largest tensor read or touched, and cast for the save
     packed_block = sum(packed_bytes(o, i, s.bits, s.group_size) for o, i in g.linears)
     other_block = max(0, g.block_params - sum(o * i for o, i in g.linears)) * s.save_dtype_bytes
-    out_bytes = g.n_blocks * (packed_block + other_block) + g.outside_params * s.save_dtype_bytes
-    work = g.n_blocks * (packed_block + other_block) + 2 * acts if calibrated else 0
+    out_bytes = int(g.n_blocks * (packed_block + other_block) + g.outside_params * s.save_dtype_bytes)
+    work = int(g.n_blocks * (packed_block + other_block) + 2 * acts) if calibrated else 0
+
+    def stage(name: str, host: int, detail: str, device: int = 0, disk: int = 0) -> Stage:
+        return Stage(name, _slack(baseline, host), device, disk, detail)
+
     stages = [Stage("baseline", base, 0, 0, "python + torch + transformers + tokenizer")]
-    # GPTQ tokenizes before the model is loaded (folder sources); AWQ after
-    tok_on_top = model if s.method == "awq" else 0
-    if calibrated:
-        stages.append(Stage("calibration data", base + tok_on_top + tokenize, 0, 0, "tokenizing the calibration text"))
-    load_peak = g.max_tensor * F32  # one tensor converted (or read from a shard) at a time
+    if calibrated:  # GPTQ tokenizes before the model is loaded (folder sources); AWQ after
+        stages.append(stage("calibration data", base + (model if s.method == "awq" else 0) + tokenize,
+                            "tokenizing the calibration text"))
     what = "tensors outside the blocks (--offload disk)" if s.offload else "every weight as fp32"
-    stages.append(Stage("model load", base + model + load_peak, 0, 0, what))
+    stages.append(stage("model load", base + model + g.max_tensor * F32, what))
     if calibrated:
         method, mdesc = _block_method_bytes(g, s)
-        fwd = _forward_bytes(g, s)
         # activations stay on the host (store_device); the device holds the block, one batch and the method's work
-        on_device = (block if s.offload or not cpu else 0) + fwd + method
+        on_device = (block if s.offload or not cpu else 0) + _forward_bytes(g, s) + method
         host = base + model + 2 * acts + (on_device if cpu else block if s.offload else 0)
-        stages.append(Stage("block + activations", int(host * ALLOCATOR_SLACK), 0 if cpu else on_device, work,
-                            f"1 block + inputs and outputs ({acts / MiB:.0f} MiB each) + {mdesc}"))
-        save_host = base + model + g.max_tensor * F32
-        detail = "streamed: one tensor at a time"
+        stages.append(stage("block + activations", host,
+                            f"1 block + inputs and outputs ({acts / MiB:.0f} MiB each) + {mdesc}",
+                            0 if cpu else on_device, work))
+        stages.append(stage("save", base + model + big, "streamed: one tensor at a time", disk=work + out_bytes))
     elif s.method in BNB_METHODS:  # quantized while transformers loads it; save_pretrained writes from memory
         linear = g.n_blocks * sum(o * i for o, i in g.linears)
         loaded = linear * s.bits // 8 + (g.outside_params + g.n_blocks * g.block_params - linear) * s.save_dtype_bytes
-        stages[-1] = Stage("model load", base + loaded + load_peak, 0, 0, "quantized on load (bitsandbytes)")
-        save_host = base + 2 * loaded
-        detail = "transformers save_pretrained"
+        stages[-1] = stage("model load", base + RUNTIME + loaded + g.max_tensor * F32,
+                           "quantized on load (bitsandbytes)")
+        stages.append(stage("save", base + RUNTIME + 2 * loaded, "transformers save_pretrained", disk=out_bytes))
     else:  # RTN: every Linear's codes (uint8) and grids are held until the save
         codes = g.n_blocks * sum(o * i + 2 * o * (1 if s.group_size == -1 else i // s.group_size) * F32
                                  for o, i in g.linears)
         rtn_tmp = 4 * max(o * i for o, i in g.linears) * F32
-        stages.append(Stage("quantize", int((base + model + codes + rtn_tmp) * ALLOCATOR_SLACK), 0, 0,
-                            "all codes held in memory"))
-        save_host = base + model + codes + 2 * g.max_tensor * F32
-        detail = "streamed, codes held until written"
-    stages.append(Stage("save", int(save_host * ALLOCATOR_SLACK), 0, work + out_bytes, detail))
+        stages.append(stage("quantize", base + model + codes + rtn_tmp, "all codes held in memory"))
+        stages.append(stage("save", base + model + codes + big, "streamed, codes held until written",
+                            disk=out_bytes))
     notes = []
     if calibrated:
         notes.append(f"activations grow with --nsamples x --seqlen: {acts / MiB:.0f} MiB per copy at "

@@ -258,11 +258,13 @@ class BlockStore:
             raise TypeError("block results must be QuantizedWeight (to the checkpoint) or Tensor (kept) values")
         tensors = {prefix + e.name: e.load()
                    for e in float_entries(block, {k.removeprefix(prefix) for k in quantized}, self.save_dtype)}
+        t_pack = time.perf_counter()  # packing is the save's own work, done now: not bookkeeping
         for name, qw in quantized.items():
             for k, v in self.pack(qw).items():
                 tensors[f"{name}.{k}"] = v.cpu().contiguous()
             if qw.bias is not None:
                 tensors[f"{name}.bias"] = qw.bias.to(torch.float16).cpu().contiguous()
+        t0 += time.perf_counter() - t_pack
         check_finite(tensors)  # fail at this block, not hours later at the save
         _save_atomic(tensors, self._file("block", i))
         if side:

@@ -73,7 +73,7 @@ def model_files_fingerprint(kind: str, path: str) -> dict[str, str]:
 
 
 def _first_difference(old: Any, new: Any, where: str = "") -> str | None:
-    """'seed (0, now 1)' for the first key whose value differs, None if equal."""
+    """'calibration.seed: 0, now 1' for the first key whose value differs, None if equal."""
     if isinstance(old, dict) and isinstance(new, dict):
         for k in sorted(set(old) | set(new)):
             diff = _first_difference(old.get(k), new.get(k), f"{where}.{k}" if where else str(k))
@@ -83,8 +83,8 @@ def _first_difference(old: Any, new: Any, where: str = "") -> str | None:
     if old == new:
         return None
     if where.startswith("model."):
-        return f"the model file {where.removeprefix('model.')} (different content)"
-    return f"{where} ({json.dumps(old)}, now {json.dumps(new)})"
+        return f"model file {where.removeprefix('model.')}: {'content changed' if old and new else 'added or removed'}"
+    return f"{where}: {json.dumps(old)}, now {json.dumps(new)}"
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -112,6 +112,7 @@ class WorkFolder:
         self._lock_fd: int | None = None
         self.seconds = 0.0          # time spent on bookkeeping (hashing, writing, reading back)
         self.resumed_at = 0         # first block this process ran
+        self.store: BlockStore | None = None
         if self.path.exists():
             self._lock()
             if resume is False or not (self.path / FINGERPRINT).exists() and not any(self.path.glob("block-*")):
@@ -148,8 +149,8 @@ class WorkFolder:
             recorded = {k: v for k, v in recorded.items() if k != "calibration_samples_sha256"}
         diff = _first_difference(recorded, current)
         if diff:
-            raise ResumeError(f"{self.path} belongs to a run with a different {diff}; pass --no-resume to start "
-                              f"over (deletes it) or choose another --out")
+            raise ResumeError(f"{self.path} was left by a run with other settings ({diff}); pass --no-resume to "
+                              f"start over (deletes it) or choose another --out")
 
     def _lock(self) -> None:
         """An exclusive lock on the folder: two runs never write one work folder."""
@@ -188,7 +189,7 @@ class WorkFolder:
 
     def stored(self) -> "BlockStore | None":
         """The finished blocks' tensors for the checkpoint writer, if the run went through the store."""
-        return getattr(self, "store", None)
+        return self.store
 
 
 class BlockStore:

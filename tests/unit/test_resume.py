@@ -104,7 +104,7 @@ def test_changed_seed_refuses_and_no_resume_starts_over(model, tmp_path):
                                  "32", "--dataset", str(text), "--device", "cpu", *CALIB, "--seed", "1"])
     assert r.exit_code == 2, r.output
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "calibration.seed (0, now 1)" in lines[0] and "--no-resume" in lines[0], lines
+    assert len(lines) == 1 and "(calibration.seed: 0, now 1)" in lines[0] and "--no-resume" in lines[0], lines
     s = quantize(folder, "gptq", out, calib={**calib, "seed": 1}, resume=False, **kw)
     assert s["resume"]["resumed_at_block"] == 0 and not work_path(out).exists()
 
@@ -140,4 +140,17 @@ def test_a_work_folder_is_used_by_one_run_at_a_time(tmp_path):
         WorkFolder(out, lambda: {"seed": 0})
     first.close()
     WorkFolder(out, lambda: {"seed": 0}).close(remove=True)
+    assert not work_path(out).exists()
+
+
+def test_the_refusal_names_what_changed(tmp_path):
+    out = tmp_path / "q"
+    work_path(out).mkdir()
+    recorded = {"model": {"model.safetensors": "aa", "config.json": "cc"}, "scheme": {"bits": 4}}
+    (work_path(out) / "fingerprint.json").write_text(json.dumps(recorded))
+    with pytest.raises(ResumeError, match=r"\(model file model.safetensors: content changed\); pass --no-resume"):
+        WorkFolder(out, lambda: {**recorded, "model": {"model.safetensors": "bb", "config.json": "cc"}})
+    with pytest.raises(ResumeError, match=r"\(scheme.bits: 4, now 3\)"):
+        WorkFolder(out, lambda: {**recorded, "scheme": {"bits": 3}})
+    WorkFolder(out, lambda: recorded, resume=False).close()
     assert not work_path(out).exists()

@@ -10,8 +10,9 @@ device memory and temporary disk. What dominates each stage (fp32 bytes unless s
 - block:       one block's weights, its inputs and outputs (nsamples x seqlen x hidden x 4 each), the
                forward transients of one batch (attention scores batch x heads x T x T, MLP intermediate
                batch x T x inter) and the method's own: GPTQ's per-group Hessians (in^2) and its
-               working copies of the stacked weights, plus the recorded inputs it replays; AWQ's
-               statistics (Gram matrices, token sample), recorded attention calls and candidate grids;
+               working copies of the stacked weights (the inputs it records for replay take the
+               outputs' slot); AWQ's statistics (Gram matrices, token sample), recorded attention
+               calls and candidate grids;
 - save:        the packed output, streamed one tensor at a time (RTN holds all codes until then);
 - disk:        the work folder (packed finished blocks + two activation files) and the output.
 
@@ -40,9 +41,6 @@ AWQ_CHUNK = (1 << 24) * F32     # methods/awq.py _CHUNK_ELEMENTS: one batch of c
 AWQ_SCORE_TOKENS = 2048         # methods/awq.py AWQConfig.score_tokens
 BNB_METHODS = ("nf4", "fp4", "int8")
 
-DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1,
-               "F8_E4M3": 1, "F8_E5M2": 1}
-
 
 @dataclass(frozen=True)
 class Geometry:
@@ -56,7 +54,6 @@ class Geometry:
     groups: tuple[tuple[int, int], ...]     # largest block's Linear groups as (stacked rows, in_features)
     linears: tuple[tuple[int, int], ...]    # every quantizable Linear of one block as (out, in)
     outside_params: int                     # parameters outside the blocks (embeddings, final norm, head)
-    file_bytes: int                         # all tensors as stored
     max_tensor: int                         # largest tensor, elements
 
 
@@ -167,7 +164,6 @@ def geometry(config: dict[str, Any], header: dict[str, tuple[str, tuple[int, ...
         block_params=sum(_numel(s) for s in big.values()), groups=tuple(groups),
         linears=tuple((s[0], s[1]) for n, s in linears.items() if "embed" not in n),
         outside_params=outside,
-        file_bytes=sum(DTYPE_BYTES.get(d, 4) * _numel(s) for d, s in header.values()),
         max_tensor=max(_numel(s) for _, s in header.values()),
     )
 

@@ -36,9 +36,12 @@ ENTRIES: dict[str, tuple[str, str | None, dict | None, dict]] = {
 
 def run_demo(out: Path, only: list[str] | None = None, max_windows: int = 40,
              device: torch.device | str = "cpu", force: bool = False, progress: Progress | None = None,
-             log_line: Callable[[str], Any] | None = None) -> dict[str, Any]:
+             log_line: Callable[[str], Any] | None = None, speed: bool = True) -> dict[str, Any]:
+    """Quantize the entries (reusing finished ones), then one evaluation: quality on `max_windows`
+    windows and, with `speed`, TTFT / decode / batched throughput on the fast kernels, relative to the base."""
     from quantkit.api import quantize
     from quantkit.eval.runner import evaluate_paths
+    from quantkit.eval.speed import SpeedConfig
 
     available = set(method_names())
     names = [n for n in ENTRIES if ENTRIES[n][0] in available]
@@ -61,4 +64,5 @@ def run_demo(out: Path, only: list[str] | None = None, max_windows: int = 40,
             if log_line:
                 log_line(f"{name}: quantized in {s['quantize_seconds']:.1f} s -> {target}")
         paths.append(str(target))
-    return evaluate_paths(paths, base=MODEL, max_windows=max_windows, device=device, progress=progress)
+    return evaluate_paths(paths, base=MODEL, max_windows=max_windows, device=device, progress=progress,
+                          speed=SpeedConfig() if speed else None, kernel="auto")

@@ -86,6 +86,7 @@ def demo(ctx: typer.Context,
          out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo checkpoints and results.")] = Path("demo-out"),
          only: Annotated[Optional[list[str]], typer.Option("--only", help="Run only these demo entries.")] = None,
          max_windows: Annotated[int, typer.Option("--max-windows", min=1)] = 40,
+         speed: Annotated[bool, typer.Option("--speed/--no-speed", help="Also time TTFT, decode and batched throughput.")] = True,
          device: Device = "auto", force: Force = False, quiet: Quiet = False, json_out: JsonOut = None) -> None:
     """Quantize smollm2-135m with every method, evaluate against the base, print the table."""
     from quantkit.api import resolve_device
@@ -96,7 +97,7 @@ def demo(ctx: typer.Context,
     quiet = quiet or ui.quiet
     with progress_bar(not quiet, "demo") as bar:
         result = run_demo(out, only=only, max_windows=max_windows, device=resolve_device(device), force=force,
-                          progress=bar, log_line=None if quiet else ui.err.print)
+                          progress=bar, log_line=None if quiet else ui.err.print, speed=speed)
     from quantkit.eval.plot import plot
 
     (out / "results.md").write_text(markdown(result))

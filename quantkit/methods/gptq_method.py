@@ -15,8 +15,6 @@ An expert that saw fewer than --moe-min-tokens is quantized with RTN.
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -28,7 +26,7 @@ from torch import nn
 
 from quantkit.calib.data import calibration_samples, fingerprint
 from quantkit.calib.hooks import HookSet
-from quantkit.calib.pipeline import BlockCalib, StopForward, run_sequential
+from quantkit.calib.pipeline import BlockCalib, StopForward, release_heap, run_sequential
 from quantkit.errors import QuantkitError
 from quantkit.formats.checkpoint import PackedArtifact
 from quantkit.grid import QuantizedWeight, rtn_quantize
@@ -190,15 +188,6 @@ def quantize_group(group: _Group, h: torch.Tensor, params: GPTQParams) -> dict[s
     log.debug("gptq %s: loss %.4g damp %.3g%s", ",".join(group.names), res.loss, res.damp,
               " (RTN fallback)" if res.fallback else "")
     return out
-
-
-def release_heap() -> None:
-    """Return freed C-heap pages to the OS (glibc's malloc_trim); a no-op elsewhere."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:

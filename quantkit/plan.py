@@ -54,6 +54,7 @@ class Geometry:
     groups: tuple[tuple[int, int], ...]     # largest block's Linear groups as (stacked rows, in_features)
     linears: tuple[tuple[int, int], ...]    # every quantizable Linear of one block as (out, in)
     outside_params: int                     # parameters outside the blocks (embeddings, final norm, head)
+    mapped: bool                            # fp32 on disk: transformers maps the file instead of copying it
     max_tensor: int                         # largest tensor, elements
 
 
@@ -164,6 +165,7 @@ def geometry(config: dict[str, Any], header: dict[str, tuple[str, tuple[int, ...
         block_params=sum(_numel(s) for s in big.values()), groups=tuple(groups),
         linears=tuple((s[0], s[1]) for n, s in linears.items() if "embed" not in n),
         outside_params=outside,
+        mapped=all(d == "F32" for n, (d, _) in header.items() if n.startswith(prefix)),
         max_tensor=max(_numel(s) for _, s in header.values()),
     )
 
@@ -186,7 +188,7 @@ def _block_method_bytes(g: Geometry, s: Settings) -> tuple[int, str]:
         gs = s.group_size if s.group_size != -1 else 128
         stats = sites * (gs + budget) * F32                                  # Gram matrices + token sample
         calls = 2 * max(budget, s.seqlen) * g.hidden * F32 * 4               # attention calls and their outputs
-        grid = min(AWQ_CHUNK, 20 * max(o * i for o, i in g.linears) * F32) * 4  # candidate weights + temporaries
+        grid = min(AWQ_CHUNK, 20 * max(o * i for o, i in g.linears) * F32) * 7  # candidate weights + temporaries
         return stats + calls + grid, "statistics + scale grid"
     return 0, ""
 
@@ -214,6 +216,8 @@ def estimate(g: Geometry, s: Settings, baseline: int, tokenizer_bytes: int = 0, 
     calibrated = s.method in ("gptq", "awq")
     tokenize = TOKENIZE_PER_CHAR * text_chars if calibrated else 0
     model = (g.outside_params if s.offload else g.outside_params + g.n_blocks * g.block_params) * F32 + RUNTIME
+    if s.method == "awq" and g.mapped and not s.offload:  # AWQ assigns new weights: the mapped file stays resident
+        model += g.n_blocks * sum(o * i for o, i in g.linears) * F32
     block = g.block_params * F32
     acts = s.nsamples * s.seqlen * g.hidden * F32
     big = g.max_tensor * (F32 + s.save_dtype_bytes)  # the largest tensor read or touched, and cast for the save

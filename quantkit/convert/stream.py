@@ -18,6 +18,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from quantkit.errors import CheckpointError
+from quantkit.formats.shards import nbytes as tensor_nbytes  # bytes of (dtype, shape) without allocating
 
 DTYPE_CODES: dict[torch.dtype, str] = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -27,12 +28,6 @@ DTYPE_CODES: dict[torch.dtype, str] = {
 _CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 
 
-def tensor_nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
-    """Bytes a tensor of `dtype` and `shape` takes, without allocating it."""
-    n = torch.empty((), dtype=dtype).element_size()
-    for d in shape:
-        n *= d
-    return n
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 and the cost of the resume bookkeeping. Writes a markdown report (default benchmarks/results/big.md).
 
 1. Plan vs measured: each quantization runs in its own subprocess; `plan` is the memory plan that
-   `quantkit.api.quantize` computed at the start of that same process, `measured` its ru_maxrss.
+   `quantkit.api.quantize` computed at the start of that same process, `measured` its peak RSS
+   (VmHWM; ru_maxrss would inherit the parent's peak through exec).
    Models: smollm2-135m (wiki-vital) and tiny random Llamas (hidden 256) of 4, 16 and 64 layers.
 2. Big model: a random Llama built from a config (hidden 2048, 24 layers, bf16 on disk: 2.7 GB) and
    written shard by shard (one tensor in memory at a time), quantized with GPTQ --offload disk.
@@ -34,6 +35,14 @@ MiB = 2**20
 
 
 def _peak_mib() -> float:
+    """This process's peak RSS. Linux: VmHWM of its own address space; ru_maxrss is not used there because
+    exec() carries the parent's high-water mark into it (a child of a big parent would report the parent's)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -165,7 +174,7 @@ def _f(v, fmt: str) -> str:
 def markdown(a, plan: list[dict], big: list[dict], big_size: float, overhead: list[dict]) -> str:
     lines = ["# Big runs: memory plan, --offload disk on a 2+ GB model, resume bookkeeping", "",
              f"`.venv/bin/python benchmarks/big.py {' '.join(sys.argv[1:])}`; CPU, {a.threads} threads, w4g64. "
-             "Each row is its own process: `measured` is its ru_maxrss, `plan` the memory plan `quantize` computed at "
+             "Each row is its own process: `measured` is its peak RSS (VmHWM), `plan` the memory plan `quantize` computed at "
              "its start (config.json and safetensors headers only).", "",
              "## Plan vs measured peak RSS", "",
              "| model | method | offload | calibration | plan MiB | measured MiB | plan / measured | s |",

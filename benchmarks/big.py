@@ -186,10 +186,11 @@ def markdown(a, plan: list[dict], big: list[dict], big_size: float, overhead: li
         lines.append(f"| {r['name']} | {r['method']} | {'disk' if r['offload'] else 'none'} | {r['calib']} | "
                      f"{r['plan_mib']:.0f} | {r['peak_mib']:.0f} | {r['plan_mib'] / r['peak_mib']:.2f} | "
                      f"{r['seconds']:.0f} |")
-    lines += ["", f"## A {big_size / 1e9:.2f} GB model (random Llama, hidden {a.big_hidden}, {a.big_layers} layers, "
-              f"bf16 on disk), GPTQ --offload disk", "",
-              "| run | calibration | s | peak RSS MiB | plan MiB | bookkeeping s | output files |",
-              "|---|---|---:|---:|---:|---:|---|"]
+    if big:
+        lines += ["", f"## A {big_size / 1e9:.2f} GB model (random Llama, hidden {a.big_hidden}, {a.big_layers} "
+                  f"layers, bf16 on disk), GPTQ --offload disk", "",
+                  "| run | calibration | s | peak RSS MiB | plan MiB | bookkeeping s | output files |",
+                  "|---|---|---:|---:|---:|---:|---|"]
     for r in big:
         if r.get("failed"):
             lines.append(f"| {r['name']} | {r['calib']} | FAILED (see log) |||||")

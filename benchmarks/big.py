@@ -101,7 +101,7 @@ def build_random_llama(folder: Path, hidden: int, layers: int, inter: int, vocab
             if name.endswith("norm.weight"):
                 return torch.ones(shape, dtype=dt)
             g = torch.Generator().manual_seed(seed)
-            return (torch.randn(shape, generator=g) * 0.02).to(dt)
+            return torch.randn(shape, generator=g).mul_(0.02).to(dt)
         return load
 
     entries = [Entry(n, dt, s, make(n, s, k)) for k, (n, s) in enumerate(sorted(shapes.items(),

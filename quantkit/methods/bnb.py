@@ -31,6 +31,7 @@ from quantkit.errors import ModelSourceError, QuantkitError
 from quantkit.formats.bnb import (QUANT_METHOD, cast_unquantized, is_bnb_module, require_bitsandbytes,
                                   unquantized_params)
 from quantkit.formats.checkpoint import PROVENANCE, save_tokenizer_and_generation, write_json
+from quantkit.formats.shards import DEFAULT_MAX_SHARD_SIZE
 from quantkit.methods.base import QuantJob
 from quantkit.models.moe import moe_architecture
 from quantkit.models.sources import ModelSource, _load_tokenizer, load_model, read_config
@@ -189,10 +190,11 @@ class BnbArtifact:
     save_dtype: torch.dtype = torch.float16
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def save(self, folder: Path) -> None:
+    def save(self, folder: Path, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> None:
         folder = Path(folder)
         with stored_as(self.model, self.save_dtype):
-            self.model.save_pretrained(folder)  # transformers 5 writes safetensors only
+            # transformers 5 writes safetensors only; an int is a byte count, as in our own writer
+            self.model.save_pretrained(folder, max_shard_size=max_shard_size)
         save_tokenizer_and_generation(self.model, self.tokenizer, folder)
         write_json(folder / PROVENANCE, {
             "quantkit_version": __version__,

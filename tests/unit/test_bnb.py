@@ -213,3 +213,17 @@ def test_listed_without_calibration():
     infos = {i.name: i for i in list_methods()}
     for name in METHODS:
         assert not infos[name].needs_calibration and infos[name].formats == ("bitsandbytes",)
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_public_api_writes_one_or_several_shards(base, ids, tmp_path, method):
+    """quantkit.quantize passes --max-shard-size to every artifact, the bitsandbytes one included."""
+    one = quantkit.quantize(base, method, tmp_path / "one", device="cpu")
+    many = quantkit.quantize(base, method, tmp_path / "many", device="cpu", max_shard_size="100KB")
+    names_one = {f.name for f in Path(one["out"]).iterdir()}
+    names_many = {f.name for f in Path(many["out"]).iterdir()}
+    assert "model.safetensors" in names_one
+    assert "model.safetensors.index.json" in names_many
+    assert len([n for n in names_many if n.startswith("model-")]) > 1
+    a, b = quantkit.load(one["out"]), quantkit.load(many["out"])
+    assert torch.equal(logits(a, ids), logits(b, ids))

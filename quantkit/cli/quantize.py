@@ -67,6 +67,7 @@ def quantize(
     plan: Annotated[bool, typer.Option("--plan", help="Print the memory plan (RAM, device, disk per stage) and exit without quantizing.")] = False,
     damp: Annotated[Optional[float], typer.Option("--damp", help="GPTQ dampening, fraction of the mean Hessian diagonal.", rich_help_panel=OPT)] = None,
     true_sequential: Annotated[Optional[bool], typer.Option("--true-sequential/--no-true-sequential", rich_help_panel=OPT)] = None,
+    act_group_aware: Annotated[Optional[bool], typer.Option("--act-group-aware/--no-act-group-aware", help="GPTQ group-aware reordering without desc_act (default on; the format is unchanged).", rich_help_panel=OPT)] = None,
     offload: Annotated[Optional[str], typer.Option("--offload", help="none, or disk: load blocks lazily from the shards.", rich_help_panel=OPT)] = None,
     n_grid: Annotated[Optional[int], typer.Option("--n-grid", help="AWQ grid points.", rich_help_panel=OPT)] = None,
     max_shrink: Annotated[Optional[float], typer.Option("--max-shrink", help="AWQ clipping search range.", rich_help_panel=OPT)] = None,
@@ -99,7 +100,7 @@ def quantize(
     ui = ctx.obj
     quiet = quiet or ui.quiet
     impl = get_method(method)
-    given = dict(damp=damp, true_sequential=true_sequential, offload=offload, n_grid=n_grid, max_shrink=max_shrink,
+    given = dict(damp=damp, true_sequential=true_sequential, act_group_aware=act_group_aware, offload=offload, n_grid=n_grid, max_shrink=max_shrink,
                  zero_point=zero_point, dump_awq=dump_awq, load_awq=load_awq, double_quant=double_quant,
                  compute_dtype=compute_dtype, quant_storage=quant_storage, int8_threshold=int8_threshold,
                  moe_calibration=moe_calibration, moe_min_tokens=moe_min_tokens)

@@ -37,6 +37,11 @@ class GPTQParams:
 
     damp:          fraction of the mean Hessian diagonal added to the diagonal.
     damp_retries:  if Cholesky fails, retry this many times, multiplying damp by `damp_growth`.
+    group_aware:   group-aware reordering (GAR, Gafni et al. 2025) when desc_act is off: whole
+                   groups in decreasing order of their largest Hessian diagonal, and inside a
+                   group its columns by decreasing diagonal. A group's columns stay together, so
+                   each group still gets one grid fitted on its own columns and g_idx stays
+                   trivial: the checkpoint is the plain format, only the error feedback improves.
     """
 
     bits: int = 4
@@ -48,6 +53,7 @@ class GPTQParams:
     block_size: int = 128
     damp_retries: int = 3
     damp_growth: float = 10.0
+    group_aware: bool = False
 
 
 @dataclass
@@ -103,6 +109,23 @@ def inverse_cholesky(h: Tensor, damp: float, retries: int = 3, growth: float = 1
     return None, d
 
 
+def group_aware_order(diag: Tensor, gs: int) -> Tensor:
+    """GAR processing order of the `in` columns: (in,) permutation, groups kept contiguous.
+
+    diag: (in,) Hessian diagonal. Groups (gs contiguous columns) sort by their largest
+    diagonal, descending; columns inside a group by their diagonal, descending. Both
+    sorts are stable, so ties keep natural order (deterministic).
+    """
+    n = diag.numel()
+    if n % gs:
+        raise ValueError(f"group_size {gs} does not divide {n} columns")
+    d = diag.reshape(n // gs, gs)                                        # (G, gs)
+    local = torch.sort(d, dim=1, descending=True, stable=True)            # values, (G, gs) indices
+    groups = torch.argsort(local.values[:, 0], descending=True, stable=True)  # (G,) by group max
+    base = (groups * gs)[:, None]                                        # first column of each group
+    return (base + local.indices[groups]).reshape(n)
+
+
 def _group_params(w: Tensor, p: GPTQParams, gs: int) -> tuple[Tensor, Tensor]:
     """(out, in) -> scale, zero (out, n_groups) fitted on contiguous groups of `gs` columns."""
     out_f, in_f = w.shape
@@ -155,9 +178,13 @@ def _gptq_quantize(weight: Tensor, h: Tensor, p: GPTQParams, bias: Tensor | None
         s_all, z_all = _group_params(w, p, gs)  # (out, G)
 
     perm: Tensor | None = None
+    gar = p.group_aware and not p.desc_act and p.group_size != -1
     if p.desc_act:
         # act-order: largest Hessian diagonal (most active input) first
         perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+    elif gar:
+        perm = group_aware_order(h.diagonal(), gs)
+    if perm is not None:
         w = w[:, perm]
         h = h[perm][:, perm]
 
@@ -175,7 +202,9 @@ def _gptq_quantize(weight: Tensor, h: Tensor, p: GPTQParams, bias: Tensor | None
     n_groups = in_f // gs
     scales = torch.empty(n_groups, out_f, dtype=torch.float32, device=device)
     zeros = torch.empty(n_groups, out_f, dtype=torch.float32, device=device)
-    col_group = torch.arange(in_f, device=device) // gs if perm is None or not static else perm // gs
+    # group of each processed column: its position's group for desc_act (g_idx follows), its own
+    # natural group when the grids are natural (static groups, GAR keeps groups contiguous)
+    col_group = torch.arange(in_f, device=device) // gs if perm is None or not (static or gar) else perm // gs
     if static or p.group_size == -1:
         scales.copy_(s_all.t())
         zeros.copy_(z_all.t())
@@ -215,7 +244,7 @@ def _gptq_quantize(weight: Tensor, h: Tensor, p: GPTQParams, bias: Tensor | None
     if perm is not None:
         inv = torch.argsort(perm)
         codes = codes[:, inv]
-        if static:
+        if static or gar:
             g_idx = torch.arange(in_f, device=device) // gs
         else:
             g_idx = inv // gs  # column c was the inv[c]-th processed, in group inv[c] // gs

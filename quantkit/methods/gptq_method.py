@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 class GPTQOptions(BaseModel):
     """Method options (CLI flags --damp, --block-size, --true-sequential/--no-true-sequential, --offload,
-    --moe-calibration, --moe-min-tokens)."""
+    --act-group-aware/--no-act-group-aware, --moe-calibration, --moe-min-tokens)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     damp: float = Field(0.01, ge=0.0, le=1.0, description="dampening: fraction of the mean Hessian diagonal")
@@ -48,6 +48,8 @@ class GPTQOptions(BaseModel):
     true_sequential: bool = Field(True, description="calibrate each Linear group on the already-quantized earlier groups")
     offload: Literal["none", "disk"] = Field("none", description="disk: load decoder blocks one at a time from safetensors")
     damp_retries: int = Field(3, ge=0, le=10, description="Cholesky retries, each with 10x the dampening, before RTN")
+    act_group_aware: bool = Field(
+        True, description="group-aware reordering (GAR) when desc_act is off: same format, g_idx trivial")
     moe_calibration: Literal["routed", "all"] = Field(
         "routed", description="MoE experts: routed = the router's tokens; all = every token (outputs stay routed)")
     moe_min_tokens: int = Field(16, ge=0, description="an expert that saw fewer calibration tokens gets RTN")
@@ -267,7 +269,7 @@ class GPTQ(WeightOnlyMethod):
         s, o = job.scheme, job.options
         return GPTQParams(bits=s.bits, group_size=s.group_size, sym=s.sym, desc_act=s.desc_act,
                           static_groups=s.static_groups, damp=o.damp, block_size=o.block_size,
-                          damp_retries=o.damp_retries)
+                          damp_retries=o.damp_retries, group_aware=o.act_group_aware)
 
     def quantize_model(self, model: nn.Module, tokenizer: Any, spec: ArchSpec, layers: dict[str, nn.Linear],
                        job: QuantJob, blocks: Any = None) -> dict[str, QuantizedWeight]:

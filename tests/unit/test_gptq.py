@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from quantkit.grid import fit_grid, rtn_quantize
-from quantkit.methods.gptq import GPTQParams, HessianAccumulator, gptq_quantize, inverse_cholesky, split_rows
+from quantkit.methods.gptq import (GPTQParams, HessianAccumulator, gptq_quantize, group_aware_order, inverse_cholesky,
+                                   split_rows)
 
 
 def _data(out_f=64, in_f=128, n=2048, seed=0):
@@ -93,6 +94,38 @@ def test_act_order_writes_g_idx_and_helps():
     # every group holds exactly group_size columns
     assert torch.bincount(act.g_idx.long()).tolist() == [32] * 4
     assert _out_err(w, act.dequantize(), x) < _out_err(w, plain.dequantize(), x)
+
+
+def test_group_aware_order_keeps_groups_whole_and_sorted():
+    diag = torch.tensor([1., 5, 2, 2, 9, 0, 3, 1, 4, 4, 4, 6])  # 3 groups of 4: maxima 5, 9, 6
+    perm = group_aware_order(diag, 4)
+    assert perm.tolist() == [4, 6, 7, 5, 11, 8, 9, 10, 1, 2, 3, 0]  # ties keep natural order
+    w, _, h = _data()
+    perm = group_aware_order(h.diagonal(), 32)
+    assert sorted(perm.tolist()) == list(range(128))
+    blocks = perm.reshape(4, 32)
+    assert all(len(set((b // 32).tolist())) == 1 for b in blocks)       # each block is one whole group
+    d = h.diagonal()[perm].reshape(4, 32)
+    assert bool((d[:, :-1] >= d[:, 1:]).all())                           # descending inside a group
+    assert bool((d[:-1, 0] >= d[1:, 0]).all())                           # groups by their maximum
+
+
+def test_group_aware_is_gptq_on_the_reordered_problem():
+    """GAR = the paper's algorithm on W[:, perm], H[perm][:, perm], codes put back: trivial g_idx."""
+    w, x, h = _data()
+    perm = group_aware_order(h.diagonal(), 32)
+    ref = _reference_gptq(w[:, perm], h[perm][:, perm], 3, 32, False, 0.01)[:, torch.argsort(perm)]
+    gar = gptq_quantize(w, h, GPTQParams(bits=3, group_size=32, group_aware=True)).weight
+    assert gar.trivial_g_idx and gar.scales.shape == (64, 4)
+    assert float((gar.dequantize() - ref).abs().gt(1e-5).float().mean()) < 0.01
+    plain = gptq_quantize(w, h, GPTQParams(bits=3, group_size=32)).weight
+    assert _out_err(w, gar.dequantize(), x) < _out_err(w, plain.dequantize(), x)
+    # desc_act takes precedence; per-channel grids have no groups to reorder
+    both = gptq_quantize(w, h, GPTQParams(bits=3, group_size=32, desc_act=True, group_aware=True)).weight
+    act = gptq_quantize(w, h, GPTQParams(bits=3, group_size=32, desc_act=True)).weight
+    assert torch.equal(both.codes, act.codes) and torch.equal(both.g_idx, act.g_idx)
+    pc = gptq_quantize(w, h, GPTQParams(bits=3, group_size=-1, group_aware=True)).weight
+    assert torch.equal(pc.codes, gptq_quantize(w, h, GPTQParams(bits=3, group_size=-1)).weight.codes)
 
 
 def test_static_groups_keep_trivial_g_idx():

@@ -24,12 +24,35 @@ def _calib(text_file):
     return {"dataset": str(text_file), "nsamples": 4, "seqlen": 32, "batch_size": 2}
 
 
+def _job(options):
+    from quantkit.methods.base import QuantJob
+    from quantkit.models.sources import ModelSource
+    from quantkit.scheme import make_scheme
+
+    return QuantJob(source=ModelSource("folder", "unused", "unused"), scheme=make_scheme("w4g128"), options=options)
+
+
+def test_group_aware_flag_reaches_the_checkpoint_record(tiny, text_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from quantkit.cli.main import app
+
+    out = tmp_path / "q"
+    r = CliRunner().invoke(app, ["quantize", str(tiny), "--method", "gptq", "--out", str(out), "--bits", "4",
+                                 "--group-size", "32", "--dataset", str(text_file), "--nsamples", "4", "--seqlen", "32",
+                                 "--no-act-group-aware", "--device", "cpu", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "quantkit.json").read_text())["options"]["act_group_aware"] is False
+
+
 def test_registered_with_options():
     m = get_method("gptq")
     assert m.name == "gptq" and m.needs_calibration and m.formats == ("gptq",)
     assert any(i.name == "gptq" for i in list_methods())
     o = m.Options()
     assert (o.damp, o.block_size, o.true_sequential, o.offload) == (0.01, 128, True, "none")
+    assert o.act_group_aware and m.params(_job(o)).group_aware
+    assert not m.params(_job(m.Options(act_group_aware=False))).group_aware
     with pytest.raises(ValidationError):
         m.Options(dampening=0.1)
     with pytest.raises(ValidationError):

@@ -80,8 +80,9 @@ def load_packed(folder: Path, qc: dict[str, Any], device: torch.device | str = "
             raise CheckpointError(f"{folder}: quantized tensor {name}.qweight matches no module of the architecture") from None
         if not isinstance(lin, nn.Linear):
             raise CheckpointError(f"{folder}: {name} is a {type(lin).__name__}, not a Linear")
+        # placeholders on meta: load_state_dict(assign=True) puts the checkpoint's tensors in their place
         qlin = QuantLinear(lin.in_features, lin.out_features, scheme.bits, scheme.group_size, scheme.sym,
-                           layout, bias=f"{name}.bias" in tensors)
+                           layout, bias=f"{name}.bias" in tensors, device="meta")
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, qlin)
     expected = dict(model.state_dict())
@@ -95,7 +96,7 @@ def load_packed(folder: Path, qc: dict[str, Any], device: torch.device | str = "
     missing = set(expected) - set(tensors)
     model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()
-    still = [k for k in missing if model.get_parameter(k).is_meta] if missing else []
+    still = [k for k, t in model.state_dict().items() if t.is_meta] if missing else []
     if still:
         raise CheckpointError(f"{folder}: missing tensors: {', '.join(sorted(still)[:5])}")
     return model.to(device).eval()

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from quantkit.grid import QuantizedWeight
 from quantkit.kernels.base import KernelLinear, LayerSpec, act_order_perm, g_idx_kind, missing_ops
-from quantkit.kernels.int4 import int4_parts, int4_refusal
+from quantkit.kernels.int4 import cpu_int4pack, int4_parts, int4_refusal
 
 _aten = torch.ops.aten
 
@@ -44,8 +44,8 @@ class CpuInt4(KernelLinear):
     def pack(self, qw: QuantizedWeight, device: torch.device) -> None:
         parts = int4_parts(qw, device)
         self.qgs = parts.qgs
-        # (N, K) int32 codes -> (N, K/2) uint8 in the op's own order (innerKTiles is unused on CPU)
-        self.register_buffer("qweight", _aten._convert_weight_to_int4pack_for_cpu(parts.codes, 2))
+        # (N, K) codes -> (N, K/2) uint8 in the op's own order
+        self.register_buffer("qweight", cpu_int4pack(parts.codes))
         self.register_buffer("scales_zeros", parts.scales_zeros.to(torch.bfloat16))
         self.register_buffer("perm", parts.perm)
 

@@ -43,7 +43,7 @@ def int4_refusal(spec: LayerSpec, n_multiple: int) -> str | None:
 
 @dataclass
 class Int4Parts:
-    codes: Tensor          # (N, K) int32 in [0, 16), input columns in kernel order
+    codes: Tensor          # (N, K) uint8 in [0, 16), input columns in kernel order
     scales_zeros: Tensor   # (K/qgs, N, 2) float32: (s, zf) per op group
     qgs: int               # op group size
     perm: Tensor | None    # (K,) int64 input permutation (act-order), or None
@@ -56,9 +56,9 @@ def int4_parts(qw: QuantizedWeight, device: torch.device) -> Int4Parts:
     qgs = int4_group(gs)
     assert qgs is not None, gs
     offset = INT4_MID - (1 << (qw.bits - 1))               # 0 for 4 bits, 4 for 3, 6 for 2
-    codes = qw.codes.to(device=device, dtype=torch.int32)
+    codes = qw.codes.to(device=device, dtype=torch.uint8)
     if offset:
-        codes += offset
+        codes = codes + offset
     perm = None
     if g_idx_kind(qw.g_idx, in_f, qw.group_size) == "permutable":
         # Sorting inputs by group makes group g the g-th run of gs inputs: permute W's columns once
@@ -71,3 +71,20 @@ def int4_parts(qw: QuantizedWeight, device: torch.device) -> Int4Parts:
     zf = zf.repeat_interleave(reps, dim=1)                 # (N, K/qgs)
     sz = torch.stack([s.t(), zf.t()], dim=-1).to(device)   # (K/qgs, N, 2)
     return Int4Parts(codes.contiguous(), sz.contiguous(), qgs, perm)
+
+
+def cpu_int4pack(codes: Tensor) -> Tensor:
+    """(N, K) uint8 codes -> (N, K/2) uint8 in the layout of `_convert_weight_to_int4pack_for_cpu`.
+
+    The op (torch 2.13) takes int32 codes and, for N % 32 == 0, stores each block of 32
+    output rows as K x 16 bytes: byte (k, j) holds row j of the block in its low nibble
+    and row j + 16 in its high one. Built here in uint8 it costs a quarter of the op's
+    memory traffic (tests/unit/test_kernels.py checks it against the op); other N go
+    through the op.
+    """
+    n, k = codes.shape
+    if n % 32:
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2)
+    c = codes.reshape(n // 32, 2, 16, k)                        # (blocks, low/high half, 16 rows, K)
+    packed = c[:, 0] | (c[:, 1] << 4)                           # (blocks, 16, K)
+    return packed.transpose(1, 2).reshape(n, k // 2)            # (blocks, K, 16) -> (N, K/2)

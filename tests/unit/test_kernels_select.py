@@ -214,9 +214,23 @@ def test_fast_unpack_equals_the_layouts_unpack(bits, group, layout):
     lay = {"gptq": GPTQLayout(), "gptq2": GPTQLayout(version=2), "awq": AWQLayout()}[layout]
     g = torch.Generator().manual_seed(bits)
     qw = rtn_quantize(torch.randn(96, 128, generator=g), bits, group, False, bias=torch.randn(96, generator=g))
+    assert fast_quantized(QuantLinear.from_quantized(qw, lay)).codes.dtype == torch.uint8
     mod = QuantLinear.from_quantized(qw, lay)
     want, got = mod.quantized(), fast_quantized(mod)
     for field in ("codes", "scales", "zeros", "g_idx", "bias"):
         a, b = getattr(want, field), getattr(got, field)
         assert a.dtype == b.dtype and torch.equal(a, b), field
     assert (got.bits, got.group_size, got.sym) == (want.bits, want.group_size, want.sym)
+
+
+@pytest.mark.parametrize("n,k", [(64, 128), (96, 576), (48, 64), (1536, 576)])
+def test_cpu_int4pack_equals_the_op(n, k):
+    """The uint8 packer builds exactly the op's layout (N % 32 == 0), and defers to the op otherwise."""
+    from quantkit.kernels.int4 import cpu_int4pack
+
+    if not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
+        pytest.skip("torch without the CPU int4pack op")
+    codes = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(n), dtype=torch.uint8)
+    want = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
+    got = cpu_int4pack(codes)
+    assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)

@@ -3,7 +3,7 @@
 Protocol (as /work/shared/peers): 64 calibration windows x 512 tokens drawn with random.Random(0) from
 wiki-vital's calibration part; evaluation on the first 40 non-overlapping 512-token windows of the test
 text; KL(base || quantized) on the full vocabulary. Every quantization runs in its own subprocess so its
-wall time and peak RSS (ru_maxrss) are its own. Then the disk-offload memory demonstration on tiny random
+wall time and peak RSS (VmHWM) are its own. Then the disk-offload memory demonstration on tiny random
 Llamas of 4, 16 and 64 layers. Writes a markdown table (default benchmarks/results/gptq.md).
 
     .venv/bin/python benchmarks/gptq.py                     # quantkit only (GPTQModel if .venv-interop exists)
@@ -31,6 +31,13 @@ log = logging.getLogger("bench.gptq")
 
 
 def _peak_mib() -> float:
+    """This process's peak RSS: VmHWM on Linux (ru_maxrss would inherit the parent's peak through exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -190,7 +197,7 @@ def markdown(a: argparse.Namespace, rows: list[dict], off: list[dict]) -> str:
              f"{a.windows} test windows of 512 tokens; fp32 CPU, {a.threads} threads; asymmetric, no act-order.",
              "Each quantization ran in its own process: `quant s` is the quantize call, `process s` includes "
              "model load and save, `CPU s` its user+system CPU time (what a busy machine cannot inflate much), "
-             "`peak RSS` its ru_maxrss.", "",
+             "`peak RSS` its VmHWM.", "",
              "| setting | library | quant s | process s | CPU s | peak RSS MiB | ppl | KL | top-1 % |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:

@@ -72,7 +72,7 @@ def child_gptqmodel(a: argparse.Namespace) -> dict:
     from quantkit.scheme import PRESETS
 
     t0 = time.perf_counter()
-    samples = torch.load(a.samples)  # (n, T) int64: the exact windows quantkit used
+    samples = torch.load(a.samples, weights_only=True)  # (n, T) int64: the exact windows quantkit used
     p = PRESETS[a.preset]
     qcfg = QuantizeConfig(bits=p["bits"], group_size=p["group_size"], sym=False, desc_act=False, damp_percent=0.01)
     model = GPTQModel.load(resolve(MODEL).path, qcfg, device="cpu")

@@ -170,6 +170,12 @@ def quality_runs(a: argparse.Namespace, tmp: Path) -> list[dict]:
     log.info("evaluating %d models on %d windows", len(models), len(windows))
     for r, q in zip(ok, evaluate(models, windows, base=base)):
         r.update(ppl=q.ppl, kl=q.kl, top1=q.top1)
+    if a.keep:
+        import shutil
+
+        for r in ok:
+            if r["library"] in ("rtn", "gptq"):
+                shutil.copytree(r["out"], a.keep / f"{r['library']}-{r['setting']}", dirs_exist_ok=True)
     return rows
 
 
@@ -246,6 +252,7 @@ def main() -> None:
     ap.add_argument("--depths", type=lambda s: [int(x) for x in s.split(",")], default=[4, 16, 64])
     ap.add_argument("--hidden", type=int, default=256, help="hidden size of the offload demo's tiny Llamas")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gptq.md")
+    ap.add_argument("--keep", type=Path, help="copy quantkit's checkpoints here (gptq-w4g64, ...), e.g. for the demo")
     # child-process arguments
     ap.add_argument("--child", choices=["quantkit", "gptqmodel", "offload"])
     ap.add_argument("--method"), ap.add_argument("--preset"), ap.add_argument("--samples")

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from quantkit.cli.options import Device, Force, JsonOut, Quiet
-from quantkit.cli.ui import emit_json, progress_bar
+from quantkit.cli.ui import command_quiet, emit_json, progress_bar
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -94,7 +94,7 @@ def demo(ctx: typer.Context,
     from quantkit.eval.report import markdown, rich_table
 
     ui = ctx.obj
-    quiet = quiet or ui.quiet
+    quiet = command_quiet(ui, quiet)
     with progress_bar(not quiet, "demo") as bar:
         result = run_demo(out, only=only, max_windows=max_windows, device=resolve_device(device), force=force,
                           progress=bar, log_line=None if quiet else ui.err.print, speed=speed)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from quantkit.cli.options import Dataset, Device, JsonOut, Quiet, TextField
-from quantkit.cli.ui import emit_json, progress_bar
+from quantkit.cli.ui import command_quiet, emit_json, progress_bar
 
 
 def eval_cmd(
@@ -49,7 +49,7 @@ def eval_cmd(
     if plot_out is not None and plot_out.suffix.lower() != ".png":
         raise QuantkitError(f"--plot {plot_out}: the plot is a PNG; give a file name ending in .png")
     ui = ctx.obj
-    quiet = quiet or ui.quiet
+    quiet = command_quiet(ui, quiet)
     speed_cfg = SpeedConfig(prompt_len, gen_tokens, batch, repeats) if speed else None
     with progress_bar(not quiet, "eval") as bar:
         result = evaluate_paths(paths, base=base, dataset=dataset, seqlen=seqlen, max_windows=max_windows or None,

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from quantkit.cli.options import (Dataset, Device, Force, JsonOut, OutDir, Quiet, Seed, Seqlen, TextField,
                                   TrustRemoteCode)
-from quantkit.cli.ui import emit_json, progress_bar
+from quantkit.cli.ui import command_quiet, emit_json, progress_bar
 from quantkit.errors import QuantkitError
 
 OPT = "Method options"
@@ -98,7 +98,7 @@ def quantize(
         raise QuantkitError("give MODEL (a folder, hub id, .gguf file or alias) or --recipe FILE")
 
     ui = ctx.obj
-    quiet = quiet or ui.quiet
+    quiet = command_quiet(ui, quiet)
     impl = get_method(method)
     given = dict(damp=damp, true_sequential=true_sequential, act_group_aware=act_group_aware, offload=offload, n_grid=n_grid, max_shrink=max_shrink,
                  zero_point=zero_point, dump_awq=dump_awq, load_awq=load_awq, double_quant=double_quant,

@@ -47,6 +47,14 @@ def setup_logging(quiet: bool, debug: bool) -> None:
         pass
 
 
+def command_quiet(ui: UI, quiet: bool) -> bool:
+    """A subcommand's --quiet or the global one; either leaves errors only (quantkit's INFO lines too)."""
+    quiet = quiet or ui.quiet
+    if quiet and not ui.debug:
+        logging.getLogger("quantkit").setLevel(logging.ERROR)
+    return quiet
+
+
 @contextmanager
 def progress_bar(enabled: bool, title: str) -> Iterator[Any]:
     """Yield a callback `(stage, done, total)` drawing one rich bar per stage (a no-op when disabled)."""

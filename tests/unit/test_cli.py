@@ -137,3 +137,13 @@ def test_help_is_not_an_error(args):
 def test_usage_error_exits_2():
     r = run("quantize")
     assert r.exit_code == 2 and "internal error" not in r.output
+
+
+def test_quiet_prints_nothing(tiny_llama, text_file, tmp_path):
+    """A subcommand's -q leaves errors only: no log lines, no progress, no summary."""
+    args = ["quantize", str(tiny_llama), "-m", "gptq", "--preset", "w4g64", "--dataset", str(text_file),
+            "--nsamples", "2", "--seqlen", "16", "--device", "cpu"]
+    loud = run(*args, "-o", str(tmp_path / "p"))
+    assert loud.exit_code == 0 and "GPTQ:" in loud.stderr and "wrote" in loud.output
+    r = run(*args, "-o", str(tmp_path / "o"), "-q")
+    assert r.exit_code == 0 and r.stdout.strip() == "" and r.stderr.strip() == "", r.output

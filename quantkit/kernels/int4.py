@@ -10,6 +10,7 @@ that q - 8 stays small (the bf16 scale's rounding error is multiplied by |q - 8|
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -73,18 +74,40 @@ def int4_parts(qw: QuantizedWeight, device: torch.device) -> Int4Parts:
     return Int4Parts(codes.contiguous(), sz.contiguous(), qgs, perm)
 
 
+def _block_layout(codes: Tensor, rows: int) -> Tensor:
+    """(N, K) uint8 -> (N, K/2): each block of `rows` output rows stored as K x rows/2 bytes,
+    byte (k, j) holding row j of the block in its low nibble and row j + rows/2 in its high one."""
+    n, k = codes.shape
+    c = codes.reshape(n // rows, 2, rows // 2, k)               # (blocks, low/high half, rows/2, K)
+    packed = c[:, 0] | (c[:, 1] << 4)                           # (blocks, rows/2, K)
+    return packed.transpose(1, 2).reshape(n, k // 2).contiguous()  # (blocks, K, rows/2) -> (N, K/2)
+
+
+@functools.cache
+def int4pack_block_rows() -> int | None:
+    """Rows per block of `_convert_weight_to_int4pack_for_cpu`'s layout in this process, or None.
+
+    The op's layout depends on the CPU build it dispatches to (torch 2.13: 32 rows on AVX2,
+    64 on AVX512), so it is found once by packing a probe through the op, never assumed.
+    """
+    n, k = 128, 64
+    probe = ((torch.arange(n * k, dtype=torch.int64) * 7 + 3) % 16).reshape(n, k)
+    want = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe.to(torch.int32).contiguous(), 2)
+    for rows in (32, 64):
+        if torch.equal(_block_layout(probe.to(torch.uint8), rows), want):
+            return rows
+    return None
+
+
 def cpu_int4pack(codes: Tensor) -> Tensor:
     """(N, K) uint8 codes -> (N, K/2) uint8 in the layout of `_convert_weight_to_int4pack_for_cpu`.
 
-    The op (torch 2.13) takes int32 codes and, for N % 32 == 0, stores each block of 32
-    output rows as K x 16 bytes: byte (k, j) holds row j of the block in its low nibble
-    and row j + 16 in its high one. Built here in uint8 it costs a quarter of the op's
-    memory traffic (tests/unit/test_kernels.py checks it against the op); other N go
-    through the op.
+    The op takes int32 codes; building its block layout directly in uint8 costs a quarter of
+    the memory traffic (tests/unit/test_kernels_select.py checks it against the op). Row counts
+    that are not whole blocks, and an unknown layout, go through the op itself.
     """
-    n, k = codes.shape
-    if n % 32:
+    n, _ = codes.shape
+    rows = int4pack_block_rows()
+    if rows is None or n % rows:
         return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2)
-    c = codes.reshape(n // 32, 2, 16, k)                        # (blocks, low/high half, 16 rows, K)
-    packed = c[:, 0] | (c[:, 1] << 4)                           # (blocks, 16, K)
-    return packed.transpose(1, 2).reshape(n, k // 2)            # (blocks, K, 16) -> (N, K/2)
+    return _block_layout(codes, rows)

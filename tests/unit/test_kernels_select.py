@@ -223,9 +223,10 @@ def test_fast_unpack_equals_the_layouts_unpack(bits, group, layout):
     assert (got.bits, got.group_size, got.sym) == (want.bits, want.group_size, want.sym)
 
 
-@pytest.mark.parametrize("n,k", [(64, 128), (96, 576), (48, 64), (1536, 576)])
+@pytest.mark.parametrize("n,k", [(64, 128), (96, 576), (48, 64), (1536, 576), (32, 64), (192, 2048)])
 def test_cpu_int4pack_equals_the_op(n, k):
-    """The uint8 packer builds exactly the op's layout (N % 32 == 0), and defers to the op otherwise."""
+    """The uint8 packer builds exactly the op's layout on this CPU (32-row blocks on AVX2, 64 on AVX512),
+    and defers to the op for other row counts."""
     from quantkit.kernels.int4 import cpu_int4pack
 
     if not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):

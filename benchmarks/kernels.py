@@ -151,15 +151,36 @@ def timed_load(path: str | Path, **kw: Any) -> tuple[torch.nn.Module, float]:
     return model, time.perf_counter() - t0
 
 
-def e2e_variants(base: str | Path, w4: Path, w8: Path, reference: bool) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
+def logits_of(model: torch.nn.Module, n: int = 64) -> torch.Tensor:
+    """(n, vocab) fp32 logits of a fixed random prompt: what every variant's error is measured on."""
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model(ids, use_cache=False).logits[0].float()
+
+
+def rel_err(model: torch.nn.Module, exact: torch.Tensor) -> float:
+    """||logits - exact|| / ||exact||: a correct kernel stays at its compute dtype's rounding (about 1e-2 in
+    bf16); a wrong packing gives about 1. Printed next to every speed so no figure comes from a broken kernel."""
+    return float((logits_of(model) - exact).norm() / exact.norm())
+
+
+def e2e_variants(base: str | Path, w4: Path, w8: Path, reference: bool
+                 ) -> tuple[dict[str, torch.nn.Module], dict[str, str], dict[str, float]]:
     models: dict[str, torch.nn.Module] = {}
     notes: dict[str, str] = {}
+    errs: dict[str, float] = {}
     models["fp32"], _ = timed_load(base)
+    exact = logits_of(models["fp32"])
+    errs["fp32"] = 0.0
     models["bf16"], _ = timed_load(base, dtype=torch.bfloat16)
+    errs["bf16"] = rel_err(models["bf16"], exact)
     for label, path in (("w4g64", w4), ("w8", w8)):
         ref, t_ref = timed_load(path, kernel="reference")
+        exact = logits_of(ref)  # the checkpoint's exact maths: the kernels must reproduce it
         if reference:
             models[f"{label} reference"] = ref
+            errs[f"{label} reference"] = 0.0
         del ref
         for name, cls in KERNELS.items():
             if "cpu" not in cls.devices or cls.unavailable():
@@ -169,16 +190,21 @@ def e2e_variants(base: str | Path, w4: Path, w8: Path, reference: bool) -> tuple
             except QuantkitError:
                 continue  # the kernel does not serve this scheme
             models[f"{label} {name}"] = model
+            errs[f"{label} {name}"] = rel_err(model, exact)
             notes[f"{label} {name}"] = f"load {t:.1f} s vs reference {t_ref:.1f} s ({t / t_ref:.2f}x); " + \
                 ", ".join(f"{k} x{v}" for k, v in kernels_used(model).items())
         model, t = timed_load(path, kernel="auto", dtype=torch.bfloat16)
         models[f"{label} auto, bf16 model"] = model
+        errs[f"{label} auto, bf16 model"] = rel_err(model, exact)
         notes[f"{label} auto, bf16 model"] = ", ".join(f"{k} x{v}" for k, v in kernels_used(model).items())
-    return models, notes
+    for name, e in errs.items():
+        if e > 0.1:
+            log.warning("%s: logits differ from the exact maths by %.3g (relative): this kernel is wrong", name, e)
+    return models, notes, errs
 
 
 def bench_e2e(label: str, models: dict[str, torch.nn.Module], rounds: int, steps: int, prompt_len: int,
-              prefill_len: int, vocab: int) -> list[list[str]]:
+              prefill_len: int, vocab: int, errs: dict[str, float]) -> list[list[str]]:
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (1, prompt_len), generator=g)
     long = torch.randint(0, vocab, (1, prefill_len), generator=g)
@@ -196,7 +222,8 @@ def bench_e2e(label: str, models: dict[str, torch.nn.Module], rounds: int, steps
     d32, p32 = min(dec["fp32"]), min(pre["fp32"])  # best round: the least disturbed by other jobs
     for name in models:
         d, p = min(dec[name]), min(pre[name])
-        rows.append([label, name, f"{1 / d:.2f}", f"{d32 / d:.2f}x", f"{prefill_len / p:.1f}", f"{p32 / p:.2f}x"])
+        rows.append([label, name, f"{1 / d:.2f}", f"{d32 / d:.2f}x", f"{prefill_len / p:.1f}", f"{p32 / p:.2f}x",
+                     f"{errs[name]:.1e}"])
     return rows
 
 
@@ -259,15 +286,19 @@ def main() -> None:
             w4, w8 = Path(tmp) / f"{vocab}-w4g64", Path(tmp) / f"{vocab}-w8"
             quantize(src, "rtn", w4, scheme="w4g64", device="cpu")
             quantize(src, "rtn", w8, scheme="w8", device="cpu")
-            models, n = e2e_variants(src, w4, w8, reference=vocab != LLAMA_1B["vocab_size"])
+            models, n, errs = e2e_variants(src, w4, w8, reference=vocab != LLAMA_1B["vocab_size"])
             notes.update({f"{label}: {k}": v for k, v in n.items()})
-            e2e_rows += bench_e2e(label, models, args.rounds, args.steps, prompt_len=32, prefill_len=args.prefill, vocab=vocab)
+            e2e_rows += bench_e2e(label, models, args.rounds, args.steps, prompt_len=32, prefill_len=args.prefill, vocab=vocab,
+                                 errs=errs)
             del models
             gc.collect()
             parts_e2e = (f"## End to end (batch 1)\n\nDecode: tokens/s generating after a 32-token prompt "
                          f"with the KV cache; prefill: one {args.prefill}-token forward. Models loaded in fp32 unless "
-                         "the row says bf16; best of round-robin rounds.\n\n"
-                         + table(["model", "variant", "decode tok/s", "vs fp32", "prefill tok/s", "vs fp32"], e2e_rows)
+                         "the row says bf16; best of round-robin rounds. `logit err`: ||logits - exact|| / ||exact|| on a "
+                         "64-token prompt, exact = fp32 for the float rows, the reference module for the quantized "
+                         "ones (a correct kernel stays near its compute dtype's rounding).\n\n"
+                         + table(["model", "variant", "decode tok/s", "vs fp32", "prefill tok/s", "vs fp32",
+                                  "logit err"], e2e_rows)
                          + "\n\nKernels and load times:\n\n" + "\n".join(f"- {k}: {v}" for k, v in notes.items()) + "\n")
             args.out.write_text("\n".join(parts + [parts_e2e]))
             shutil.rmtree(w4)

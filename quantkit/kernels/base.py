@@ -12,6 +12,7 @@ checkpoint's, so the model's memory is what the kernel needs.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -23,6 +24,7 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.layouts import Layout
 from quantkit.formats.qlinear import QuantLinear
 from quantkit.grid import QuantizedWeight
+from quantkit.kernels.unpack import fast_codes
 
 # g_idx kinds: "trivial" (contiguous groups), "permutable" (act-order: sorting the input
 # columns by group makes the groups contiguous runs of group_size), "irregular" (anything else).
@@ -91,7 +93,8 @@ class KernelLinear(QuantLinear, ABC):
     devices: ClassVar[tuple[str, ...]] = ()  # device types the kernel runs on
     quantizes_activations: ClassVar[bool] = False  # rounds activations to int8 (a looser tolerance)
 
-    def __init__(self, qw: QuantizedWeight, layout: Layout, device: torch.device | str, dtype: torch.dtype):
+    def __init__(self, qw: QuantizedWeight, layout: Layout, device: torch.device | str, dtype: torch.dtype,
+                 **pack_kw: Tensor):
         nn.Module.__init__(self)  # deliberately not QuantLinear.__init__: no checkpoint buffers
         out_f, in_f = qw.shape
         self.in_features, self.out_features = in_f, out_f
@@ -100,7 +103,19 @@ class KernelLinear(QuantLinear, ABC):
         self.dtype = dtype
         bias = None if qw.bias is None else qw.bias.to(device=device, dtype=dtype)
         self.register_buffer("bias", bias)
-        self.pack(qw, torch.device(device))
+        self.pack(qw, torch.device(device), **pack_kw)
+
+    @classmethod
+    def from_module(cls, mod: QuantLinear, qw: QuantizedWeight, device: torch.device | str,
+                    dtype: torch.dtype) -> "KernelLinear":
+        """The kernel module serving the reference `mod`, whose grid is `qw`.
+
+        qw's codes may still be on the meta device (not unpacked): this default unpacks them;
+        a kernel that can pack the checkpoint's words directly overrides it.
+        """
+        if qw.codes.is_meta:
+            qw = dataclasses.replace(qw, codes=fast_codes(mod))
+        return cls(qw, mod.layout, device, dtype)
 
     # ---- what a kernel implements -------------------------------------------------
     @classmethod

@@ -15,9 +15,12 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from quantkit.formats.layouts import GPTQLayout
+from quantkit.formats.qlinear import QuantLinear
 from quantkit.grid import QuantizedWeight
 from quantkit.kernels.base import KernelLinear, LayerSpec, act_order_perm, g_idx_kind, missing_ops
-from quantkit.kernels.int4 import cpu_int4pack, int4_parts, int4_refusal
+from quantkit.kernels.int4 import cpu_int4pack, int4pack_block_rows, int4_parts, int4_refusal
+from quantkit.kernels.unpack import gptq4_int4pack
 
 _aten = torch.ops.aten
 
@@ -41,11 +44,25 @@ class CpuInt4(KernelLinear):
     def compute_dtype(cls, dtype: torch.dtype) -> torch.dtype:
         return torch.bfloat16
 
-    def pack(self, qw: QuantizedWeight, device: torch.device) -> None:
+    @classmethod
+    def from_module(cls, mod: QuantLinear, qw: QuantizedWeight, device: torch.device | str,
+                    dtype: torch.dtype) -> KernelLinear:
+        """GPTQ 4-bit words with contiguous groups go straight to the op's layout (no codes tensor)."""
+        rows = int4pack_block_rows()
+        out_f, in_f = qw.shape
+        if (qw.codes.is_meta and isinstance(mod.layout, GPTQLayout) and qw.bits == 4 and rows is not None
+                and out_f % rows == 0 and g_idx_kind(qw.g_idx, in_f, qw.group_size) == "trivial"):
+            return cls(qw, mod.layout, device, dtype, words=mod.qweight)
+        return super().from_module(mod, qw, device, dtype)
+
+    def pack(self, qw: QuantizedWeight, device: torch.device, words: Tensor | None = None) -> None:
         parts = int4_parts(qw, device)
         self.qgs = parts.qgs
-        # (N, K) codes -> (N, K/2) uint8 in the op's own order
-        self.register_buffer("qweight", cpu_int4pack(parts.codes))
+        if words is not None:  # GPTQ 4-bit (K/8, N) int32 words, contiguous groups
+            packed = gptq4_int4pack(words.to(device), int4pack_block_rows())
+        else:  # (N, K) codes -> (N, K/2) uint8 in the op's own order
+            packed = cpu_int4pack(parts.codes)
+        self.register_buffer("qweight", packed)
         self.register_buffer("scales_zeros", parts.scales_zeros.to(torch.bfloat16))
         self.register_buffer("perm", parts.perm)
 

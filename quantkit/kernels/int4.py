@@ -44,34 +44,36 @@ def int4_refusal(spec: LayerSpec, n_multiple: int) -> str | None:
 
 @dataclass
 class Int4Parts:
-    codes: Tensor          # (N, K) uint8 in [0, 16), input columns in kernel order
+    codes: Tensor | None   # (N, K) uint8 in [0, 16), input columns in kernel order (None: codes not unpacked)
     scales_zeros: Tensor   # (K/qgs, N, 2) float32: (s, zf) per op group
     qgs: int               # op group size
     perm: Tensor | None    # (K,) int64 input permutation (act-order), or None
 
 
 def int4_parts(qw: QuantizedWeight, device: torch.device) -> Int4Parts:
-    """Codes, (scale, float zero) pairs and the act-order permutation, ready for either op's packer."""
+    """Codes, (scale, float zero) pairs and the act-order permutation, ready for either op's packer.
+
+    Codes left on the meta device (`fast_quantized(codes=False)`) stay unbuilt: parts.codes is None."""
     out_f, in_f = qw.shape
     gs = in_f if qw.group_size == -1 else qw.group_size
     qgs = int4_group(gs)
     assert qgs is not None, gs
     offset = INT4_MID - (1 << (qw.bits - 1))               # 0 for 4 bits, 4 for 3, 6 for 2
-    codes = qw.codes.to(device=device, dtype=torch.uint8)
-    if offset:
+    codes = None if qw.codes.is_meta else qw.codes.to(device=device, dtype=torch.uint8)
+    if codes is not None and offset:
         codes = codes + offset
     perm = None
     if g_idx_kind(qw.g_idx, in_f, qw.group_size) == "permutable":
         # Sorting inputs by group makes group g the g-th run of gs inputs: permute W's columns once
         # here, and the activations' columns (an index_select) on every call.
         perm = act_order_perm(qw.g_idx).to(device)
-        codes = codes[:, perm]
+        codes = None if codes is None else codes[:, perm]
     s, zf = grid_zero_floats(qw, INT4_MID - offset)        # (N, G) each, G = K / gs; s*(8 - (z+offset))
     reps = gs // qgs                                       # op groups per checkpoint group
     s = s.repeat_interleave(reps, dim=1)
     zf = zf.repeat_interleave(reps, dim=1)                 # (N, K/qgs)
     sz = torch.stack([s.t(), zf.t()], dim=-1).to(device)   # (K/qgs, N, 2)
-    return Int4Parts(codes.contiguous(), sz.contiguous(), qgs, perm)
+    return Int4Parts(None if codes is None else codes.contiguous(), sz.contiguous(), qgs, perm)
 
 
 def _block_layout(codes: Tensor, rows: int) -> Tensor:

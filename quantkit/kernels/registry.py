@@ -77,13 +77,13 @@ def apply_kernels(model: nn.Module, kernel: str = AUTO, dtype: torch.dtype | Non
         targets = [(n, m) for n, m in model.named_modules()
                    if isinstance(m, QuantLinear) and not isinstance(m, KernelLinear)]
         for name, mod in targets:
-            qw = fast_quantized(mod)
+            qw = fast_quantized(mod, codes=False)  # the grid; codes unpacked (or not) by the chosen kernel
             device = _module_device(mod)
             cls = select_kernel(spec_of(qw, device, dtype), kernel, layer=name)
             if cls is None:
                 continue
             parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, cls(qw, mod.layout, device, dtype))
+            setattr(model.get_submodule(parent), leaf, cls.from_module(mod, qw, device, dtype))
             del mod, qw  # the checkpoint buffers go with the reference module
     used = kernels_used(model)
     if used:

@@ -59,21 +59,53 @@ def unpack_awq(words: Tensor) -> Tensor:
     return _fields(words, 4).reshape(r, w, 8)[:, :, _AWQ_INVERSE].reshape(r, w * 8)
 
 
-def fast_quantized(mod: QuantLinear) -> QuantizedWeight:
-    """Same result as `mod.quantized()`, without the general unpacker where a layout allows."""
+def fast_codes(mod: QuantLinear) -> Tensor:
+    """(out, in) uint8 codes of a reference QuantLinear, vectorized where the layout allows."""
     layout, bits = mod.layout, mod.bits
     if isinstance(layout, GPTQLayout) and 32 % bits == 0:
-        codes = unpack_gptq_rows_t(mod.qweight, bits)                          # (out, in) uint8
+        return unpack_gptq_rows_t(mod.qweight, bits)
+    if isinstance(layout, AWQLayout):
+        return unpack_awq(mod.qweight).to(torch.uint8).t().contiguous()
+    return mod.quantized().codes
+
+
+def gptq4_int4pack(qweight: Tensor, rows: int) -> Tensor:
+    """GPTQ 4-bit words (K/8, N) int32 -> the CPU int4pack block layout (N, K/2) uint8, in one pass.
+
+    Byte t of word (r, n) holds code[n, 8r+2t] in its low nibble and code[n, 8r+2t+1] in its high one;
+    the op's byte (block b, k, j) holds code[bR+j, k] low and code[bR+j+R/2, k] high (R = `rows`).
+    So each output byte takes one nibble from the same-position byte of two rows R/2 apart:
+    no codes tensor is built (a tenth of the memory traffic of unpacking, then packing).
+    """
+    r8, n = qweight.shape
+    h = rows // 2
+    q = qweight.contiguous().view(torch.uint8).reshape(r8, n // rows, 2, h, 4)  # (K/8, blocks, half, R/2, 4)
+    lo, hi = q[:, :, 0], q[:, :, 1]                                             # rows j and j + R/2
+    even = (lo & 0x0F) | (hi << 4)            # k = 8r + 2t: low nibbles (uint8 << 4 drops the high one)
+    odd = (lo >> 4) | (hi & 0xF0)             # k = 8r + 2t + 1: high nibbles
+    out = torch.stack([even, odd], dim=-1)    # (K/8, blocks, R/2, 4, 2)
+    return out.permute(1, 0, 3, 4, 2).reshape(n, r8 * 4).contiguous()  # (blocks, K/8, 4, 2, R/2) = (blocks, K, R/2)
+
+
+def fast_quantized(mod: QuantLinear, codes: bool = True) -> QuantizedWeight:
+    """Same result as `mod.quantized()`, without the general unpacker where a layout allows.
+
+    codes=False leaves the codes on the meta device (right shape and dtype, no data): kernel
+    selection needs only the grid, and a kernel may pack the checkpoint's words directly.
+    """
+    layout, bits = mod.layout, mod.bits
+    if isinstance(layout, GPTQLayout) and 32 % bits == 0:
         zeros = unpack_gptq_cols(mod.qzeros, bits) + layout.zero_offset        # (G, out)
         g_idx = mod.g_idx.to(torch.int32)
     elif isinstance(layout, AWQLayout):
-        codes = unpack_awq(mod.qweight).to(torch.uint8).t().contiguous()      # (out, in)
         zeros = unpack_awq(mod.qzeros)                                         # (G, out)
-        g_idx = trivial_g_idx(mod.in_features, mod.group_size).to(codes.device)
+        g_idx = trivial_g_idx(mod.in_features, mod.group_size).to(mod.qzeros.device)
     else:
         return mod.quantized()
+    shape = (mod.out_features, mod.in_features)
+    c = fast_codes(mod) if codes else torch.empty(shape, dtype=torch.uint8, device="meta")
     return QuantizedWeight(
-        codes=codes,
+        codes=c,
         scales=mod.scales.float().t().contiguous(),
         zeros=zeros.t().to(torch.uint8).contiguous(),
         g_idx=g_idx,

@@ -235,3 +235,34 @@ def test_cpu_int4pack_equals_the_op(n, k):
     want = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
     got = cpu_int4pack(codes)
     assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("n,k,group,act", [(128, 256, 64, False), (192, 576, 32, False), (128, 256, -1, False),
+                                           (96, 128, 64, False), (128, 256, 64, True)])
+def test_cpu_int4_direct_from_gptq_words_equals_packing_the_codes(n, k, group, act):
+    """CpuInt4.from_module packs GPTQ 4-bit words straight into the op's layout where it can (N a whole
+    number of the op's blocks, contiguous groups); the module equals one packed from unpacked codes."""
+    from quantkit.formats.layouts import GPTQLayout
+    from quantkit.grid import rtn_quantize
+    from quantkit.kernels.cpu import CpuInt4
+    from quantkit.kernels.int4 import cpu_int4pack, int4pack_block_rows
+    from quantkit.kernels.unpack import fast_quantized, gptq4_int4pack
+
+    if CpuInt4.unavailable():
+        pytest.skip(CpuInt4.unavailable())
+    g = torch.Generator().manual_seed(n + k)
+    qw = rtn_quantize(torch.randn(n, k, generator=g), 4, group, False)
+    if act:  # an act-order g_idx: columns of a group scattered (the direct path must not take it)
+        qw.g_idx = qw.g_idx[torch.randperm(k, generator=g)].contiguous()
+    mod = QuantLinear.from_quantized(qw, GPTQLayout())
+    rows = int4pack_block_rows()
+    if rows and n % rows == 0:
+        assert torch.equal(gptq4_int4pack(mod.qweight, rows), cpu_int4pack(fast_quantized(mod).codes))
+    direct = CpuInt4.from_module(mod, fast_quantized(mod, codes=False), "cpu", torch.float32)
+    full = CpuInt4(fast_quantized(mod), GPTQLayout(), "cpu", torch.float32)
+    a, b = direct.buffers_dict(), full.buffers_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] is None) == (b[key] is None) and (a[key] is None or torch.equal(a[key], b[key])), key
+    x = torch.randn(3, k, generator=g)
+    assert torch.equal(direct(x), full(x))

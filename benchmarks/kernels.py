@@ -191,7 +191,7 @@ def e2e_variants(base: str | Path, w4: Path, w8: Path, reference: bool
                 continue  # the kernel does not serve this scheme
             models[f"{label} {name}"] = model
             errs[f"{label} {name}"] = rel_err(model, exact)
-            notes[f"{label} {name}"] = f"load {t:.1f} s vs reference {t_ref:.1f} s ({t / t_ref:.2f}x); " + \
+            notes[f"{label} {name}"] = f"load {t:.2f} s vs reference {t_ref:.2f} s ({t / t_ref:.2f}x); " + \
                 ", ".join(f"{k} x{v}" for k, v in kernels_used(model).items())
         model, t = timed_load(path, kernel="auto", dtype=torch.bfloat16)
         models[f"{label} auto, bf16 model"] = model

@@ -25,6 +25,11 @@ from quantkit.kernels.unpack import gptq4_int4pack
 _aten = torch.ops.aten
 
 
+def to_int8_centered(codes: Tensor) -> Tensor:
+    """uint8 codes q -> int8 q - 128 in one pass: flipping the top bit of q is q - 128 in two's complement."""
+    return (codes.to(torch.uint8) ^ 0x80).contiguous().view(torch.int8)
+
+
 class CpuInt4(KernelLinear):
     """2/3/4-bit, any group size divisible by 32, sym or asym, act-order: `_weight_int4pack_mm_for_cpu`."""
 
@@ -121,7 +126,7 @@ class CpuInt8(_CpuInt8Base):
     def pack(self, qw: QuantizedWeight, device: torch.device) -> None:
         s = qw.scales[:, 0].float()                                        # (N,)
         shift = qw.zeros[:, 0].float() - 128                               # (N,)
-        self.register_buffer("qweight", (qw.codes.to(torch.int16) - 128).to(torch.int8).to(device).contiguous())
+        self.register_buffer("qweight", to_int8_centered(qw.codes.to(device)))
         self.register_buffer("scales", s.to(device=device, dtype=torch.bfloat16))
         self.register_buffer("zero_term", (s * shift).to(device) if bool(shift.any()) else None)
 
@@ -230,7 +235,7 @@ class CpuInt8Grouped(_CpuInt8Base):
         if g_idx_kind(qw.g_idx, in_f, gs) == "permutable":
             perm = act_order_perm(qw.g_idx).to(device)
             codes = codes[:, perm]
-        w8 = (codes.to(torch.int16) - 128).to(torch.int8)                          # (N, K)
+        w8 = to_int8_centered(codes)                                                # (N, K)
         self.register_buffer("qweight", w8.reshape(out_f, n_groups, gs).transpose(0, 1).contiguous())  # (G, N, gs)
         self.register_buffer("scales", qw.scales.t().to(device=device, dtype=torch.bfloat16).contiguous())  # (G, N)
         shift = qw.zeros.float() - 128                                               # (N, G)

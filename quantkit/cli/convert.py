@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from quantkit.cli.options import Device, Force, JsonOut
-from quantkit.cli.ui import emit_json
+from quantkit.cli.options import Device, Force, JsonOut, Quiet
+from quantkit.cli.ui import command_quiet, emit_json, progress_bar
 
 
 def convert(ctx: typer.Context,
@@ -20,13 +20,14 @@ def convert(ctx: typer.Context,
             imatrix: Annotated[Optional[Path], typer.Option("--imatrix", help="--to gguf: also write llama.cpp's importance matrix here.")] = None,
             verify: Annotated[bool, typer.Option("--verify", help="Reload the output and compare its logits with the source's.")] = False,
             list_table: Annotated[bool, typer.Option("--list", help="Print the conversion table and exit.")] = False,
-            device: Device = "cpu", force: Force = False, json_out: JsonOut = None) -> None:
+            device: Device = "cpu", force: Force = False, quiet: Quiet = False, json_out: JsonOut = None) -> None:
     """Convert between plain HF, GPTQ, AWQ, compressed-tensors and GGUF (exact where the grid allows)."""
     from quantkit.convert import convert as run
     from quantkit.convert import rows
     from quantkit.errors import QuantkitError
 
     ui = ctx.obj
+    quiet = command_quiet(ui, quiet)
     if list_table:
         _print_table(ui, rows(), json_out)
         return
@@ -34,12 +35,13 @@ def convert(ctx: typer.Context,
         raise QuantkitError("quantkit convert needs SRC and OUT (or --list); e.g. quantkit convert model-gptq --to awq model-awq")
     from quantkit.api import resolve_device
 
-    result = run(src, to, out, dtype=dtype, gguf_type=gguf_type, imatrix=imatrix, verify=verify,
-                 force=force, device=resolve_device(device))
+    with progress_bar(not quiet and json_out != "-", "convert") as bar:
+        result = run(src, to, out, dtype=dtype, gguf_type=gguf_type, imatrix=imatrix, verify=verify,
+                     force=force, device=resolve_device(device), progress=bar)
     summary = {"out": str(result.out), "from": result.src_format, "to": result.dst_format,
                "kind": "exact" if result.exact else "lossy", **result.provenance, "verify": result.verify}
     emit_json(summary, json_out)
-    if json_out == "-":
+    if json_out == "-" or quiet:
         return
     line = f"[green]wrote[/] {result.out} ({result.src_format} -> {result.dst_format}, {summary['kind']})"
     if "added_error" in result.provenance:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,7 +23,11 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.checkpoint import write_json
 from quantkit.models.sources import read_config, resolve
 from quantkit.paths import atomic_dir, check_output
+from quantkit.threads import one_cpu_thread
 from quantkit.version import __version__
+
+if TYPE_CHECKING:
+    from quantkit.calib.pipeline import Progress
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +58,27 @@ def source_format(src: str | Path) -> str:
 
 def convert(src: str | Path, to: str, out: str | Path, *, dtype: torch.dtype | str = torch.float32,
             gguf_type: str = "f16", imatrix: str | Path | None = None, verify: bool = False,
-            verify_windows: int = 4, force: bool = False, device: torch.device | str = "cpu") -> ConvertResult:
-    """Convert `src` to format `to`, written atomically at `out` (a folder, or a .gguf file for gguf)."""
+            verify_windows: int = 4, force: bool = False, device: torch.device | str = "cpu",
+            progress: Progress | None = None) -> ConvertResult:
+    """Convert `src` to format `to`, written atomically at `out` (a folder, or a .gguf file for gguf).
+
+    `progress(stage, done, total)` is called as tensors are written. Tensor conversion runs on one
+    intra-op thread: its byte shuffles are memory-bound, and a second thread only waits (the
+    --imatrix calibration and --verify forwards keep every thread).
+    """
+    result = _convert(src, to, out, dtype=dtype, gguf_type=gguf_type, imatrix=imatrix, force=force,
+                      device=device, progress=progress)
+    if verify:
+        from quantkit.convert.verify import verify_conversion
+
+        result.verify = verify_conversion(src, out, exact=result.exact and to != "gguf", windows=verify_windows,
+                                          device=device)
+    return result
+
+
+def _convert(src: str | Path, to: str, out: str | Path, *, dtype: torch.dtype | str, gguf_type: str,
+             imatrix: str | Path | None, force: bool, device: torch.device | str,
+             progress: Progress | None) -> ConvertResult:
     dtype = float_dtype(dtype)
     out = Path(out)
     src_fmt = source_format(src)
@@ -74,7 +97,9 @@ def convert(src: str | Path, to: str, out: str | Path, *, dtype: torch.dtype | s
         from quantkit.convert.gguf_export import export_gguf
 
         head = provenance_record(src, src_fmt, to, conv, conv.exact, dtype, {"gguf_type": gguf_type})
-        facts = export_gguf(src, out, gguf_type, force=force, provenance=json.dumps(head, sort_keys=True))
+        with one_cpu_thread():
+            facts = export_gguf(src, out, gguf_type, force=force, provenance=json.dumps(head, sort_keys=True),
+                                progress=progress)
         exact = bool(facts.get("exact", False))
         if imatrix is not None:
             from quantkit.convert.imatrix import write_imatrix
@@ -84,7 +109,7 @@ def convert(src: str | Path, to: str, out: str | Path, *, dtype: torch.dtype | s
     elif src_fmt == "gguf":
         from quantkit.convert.gguf_import import gguf_to_hf
 
-        with atomic_dir(out, force=force) as tmp:
+        with atomic_dir(out, force=force) as tmp, one_cpu_thread():
             facts = gguf_to_hf(Path(resolve(src).path), tmp, dtype)
             _provenance(tmp / PROVENANCE, src, src_fmt, to, conv, exact, dtype, facts)
     else:
@@ -95,19 +120,13 @@ def convert(src: str | Path, to: str, out: str | Path, *, dtype: torch.dtype | s
             exact = dtype == torch.float32
         elif to == "hf":
             exact = all(i.dtype == dtype or not i.dtype.is_floating_point for i in ck.infos.values())
-        with atomic_dir(out, force=force) as tmp:
-            facts = convert_folder(ck, to, tmp, dtype)
+        with atomic_dir(out, force=force) as tmp, one_cpu_thread():
+            facts = convert_folder(ck, to, tmp, dtype, progress=progress)
             prior = read_json(ck.folder / "quantkit.json")
             if prior:
                 facts["source_quantkit"] = prior
             _provenance(tmp / PROVENANCE, src, src_fmt, to, conv, exact, dtype, facts)
-    result = ConvertResult(out, src_fmt, to, exact, facts)
-    if verify:
-        from quantkit.convert.verify import verify_conversion
-
-        result.verify = verify_conversion(src, out, exact=exact and to != "gguf", windows=verify_windows,
-                                          device=device)
-    return result
+    return ConvertResult(out, src_fmt, to, exact, facts)
 
 
 def gguf_provenance_path(out: Path) -> Path:

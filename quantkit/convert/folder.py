@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -23,6 +23,9 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.checkpoint import write_json
 from quantkit.formats.specs import get_format
 from quantkit.grid import trivial_g_idx
+
+if TYPE_CHECKING:
+    from quantkit.calib.pipeline import Progress
 
 log = logging.getLogger(__name__)
 
@@ -142,13 +145,16 @@ def preflight(ck: Checkpoint, dst: str) -> bool:
     return act_order
 
 
-def convert_folder(ck: Checkpoint, dst: str, out: Path, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """Write `ck` as `dst` into the (empty, temporary) folder `out`; returns provenance facts."""
+def convert_folder(ck: Checkpoint, dst: str, out: Path, dtype: torch.dtype = torch.float32,
+                   progress: Progress | None = None) -> dict[str, Any]:
+    """Write `ck` as `dst` into the (empty, temporary) folder `out`; returns provenance facts.
+
+    `progress("tensors", done, total)` after each tensor written."""
     act_order = preflight(ck, dst)
     plan, producers = _plan(ck, dst, dtype, act_order)
     current: dict[str, Tensor] = {}  # the tensors of the Linear being written: each Linear is converted once
     with StreamingWriter(out / WEIGHTS, plan) as writer:
-        for p in plan:
+        for i, p in enumerate(plan):
             if p.name not in current:
                 produced = producers[p.name]()
                 if len(produced) > 1 or p.name.rsplit(".", 1)[0] in ck.linears:
@@ -156,6 +162,8 @@ def convert_folder(ck: Checkpoint, dst: str, out: Path, dtype: torch.dtype = tor
                 writer.write(p.name, produced[p.name])
             else:
                 writer.write(p.name, current.pop(p.name))
+            if progress:
+                progress("tensors", i + 1, len(plan))
     config = _target_config(ck, dst, dtype, act_order)
     write_json(out / "config.json", config)
     if dst in PACKED:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ from quantkit.convert.gguf_vocab import add_tokenizer
 from quantkit.convert.source import Checkpoint, open_checkpoint
 from quantkit.errors import OutputExistsError, QuantkitError, UnknownNameError
 from quantkit.paths import atomic_file
+
+if TYPE_CHECKING:
+    from quantkit.calib.pipeline import Progress
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +141,26 @@ def _producer(ck: Checkpoint, hf_name: str, qtype: Q, perm: torch.Tensor | None,
     return run
 
 
+class _Counter:
+    """Reports the tensors the GGUF writer has encoded so far (it encodes lazily, while writing)."""
+
+    def __init__(self, progress: Progress | None):
+        self.progress, self.done, self.total = progress, 0, 0
+
+    def tick(self) -> None:
+        self.done += 1
+        if self.progress:
+            self.progress("tensors", self.done, self.total)
+
+
+def _counted(run: Callable[[], np.ndarray], counter: _Counter) -> Callable[[], np.ndarray]:
+    def counted() -> np.ndarray:
+        out = run()
+        counter.tick()
+        return out
+    return counted
+
+
 def _exact(ck: Checkpoint, type_name: str, stats: EncodeStats) -> bool:
     """Exact: f32 of an fp32/packed source, or a packed source whose Linears all kept their grid."""
     if type_name == "f32":
@@ -145,8 +169,11 @@ def _exact(ck: Checkpoint, type_name: str, stats: EncodeStats) -> bool:
     return ck.scheme is not None and not stats.requantized and type_name in TYPE_BITS
 
 
-def export_gguf(src: str | Path, out: Path, type_name: str, force: bool = False, provenance: str = "{}") -> dict[str, Any]:
+def export_gguf(src: str | Path, out: Path, type_name: str, force: bool = False, provenance: str = "{}",
+                progress: Progress | None = None) -> dict[str, Any]:
     """Write `src` (plain HF or packed folder) as a GGUF file at `out`; returns provenance facts.
+
+    `progress("tensors", done, total)` as the writer encodes each tensor.
 
     `provenance` (JSON text) is stored under the key quantkit.provenance.
     """
@@ -165,6 +192,7 @@ def export_gguf(src: str | Path, out: Path, type_name: str, force: bool = False,
     with atomic_file(out) as tmp:
         writer = GGUFWriter(tmp, MODEL_ARCH_NAMES[arch])
         total = 0
+        counter = _Counter(progress)
         for hf_name, shape in _logical_tensors(ck):
             if hf_name.endswith("rotary_emb.inv_freq"):
                 continue
@@ -178,9 +206,10 @@ def export_gguf(src: str | Path, out: Path, type_name: str, force: bool = False,
             ttype = _tensor_type(gname, shape, qtype, ck.scheme is not None)
             bshape, bdtype = byte_shape(tuple(shape), ttype)
             lazy = LazyNumpyTensor(meta=LazyNumpyTensor.meta_with_dtype_and_shape(bdtype, bshape),
-                                   func=_producer(ck, hf_name, ttype, perm, stats))
+                                   func=_counted(_producer(ck, hf_name, ttype, perm, stats), counter))
             writer.add_tensor(gname, lazy, raw_dtype=None if ttype in (Q.F32, Q.F16) else ttype)
             total += int(np.prod(shape))
+            counter.total += 1
         Metadata.load(None, ck.folder, None, total).set_gguf_meta_model(writer)
         add_hparams(writer, cfg, type_name)
         add_tokenizer(writer, ck.folder, int(cfg["vocab_size"]))

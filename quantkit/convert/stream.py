@@ -1,20 +1,20 @@
 """Tensor-by-tensor safetensors I/O: read one tensor at a time, write a file whose header is known up front.
 
-`SafetensorsSource` opens a file with `safe_open` only for the tensor it reads, so no mapping
-of the whole file stays resident. `StreamingWriter` writes the header from a plan of
+`read_tensor` reads one tensor's bytes at the offset the header gives (plain seek + read, no
+mapping of the file stays resident). `StreamingWriter` writes the header from a plan of
 (name, dtype, shape) and then each tensor's bytes in plan order: peak memory is one tensor.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from quantkit.errors import CheckpointError
@@ -35,6 +35,7 @@ class TensorInfo:
     file: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the tensor's data in `file`
 
     @property
     def nbytes(self) -> int:
@@ -55,6 +56,7 @@ def scan(files: list[Path]) -> dict[str, TensorInfo]:
                 (n,) = struct.unpack("<Q", fh.read(8))
                 header = json.loads(fh.read(n))
             end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            start = 8 + n
             if 8 + n + end > size:
                 raise CheckpointError(f"{f} is truncated ({size} bytes, its header needs {8 + n + end}); re-download it")
             for k, v in header.items():
@@ -62,7 +64,11 @@ def scan(files: list[Path]) -> dict[str, TensorInfo]:
                     continue
                 if v["dtype"] not in _CODE_DTYPES:
                     raise CheckpointError(f"{f}: tensor {k} has unsupported dtype {v['dtype']}")
-                infos[k] = TensorInfo(f, _CODE_DTYPES[v["dtype"]], tuple(v["shape"]))
+                info = TensorInfo(f, _CODE_DTYPES[v["dtype"]], tuple(v["shape"]), start + v["data_offsets"][0])
+                if v["data_offsets"][1] - v["data_offsets"][0] != info.nbytes:
+                    raise CheckpointError(f"{f}: tensor {k} holds {v['data_offsets'][1] - v['data_offsets'][0]} bytes, "
+                                          f"its dtype and shape need {info.nbytes}; the file is corrupt")
+                infos[k] = info
         except CheckpointError:
             raise
         except (OSError, ValueError, KeyError, struct.error) as e:
@@ -71,11 +77,22 @@ def scan(files: list[Path]) -> dict[str, TensorInfo]:
 
 
 def read_tensor(info: TensorInfo, name: str) -> Tensor:
+    """One tensor, read with a plain seek + read at the offset `scan` found (safetensors data is
+    little-endian and unaligned-safe to copy). No mapping of the file: memory is this tensor only,
+    and a read costs no header parse (opening the file with safe_open per tensor did)."""
+    assert sys.byteorder == "little", "safetensors data is little-endian"
+    buf = bytearray(info.nbytes)
     try:
-        with safe_open(str(info.file), framework="pt") as fh:
-            return fh.get_tensor(name)
-    except Exception as e:  # safetensors raises its own error types on corrupt files
+        with open(info.file, "rb") as fh:
+            fh.seek(info.offset)
+            got = fh.readinto(buf)
+    except OSError as e:
         raise CheckpointError(f"cannot read {name} from {info.file}: {_first_line(e)}") from None
+    if got != info.nbytes:
+        raise CheckpointError(f"cannot read {name} from {info.file}: the file ends {info.nbytes - got} bytes early")
+    if not info.nbytes:
+        return torch.empty(info.shape, dtype=info.dtype)
+    return torch.frombuffer(buf, dtype=torch.uint8).view(info.dtype).reshape(info.shape)
 
 
 @dataclass(frozen=True)

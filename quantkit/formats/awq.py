@@ -14,6 +14,7 @@ A symmetric grid (zero_point False) still stores its constant zeros (8 for 4 bit
 
 from __future__ import annotations
 
+import sys
 from typing import Any, ClassVar
 
 import torch
@@ -26,33 +27,37 @@ from quantkit.scheme import QuantScheme
 AWQ_BITS = 4
 AWQ_ORDER: tuple[int, ...] = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds output AWQ_ORDER[i] of its 8
 _PACK = 32 // AWQ_BITS
-_MASK32 = 0xFFFFFFFF
 
 
 def pack_awq(values: Tensor) -> Tensor:
-    """(R, N) integers in [0, 16) -> (R, N/8) int32 words in AutoAWQ's interleaved nibble order."""
+    """(R, N) integers in [0, 16) -> (R, N/8) int32 words in AutoAWQ's interleaved nibble order.
+
+    The 8 values of a word are read as the 8 bytes of one int64 (byte p = output p), and nibble i
+    takes byte AWQ_ORDER[i]: 8 shift-and-mask passes on contiguous data, no gather.
+    """
     r, n = values.shape
     if n % _PACK:
         raise ValueError(f"cannot pack {n} columns: need a multiple of {_PACK}")
-    v = values.to(torch.int64)
-    if int(v.min()) < 0 or int(v.max()) >= 1 << AWQ_BITS:
+    if values.numel() and (int(values.min()) < 0 or int(values.max()) >= 1 << AWQ_BITS):
         raise ValueError("values out of range for 4 bits")
-    v = v.reshape(r, n // _PACK, _PACK)[:, :, list(AWQ_ORDER)]  # (R, N/8, 8): nibble order
-    shifts = torch.arange(_PACK, dtype=torch.int64, device=v.device) * AWQ_BITS
-    words = (v << shifts).sum(-1)  # disjoint bit fields: the sum is a bitwise or
+    assert sys.byteorder == "little"
+    v = values.to(torch.uint8).contiguous().reshape(-1).view(torch.int64).reshape(r, n // _PACK)
+    words = torch.zeros_like(v)
+    for i, p in enumerate(AWQ_ORDER):
+        words |= ((v >> (8 * p)) & 0xF) << (AWQ_BITS * i)
     words = torch.where(words >= 1 << 31, words - (1 << 32), words)  # two's complement into int32
     return words.to(torch.int32)
 
 
 def unpack_awq(words: Tensor) -> Tensor:
-    """(R, N/8) int32 -> (R, N) int32 values; inverse of `pack_awq`."""
+    """(R, N/8) int32 -> (R, N) int32 values; inverse of `pack_awq` (nibble i -> byte AWQ_ORDER[i])."""
     r, m = words.shape
-    w = words.to(torch.int64) & _MASK32
-    shifts = torch.arange(_PACK, dtype=torch.int64, device=w.device) * AWQ_BITS
-    nibbles = (w[:, :, None] >> shifts) & ((1 << AWQ_BITS) - 1)  # (R, N/8, 8) in nibble order
-    out = torch.empty_like(nibbles)
-    out[:, :, list(AWQ_ORDER)] = nibbles  # nibble i -> output AWQ_ORDER[i]
-    return out.reshape(r, m * _PACK).to(torch.int32)
+    assert sys.byteorder == "little"
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    out = torch.zeros_like(w)
+    for i, p in enumerate(AWQ_ORDER):
+        out |= ((w >> (AWQ_BITS * i)) & 0xF) << (8 * p)
+    return out.reshape(-1).view(torch.uint8).reshape(r, m * _PACK).to(torch.int32)
 
 
 class AWQLayout:

@@ -9,13 +9,12 @@ AWQ) one broadcast shift does the same work; the result is identical
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import Tensor
 
 from quantkit.formats.awq import AWQ_ORDER, AWQLayout
 from quantkit.formats.layouts import GPTQLayout
+from quantkit.formats.packing import unpack_fields
 from quantkit.formats.qlinear import QuantLinear
 from quantkit.grid import QuantizedWeight, trivial_g_idx
 
@@ -23,20 +22,8 @@ _AWQ_INVERSE = [AWQ_ORDER.index(p) for p in range(len(AWQ_ORDER))]  # output p o
 
 
 def _fields(words: Tensor, bits: int) -> Tensor:
-    """(..., W) int32 words -> (..., W * 32/bits) uint8 fields, lowest bits first (bits in 2, 4, 8).
-
-    Works on the words' bytes: on a little-endian machine byte b of a word holds its bits
-    8b..8b+7, so field i is byte i*bits//8 shifted by (i*bits) % 8. A quarter of the memory
-    traffic of shifting int32 words, and 8-bit fields need no arithmetic at all.
-    """
-    assert sys.byteorder == "little" and bits in (2, 4, 8), bits
-    b = words.contiguous().view(torch.uint8)                      # (..., W*4)
-    if bits == 8:
-        return b
-    per = 8 // bits
-    mask = (1 << bits) - 1
-    f = torch.stack([(b >> s) & mask for s in range(0, 8, bits)], dim=-1)  # (..., W*4, per)
-    return f.reshape(*b.shape[:-1], b.shape[-1] * per)
+    """(..., W) int32 words -> (..., W * 32/bits) uint8 fields, lowest bits first (bits in 2, 4, 8)."""
+    return unpack_fields(words, bits).reshape(*words.shape[:-1], -1)
 
 
 def unpack_gptq_rows_t(qweight: Tensor, bits: int) -> Tensor:

@@ -19,14 +19,14 @@ rank-1 `addr_` on the block only; the rest of W gets one `addmm_` per block
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from quantkit.grid import QuantizedWeight, fit_grid, rtn_quantize
+from quantkit.threads import one_cpu_thread
 
 log = logging.getLogger(__name__)
 
@@ -133,28 +133,9 @@ def _group_params(w: Tensor, p: GPTQParams, gs: int) -> tuple[Tensor, Tensor]:
     return scale.squeeze(-1), zero.squeeze(-1)
 
 
-@contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Run the column loop on one intra-op thread.
-
-    The loop is thousands of tiny ops (vectors of `out` floats): a second OpenMP thread
-    brings nothing, and on a busy CPU every parallel region waits for a descheduled
-    thread (measured: 30x slower with 2 threads under load). The setting is restored.
-    """
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def gptq_quantize(weight: Tensor, h: Tensor, p: GPTQParams, bias: Tensor | None = None) -> GPTQResult:
     """Quantize `weight` (out, in) against Hessian `h` (in, in). Neither input is modified."""
-    with _one_cpu_thread(weight.device):
+    with one_cpu_thread(weight.device):
         return _gptq_quantize(weight, h, p, bias)
 
 

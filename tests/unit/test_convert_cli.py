@@ -113,3 +113,22 @@ def test_existing_output_needs_force(ckpts, tmp_path):
     r = run("convert", ckpts["w4"], out, "--to", "gptq-v2")
     assert r.exit_code == 2 and "--force" in r.stderr
     assert run("convert", ckpts["w4"], out, "--to", "gptq-v2", "--force").exit_code == 0
+
+
+def test_quiet_prints_nothing(ckpts, tmp_path):
+    r = run("convert", ckpts["w4"], tmp_path / "o", "--to", "awq", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert r.stdout == "" and r.stderr.strip() == ""
+
+
+@pytest.mark.parametrize("to,name", [("awq", "o"), ("gguf", "o.gguf"), ("hf", "o")])
+def test_progress_counts_every_tensor_written(ckpts, tmp_path, to, name):
+    from quantkit.convert import convert
+
+    calls = []
+    convert(ckpts["w4"], to, tmp_path / name, gguf_type="q4_0" if to == "gguf" else "f16",
+            progress=lambda stage, done, total: calls.append((stage, done, total)))
+    assert calls and all(stage == "tensors" for stage, _, _ in calls)
+    totals = {total for _, _, total in calls}
+    assert len(totals) == 1
+    assert [done for _, done, _ in calls] == list(range(1, totals.pop() + 1))

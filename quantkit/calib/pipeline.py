@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -90,15 +91,16 @@ class InMemoryBlocks:
         block.to(self.home)
 
 
-def _to(obj: Any, device: torch.device | str) -> Any:
+def _to(obj: Any, device: torch.device | str, dtype: torch.dtype | None = None) -> Any:
+    """`obj` (tensors, possibly nested in tuples, lists, dicts) on `device`; floating tensors cast to `dtype`."""
     if isinstance(obj, Tensor):
-        return obj.to(device)
+        return obj.to(device, dtype) if dtype is not None and obj.is_floating_point() else obj.to(device)
     if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
+        return tuple(_to(o, device, dtype) for o in obj)
     if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
+        return [_to(o, device, dtype) for o in obj]
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, dtype) for k, v in obj.items()}
     return obj
 
 
@@ -168,13 +170,19 @@ def _capture_per_layer_kwargs(model, blocks, batch, device, store_device) -> lis
 
 
 class BlockCalib:
-    """One block and its calibration inputs, for a method to run as often as it needs."""
+    """One block and its calibration inputs, for a method to run as often as it needs.
 
-    def __init__(self, index: int, block: nn.Module, inputs: BlockInputs, device: torch.device):
-        self.index, self.block, self.device = index, block, device
+    With a compute dtype (`run_sequential(compute_dtype=...)`) the block runs in that dtype and
+    `master(linear)` gives the Linear's weight as it was loaded, in float32: what quantization reads.
+    """
+
+    def __init__(self, index: int, block: nn.Module, inputs: BlockInputs, device: torch.device,
+                 dtype: torch.dtype | None = None, masters: dict[nn.Module, Tensor] | None = None):
+        self.index, self.block, self.device, self.dtype = index, block, device, dtype
         self._inputs = inputs
-        self._args = _to(inputs.args, device)
-        self._kwargs = _to(inputs.kwargs_for(index), device)
+        self._masters = masters or {}
+        self._args = _to(inputs.args, device, dtype)
+        self._kwargs = _to(inputs.kwargs_for(index), device, dtype)
         # A method that already ran the block and wants the next block calibrated on those outputs
         # (AWQ: float propagation, as AutoAWQ does) sets this; the pipeline then skips its own pass.
         self.next_inputs: list[Tensor] | None = None
@@ -185,7 +193,11 @@ class BlockCalib:
 
     def batches(self) -> Iterator[Tensor]:
         for h in self._inputs.hidden:
-            yield h.to(self.device)
+            yield h.to(self.device, self.dtype)
+
+    def master(self, linear: nn.Module) -> Tensor:
+        """The (out, in) weight to quantize: the float32 original when the block computes in a lower dtype."""
+        return self._masters.get(linear, linear.weight.detach())
 
     @property
     def block_kwargs(self) -> dict[str, Any]:
@@ -215,6 +227,28 @@ class BlockCalib:
 BlockFn = Callable[[BlockCalib], dict[str, Any]]
 
 
+@contextmanager
+def computing_in(block: nn.Module, dtype: torch.dtype | None) -> Iterator[dict[nn.Module, Tensor]]:
+    """Run `block` in `dtype` for the body, then give it back every parameter and buffer as it was.
+
+    Yields float32 copies of its Linears' weights (the masters quantization reads). Quantized
+    weights written into the block while it computes in `dtype` only calibrate what follows:
+    the method's results hold the codes, so the restore loses nothing.
+    """
+    tensors = {**dict(block.named_parameters()), **dict(block.named_buffers())}
+    if dtype is None or all(not t.is_floating_point() or t.dtype == dtype for t in tensors.values()):
+        yield {}
+        return
+    saved = {k: t.detach().clone() for k, t in tensors.items()}
+    masters = {m: m.weight.detach().float().clone() for m in block.modules() if isinstance(m, nn.Linear)}
+    block.to(dtype)
+    try:
+        yield masters
+    finally:
+        for k, t in {**dict(block.named_parameters()), **dict(block.named_buffers())}.items():
+            t.data = saved[k]
+
+
 def release_heap() -> None:
     """Return freed C-heap pages to the OS (glibc's malloc_trim); a no-op elsewhere.
 
@@ -240,7 +274,7 @@ def _test_hook_kill(i: int) -> None:
 def run_sequential(model: nn.Module, spec: ArchSpec, samples: Tensor, quantize_block: BlockFn, *,
                    device: torch.device, batch_size: int = 8, store_device: torch.device | str = "cpu",
                    blocks: BlockSource | None = None, progress: Progress | None = None,
-                   store: BlockStore | None = None) -> dict[str, Any]:
+                   store: BlockStore | None = None, compute_dtype: torch.dtype | None = None) -> dict[str, Any]:
     """Calibrate and quantize the model block by block. Returns {full module name: method result}.
 
     `quantize_block(calib)` must leave the block computing with its quantized weights
@@ -248,6 +282,8 @@ def run_sequential(model: nn.Module, spec: ArchSpec, samples: Tensor, quantize_b
     keyed by module name relative to the block. With a `store`, the blocks it already holds
     are skipped and each finished block is handed to it: the returned dict then keeps only
     what the store gives back (QuantizedWeight results live on disk).
+    `compute_dtype` (e.g. bfloat16): each block computes in it while calibrated (activations too,
+    passed on in it); quantization reads float32 masters and every block is restored after.
     """
     source = blocks or InMemoryBlocks(get_blocks(model, spec))
     place_outside_blocks(model, spec, device)
@@ -263,14 +299,15 @@ def run_sequential(model: nn.Module, spec: ArchSpec, samples: Tensor, quantize_b
             progress("blocks", start, n)
     for i in range(start, n):
         block = source.load(i, device)
-        calib = BlockCalib(i, block, inputs, device)
-        done = {f"{spec.blocks}.{i}.{name}": res for name, res in quantize_block(calib).items()}
-        _test_hook_kill(i)
         last = i == n - 1
-        if calib.next_inputs is not None:
-            inputs.hidden = calib.next_inputs
-        elif not last:  # nobody reads the last block's outputs
-            inputs.hidden = calib.forward(keep_outputs=True)
+        with computing_in(block, compute_dtype) as masters:
+            calib = BlockCalib(i, block, inputs, device, compute_dtype, masters)
+            done = {f"{spec.blocks}.{i}.{name}": res for name, res in quantize_block(calib).items()}
+            _test_hook_kill(i)
+            if calib.next_inputs is not None:
+                inputs.hidden = calib.next_inputs
+            elif not last:  # nobody reads the last block's outputs
+                inputs.hidden = calib.forward(keep_outputs=True)
         results.update(done if store is None else store.finished(i, block, done, inputs.hidden, last))
         source.release(i, block)
         del block, calib, done

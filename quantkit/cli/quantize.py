@@ -68,6 +68,7 @@ def quantize(
     damp: Annotated[Optional[float], typer.Option("--damp", help="GPTQ dampening, fraction of the mean Hessian diagonal.", rich_help_panel=OPT)] = None,
     true_sequential: Annotated[Optional[bool], typer.Option("--true-sequential/--no-true-sequential", rich_help_panel=OPT)] = None,
     act_group_aware: Annotated[Optional[bool], typer.Option("--act-group-aware/--no-act-group-aware", help="GPTQ group-aware reordering without desc_act (default on; the format is unchanged).", rich_help_panel=OPT)] = None,
+    calib_dtype: Annotated[Optional[str], typer.Option("--calib-dtype", help="GPTQ: dtype blocks compute in while calibrating (float32, bfloat16, float16); Hessians stay float32.", rich_help_panel=OPT)] = None,
     offload: Annotated[Optional[str], typer.Option("--offload", help="none, or disk: load blocks lazily from the shards.", rich_help_panel=OPT)] = None,
     n_grid: Annotated[Optional[int], typer.Option("--n-grid", help="AWQ grid points.", rich_help_panel=OPT)] = None,
     max_shrink: Annotated[Optional[float], typer.Option("--max-shrink", help="AWQ clipping search range.", rich_help_panel=OPT)] = None,
@@ -103,7 +104,7 @@ def quantize(
     given = dict(damp=damp, true_sequential=true_sequential, act_group_aware=act_group_aware, offload=offload, n_grid=n_grid, max_shrink=max_shrink,
                  zero_point=zero_point, dump_awq=dump_awq, load_awq=load_awq, double_quant=double_quant,
                  compute_dtype=compute_dtype, quant_storage=quant_storage, int8_threshold=int8_threshold,
-                 moe_calibration=moe_calibration, moe_min_tokens=moe_min_tokens)
+                 moe_calibration=moe_calibration, moe_min_tokens=moe_min_tokens, calib_dtype=calib_dtype)
     options = _method_options(impl, given, option or [])
     scheme_fields = dict(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, static_groups=static_groups)
     if not getattr(impl, "uses_scheme", True):

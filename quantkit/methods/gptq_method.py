@@ -53,6 +53,8 @@ class GPTQOptions(BaseModel):
     moe_calibration: Literal["routed", "all"] = Field(
         "routed", description="MoE experts: routed = the router's tokens; all = every token (outputs stay routed)")
     moe_min_tokens: int = Field(16, ge=0, description="an expert that saw fewer calibration tokens gets RTN")
+    calib_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype the blocks compute in during calibration (Hessians and GPTQ stay float32)")
 
 
 @dataclass(frozen=True)
@@ -167,19 +169,19 @@ def replay_parent(prev: _Group | list[_Group], nxt: _Group | list[_Group]) -> st
     return ".".join(common) or None
 
 
-def rtn_group(group: _Group, params: GPTQParams) -> dict[str, QuantizedWeight]:
+def rtn_group(calib: BlockCalib, group: _Group, params: GPTQParams) -> dict[str, QuantizedWeight]:
     """Round-to-nearest for a group calibration could not serve (an MoE expert too few tokens reached)."""
     out = {}
     for name, mod in zip(group.names, group.modules, strict=True):
-        qw = rtn_quantize(mod.weight.detach(), params.bits, params.group_size, params.sym, mod.bias)
+        qw = rtn_quantize(calib.master(mod), params.bits, params.group_size, params.sym, mod.bias)
         mod.weight.data.copy_(qw.dequantize(mod.weight.dtype))
         out[name] = _to_cpu(qw)
     return out
 
 
-def quantize_group(group: _Group, h: torch.Tensor, params: GPTQParams) -> dict[str, QuantizedWeight]:
+def quantize_group(calib: BlockCalib, group: _Group, h: torch.Tensor, params: GPTQParams) -> dict[str, QuantizedWeight]:
     """GPTQ on the group's row-stacked weights; writes the dequantized weights back in place."""
-    weights = [m.weight.detach() for m in group.modules]
+    weights = [calib.master(m) for m in group.modules]
     stacked = torch.cat(weights, dim=0) if len(weights) > 1 else weights[0]
     res = gptq_quantize(stacked, h, params)
     parts = split_rows(res.weight, [w.shape[0] for w in weights], [m.bias for m in group.modules])
@@ -216,9 +218,9 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
     def finish(stage: list[_Group], hs: list[torch.Tensor], tokens: list[int]) -> None:
         for g, h, n in zip(stage, hs, tokens, strict=True):
             if g.expert is not None and not coverage.enough(prefix + g.expert, n):
-                results.update(rtn_group(g, params))
+                results.update(rtn_group(calib, g, params))
             else:
-                results.update(quantize_group(g, h, params))
+                results.update(quantize_group(calib, g, h, params))
 
     t0 = time.perf_counter()
     with coverage.statistics(calib.block):
@@ -290,7 +292,8 @@ class GPTQ(WeightOnlyMethod):
             return {**done, **cov.block_results(f"{spec.blocks}.{calib.index}.")}
 
         results = run_sequential(model, spec, samples, block, device=job.device, batch_size=c.batch_size,
-                                 blocks=blocks, progress=job.progress, store=self.block_store(job, spec))
+                                 blocks=blocks, progress=job.progress, store=self.block_store(job, spec),
+                                 compute_dtype=getattr(torch, job.options.calib_dtype))
         return cov.absorb(results)
 
     def calibration(self, tokenizer: Any, job: QuantJob) -> torch.Tensor:

@@ -90,3 +90,43 @@ def test_needs_a_tokenizer(tmp_path, text_file):
         (folder / f).unlink(missing_ok=True)
     with pytest.raises(QuantkitError, match="tokenizer"):
         quantize(folder, "gptq", tmp_path / "q", scheme="w4g64", calib=_calib(text_file), device="cpu")
+
+
+def test_bfloat16_calibration_is_deterministic_and_close_to_float32(tiny, text_file, tmp_path):
+    """--calib-dtype bfloat16: blocks compute in bf16 while calibrating; codes come from float32 masters,
+    the unquantized tensors are the original ones, and the model stays near the float32-calibrated one."""
+    from safetensors.torch import load_file
+
+    scheme = {"bits": 4, "group_size": 32}
+    for name, dt in (("a", "bfloat16"), ("b", "bfloat16"), ("f", "float32")):
+        quantize(tiny, "gptq", tmp_path / name, scheme=scheme, calib=_calib(text_file),
+                 options={"calib_dtype": dt}, device="cpu")
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    a, f = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "f" / "model.safetensors")
+    assert a.keys() == f.keys()
+    for k in a:
+        assert a[k].dtype == f[k].dtype, k
+        if not k.endswith((".qweight", ".qzeros", ".scales")):
+            assert torch.equal(a[k], f[k]), k  # norms, embeddings, g_idx: untouched by the bf16 pass
+    assert json.loads((tmp_path / "a" / "quantkit.json").read_text())["options"]["calib_dtype"] == "bfloat16"
+    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        la, lf = (quantkit.load(tmp_path / n)(ids).logits for n in ("a", "f"))
+        base = quantkit.load(tiny)(ids).logits
+    # the bf16-calibrated model is about as far from the base as the float32-calibrated one
+    assert (la - base).norm() < 1.5 * (lf - base).norm()
+
+
+def test_computing_in_restores_every_tensor():
+    from quantkit.calib.pipeline import computing_in
+
+    block = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    block.register_buffer("table", torch.randn(4), persistent=False)
+    before = {k: t.clone() for k, t in [*block.named_parameters(), *block.named_buffers()]}
+    with computing_in(block, torch.bfloat16) as masters:
+        assert block[0].weight.dtype == torch.bfloat16 and block.table.dtype == torch.bfloat16
+        assert torch.equal(masters[block[0]], before["0.weight"])
+        block[0].weight.data.zero_()
+    for k, t in [*block.named_parameters(), *block.named_buffers()]:
+        assert t.dtype == before[k].dtype and torch.equal(t, before[k]), k
+    assert isinstance(block[0].weight, torch.nn.Parameter)

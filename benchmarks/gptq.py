@@ -59,8 +59,9 @@ def child_quantkit(a: argparse.Namespace) -> dict:
     from quantkit.scheme import PRESETS
 
     t0 = time.perf_counter()
+    options = {"calib_dtype": a.calib_dtype} if a.method == "gptq" and a.calib_dtype else None
     s = quantize(MODEL, a.method, a.out, scheme=dict(PRESETS[a.preset]), device="cpu", force=True,
-                 calib={"nsamples": a.nsamples, "seqlen": a.seqlen, "batch_size": 8})
+                 calib={"nsamples": a.nsamples, "seqlen": a.seqlen, "batch_size": 8}, options=options)
     return {"quant_s": s["quantize_seconds"], "process_s": time.perf_counter() - t0, "peak_mib": _peak_mib(),
             "cpu_s": _cpu_s()}
 
@@ -155,13 +156,16 @@ def quality_runs(a: argparse.Namespace, tmp: Path) -> list[dict]:
     common = ["--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--threads", str(a.threads)]
     rows: list[dict] = []
     for preset in a.settings:
-        runs = [("rtn", sys.executable, "quantkit"), ("gptq", sys.executable, "quantkit")]
-        if peer_py:
-            runs.append(("gptqmodel", peer_py, "gptqmodel"))
-        for label, py, kind in runs:
+        # (label, python, child kind, method, extra child args)
+        runs = [(lib, sys.executable, "quantkit", "rtn" if lib == "rtn" else "gptq",
+                 ["--calib-dtype", "bfloat16"] if lib == "gptq-bf16" else [])
+                for lib in a.libraries if lib != "gptqmodel"]
+        if peer_py and "gptqmodel" in a.libraries:
+            runs.append(("gptqmodel", peer_py, "gptqmodel", "gptq", []))
+        for label, py, kind, method, extra in runs:
             out = tmp / f"{label}-{preset}"
-            args = ["--child", kind, "--method", label, "--preset", preset, "--out", str(out),
-                    "--samples", str(tmp / "samples.pt"), *common]
+            args = ["--child", kind, "--method", method, "--preset", preset, "--out", str(out),
+                    "--samples", str(tmp / "samples.pt"), *common, *extra]
             res = _spawn(py, args, tmp, f"{label}-{preset}")
             rows.append({"setting": preset, "library": label, "out": out, **(res or {"failed": True})})
     windows = test_windows(tok, seqlen=512, max_windows=a.windows)
@@ -174,7 +178,7 @@ def quality_runs(a: argparse.Namespace, tmp: Path) -> list[dict]:
         import shutil
 
         for r in ok:
-            if r["library"] in ("rtn", "gptq"):
+            if r["library"] in ("rtn", "gptq", "gptq-bf16"):
                 shutil.copytree(r["out"], a.keep / f"{r['library']}-{r['setting']}", dirs_exist_ok=True)
     return rows
 
@@ -216,12 +220,15 @@ def markdown(a: argparse.Namespace, rows: list[dict], off: list[dict]) -> str:
     by = {(r["setting"], r["library"]): r for r in rows if not r.get("failed")}
     notes = []
     for preset in a.settings:
-        g, rt, pm = by.get((preset, "gptq")), by.get((preset, "rtn")), by.get((preset, "gptqmodel"))
-        if g and rt and "kl" in g:
-            notes.append(f"- {preset}: GPTQ/RTN KL {g['kl'] / rt['kl']:.3f}, ppl {g['ppl'] / rt['ppl']:.3f}")
-        if g and pm and "ppl" in pm:
-            notes.append(f"- {preset}: quantkit/GPTQModel time {g['quant_s'] / pm['quant_s']:.3f}, "
-                         f"ppl {g['ppl'] / pm['ppl']:.3f}, peak RSS {g['peak_mib'] / pm['peak_mib']:.3f}")
+        rt, pm = by.get((preset, "rtn")), by.get((preset, "gptqmodel"))
+        for lib in ("gptq", "gptq-bf16"):
+            g = by.get((preset, lib))
+            if g and rt and "kl" in g:
+                notes.append(f"- {preset} {lib}: GPTQ/RTN KL {g['kl'] / rt['kl']:.3f}, ppl {g['ppl'] / rt['ppl']:.3f}")
+            if g and pm and "ppl" in pm:
+                notes.append(f"- {preset} {lib}: quantkit/GPTQModel time {g['quant_s'] / pm['quant_s']:.3f}, "
+                             f"CPU s {g['cpu_s'] / pm['cpu_s']:.3f}, ppl {g['ppl'] / pm['ppl']:.3f}, "
+                             f"peak RSS {g['peak_mib'] / pm['peak_mib']:.3f}")
     if notes:
         lines += ["", "Ratios:", *notes]
     if off:
@@ -242,6 +249,9 @@ def markdown(a: argparse.Namespace, rows: list[dict], off: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--settings", type=lambda s: s.split(","), default=["w4g64", "w3g64"])
+    ap.add_argument("--libraries", type=lambda s: s.split(","), default=["rtn", "gptq", "gptq-bf16", "gptqmodel"],
+                    help="rows: rtn, gptq (float32 calibration), gptq-bf16 (--calib-dtype bfloat16), gptqmodel")
+    ap.add_argument("--calib-dtype", help=argparse.SUPPRESS)
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=40)

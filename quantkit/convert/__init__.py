@@ -23,7 +23,7 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.checkpoint import write_json
 from quantkit.models.sources import read_config, resolve
 from quantkit.paths import atomic_dir, check_output
-from quantkit.threads import one_cpu_thread
+from quantkit.compute import one_cpu_thread
 from quantkit.version import __version__
 
 if TYPE_CHECKING:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from quantkit.grid import QuantizedWeight, fit_grid, rtn_quantize
-from quantkit.threads import one_cpu_thread
+from quantkit.compute import one_cpu_thread
 
 log = logging.getLogger(__name__)
 

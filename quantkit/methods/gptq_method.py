@@ -53,8 +53,9 @@ class GPTQOptions(BaseModel):
     moe_calibration: Literal["routed", "all"] = Field(
         "routed", description="MoE experts: routed = the router's tokens; all = every token (outputs stay routed)")
     moe_min_tokens: int = Field(16, ge=0, description="an expert that saw fewer calibration tokens gets RTN")
-    calib_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="dtype the blocks compute in during calibration (Hessians and GPTQ stay float32)")
+    calib_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype the blocks compute in during calibration (Hessians and GPTQ stay float32); "
+                               "auto: bfloat16 where the device computes it fast (CUDA, AVX512-BF16/AMX CPUs)")
 
 
 @dataclass(frozen=True)
@@ -241,6 +242,16 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
     return results
 
 
+def calib_dtype(job: QuantJob) -> str:
+    """The dtype blocks compute in while calibrating: the option, with auto resolved for the job's device."""
+    from quantkit.compute import fast_bfloat16
+
+    dt = job.options.calib_dtype
+    if dt == "auto":
+        dt = "bfloat16" if fast_bfloat16(job.device) else "float32"
+    return dt
+
+
 class GPTQ(WeightOnlyMethod):
     name = "gptq"
     description = "GPTQ: second-order error compensation with calibration data (Frantar et al. 2022)"
@@ -293,7 +304,7 @@ class GPTQ(WeightOnlyMethod):
 
         results = run_sequential(model, spec, samples, block, device=job.device, batch_size=c.batch_size,
                                  blocks=blocks, progress=job.progress, store=self.block_store(job, spec),
-                                 compute_dtype=getattr(torch, job.options.calib_dtype))
+                                 compute_dtype=getattr(torch, calib_dtype(job)))
         return cov.absorb(results)
 
     def calibration(self, tokenizer: Any, job: QuantJob) -> torch.Tensor:
@@ -306,6 +317,7 @@ class GPTQ(WeightOnlyMethod):
     def describe(self, job: QuantJob) -> dict[str, Any]:
         opts = job.options.model_dump(mode="json")
         opts["damp_percent"] = job.options.damp
+        opts["calib_dtype_used"] = calib_dtype(job)
         out: dict[str, Any] = {"options": opts, "calibration": job.calib.model_dump(mode="json")}
         if getattr(self, "_fingerprint", None):
             out["calibration"]["sha256"] = self._fingerprint

@@ -130,3 +130,13 @@ def test_computing_in_restores_every_tensor():
     for k, t in [*block.named_parameters(), *block.named_buffers()]:
         assert t.dtype == before[k].dtype and torch.equal(t, before[k]), k
     assert isinstance(block[0].weight, torch.nn.Parameter)
+
+
+@pytest.mark.parametrize("fast,want", [(True, "bfloat16"), (False, "float32")])
+def test_auto_calib_dtype_follows_the_device(monkeypatch, fast, want):
+    import quantkit.compute
+    from quantkit.methods.gptq_method import GPTQOptions, calib_dtype
+
+    monkeypatch.setattr(quantkit.compute, "fast_bfloat16", lambda device: fast)
+    assert calib_dtype(_job(GPTQOptions(calib_dtype="auto"))) == want
+    assert calib_dtype(_job(GPTQOptions(calib_dtype="float16"))) == "float16"

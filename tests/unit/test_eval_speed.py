@@ -105,3 +105,33 @@ def test_model_bytes_counts_tied_weights_once(tiny_llama):
     model, _ = load_model(resolve(str(tiny_llama)))
     n = sum(p.numel() * p.element_size() for p in model.parameters())  # parameters() dedups tied ones
     assert model_bytes(model) >= n and model_bytes(model) < n + sum(b.nbytes for b in model.buffers()) + 1
+
+
+def test_peak_rss_without_the_kernel_counter_falls_back_to_sampling(monkeypatch):
+    import quantkit.eval.memory as memory
+
+    monkeypatch.setattr(memory, "reset_peak_rss", lambda: False)
+    with PeakMemory(torch.device("cpu"), interval=0.002) as pm:
+        assert pm._thread is not None
+        block = torch.ones(64 << 20, dtype=torch.uint8)
+        block.add_(1)
+        import time
+
+        time.sleep(0.05)  # the sampler must see it
+        del block
+    assert pm.peak_bytes > 40 << 20
+
+
+def test_peak_rss_uses_the_kernel_counter_on_linux():
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("VmHWM is Linux's")
+    with PeakMemory(torch.device("cpu")) as pm:
+        if not pm._kernel_peak:
+            pytest.skip("this kernel does not let the process reset VmHWM")
+        assert pm._thread is None  # no sampler runs beside the measured work
+        block = torch.ones(64 << 20, dtype=torch.uint8)
+        block.add_(1)
+        del block
+    assert pm.peak_bytes > 60 << 20  # exact: the whole allocation, however short

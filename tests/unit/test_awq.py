@@ -93,6 +93,9 @@ def test_candidate_scales_are_normalised_powers():
 def test_linear_evaluator_matches_running_the_linear(screen):
     g = torch.Generator().manual_seed(0)
     lin = torch.nn.Linear(64, 32, bias=True)
+    with torch.no_grad():  # seeded: the default init draws from the global generator (a flaky test before)
+        lin.weight.copy_(torch.randn(32, 64, generator=g) / 8)
+        lin.bias.copy_(torch.randn(32, generator=g) / 8)
     x = torch.randn(100, 64, generator=g) * torch.linspace(0.1, 5, 64)
     w = lin.weight.data.clone()
     cfg = AWQConfig(bits=4, group_size=32, sym=False, screen=screen)

@@ -186,6 +186,12 @@ class BlockCalib:
         # A method that already ran the block and wants the next block calibrated on those outputs
         # (AWQ: float propagation, as AutoAWQ does) sets this; the pipeline then skips its own pass.
         self.next_inputs: list[Tensor] | None = None
+        self.batch = 0  # index of the batch a pass is running (set by `forward` and by replays)
+
+    @property
+    def store_device(self) -> torch.device:
+        """Where this run keeps activations between passes (the hidden states' device)."""
+        return self._inputs.hidden[0].device
 
     @property
     def n_batches(self) -> int:
@@ -214,7 +220,8 @@ class BlockCalib:
         with HookSet() as hs:
             if hooks is not None:
                 hooks(hs)
-            for h in self.batches():
+            for i, h in enumerate(self.batches()):
+                self.batch = i
                 try:
                     out = _first(self.block(h, *self._args, **self._kwargs))
                 except StopForward:

@@ -193,6 +193,14 @@ def _block_method_bytes(g: Geometry, s: Settings) -> tuple[int, str]:
     return 0, ""
 
 
+def _recorded_bytes(g: Geometry, s: Settings) -> int:
+    """GPTQ's shortcuts keep the inputs of o_proj (hidden wide) and down_proj (inter wide) for every
+    calibration token on the host, in the calibration dtype (float32 at most)."""
+    if s.method != "gptq":
+        return 0
+    return s.nsamples * s.seqlen * (g.hidden + g.inter) * F32
+
+
 def _forward_bytes(g: Geometry, s: Settings) -> int:
     """Transients of one block forward on one batch: attention scores or MLP intermediates, whichever is
     larger, plus the hidden-sized temporaries (norm, residual, q/k/v), times what the allocator keeps."""
@@ -239,7 +247,7 @@ def estimate(g: Geometry, s: Settings, baseline: int, tokenizer_bytes: int = 0, 
         method, mdesc = _block_method_bytes(g, s)
         # activations stay on the host (store_device); the device holds the block, one batch and the method's work
         on_device = (block if s.offload or not cpu else 0) + _forward_bytes(g, s) + method
-        host = base + model + 2 * acts + (on_device if cpu else block if s.offload else 0)
+        host = base + model + 2 * acts + _recorded_bytes(g, s) + (on_device if cpu else block if s.offload else 0)
         stages.append(stage("block + activations", host,
                             f"1 block + inputs and outputs ({acts / MiB:.0f} MiB each) + {mdesc}",
                             0 if cpu else on_device, work))

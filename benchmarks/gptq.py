@@ -168,12 +168,13 @@ def quality_runs(a: argparse.Namespace, tmp: Path) -> list[dict]:
                     "--samples", str(tmp / "samples.pt"), *common, *extra]
             res = _spawn(py, args, tmp, f"{label}-{preset}")
             rows.append({"setting": preset, "library": label, "out": out, **(res or {"failed": True})})
-    windows = test_windows(tok, seqlen=512, max_windows=a.windows)
     ok = [r for r in rows if not r.get("failed")]
-    models = [quantkit.load(r["out"]) for r in ok]
-    log.info("evaluating %d models on %d windows", len(models), len(windows))
-    for r, q in zip(ok, evaluate(models, windows, base=base)):
-        r.update(ppl=q.ppl, kl=q.kl, top1=q.top1)
+    if a.windows > 0:  # --windows 0: time and memory only
+        windows = test_windows(tok, seqlen=512, max_windows=a.windows)
+        models = [quantkit.load(r["out"]) for r in ok]
+        log.info("evaluating %d models on %d windows", len(models), len(windows))
+        for r, q in zip(ok, evaluate(models, windows, base=base)):
+            r.update(ppl=q.ppl, kl=q.kl, top1=q.top1)
     if a.keep:
         import shutil
 

@@ -194,11 +194,11 @@ def _block_method_bytes(g: Geometry, s: Settings) -> tuple[int, str]:
 
 
 def _recorded_bytes(g: Geometry, s: Settings) -> int:
-    """GPTQ's shortcuts keep the inputs of o_proj (hidden wide) and down_proj (inter wide) for every
-    calibration token on the host, in the calibration dtype (float32 at most)."""
+    """GPTQ's shortcuts keep the inputs of o_proj (hidden wide) for every calibration token on the
+    host, in the calibration dtype (float32 at most)."""
     if s.method != "gptq":
         return 0
-    return s.nsamples * s.seqlen * (g.hidden + g.inter) * F32
+    return s.nsamples * s.seqlen * g.hidden * F32
 
 
 def _forward_bytes(g: Geometry, s: Settings) -> int:

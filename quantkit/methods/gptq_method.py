@@ -56,8 +56,8 @@ class GPTQOptions(BaseModel):
         "routed", description="MoE experts: routed = the router's tokens; all = every token (outputs stay routed)")
     moe_min_tokens: int = Field(16, ge=0, description="an expert that saw fewer calibration tokens gets RTN")
     shortcuts: bool = Field(
-        True, description="later passes replace attention / the MLP by their last (quantized) Linear on its recorded "
-                          "inputs once checked exact (same codes, fewer block forwards, more activation memory)")
+        True, description="later passes replace attention by its last (quantized) Linear on its recorded inputs "
+                          "once checked exact (same codes, attention run once per block, + tokens x hidden memory)")
     calib_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype the blocks compute in during calibration (Hessians and GPTQ stay float32); "
                                "auto: bfloat16 where the device computes it fast (CUDA, AVX512-BF16/AMX CPUs)")
@@ -222,8 +222,8 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
     """Quantize one block's target Linears (`targets`: full names); returns relative name -> weight.
 
     `coverage`: MoE expert policy and record (default: routed, 16 tokens at least).
-    `shortcuts`: once a submodule's last Linear is quantized, later passes replace the submodule by that
-    Linear on its recorded inputs (quantkit.calib.shortcut; checked exact on the first batch) and this
+    `shortcuts`: once a submodule's last Linear is quantized (o_proj), later passes replace the submodule by
+    that Linear on its recorded inputs (quantkit.calib.shortcut; checked exact on the first batch) and this
     function computes the next block's inputs itself. The codes are the same either way.
     """
     prefix = f"{spec.blocks}.{calib.index}."
@@ -261,7 +261,7 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
                 del hs
                 if sc is not None and sc.valid:
                     done.append(sc)
-            if done:  # the next block's inputs, with attention / MLP replaced where their outputs are known
+            if done:  # the next block's inputs, with attention replaced where its outputs are known
                 with ExitStack() as stack:
                     for d in done:
                         stack.enter_context(d.standing_in())

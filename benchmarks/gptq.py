@@ -171,7 +171,7 @@ def quality_runs(a: argparse.Namespace, tmp: Path) -> list[dict]:
     ok = [r for r in rows if not r.get("failed")]
     if a.windows > 0:  # --windows 0: time and memory only
         windows = test_windows(tok, seqlen=512, max_windows=a.windows)
-        models = [quantkit.load(r["out"]) for r in ok]
+        models = [quantkit.load(r["out"], kernel="dense") for r in ok]  # exact, dequantized once
         log.info("evaluating %d models on %d windows", len(models), len(windows))
         for r, q in zip(ok, evaluate(models, windows, base=base)):
             r.update(ppl=q.ppl, kl=q.kl, top1=q.top1)

@@ -257,3 +257,30 @@ class CpuInt8Grouped(_CpuInt8Base):
             xsum = xb.float().reshape(m, -1, self.gs).sum(-1)                       # (M, G)
             y -= xsum @ self.zero_term
         return y.to(x.dtype)
+
+
+class Dense(KernelLinear):
+    """The weight dequantized once, at load, into a float matrix: `F.linear` per call.
+
+    Bit-identical to the reference QuantLinear (which dequantizes the same way on every call) at the
+    memory of the float model: what quality evaluation uses. Never chosen by kernel="auto".
+    """
+
+    kernel_name: ClassVar[str] = "dense"
+    priority: ClassVar[int] = 0
+    devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
+
+    @classmethod
+    def refusal(cls, spec: LayerSpec) -> str | None:
+        return None
+
+    def pack(self, qw: QuantizedWeight, device: torch.device) -> None:
+        self.register_buffer("weight", qw.dequantize(self.dtype).to(device))  # (out, in), as the reference computes it
+
+    def matmul(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # exactly the reference's call (one F.linear with the bias), so the result is bit-identical
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype), b)

@@ -17,7 +17,7 @@ from torch import nn
 from quantkit.errors import UnknownNameError
 from quantkit.formats.qlinear import QuantLinear
 from quantkit.kernels.base import KernelError, KernelLinear, LayerSpec, spec_of
-from quantkit.kernels.cpu import CpuDynQuant4, CpuInt4, CpuInt8, CpuInt8Grouped
+from quantkit.kernels.cpu import CpuDynQuant4, CpuInt4, CpuInt8, CpuInt8Grouped, Dense
 from quantkit.kernels.cuda import CudaTinygemm, GPTQModelExllamaV2, GPTQModelMarlin, GPTQModelTorch
 from quantkit.kernels.unpack import fast_quantized
 
@@ -27,7 +27,8 @@ REFERENCE = "reference"
 AUTO = "auto"
 
 KERNELS: dict[str, type[KernelLinear]] = {k.kernel_name: k for k in (
-    CpuInt4, CpuInt8, CpuInt8Grouped, CpuDynQuant4, CudaTinygemm, GPTQModelMarlin, GPTQModelExllamaV2, GPTQModelTorch)}
+    CpuInt4, CpuInt8, CpuInt8Grouped, CpuDynQuant4, CudaTinygemm, GPTQModelMarlin, GPTQModelExllamaV2, GPTQModelTorch,
+    Dense)}
 
 
 def kernel_names() -> list[str]:

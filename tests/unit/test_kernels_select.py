@@ -266,3 +266,17 @@ def test_cpu_int4_direct_from_gptq_words_equals_packing_the_codes(n, k, group, a
         assert (a[key] is None) == (b[key] is None) and (a[key] is None or torch.equal(a[key], b[key])), key
     x = torch.randn(3, k, generator=g)
     assert torch.equal(direct(x), full(x))
+
+
+def test_dense_kernel_is_bit_identical_to_the_reference(tiny_llama, text_file, tmp_path):
+    """kernel="dense" dequantizes once at load; its logits equal the reference module's bit for bit."""
+    for name, scheme in (("g32", {"bits": 4, "group_size": 32}), ("act", {"bits": 3, "group_size": 32, "desc_act": True})):
+        out = tmp_path / name
+        quantize(tiny_llama, "gptq" if name == "act" else "rtn", out, scheme=scheme, device="cpu",
+                 calib={"dataset": str(text_file), "nsamples": 2, "seqlen": 32} if name == "act" else None)
+        ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+        ref, dense = quantkit.load(out), quantkit.load(out, kernel="dense")
+        assert set(kernels_used(dense)) == {"dense"}
+        with torch.no_grad():
+            assert torch.equal(ref(ids).logits, dense(ids).logits)
+    assert select_kernel(spec(), "auto") is not KERNELS["dense"]  # never chosen automatically

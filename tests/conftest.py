@@ -28,3 +28,13 @@ def _seeded_torch():
     import torch
 
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _quantkit_log_level():
+    """A CLI call with --quiet sets the quantkit logger to ERROR for its process; a test process runs many."""
+    import logging
+
+    level = logging.getLogger("quantkit").level
+    yield
+    logging.getLogger("quantkit").setLevel(level)

@@ -247,7 +247,9 @@ def computing_in(block: nn.Module, dtype: torch.dtype | None) -> Iterator[dict[n
         yield {}
         return
     saved = {k: t.detach().clone() for k, t in tensors.items()}
-    masters = {m: m.weight.detach().float().clone() for m in block.modules() if isinstance(m, nn.Linear)}
+    # float32 masters: the saved copies themselves when they already are float32 (.float() is then a no-op)
+    masters = {m: saved[f"{name}.weight" if name else "weight"].float()
+               for name, m in block.named_modules() if isinstance(m, nn.Linear)}
     block.to(dtype)
     try:
         yield masters

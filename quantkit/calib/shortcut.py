@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn, no_grad
 
 from quantkit.calib.hooks import HookSet
-from quantkit.calib.pipeline import BlockCalib
+from quantkit.calib.pipeline import BlockCalib, StopForward
 
 
 class Shortcut:
@@ -31,7 +31,6 @@ class Shortcut:
 
     def __init__(self, parent: nn.Module, linear: nn.Linear, calib: BlockCalib):
         self.parent, self.linear, self.calib = parent, linear, calib
-        self.store = calib.store_device
         self.inputs: list[Tensor] = []     # per batch: the Linear's input, on the store device
         self.rest: tuple | None = None     # the parent's output after its first element (None: a bare tensor)
         self.valid = False
@@ -53,9 +52,9 @@ class Shortcut:
     # ---- while the Linear's group is calibrated --------------------------------------
     def record(self, x: Tensor) -> None:
         """The Linear's input for the next batch (called from the group's pre-hook)."""
-        self.inputs.append(x.detach().to(self.store))
+        self.inputs.append(x.detach().to(self.calib.store_device))
 
-    def install_check(self, hs: HookSet, stop: type[Exception]) -> None:
+    def install_check(self, hs: HookSet) -> None:
         """On the first batch, compare the parent's output with the Linear on the recorded input
         (weights not quantized yet, so both are the same computation), then stop that batch."""
         def after(_mod: nn.Module, _args: Any, out: Any) -> None:
@@ -67,7 +66,7 @@ class Shortcut:
                 if isinstance(out, (tuple, list)):
                     self.rest = tuple(out[1:])
                     self.valid = self.valid and all(not isinstance(r, Tensor) for r in self.rest)
-            raise stop
+            raise StopForward
         hs.forward(self.parent, after)
 
     def _apply(self, x: Tensor) -> Tensor:

@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from quantkit.compute import one_cpu_thread
 from quantkit.convert.source import FORMAT_NAMES, float_dtype, format_of, open_checkpoint, read_json
 from quantkit.convert.table import TABLE, TARGETS, Conversion, lookup, rows
 from quantkit.errors import QuantkitError
 from quantkit.formats.checkpoint import write_json
 from quantkit.models.sources import read_config, resolve
 from quantkit.paths import atomic_dir, check_output
-from quantkit.compute import one_cpu_thread
 from quantkit.version import __version__
 
 if TYPE_CHECKING:

@@ -8,8 +8,8 @@ mapping of the file stays resident). `StreamingWriter` writes the header from a 
 from __future__ import annotations
 
 import json
-import sys
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -56,9 +56,9 @@ def scan(files: list[Path]) -> dict[str, TensorInfo]:
                 (n,) = struct.unpack("<Q", fh.read(8))
                 header = json.loads(fh.read(n))
             end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-            start = 8 + n
-            if 8 + n + end > size:
-                raise CheckpointError(f"{f} is truncated ({size} bytes, its header needs {8 + n + end}); re-download it")
+            start = 8 + n  # the data follows the 8-byte length and the header
+            if start + end > size:
+                raise CheckpointError(f"{f} is truncated ({size} bytes, its header needs {start + end}); re-download it")
             for k, v in header.items():
                 if k == "__metadata__":
                     continue

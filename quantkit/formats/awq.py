@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from quantkit.errors import CheckpointError
+from quantkit.formats.packing import check_range
 from quantkit.grid import QuantizedWeight, trivial_g_idx
 from quantkit.scheme import QuantScheme
 
@@ -38,8 +39,7 @@ def pack_awq(values: Tensor) -> Tensor:
     r, n = values.shape
     if n % _PACK:
         raise ValueError(f"cannot pack {n} columns: need a multiple of {_PACK}")
-    if values.numel() and (int(values.min()) < 0 or int(values.max()) >= 1 << AWQ_BITS):
-        raise ValueError("values out of range for 4 bits")
+    check_range(values, AWQ_BITS)
     assert sys.byteorder == "little"
     v = values.to(torch.uint8).contiguous().reshape(-1).view(torch.int64).reshape(r, n // _PACK)
     words = torch.zeros_like(v)

@@ -17,7 +17,7 @@ _MASK32 = 0xFFFFFFFF
 _BYTEWISE = (2, 4, 8)  # widths whose codes never straddle a byte: packed and unpacked byte by byte
 
 
-def _check_range(codes: Tensor, bits: int) -> None:
+def check_range(codes: Tensor, bits: int) -> None:
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= (1 << bits)):
         raise ValueError(f"codes out of range for {bits} bits")
 
@@ -79,7 +79,7 @@ def pack_rows(codes: Tensor, bits: int) -> Tensor:
     n, m = codes.shape
     if n % 32:
         raise ValueError(f"cannot pack {n} rows: need a multiple of 32")
-    _check_range(codes, bits)
+    check_range(codes, bits)
     if bits in _BYTEWISE:
         per_word = 32 // bits
         v = codes.reshape(n // per_word, per_word, m).transpose(1, 2)   # (words, M, codes of a word)

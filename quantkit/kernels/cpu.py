@@ -19,8 +19,7 @@ from quantkit.formats.layouts import GPTQLayout
 from quantkit.formats.qlinear import QuantLinear
 from quantkit.grid import QuantizedWeight
 from quantkit.kernels.base import KernelLinear, LayerSpec, act_order_perm, g_idx_kind, missing_ops
-from quantkit.kernels.int4 import cpu_int4pack, int4pack_block_rows, int4_parts, int4_refusal
-from quantkit.kernels.unpack import gptq4_int4pack
+from quantkit.kernels.int4 import cpu_int4pack, gptq4_int4pack, int4_parts, int4_refusal, int4pack_block_rows
 
 _aten = torch.ops.aten
 

@@ -56,24 +56,6 @@ def fast_codes(mod: QuantLinear) -> Tensor:
     return mod.quantized().codes
 
 
-def gptq4_int4pack(qweight: Tensor, rows: int) -> Tensor:
-    """GPTQ 4-bit words (K/8, N) int32 -> the CPU int4pack block layout (N, K/2) uint8, in one pass.
-
-    Byte t of word (r, n) holds code[n, 8r+2t] in its low nibble and code[n, 8r+2t+1] in its high one;
-    the op's byte (block b, k, j) holds code[bR+j, k] low and code[bR+j+R/2, k] high (R = `rows`).
-    So each output byte takes one nibble from the same-position byte of two rows R/2 apart:
-    no codes tensor is built (a tenth of the memory traffic of unpacking, then packing).
-    """
-    r8, n = qweight.shape
-    h = rows // 2
-    q = qweight.contiguous().view(torch.uint8).reshape(r8, n // rows, 2, h, 4)  # (K/8, blocks, half, R/2, 4)
-    lo, hi = q[:, :, 0], q[:, :, 1]                                             # rows j and j + R/2
-    even = (lo & 0x0F) | (hi << 4)            # k = 8r + 2t: low nibbles (uint8 << 4 drops the high one)
-    odd = (lo >> 4) | (hi & 0xF0)             # k = 8r + 2t + 1: high nibbles
-    out = torch.stack([even, odd], dim=-1)    # (K/8, blocks, R/2, 4, 2)
-    return out.permute(1, 0, 3, 4, 2).reshape(n, r8 * 4).contiguous()  # (blocks, K/8, 4, 2, R/2) = (blocks, K, R/2)
-
-
 def fast_quantized(mod: QuantLinear, codes: bool = True) -> QuantizedWeight:
     """Same result as `mod.quantized()`, without the general unpacker where a layout allows.
 

@@ -147,7 +147,7 @@ def collect_hessians(calib: BlockCalib, groups: list[_Group], stop_after_last: b
         for k, g in enumerate(groups):
             hs.pre(g.modules[0], hook_for(k))
         if shortcut is not None:
-            shortcut.install_check(hs, StopForward)
+            shortcut.install_check(hs)
 
     if replay is None:
         calib.forward(hooks=install)

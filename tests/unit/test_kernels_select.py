@@ -245,8 +245,8 @@ def test_cpu_int4_direct_from_gptq_words_equals_packing_the_codes(n, k, group, a
     from quantkit.formats.layouts import GPTQLayout
     from quantkit.grid import rtn_quantize
     from quantkit.kernels.cpu import CpuInt4
-    from quantkit.kernels.int4 import cpu_int4pack, int4pack_block_rows
-    from quantkit.kernels.unpack import fast_quantized, gptq4_int4pack
+    from quantkit.kernels.int4 import cpu_int4pack, gptq4_int4pack, int4pack_block_rows
+    from quantkit.kernels.unpack import fast_quantized
 
     if CpuInt4.unavailable():
         pytest.skip(CpuInt4.unavailable())

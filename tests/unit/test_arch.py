@@ -135,3 +135,28 @@ def test_gptq_shortcuts_change_nothing(arch, tmp_path, text, monkeypatch):
     assert (tmp_path / "on" / "model.safetensors").read_bytes() == (tmp_path / "off" / "model.safetensors").read_bytes()
     if arch in ("LlamaForCausalLM", "Qwen2ForCausalLM", "OPTForCausalLM"):  # sdpa attention returns no weights
         assert used, f"{arch}: no submodule was stood in for"
+
+
+def test_down_proj_shortcut_only_where_its_inputs_are_affordable():
+    from quantkit.calib.shortcut import Shortcut
+
+    down = torch.nn.Linear(1536, 576, device="meta")  # smollm2's down_proj
+    assert not Shortcut.affordable(down, torch.float32)  # 1536 x 4 B > 2 x 576 x 4 B per token
+    assert Shortcut.affordable(down, torch.bfloat16)
+    assert Shortcut.affordable(torch.nn.Linear(576, 576, device="meta"), torch.float32)  # o_proj always
+
+
+def test_gptq_shortcuts_in_bfloat16_stand_in_for_attention_and_mlp(tmp_path, text, monkeypatch):
+    from quantkit.calib.shortcut import Shortcut
+
+    used = []
+    standing_in = Shortcut.standing_in
+    monkeypatch.setattr(Shortcut, "standing_in", lambda self: used.append(self.linear) or standing_in(self))
+    folder = make_model(tmp_path / "m", _config("LlamaForCausalLM"))
+    calib = {"dataset": str(text), "nsamples": 4, "seqlen": 32, "batch_size": 2}
+    for name, on in (("on", True), ("off", False)):
+        quantize(folder, "gptq", tmp_path / name, scheme={"bits": 4, "group_size": 32}, calib=calib,
+                 options={"shortcuts": on, "calib_dtype": "bfloat16"}, device="cpu")
+    assert (tmp_path / "on" / "model.safetensors").read_bytes() == (tmp_path / "off" / "model.safetensors").read_bytes()
+    shapes = {(m.in_features, m.out_features) for m in used}
+    assert shapes == {(64, 64), (128, 64)}  # o_proj and down_proj

@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.quantkit-installed
 
-.PHONY: setup demo test test-fast test-interop clean
+.PHONY: setup demo test test-fast test-interop llamacpp clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,11 @@ test-fast: setup
 test-interop: setup
 	bash scripts/setup-interop.sh
 	GPTQMODEL_CPU_WORKERS=2 .venv-interop/bin/python -m pytest -q tests/interop
+
+# Optional: llama.cpp as a peer for benchmarks/kernels.py and a real client for GGUF output. Compiles
+# llama.cpp from source (about 15 minutes on 2 cores); never a dependency of quantkit itself.
+llamacpp: setup
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install -q -c constraints.txt llama-cpp-python==0.3.36
 
 clean:
 	rm -rf $(VENV) .venv-interop demo-out

@@ -41,6 +41,10 @@ from quantkit.formats.qlinear import QuantLinear
 from quantkit.grid import rtn_quantize
 from quantkit.kernels import KERNELS, kernels_used, spec_of
 
+sys.path.insert(0, str(Path(__file__).parent))
+import llamacpp  # noqa: E402  (beside this file: llama.cpp as a peer, when llama-cpp-python is installed)
+from llamacpp import LlamaCpp  # noqa: E402
+
 log = logging.getLogger("benchmarks.kernels")
 RESULTS = Path(__file__).parent / "results" / "kernels.md"
 
@@ -126,8 +130,10 @@ def bench_layers(budget: float) -> tuple[list[str], list[list[str]]]:
 
 
 # ---- 2. end to end -------------------------------------------------------------------------------
-def decode_step_time(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> float:
+def decode_step_time(model: Any, prompt: torch.Tensor, steps: int) -> float:
     """Seconds per generated token at batch 1 (greedy, KV cache), prefill excluded."""
+    if isinstance(model, LlamaCpp):
+        return model.decode_step_time(prompt, steps)
     with torch.no_grad():
         out = model(prompt, use_cache=True)
         past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
@@ -138,7 +144,9 @@ def decode_step_time(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -
         return (time.perf_counter() - t0) / steps
 
 
-def prefill_time(model: torch.nn.Module, ids: torch.Tensor) -> float:
+def prefill_time(model: Any, ids: torch.Tensor) -> float:
+    if isinstance(model, LlamaCpp):
+        return model.prefill_time(ids)
     with torch.no_grad():
         t0 = time.perf_counter()
         model(ids, use_cache=False, logits_to_keep=1)
@@ -151,10 +159,14 @@ def timed_load(path: str | Path, **kw: Any) -> tuple[torch.nn.Module, float]:
     return model, time.perf_counter() - t0
 
 
+def check_ids(vocab: int, n: int = 64) -> torch.Tensor:
+    """(1, n) the fixed random prompt every variant's logit error is measured on."""
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(1))
+
+
 def logits_of(model: torch.nn.Module, n: int = 64) -> torch.Tensor:
-    """(n, vocab) fp32 logits of a fixed random prompt: what every variant's error is measured on."""
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(1))
+    """(n, vocab) fp32 logits of the fixed random prompt."""
+    ids = check_ids(model.config.vocab_size, n)
     with torch.no_grad():
         return model(ids, use_cache=False).logits[0].float()
 
@@ -177,7 +189,9 @@ def e2e_variants(base: str | Path, w4: Path, w8: Path, reference: bool
     errs["bf16"] = rel_err(models["bf16"], exact)
     for label, path in (("w4g64", w4), ("w8", w8)):
         ref, t_ref = timed_load(path, kernel="reference")
+        t0 = time.perf_counter()
         exact = logits_of(ref)  # the checkpoint's exact maths: the kernels must reproduce it
+        f_ref = time.perf_counter() - t0  # first forward: the lazily mapped weights are read here
         if reference:
             models[f"{label} reference"] = ref
             errs[f"{label} reference"] = 0.0
@@ -190,8 +204,11 @@ def e2e_variants(base: str | Path, w4: Path, w8: Path, reference: bool
             except QuantkitError:
                 continue  # the kernel does not serve this scheme
             models[f"{label} {name}"] = model
+            t0 = time.perf_counter()
             errs[f"{label} {name}"] = rel_err(model, exact)
+            f = time.perf_counter() - t0
             notes[f"{label} {name}"] = f"load {t:.2f} s vs reference {t_ref:.2f} s ({t / t_ref:.2f}x); " + \
+                f"load + first 64-token forward {t + f:.2f} s vs {t_ref + f_ref:.2f} s ({(t + f) / (t_ref + f_ref):.2f}x); " + \
                 ", ".join(f"{k} x{v}" for k, v in kernels_used(model).items())
         model, t = timed_load(path, kernel="auto", dtype=torch.bfloat16)
         models[f"{label} auto, bf16 model"] = model
@@ -203,7 +220,7 @@ def e2e_variants(base: str | Path, w4: Path, w8: Path, reference: bool
     return models, notes, errs
 
 
-def bench_e2e(label: str, models: dict[str, torch.nn.Module], rounds: int, steps: int, prompt_len: int,
+def bench_e2e(label: str, models: dict[str, Any], rounds: int, steps: int, prompt_len: int,
               prefill_len: int, vocab: int, errs: dict[str, float]) -> list[list[str]]:
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (1, prompt_len), generator=g)
@@ -225,6 +242,20 @@ def bench_e2e(label: str, models: dict[str, torch.nn.Module], rounds: int, steps
         rows.append([label, name, f"{1 / d:.2f}", f"{d32 / d:.2f}x", f"{prefill_len / p:.1f}", f"{p32 / p:.2f}x",
                      f"{errs[name]:.1e}"])
     return rows
+
+
+def peer_ratios(rows: list[list[str]]) -> list[str]:
+    """quantkit's fastest w4 (w8) variant against llama.cpp Q4_0 (Q8_0), per model, from the e2e rows."""
+    out = []
+    for model in dict.fromkeys(r[0] for r in rows):
+        dec = {r[1]: float(r[2]) for r in rows if r[0] == model}
+        for ours, peer in (("w4g64", "llama.cpp Q4_0"), ("w8", "llama.cpp Q8_0")):
+            mine = {k: v for k, v in dec.items() if k.startswith(ours + " ")}
+            if peer in dec and mine:
+                best = max(mine, key=mine.get)
+                out.append(f"{model}: {best} {mine[best]:.2f} tok/s vs {peer} {dec[peer]:.2f} tok/s: "
+                           f"{mine[best] / dec[peer]:.2f}x")
+    return out
 
 
 def make_1b(folder: Path) -> Path:
@@ -258,6 +289,7 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=128, help="prefill length in tokens")
     ap.add_argument("--skip-1b", action="store_true")
     ap.add_argument("--skip-layers", action="store_true")
+    ap.add_argument("--no-llamacpp", action="store_true", help="leave out llama.cpp even when llama-cpp-python is installed")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -287,11 +319,19 @@ def main() -> None:
             quantize(src, "rtn", w4, scheme="w4g64", device="cpu")
             quantize(src, "rtn", w8, scheme="w8", device="cpu")
             models, n, errs = e2e_variants(src, w4, w8, reference=vocab != LLAMA_1B["vocab_size"])
+            if llamacpp.available() and not args.no_llamacpp:
+                ids = check_ids(vocab)
+                lm, lerr, ln = llamacpp.variants(resolve(src).path, Path(tmp), args.threads, ids,
+                                                 logits_of(models["fp32"]))
+                models.update(lm)
+                errs.update(lerr)
+                n.update(ln)
             notes.update({f"{label}: {k}": v for k, v in n.items()})
             e2e_rows += bench_e2e(label, models, args.rounds, args.steps, prompt_len=32, prefill_len=args.prefill, vocab=vocab,
                                  errs=errs)
             del models
             gc.collect()
+            ratios = peer_ratios(e2e_rows)
             parts_e2e = (f"## End to end (batch 1)\n\nDecode: tokens/s generating after a 32-token prompt "
                          f"with the KV cache; prefill: one {args.prefill}-token forward. Models loaded in fp32 unless "
                          "the row says bf16; best of round-robin rounds. `logit err`: ||logits - exact|| / ||exact|| on a "
@@ -299,6 +339,8 @@ def main() -> None:
                          "ones (a correct kernel stays near its compute dtype's rounding).\n\n"
                          + table(["model", "variant", "decode tok/s", "vs fp32", "prefill tok/s", "vs fp32",
                                   "logit err"], e2e_rows)
+                         + ("\n\nquantkit against llama.cpp (decode tokens/s ratio, same threads, same run):\n\n"
+                            + "\n".join(f"- {r}" for r in ratios) if ratios else "")
                          + "\n\nKernels and load times:\n\n" + "\n".join(f"- {k}: {v}" for k, v in notes.items()) + "\n")
             args.out.write_text("\n".join(parts + [parts_e2e]))
             shutil.rmtree(w4)

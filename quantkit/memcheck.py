@@ -67,10 +67,17 @@ def model_geometry(folder: Path) -> Geometry:
 def job_settings(job: Any, method: str) -> Settings:
     o, s, c = job.options, job.scheme, job.calib
     bits = {"int8": 8, "nf4": 4, "fp4": 4}.get(method, s.bits)  # bitsandbytes fixes its own grid
+    calib_bytes = 4
+    if method == "gptq":
+        import torch
+
+        from quantkit.methods.gptq_method import calib_dtype
+
+        calib_bytes = getattr(torch, calib_dtype(job)).itemsize
     return Settings(method=method, bits=bits, group_size=s.group_size, nsamples=c.nsamples, seqlen=c.seqlen,
                     batch_size=c.batch_size, offload=getattr(o, "offload", "none") == "disk",
                     device=job.device.type, save_dtype_bytes=job.save_dtype.itemsize,
-                    true_sequential=getattr(o, "true_sequential", True))
+                    true_sequential=getattr(o, "true_sequential", True), calib_dtype_bytes=calib_bytes)
 
 
 class JobPlanner:

@@ -72,6 +72,7 @@ class Settings:
     device: str = "cpu"
     save_dtype_bytes: int = 2
     true_sequential: bool = True
+    calib_dtype_bytes: int = 4      # the dtype blocks compute in while calibrated (GPTQ --calib-dtype)
 
 
 @dataclass(frozen=True)
@@ -194,11 +195,14 @@ def _block_method_bytes(g: Geometry, s: Settings) -> tuple[int, str]:
 
 
 def _recorded_bytes(g: Geometry, s: Settings) -> int:
-    """GPTQ's shortcuts keep the inputs of o_proj (hidden wide) for every calibration token on the
-    host, in the calibration dtype (float32 at most)."""
+    """GPTQ's shortcuts keep, for every calibration token, the inputs of o_proj (hidden wide) and, when
+    they cost no more than two float32 hidden copies, of down_proj (intermediate wide), in the
+    calibration dtype (`quantkit.calib.shortcut.Shortcut.affordable`)."""
     if s.method != "gptq":
         return 0
-    return s.nsamples * s.seqlen * g.hidden * F32
+    cb = s.calib_dtype_bytes
+    width = g.hidden + (g.inter if g.inter * cb <= 2 * g.hidden * F32 else 0)
+    return s.nsamples * s.seqlen * width * cb
 
 
 def _forward_bytes(g: Geometry, s: Settings) -> int:

@@ -25,7 +25,7 @@ def pre_tokenizer_name(pre: dict[str, Any] | None) -> str:
     if not pre:
         return "default"
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's name (llama-vocab.cpp); "gpt2" is refused: unknown pre-tokenizer
     if pre.get("type") == "Sequence":
         parts = pre.get("pretokenizers", [])
         kinds = [p.get("type") for p in parts]

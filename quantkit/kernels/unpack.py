@@ -9,6 +9,8 @@ AWQ) one broadcast shift does the same work; the result is identical
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import Tensor
 
@@ -30,6 +32,10 @@ def unpack_gptq_rows_t(qweight: Tensor, bits: int) -> Tensor:
     """(K*bits/32, N) int32 -> (N, K) uint8 codes (packed along the input dim; returned transposed)."""
     r, n = qweight.shape
     per = 32 // bits
+    if bits == 8 and sys.byteorder == "little":
+        # a word's bytes in memory are its fields, lowest first: the transposed words *are* the codes
+        # (one blocked int32 transpose instead of a byte gather: 1.0 -> 0.2 s on a 1B model's Linears)
+        return qweight.t().contiguous().view(torch.uint8)
     f = _fields(qweight, bits).reshape(r, n, per)                 # word (r, n) holds inputs r*per .. r*per+per-1
     return f.permute(1, 0, 2).reshape(n, r * per)
 

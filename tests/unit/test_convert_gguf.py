@@ -193,3 +193,14 @@ def test_imatrix_is_mean_square_of_inputs(tiny, tmp_path):
     # q, k and v read the same input: their sums of squares agree
     assert np.array_equal(t["blk.0.attn_q.weight.in_sum2"], t["blk.0.attn_k.weight.in_sum2"])
     assert t["blk.1.ffn_down.weight.in_sum2"].size == 128 and (t["blk.1.ffn_down.weight.in_sum2"] > 0).all()
+
+
+def test_pre_tokenizer_names_are_ones_llama_cpp_knows():
+    """llama.cpp refuses a file whose tokenizer.ggml.pre it does not know ("gpt2" is not one: "gpt-2" is)."""
+    from quantkit.convert.gguf_vocab import pre_tokenizer_name
+
+    assert pre_tokenizer_name({"type": "ByteLevel", "use_regex": True}) == "gpt-2"
+    smollm = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                    {"type": "ByteLevel", "use_regex": True}]}
+    assert pre_tokenizer_name(smollm) == "smollm"
+    assert pre_tokenizer_name(None) == "default"

@@ -28,7 +28,7 @@ def eval_cmd(
     batch: Annotated[int, typer.Option("--batch", min=1, help="Batch size of the throughput run.")] = 8,
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed runs after warm-up (the median is quoted).")] = 3,
     device: Device = "auto",
-    kernel: Annotated[str, typer.Option("--kernel", help="Kernel for the speed pass: auto (fastest per layer), reference, or a name from quantkit.kernels (quality always uses the exact reference maths).")] = "auto",
+    kernel: Annotated[str, typer.Option("--kernel", help="Kernel that serves load, memory and speed: auto (fastest per layer), reference, or a name from quantkit.kernels (quality is always scored on the exact maths: the dense kernel, bit-identical to reference).")] = "auto",
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Reuse the base's results cached by content hash.")] = True,
     cache_gb: Annotated[float, typer.Option("--cache-gb", min=0.0, help="Disk budget for the base's log-prob spill and cache; above it the base is recomputed beside each model.")] = 8.0,
     markdown_out: Annotated[Optional[Path], typer.Option("--markdown", help="Also write the table as Markdown.")] = None,

@@ -53,9 +53,9 @@ def caption(result: dict[str, Any]) -> str:
                if p.get("overlapping") else f"{p['windows']} non-overlapping windows of {p['seqlen']} tokens")
     text = (f"{p['dataset']} ({p.get('split_text', p.get('split'))}), {windows}, {p['predicted_tokens']} predicted "
             f"tokens; {p['dtype']} on {p.get('device_name') or p['device']}. ppl = exp(mean NLL); KL(base‖model) "
-            f"over the full vocabulary and top-1 agreement on the same tokens. mem = peak "
-            f"{'CUDA allocation' if str(p['device']).startswith('cuda') else 'RSS'} above the pre-load level over "
-            f"load and {'generation' if p.get('speed') else 'scoring'}.")
+            f"over the full vocabulary and top-1 agreement on the same tokens, scored on the checkpoint's exact "
+            f"maths. mem = peak {'CUDA allocation' if str(p['device']).startswith('cuda') else 'RSS'} above the "
+            f"pre-load level over load and {'generation' if p.get('speed') else 'one window'} on the served kernels.")
     s = p.get("speed")
     if s:
         text += (f" Speed: greedy, KV cache, prompt {s['prompt_len']} tokens, {s['gen_tokens']} new tokens, "

@@ -16,7 +16,7 @@ PINNED_ROW_KEYS = (
     "ppl", "nll", "tokens", "kl", "kl_p99", "top1", "delta_ppl_pct",
     "load_seconds", "load_peak_bytes", "weights_bytes", "eval_seconds", "eval_tokens_per_s", "eval_peak_bytes",
     "ttft_ms", "tps", "throughput_tps", "rel_speed", "gen_peak_bytes", "peak_bytes", "attn_implementation",
-    "kernels",
+    "kernels", "scored_with",
 )
 PINNED_PROTOCOL_KEYS = {
     "dataset", "text_field", "split", "split_text", "seqlen", "stride", "max_windows", "windows", "predicted_tokens",
@@ -40,7 +40,7 @@ def result(tiny_llama, rtn, text_file, tmp_path_factory):
 
 
 def test_json_schema_is_pinned(result):
-    assert SCHEMA_VERSION == 3 and ROW_KEYS == PINNED_ROW_KEYS
+    assert SCHEMA_VERSION == 4 and ROW_KEYS == PINNED_ROW_KEYS
     assert set(result) == {"schema_version", "protocol", "rows"}
     assert set(result["protocol"]) == PINNED_PROTOCOL_KEYS
     assert set(result["protocol"]["speed"]) == {"prompt_len", "gen_tokens", "batch", "repeats", "warmup", "timer",
@@ -62,6 +62,17 @@ def test_rows_base_quantized_and_self(result, tiny_llama):
     assert result["protocol"]["base_logprobs"] == "disk-fp16"
 
 
+def test_quality_is_scored_on_the_exact_maths_whatever_kernel_serves(tiny_llama, rtn, text_file, tmp_path):
+    kw = dict(base=str(tiny_llama), dataset=str(text_file), seqlen=64, max_windows=2, cache_root=tmp_path)
+    fast = evaluate_paths([str(rtn)], kernel="auto", **kw)["rows"][1]
+    exact = evaluate_paths([str(rtn)], kernel="reference", **kw)["rows"][1]
+    assert set(fast["kernels"]) - {"reference", "dense"}, fast["kernels"]  # a fast kernel serves the row
+    assert fast["scored_with"] == "dense" and exact["scored_with"] == "reference"
+    for k in ("ppl", "kl", "kl_p99", "top1"):
+        assert fast[k] == exact[k], k  # dense is bit-identical to the reference module
+    assert fast["eval_peak_bytes"] is not None and fast["peak_bytes"] is not None
+
+
 def test_speed_and_memory_figures(result):
     for row in result["rows"]:
         assert row["ttft_ms"] > 0 and row["tps"] > 0 and row["throughput_tps"] > 0
@@ -77,7 +88,7 @@ def test_base_is_cached_by_content(tiny_llama, rtn, text_file, tmp_path, monkeyp
     real = runner.load
     monkeypatch.setattr(runner, "load", lambda name, **k: loaded.append(name) or real(name, **k))
     second = evaluate_paths([str(rtn)], base=str(tiny_llama), **kw)
-    assert loaded == [str(rtn)]  # the base was not loaded again
+    assert set(loaded) == {str(rtn)}  # the base was not loaded again (the checkpoint: served, then scored exact)
     assert second["protocol"]["base_cached"] and second["rows"][0]["cached"]
     assert second["rows"][0]["ppl"] == first["rows"][0]["ppl"] and second["rows"][1]["kl"] == first["rows"][1]["kl"]
     other = evaluate_paths([str(rtn)], base=str(tiny_llama), **{**kw, "max_windows": 3})
@@ -104,10 +115,10 @@ def test_failed_rows_do_not_stop_the_others(tiny_llama, rtn, text_file, tmp_path
     oom_dir.symlink_to(rtn, target_is_directory=True)
     real_score = runner.Run.score
 
-    def score(self, model, row):
+    def score(self, model, row, **kw):
         if row["model"] == str(oom_dir):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_score(self, model, row)
+        return real_score(self, model, row, **kw)
 
     monkeypatch.setattr(runner.Run, "score", score)
     res = evaluate_paths([str(broken), str(tmp_path / "missing"), str(oom_dir), str(rtn)], base=str(tiny_llama),

@@ -10,7 +10,7 @@ time, ...) and, when it fits the budget, the spill: the base's log-probs of ever
 scored token as float16 (`logprobs.f16`, (tokens, vocab) row-major) plus its
 argmax (`argmax.i32`, exact, so top-1 never suffers from fp16 ties). float16
 log-probs are accurate to half an ulp (<= 1e-3 for log-probs above -4); the
-reader renormalises them (quality.renormalize), so KL is taken against the
+reader renormalises them (quality.kl_rows), so KL is taken against the
 rounded base distribution itself: KL(base~ || base) = 0 and the rounding moves a
 model's KL only through the log-ratio, i.e. to second order (measured: the
 smollm2 benchmark compares the spill with the exact float32 recompute path).

@@ -32,7 +32,7 @@ from quantkit.eval import hardware, protocol
 from quantkit.eval.cache import BaseCache, BaseEntry, Spill, base_key, content_digest, spill_bytes
 from quantkit.eval.describe import describe
 from quantkit.eval.memory import PeakMemory, model_bytes, release
-from quantkit.eval.quality import Accumulator, base_logprobs, renormalize, score_window, scored_logits, token_nll
+from quantkit.eval.quality import Accumulator, KLWork, base_logprobs, score_window, scored_logits, token_nll
 from quantkit.eval.speed import SpeedConfig, measure
 from quantkit.formats.loader import load
 from quantkit.kernels import check_kernel_name, kernels_used
@@ -158,18 +158,18 @@ class Run:
         with_base = self.spill is not None or self.base_model is not None
         acc = Accumulator(with_base=with_base)
         n = int(ev.windows.shape[0])
+        work = KLWork()
         with PeakMemory(self.device) as pm:
             t0 = time.perf_counter()
             for i, (window, first) in enumerate(zip(ev.windows, ev.firsts)):
                 base_lp = top = None
                 if self.spill is not None:
-                    base_lp, top = self.spill.read(i)
-                    base_lp = renormalize(base_lp.to(self.device, torch.float32))
+                    base_lp, top = self.spill.read(i)  # float16, renormalised inside kl_rows
                 elif self.base_model is not None:
                     b_logits = scored_logits(self.base_model, window, first, self.device)
                     base_lp, top = base_logprobs(b_logits), b_logits.argmax(-1)
                     del b_logits
-                score_window(model, window, first, self.device, acc, base_lp, top, owned=True)
+                score_window(model, window, first, self.device, acc, base_lp, top, work)
                 self.tick(f"{row['label']} windows", i + 1, n)
             seconds = time.perf_counter() - t0
         q = acc.result()

@@ -79,6 +79,25 @@ def test_kl_rows_matches_the_definition():
     assert kl_rows(lp_b, zb, lse_b).abs().max() < 1e-5  # KL(P || P) = 0
 
 
+def test_kl_rows_renormalises_a_float16_base_and_reuses_its_buffers():
+    from quantkit.eval.quality import KLWork
+
+    torch.manual_seed(0)
+    work = KLWork()
+    for s in (9, 5, 9):  # windows of different lengths share the buffers
+        zb, zm = torch.randn(s, 300) * 4, torch.randn(s, 300) * 4
+        lp16 = F.log_softmax(zb, -1).half()  # the spill: Σ exp(lp16) is not exactly 1
+        p = lp16.float().exp()
+        p = p / p.sum(-1, keepdim=True)       # the rounded distribution, renormalised
+        ref = (p * (p.log() - F.log_softmax(zm, -1))).sum(-1)
+        _, lse = token_nll(zm, torch.zeros(s, dtype=torch.long))
+        assert torch.allclose(kl_rows(lp16, zm, lse, work), ref, atol=1e-5)
+        own = lp16.float()
+        _, lse_own = token_nll(own, torch.zeros(s, dtype=torch.long))
+        assert kl_rows(lp16, own, lse_own, work).abs().max() < 1e-6  # KL(P~ || P~) = 0
+    assert work._flat[0].numel() == 9 * 300
+
+
 def test_base_against_itself(tiny, text_file):
     model, tok = tiny
     ev = protocol.build(tok, str(text_file), seqlen=64, max_windows=3)

@@ -109,3 +109,23 @@ def test_quantized_weight_checks_shapes():
     with pytest.raises(AssertionError):
         QuantizedWeight(torch.zeros(4, 8, dtype=torch.uint8), torch.ones(4, 1), torch.ones(3, 1, dtype=torch.uint8),
                         torch.zeros(8, dtype=torch.int32), 4, -1, False)
+
+
+@pytest.mark.parametrize("group_size,permuted,sdtype", [(32, False, torch.float32), (-1, False, torch.float32),
+                                                         (32, True, torch.float32), (64, False, torch.float16)])
+def test_dequantize_equals_the_gathered_formula_bit_for_bit(group_size, permuted, sdtype):
+    from quantkit.grid import QuantizedWeight, trivial_g_idx
+
+    g = torch.Generator().manual_seed(0)
+    out_f, in_f = 48, 128
+    n_groups = 1 if group_size == -1 else in_f // group_size
+    g_idx = trivial_g_idx(in_f, group_size)
+    if permuted:
+        g_idx = g_idx[torch.randperm(in_f, generator=g)]
+    qw = QuantizedWeight(codes=torch.randint(0, 16, (out_f, in_f), generator=g, dtype=torch.uint8),
+                         scales=torch.rand(out_f, n_groups, generator=g).to(sdtype),
+                         zeros=torch.randint(0, 16, (out_f, n_groups), generator=g, dtype=torch.uint8),
+                         g_idx=g_idx, bits=4, group_size=group_size, sym=False)
+    s = qw.scales[:, g_idx.long()]
+    want = (s * (qw.codes.to(s.dtype) - qw.zeros[:, g_idx.long()].to(s.dtype))).float()
+    assert torch.equal(qw.dequantize(torch.float32), want)

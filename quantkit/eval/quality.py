@@ -66,9 +66,19 @@ def scored_logits(model: nn.Module, window: Tensor, first: int, device: torch.de
     return logits[-keep:-1].float()
 
 
-def token_nll(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """(nll (S,), lse (S,)) from logits (S, V) and targets (S,)."""
-    lse = torch.logsumexp(logits, dim=-1)
+def token_nll(logits: Tensor, targets: Tensor, work: "KLWork | None" = None) -> tuple[Tensor, Tensor]:
+    """(nll (S,), lse (S,)) from logits (S, V) and targets (S,).
+
+    With `work`, lse = max + log Σ exp(z - max) goes through one of its reused buffers (the same formula
+    as torch.logsumexp, 2.5x faster at 511 x 49,152 for not page-faulting a fresh (S, V) temporary).
+    """
+    m = logits.amax(-1, keepdim=True) if work is not None else None
+    if m is not None and bool(torch.isfinite(m).all()):
+        _, buf = work.buffers(logits.shape, logits.device)
+        torch.sub(logits, m, out=buf).exp_()
+        lse = buf.sum(-1).log_().add_(m.squeeze(-1))
+    else:
+        lse = torch.logsumexp(logits, dim=-1)
     picked = logits.gather(-1, targets.to(logits.device).unsqueeze(-1)).squeeze(-1)
     return lse - picked, lse
 
@@ -152,7 +162,7 @@ def score_window(model: nn.Module, window: Tensor, first: int, device: torch.dev
     kept by the caller across windows.
     """
     logits = scored_logits(model, window, first, device)
-    nll, lse = token_nll(logits, window[first:])
+    nll, lse = token_nll(logits, window[first:], work)
     kl, agree = None, 0
     if base_lp is not None:
         top = base_top.to(logits.device) if base_top is not None else base_lp.argmax(-1).to(logits.device)

@@ -123,6 +123,7 @@ class Run:
         ev = self.ev
         sizes = [int(ev.windows.shape[1]) - f for f in ev.firsts]
         acc = Accumulator(with_base=False)
+        work = KLWork()
         folder = self.store.new_folder()
         spill: Spill | None = None
         vocab = 0
@@ -131,7 +132,7 @@ class Run:
             t0 = time.perf_counter()
             for i, (window, first) in enumerate(zip(ev.windows, ev.firsts)):
                 logits = scored_logits(model, window, first, self.device)
-                acc.add(token_nll(logits, window[first:])[0])
+                acc.add(token_nll(logits, window[first:], work)[0])
                 if i == 0:
                     vocab = int(logits.shape[-1])
                     if spill_bytes(vocab, sizes) <= budget:

@@ -115,3 +115,16 @@ def test_accumulator_p99_and_top1():
     q = acc.result()
     assert q.ppl == pytest.approx(2.0) and q.tokens == 100 and q.top1 == 75.0
     assert q.kl == pytest.approx(0.495) and q.kl_p99 == pytest.approx(0.9801, abs=1e-4)
+
+
+def test_token_nll_with_reused_buffers_matches_logsumexp():
+    from quantkit.eval.quality import KLWork
+
+    torch.manual_seed(0)
+    z, t = torch.randn(6, 200) * 5, torch.randint(0, 200, (6,))
+    want_nll, want_lse = token_nll(z, t)
+    nll, lse = token_nll(z, t, KLWork())
+    torch.testing.assert_close(lse, want_lse, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(nll, want_nll, rtol=1e-6, atol=1e-5)
+    z[2] = float("-inf")  # a fully masked row: falls back to torch.logsumexp's handling
+    assert torch.equal(token_nll(z, t, KLWork())[1], torch.logsumexp(z, -1))

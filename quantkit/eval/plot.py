@@ -27,6 +27,24 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
+def _label_offsets(ax: Any, pts: list[tuple[float, float]], width: float = 70.0, height: float = 11.0) -> list[float]:
+    """Vertical offset (points) of each point's label: labels of points close on screen are stacked
+    instead of printed over each other (checkpoints of nearly equal size and quality)."""
+    ax.autoscale_view()
+    scale = ax.figure.dpi / 72.0                             # display pixels per point
+    disp = ax.transData.transform(pts)                       # (n, 2) pixels
+    offsets = [4.0] * len(pts)
+    placed: list[tuple[float, float]] = []
+    for i in sorted(range(len(pts)), key=lambda k: (disp[k][1], disp[k][0])):
+        dy = 4.0
+        while any(abs(disp[i][0] - px) < width * scale and abs(disp[i][1] + dy * scale - py) < height * scale
+                  for px, py in placed):
+            dy += height
+        offsets[i] = dy
+        placed.append((disp[i][0], disp[i][1] + dy * scale))
+    return offsets
+
+
 def plot(result: dict[str, Any], out: str | Path, metric: str = "ppl") -> Path:
     """Write a PNG of `metric` (ppl or kl) against size on disk (MB) for every scored row."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -47,9 +65,6 @@ def plot(result: dict[str, Any], out: str | Path, metric: str = "ppl") -> Path:
     for (x, y), r in zip(pts, rows):
         ax.scatter([x], [y], s=36, marker="*" if r.get("is_base") else "o",
                    color="black" if r.get("is_base") else "tab:blue", zorder=3)
-        name = r.get("label") or r["model"]
-        ax.annotate(f"{name} (base)" if r.get("is_base") else name, (x, y), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)
     front = pareto_front(pts)
     ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], drawstyle="steps-post", color="tab:red",
             linewidth=1.2, alpha=0.8, label="Pareto front", zorder=2)
@@ -57,6 +72,11 @@ def plot(result: dict[str, Any], out: str | Path, metric: str = "ppl") -> Path:
     ax.set_ylabel(METRICS[metric])
     if metric == "ppl" and max(p[1] for p in pts) > 3 * min(p[1] for p in pts):
         ax.set_yscale("log")
+    for i, dy in enumerate(_label_offsets(ax, pts)):
+        r = rows[i]
+        name = r.get("label") or r["model"]
+        ax.annotate(f"{name} (base)" if r.get("is_base") else name, pts[i], textcoords="offset points",
+                    xytext=(5, dy), fontsize=8)
     p = result.get("protocol", {})
     ax.set_title(f"{METRICS[metric]} vs size — {p.get('dataset', '')}, {p.get('windows', '?')}×{p.get('seqlen', '?')} tokens",
                  fontsize=10)

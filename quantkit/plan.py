@@ -194,14 +194,20 @@ def _block_method_bytes(g: Geometry, s: Settings) -> tuple[int, str]:
     return 0, ""
 
 
+def recording_affordable(in_features: int, out_features: int, itemsize: int) -> bool:
+    """Whether GPTQ's shortcut may record a Linear's inputs (tokens x in_features x itemsize): at most two
+    float32 copies of its output width, what the pipeline keeps anyway (down_proj's float32 inputs would
+    add 0.2 GB at 64 x 512 on smollm2 and 1.4 GB at 7B). Used by `quantkit.calib.shortcut` and the plan."""
+    return in_features * itemsize <= 2 * out_features * F32
+
+
 def _recorded_bytes(g: Geometry, s: Settings) -> int:
     """GPTQ's shortcuts keep, for every calibration token, the inputs of o_proj (hidden wide) and, when
-    they cost no more than two float32 hidden copies, of down_proj (intermediate wide), in the
-    calibration dtype (`quantkit.calib.shortcut.Shortcut.affordable`)."""
+    affordable, of down_proj (intermediate wide), in the calibration dtype."""
     if s.method != "gptq":
         return 0
     cb = s.calib_dtype_bytes
-    width = g.hidden + (g.inter if g.inter * cb <= 2 * g.hidden * F32 else 0)
+    width = g.hidden + (g.inter if recording_affordable(g.inter, g.hidden, cb) else 0)
     return s.nsamples * s.seqlen * width * cb
 
 

@@ -26,6 +26,7 @@ from torch import Tensor, nn, no_grad
 
 from quantkit.calib.hooks import HookSet
 from quantkit.calib.pipeline import BlockCalib, StopForward
+from quantkit.plan import recording_affordable
 
 
 class Shortcut:
@@ -51,9 +52,8 @@ class Shortcut:
 
     @staticmethod
     def affordable(linear: nn.Linear, dtype: torch.dtype) -> bool:
-        """Recording costs tokens x in_features x itemsize: allowed up to two float32 copies of the output
-        width (down_proj's float32 inputs would add 0.2 GB at 64 x 512 on smollm2 and 1.4 GB at 7B)."""
-        return linear.in_features * dtype.itemsize <= 2 * linear.out_features * 4
+        """Whether recording this Linear's inputs in `dtype` fits the memory rule the plan counts."""
+        return recording_affordable(linear.in_features, linear.out_features, dtype.itemsize)
 
     # ---- while the Linear's group is calibrated --------------------------------------
     def record(self, x: Tensor) -> None:

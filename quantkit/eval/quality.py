@@ -72,12 +72,13 @@ def token_nll(logits: Tensor, targets: Tensor, work: "KLWork | None" = None) -> 
     With `work`, lse = max + log Σ exp(z - max) goes through one of its reused buffers (the same formula
     as torch.logsumexp, 2.5x faster at 511 x 49,152 for not page-faulting a fresh (S, V) temporary).
     """
-    m = logits.amax(-1, keepdim=True) if work is not None else None
-    if m is not None and bool(torch.isfinite(m).all()):
-        _, buf = work.buffers(logits.shape, logits.device)
-        torch.sub(logits, m, out=buf).exp_()
-        lse = buf.sum(-1).log_().add_(m.squeeze(-1))
-    else:
+    lse = None
+    if work is not None:
+        m = logits.amax(-1, keepdim=True)                      # (S, 1)
+        if bool(torch.isfinite(m).all()):                       # a fully masked row: torch.logsumexp's handling
+            _, buf = work.buffers(logits.shape, logits.device)
+            lse = torch.sub(logits, m, out=buf).exp_().sum(-1).log_().add_(m.squeeze(-1))
+    if lse is None:
         lse = torch.logsumexp(logits, dim=-1)
     picked = logits.gather(-1, targets.to(logits.device).unsqueeze(-1)).squeeze(-1)
     return lse - picked, lse

@@ -1,9 +1,13 @@
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 os.environ.setdefault("TQDM_DISABLE", "1")
+# kernels' packed weights are cached per test session, never in the user's cache (tests reloading a
+# checkpoint with a kernel exercise the cache's read path)
+os.environ.setdefault("QUANTKIT_PACK_CACHE_DIR", tempfile.mkdtemp(prefix="quantkit-test-packed-"))
 
 
 @pytest.fixture(scope="session")

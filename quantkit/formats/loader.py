@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +41,15 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def read_tensors(folder: Path) -> dict[str, Tensor]:
+def read_tensors(folder: Path, skip: Callable[[str], bool] | None = None) -> dict[str, Tensor]:
+    """Every tensor of the checkpoint's weight files, but those whose name `skip` accepts (never read)."""
     out: dict[str, Tensor] = {}
     for f in weight_files(folder):
         try:
             with safe_open(str(f), framework="pt") as fh:
                 for k in fh.keys():
-                    out[k] = fh.get_tensor(k)
+                    if skip is None or not skip(k):
+                        out[k] = fh.get_tensor(k)
         except Exception as e:  # safetensors raises its own error types on truncated or corrupt files
             raise CheckpointError(f"cannot read {f}: {str(e).splitlines()[0]}") from None
     return out
@@ -56,21 +59,36 @@ def _skeleton(folder: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.M
     """The architecture with parameters on the meta device and real buffers (rotary tables)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    with init_empty_weights(include_buffers=False):
+    # no_init_weights: the random init of meta parameters is skipped (every one is assigned from the
+    # checkpoint; 0.16 s of Python per 1B model); buffers (rotary tables) are built by the modules' __init__
+    with init_empty_weights(include_buffers=False), no_init_weights():
         return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 def load_packed(folder: Path, qc: dict[str, Any], device: torch.device | str = "cpu",
-                dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
+                dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                prebuilt: Callable[[Any], dict[str, nn.Module]] | None = None) -> nn.Module:
+    """The checkpoint's model with reference QuantLinears; `prebuilt(layout)` may supply some Linears'
+    modules ready-made ({module name: module}, the packed-weight cache): their tensors are not read."""
     fmt = detect_format(qc)
     layout, scheme = fmt.read(qc)
     model = _skeleton(folder, dtype, trust_remote_code)
     swap_experts(model)  # MoE: per-expert Linears, as quantized; hub names (experts.{e}.w1, ...) -> module names
-    tensors = from_hub_names(model, read_tensors(folder))
+    ready = prebuilt(layout) if prebuilt is not None else {}
+    tensors = from_hub_names(model, read_tensors(folder, skip=lambda k: k.rsplit(".", 1)[0] in ready))
+    tensors = {k: t for k, t in tensors.items() if k.rsplit(".", 1)[0] not in ready}  # MoE: hub names differ
+    for name, mod in ready.items():
+        lin = model.get_submodule(name)
+        if not isinstance(lin, nn.Linear) or (lin.in_features, lin.out_features) != (mod.in_features, mod.out_features):
+            raise CheckpointError(f"{folder}: cached packed layer {name} does not match the architecture "
+                                  f"({type(lin).__name__}); remove the packed-weight cache entry")
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, mod)
     marker = "." + getattr(layout, "marker", "qweight")  # compressed-tensors marks a quantized Linear by weight_packed
     quantized = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(marker)})
     for name in quantized:
@@ -102,23 +120,48 @@ def load_packed(folder: Path, qc: dict[str, Any], device: torch.device | str = "
     return model.to(device).eval()
 
 
+def _pack_cache(folder: Path, qc: dict[str, Any], kernel: str, device: torch.device, dtype: torch.dtype,
+                requested: bool | None) -> Any:
+    """The packed-weight cache entry of this load, or None (cache off, or a kernel that packs nothing)."""
+    from quantkit.kernels import AUTO, KERNELS, REFERENCE
+    from quantkit.kernels.cache import PackCache, cache_enabled
+
+    if kernel == REFERENCE or not cache_enabled(requested):
+        return None
+    if kernel != AUTO and not KERNELS[kernel].cacheable:
+        return None
+    return PackCache.of(folder, weight_files(folder), qc, kernel, dtype, device)
+
+
 def load(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-         trust_remote_code: bool = False, kernel: str = "reference") -> nn.Module:
+         trust_remote_code: bool = False, kernel: str = "reference", pack_cache: bool | None = None) -> nn.Module:
     """Load a quantkit checkpoint, a plain HF folder, a .gguf file or an alias, for inference.
 
     `kernel` serves the quantized Linears: "reference" (exact pure-PyTorch maths in `dtype`), "auto"
     (fastest accepting kernel per layer; may compute in bf16) or a name from quantkit.kernels.kernel_names().
+    `pack_cache`: keep the kernels' packed weights for the next load (quantkit.kernels.cache; default on
+    unless $QUANTKIT_PACK_CACHE=0).
     """
     from quantkit.kernels import apply_kernels, check_kernel_name
 
     check_kernel_name(kernel)
     src = resolve(path)
     if src.kind == "folder":
-        qc = read_config(Path(src.path)).get("quantization_config")
+        folder = Path(src.path)
+        qc = read_config(folder).get("quantization_config")
         if qc is not None:
             if detect_format(qc) is not None:
-                model = load_packed(Path(src.path), qc, device, dtype, trust_remote_code)
-                apply_kernels(model, kernel, dtype)
+                cache = _pack_cache(folder, qc, kernel, torch.device(device), dtype, pack_cache)
+                hit: dict[str, nn.Module] = {}
+
+                def prebuilt(layout: Any) -> dict[str, nn.Module]:
+                    hit.update(cache.read(layout, dtype) or {})
+                    return hit
+
+                model = load_packed(folder, qc, device, dtype, trust_remote_code, prebuilt if cache else None)
+                apply_kernels(model, kernel, dtype)  # after a hit: only the layers no kernel served (if any)
+                if cache and not hit:
+                    cache.write(model)
                 return model
             if qc.get("quant_method") == "bitsandbytes":
                 from quantkit.formats.bnb import load_bnb  # bitsandbytes is an optional extra

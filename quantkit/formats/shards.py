@@ -80,8 +80,10 @@ def shard_names(n: int) -> list[str]:
     return [WEIGHTS] if n == 1 else [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
 
 
-def header_bytes(entries: list[Entry], metadata: dict[str, str] | None) -> bytes:
-    """The 8-byte length and JSON header safetensors writes for `entries` (already in file order)."""
+def header_bytes(entries: list[Entry], metadata: dict[str, str] | None, align: int = 8) -> bytes:
+    """The 8-byte length and JSON header safetensors writes for `entries` (already in file order).
+
+    The data starts `align`-byte aligned in the file (safetensors: 8; trailing spaces pad the JSON)."""
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = metadata
@@ -90,16 +92,19 @@ def header_bytes(entries: list[Entry], metadata: dict[str, str] | None) -> bytes
         header[e.name] = {"dtype": DTYPES[e.dtype][0], "shape": list(e.shape), "data_offsets": [off, off + e.nbytes]}
         off += e.nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+    raw += b" " * (-(len(raw) + 8) % align)  # data starts aligned (8 | align: the same bytes as safetensors at 8)
     return struct.pack("<Q", len(raw)) + raw
 
 
 def write_file(path: Path, entries: Iterable[Entry], metadata: dict[str, str] | None = None,
-               check: Callable[[str, Tensor], None] | None = None) -> None:
-    """One safetensors file, tensor by tensor; `check(name, t)` may refuse a tensor before it is written."""
-    ordered = file_order(entries)
+               check: Callable[[str, Tensor], None] | None = None, align: int = 8, in_order: bool = False) -> None:
+    """One safetensors file, tensor by tensor; `check(name, t)` may refuse a tensor before it is written.
+
+    `in_order` keeps the entries' order instead of safetensors' own; with `align` (a multiple of 8)
+    the data starts at that alignment, so tensors whose offsets are multiples of it map aligned."""
+    ordered = list(entries) if in_order else file_order(entries)
     with open(path, "wb") as fh:
-        fh.write(header_bytes(ordered, metadata))
+        fh.write(header_bytes(ordered, metadata, align))
         for e in ordered:
             t = e.load()
             if t.dtype != e.dtype or tuple(t.shape) != e.shape:

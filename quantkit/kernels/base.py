@@ -92,6 +92,8 @@ class KernelLinear(QuantLinear, ABC):
     priority: ClassVar[int] = 0              # larger = preferred by kernel="auto" (measured, benchmarks/kernels.py)
     devices: ClassVar[tuple[str, ...]] = ()  # device types the kernel runs on
     quantizes_activations: ClassVar[bool] = False  # rounds activations to int8 (a looser tolerance)
+    cacheable: ClassVar[bool] = False        # its buffers (+ cached_attrs) rebuild it: the packed-weight cache may keep them
+    cached_attrs: ClassVar[tuple[str, ...]] = ()  # plain-int attributes `pack` sets besides buffers
 
     def __init__(self, qw: QuantizedWeight, layout: Layout, device: torch.device | str, dtype: torch.dtype,
                  **pack_kw: Tensor):
@@ -162,6 +164,29 @@ class KernelLinear(QuantLinear, ABC):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
+
+    def cache_record(self) -> dict:
+        """What, besides its buffers, rebuilds this module (`restore`): the packed-weight cache's record."""
+        return {"kernel": self.kernel_name, "in_features": self.in_features, "out_features": self.out_features,
+                "bits": self.bits, "group_size": self.group_size, "sym": self.sym,
+                "attrs": {a: getattr(self, a) for a in self.cached_attrs}}
+
+    @classmethod
+    def restore(cls, record: dict, layout: Layout, dtype: torch.dtype, buffers: dict[str, Tensor | None]
+                ) -> "KernelLinear":
+        """The module `cache_record()` and its buffers describe, without packing anything."""
+        if record["kernel"] != cls.kernel_name or set(record["attrs"]) != set(cls.cached_attrs):
+            raise ValueError(f"record of kernel {record['kernel']!r} given to {cls.kernel_name!r}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = int(record["in_features"]), int(record["out_features"])
+        self.bits, self.group_size, self.sym = int(record["bits"]), int(record["group_size"]), bool(record["sym"])
+        self.layout, self.dtype = layout, dtype
+        for name, value in record["attrs"].items():
+            setattr(self, name, value)
+        for name, t in buffers.items():
+            self.register_buffer(name, t)
+        return self
 
     def quantized(self) -> QuantizedWeight:
         raise KernelError(f"this layer was packed for kernel {self.kernel_name!r}; "

@@ -35,6 +35,8 @@ class CpuInt4(KernelLinear):
     kernel_name: ClassVar[str] = "cpu-int4"
     priority: ClassVar[int] = 30
     devices: ClassVar[tuple[str, ...]] = ("cpu",)
+    cacheable: ClassVar[bool] = True
+    cached_attrs: ClassVar[tuple[str, ...]] = ("qgs",)
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -82,6 +84,7 @@ class _CpuInt8Base(KernelLinear):
     """What the two int8 kernels share: `_weight_int8pack_mm` on CPU, 8-bit codes only."""
 
     devices: ClassVar[tuple[str, ...]] = ("cpu",)
+    cacheable: ClassVar[bool] = True
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -149,6 +152,8 @@ class CpuDynQuant4(KernelLinear):
     priority: ClassVar[int] = 20
     devices: ClassVar[tuple[str, ...]] = ("cpu",)
     quantizes_activations: ClassVar[bool] = True
+    cacheable: ClassVar[bool] = True
+    cached_attrs: ClassVar[tuple[str, ...]] = ("block",)
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -209,6 +214,7 @@ class CpuInt8Grouped(_CpuInt8Base):
 
     kernel_name: ClassVar[str] = "cpu-int8-grouped"
     priority: ClassVar[int] = 10
+    cached_attrs: ClassVar[tuple[str, ...]] = ("gs",)
 
     @classmethod
     def grid_refusal(cls, spec: LayerSpec) -> str | None:

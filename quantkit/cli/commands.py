@@ -105,3 +105,41 @@ def demo(ctx: typer.Context,
     emit_json(result, json_out or str(out / "results.json"))
     if not quiet:
         ui.out.print(rich_table(result))
+
+
+CACHE_AREAS = ("packed", "eval", "models")
+
+
+def cache(ctx: typer.Context,
+          clear: Annotated[Optional[str], typer.Option("--clear", help="Empty one area: packed, eval, models or all.")] = None,
+          json_out: JsonOut = None) -> None:
+    """What quantkit keeps in its cache folder ($QUANTKIT_CACHE): packed kernel weights, base eval results, models."""
+    import shutil
+
+    from rich.table import Table
+
+    from quantkit.errors import UnknownNameError
+    from quantkit.kernels.cache import pack_cache_dir
+    from quantkit.paths import cache_dir
+
+    folders = {"packed": pack_cache_dir(), "eval": cache_dir() / "eval", "models": cache_dir() / "models"}
+    if clear is not None:
+        if clear not in (*CACHE_AREAS, "all"):
+            raise UnknownNameError(f"--clear takes one of {', '.join(CACHE_AREAS)}, all; got {clear!r}")
+        for area in CACHE_AREAS if clear == "all" else (clear,):
+            shutil.rmtree(folders[area], ignore_errors=True)
+    rows = []
+    for area, folder in folders.items():
+        files = [f for f in folder.rglob("*") if f.is_file()] if folder.is_dir() else []
+        entries = len(list(folder.iterdir())) if folder.is_dir() else 0
+        rows.append({"area": area, "folder": str(folder), "entries": entries,
+                     "bytes": sum(f.stat().st_size for f in files)})
+    emit_json(rows, json_out)
+    if json_out == "-":
+        return
+    table = Table(title="quantkit cache")
+    for col in ("area", "folder", "entries", "size"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["area"], r["folder"], str(r["entries"]), f"{r['bytes'] / 2**20:.1f} MiB")
+    ctx.obj.out.print(table)

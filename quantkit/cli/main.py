@@ -62,6 +62,7 @@ app.command("eval")(evaluate.eval_cmd)
 app.command("info")(commands.info)
 app.command("convert")(convert.convert)
 app.command("demo")(commands.demo)
+app.command("cache")(commands.cache)
 app.add_typer(zoo_cli.app, name="zoo")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -118,3 +119,21 @@ def test_eviction_removes_the_least_recently_used(tmp_path):
     assert removed == [files[2], files[3]]                   # oldest first; the kept one is skipped
     assert files[0].is_file() and files[1].is_file()
     assert sum(f.stat().st_size for f in _entries(tmp_path)) <= 2500
+
+
+def test_cache_command_lists_and_clears(checkpoints, cache, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from quantkit.cli.main import app
+
+    monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path / "home-cache"))
+    quantkit.load(checkpoints / "w4", kernel="auto")
+    runner = CliRunner()
+    res = runner.invoke(app, ["cache", "--json", "-"])
+    assert res.exit_code == 0, res.output
+    rows = {r["area"]: r for r in json.loads(res.stdout)}
+    assert rows["packed"]["entries"] == 1 and rows["packed"]["bytes"] == _entries(cache)[0].stat().st_size
+    res = runner.invoke(app, ["cache", "--clear", "packed", "--json", "-"])
+    assert res.exit_code == 0 and _entries(cache) == []
+    res = runner.invoke(app, ["cache", "--clear", "everything"])
+    assert res.exit_code == 2 and "--clear takes one of packed, eval, models, all" in res.output

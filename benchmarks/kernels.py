@@ -43,6 +43,7 @@ from quantkit.formats.layouts import GPTQLayout
 from quantkit.formats.qlinear import QuantLinear
 from quantkit.grid import rtn_quantize
 from quantkit.kernels import KERNELS, kernels_used, spec_of
+from quantkit.kernels.cache import wait_for_writes
 
 sys.path.insert(0, str(Path(__file__).parent))
 import llamacpp  # noqa: E402  (beside this file: llama.cpp as a peer, when llama-cpp-python is installed)
@@ -207,6 +208,7 @@ def e2e_variants(base: str | Path, w4: Path, w8: Path, reference: bool
             except QuantkitError:
                 continue  # the kernel does not serve this scheme
             packed = logits_of(model)
+            wait_for_writes()  # the cache file is written by a background thread
             del model
             model, t = timed_load(path, kernel=name)  # every later load: the packed weights from the cache
             t0 = time.perf_counter()

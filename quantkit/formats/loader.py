@@ -161,7 +161,7 @@ def load(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtyp
                 model = load_packed(folder, qc, device, dtype, trust_remote_code, prebuilt if cache else None)
                 apply_kernels(model, kernel, dtype)  # after a hit: only the layers no kernel served (if any)
                 if cache and not hit:
-                    cache.write(model)
+                    cache.write(model, background=True)  # the load returns once packed
                 return model
             if qc.get("quant_method") == "bitsandbytes":
                 from quantkit.formats.bnb import load_bnb  # bitsandbytes is an optional extra

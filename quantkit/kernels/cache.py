@@ -28,6 +28,8 @@ import logging
 import os
 import platform
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,8 @@ BUDGET_ENV = "QUANTKIT_PACK_CACHE_GB"
 DIR_ENV = "QUANTKIT_PACK_CACHE_DIR"
 DEFAULT_BUDGET_GB = 16.0
 _META = "quantkit_packed"
+WRITER_THREAD = "quantkit-pack-cache-writer"
+STALE_TMP_SECONDS = 3600  # a temporary file this old was left by a killed writer
 
 
 def cache_enabled(requested: bool | None) -> bool:
@@ -144,10 +148,12 @@ class PackCache:
         log.info("packed weights of %d layers read from the cache %s", len(out), self.path)
         return out
 
-    def write(self, model: nn.Module) -> int:
-        """Store the buffers of every cacheable kernel module of `model`; returns the layers written.
+    def write(self, model: nn.Module, background: bool = False) -> int:
+        """Store the buffers of every cacheable kernel module of `model`; returns the layers stored.
 
-        Failures (disk full, read-only cache folder) only log: the loaded model is unaffected."""
+        `background`: the file is written by a (non-daemon) thread, so the load returns as soon as it has
+        packed; the interpreter waits for the thread at exit, and `wait_for_writes()` joins it. The
+        buffers are only read. Failures (disk full, read-only cache folder) only log."""
         tensors: dict[str, torch.Tensor] = {}
         layers: dict[str, dict[str, Any]] = {}
         for name, mod in model.named_modules():
@@ -162,6 +168,13 @@ class PackCache:
             layers[name] = rec
         if not layers:
             return 0
+        if background:
+            threading.Thread(target=self._store, args=(tensors, layers), name=WRITER_THREAD).start()
+        else:
+            self._store(tensors, layers)
+        return len(layers)
+
+    def _store(self, tensors: dict[str, torch.Tensor], layers: dict[str, dict[str, Any]]) -> None:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.root)
@@ -173,14 +186,21 @@ class PackCache:
                 Path(tmp).unlink(missing_ok=True)
         except OSError as e:
             log.warning("packed weights not cached (%s): the next load packs again", e)
-            return 0
+            return
         log.info("packed weights of %d layers cached in %s", len(layers), self.path)
         evict(self.root, budget_bytes(), keep=self.path)
-        return len(layers)
+
+
+def wait_for_writes(timeout: float | None = None) -> None:
+    """Join the cache writes still running in this process (tests; a caller about to read the cache)."""
+    for t in threading.enumerate():
+        if t.name == WRITER_THREAD:
+            t.join(timeout)
 
 
 def evict(root: Path, budget: int, keep: Path | None = None) -> list[Path]:
-    """Remove the least recently used entries until the folder holds at most `budget` bytes."""
+    """Remove the least recently used entries until the folder holds at most `budget` bytes (and the
+    temporary files of writers killed over an hour ago)."""
     entries = []
     for p in root.glob("*.safetensors"):
         try:
@@ -188,6 +208,12 @@ def evict(root: Path, budget: int, keep: Path | None = None) -> list[Path]:
         except FileNotFoundError:  # removed by another process meanwhile
             continue
         entries.append((st.st_mtime_ns, st.st_size, p))
+    for p in root.glob(".*.safetensors.*"):  # temporary files of writers killed mid-write
+        try:
+            if time.time() - p.stat().st_mtime > STALE_TMP_SECONDS:
+                p.unlink()
+        except FileNotFoundError:
+            pass
     total = sum(size for _, size, _ in entries)
     removed = []
     for _, size, p in sorted(entries):

@@ -13,7 +13,7 @@ import torch
 import quantkit
 from quantkit.api import quantize
 from quantkit.kernels import kernels_used
-from quantkit.kernels.cache import evict
+from quantkit.kernels.cache import evict, wait_for_writes
 
 SCHEMES = {"w4": {"bits": 4, "group_size": 32}, "w4act": {"bits": 4, "group_size": 32, "desc_act": True},
            "w8": "w8", "w8g32": {"bits": 8, "group_size": 32}}
@@ -35,6 +35,13 @@ def cache(tmp_path, monkeypatch):
     return root
 
 
+def load(path, **kw):
+    """quantkit.load, then the end of its background cache write (so the entry's presence can be checked)."""
+    model = quantkit.load(path, **kw)
+    wait_for_writes()
+    return model
+
+
 def _logits(model):
     ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -47,10 +54,10 @@ def _entries(root):
 
 @pytest.mark.parametrize("ck", list(SCHEMES))
 def test_a_cached_load_is_the_packed_model(checkpoints, cache, caplog, ck):
-    packed = quantkit.load(checkpoints / ck, kernel="auto")
+    packed = load(checkpoints / ck, kernel="auto")
     assert len(_entries(cache)) == 1
     with caplog.at_level(logging.INFO, logger="quantkit"):
-        cached = quantkit.load(checkpoints / ck, kernel="auto")
+        cached = load(checkpoints / ck, kernel="auto")
     assert "read from the cache" in caplog.text
     assert kernels_used(cached) == kernels_used(packed) != {"reference": 14}
     for (name, a), (name_b, b) in zip(packed.state_dict().items(), cached.state_dict().items(), strict=True):
@@ -63,38 +70,38 @@ def test_a_cached_load_is_the_packed_model(checkpoints, cache, caplog, ck):
 
 def test_the_key_follows_the_checkpoint_kernel_and_dtype(checkpoints, cache, tmp_path):
     ck = shutil.copytree(checkpoints / "w4", tmp_path / "w4")
-    quantkit.load(ck, kernel="auto")
-    quantkit.load(ck, kernel="cpu-int4")                      # another request, another entry
-    quantkit.load(ck, kernel="auto", dtype=torch.bfloat16)    # bias and compute follow the dtype
+    load(ck, kernel="auto")
+    load(ck, kernel="cpu-int4")                      # another request, another entry
+    load(ck, kernel="auto", dtype=torch.bfloat16)    # bias and compute follow the dtype
     assert len(_entries(cache)) == 3
-    quantkit.load(ck, kernel="auto")
+    load(ck, kernel="auto")
     assert len(_entries(cache)) == 3                          # a hit writes nothing
     weights = ck / "model.safetensors"
     st = weights.stat()
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the checkpoint was rewritten
-    quantkit.load(ck, kernel="auto")
+    load(ck, kernel="auto")
     assert len(_entries(cache)) == 4
 
 
 def test_reference_dense_and_off_write_nothing(checkpoints, cache, monkeypatch):
-    quantkit.load(checkpoints / "w4")
-    quantkit.load(checkpoints / "w4", kernel="dense")
-    quantkit.load(checkpoints / "w4", kernel="auto", pack_cache=False)
+    load(checkpoints / "w4")
+    load(checkpoints / "w4", kernel="dense")
+    load(checkpoints / "w4", kernel="auto", pack_cache=False)
     monkeypatch.setenv("QUANTKIT_PACK_CACHE", "0")
-    quantkit.load(checkpoints / "w4", kernel="auto")
+    load(checkpoints / "w4", kernel="auto")
     assert _entries(cache) == []
 
 
 def test_an_unreadable_entry_is_replaced(checkpoints, cache, caplog):
-    want = _logits(quantkit.load(checkpoints / "w8", kernel="auto"))
+    want = _logits(load(checkpoints / "w8", kernel="auto"))
     (entry,) = _entries(cache)
     entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])   # truncated
     with caplog.at_level(logging.WARNING, logger="quantkit"):
-        again = quantkit.load(checkpoints / "w8", kernel="auto")
+        again = load(checkpoints / "w8", kernel="auto")
     assert "unreadable" in caplog.text
     assert torch.equal(_logits(again), want)
     assert entry.is_file() and entry.stat().st_size > 0                   # packed and written again
-    assert torch.equal(_logits(quantkit.load(checkpoints / "w8", kernel="auto")), want)
+    assert torch.equal(_logits(load(checkpoints / "w8", kernel="auto")), want)
 
 
 def test_an_unwritable_cache_only_warns(checkpoints, tmp_path, monkeypatch, caplog):
@@ -102,7 +109,7 @@ def test_an_unwritable_cache_only_warns(checkpoints, tmp_path, monkeypatch, capl
     blocker.write_text("not a folder")
     monkeypatch.setenv("QUANTKIT_PACK_CACHE_DIR", str(blocker / "packed"))
     with caplog.at_level(logging.WARNING, logger="quantkit"):
-        model = quantkit.load(checkpoints / "w4", kernel="auto")
+        model = load(checkpoints / "w4", kernel="auto")
     assert "not cached" in caplog.text
     assert kernels_used(model) == {"cpu-int4": 14}
 
@@ -127,7 +134,7 @@ def test_cache_command_lists_and_clears(checkpoints, cache, tmp_path, monkeypatc
     from quantkit.cli.main import app
 
     monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path / "home-cache"))
-    quantkit.load(checkpoints / "w4", kernel="auto")
+    load(checkpoints / "w4", kernel="auto")
     runner = CliRunner()
     res = runner.invoke(app, ["cache", "--json", "-"])
     assert res.exit_code == 0, res.output

@@ -10,6 +10,7 @@ picks it there.
 
 from __future__ import annotations
 
+import sys
 from typing import ClassVar
 
 import torch
@@ -22,6 +23,7 @@ from quantkit.kernels.base import KernelLinear, LayerSpec, act_order_perm, g_idx
 from quantkit.kernels.int4 import cpu_int4pack, gptq4_int4pack, int4_parts, int4_refusal, int4pack_block_rows
 
 _aten = torch.ops.aten
+_TOP_BITS = 0x80808080 - (1 << 32)  # the top bit of each byte of an int32 word, as a signed int32
 
 
 def to_int8_centered(codes: Tensor) -> Tensor:
@@ -125,10 +127,26 @@ class CpuInt8(_CpuInt8Base):
     def compute_dtype(cls, dtype: torch.dtype) -> torch.dtype:
         return torch.bfloat16
 
-    def pack(self, qw: QuantizedWeight, device: torch.device) -> None:
+    @classmethod
+    def from_module(cls, mod: QuantLinear, qw: QuantizedWeight, device: torch.device | str,
+                    dtype: torch.dtype) -> KernelLinear:
+        """GPTQ 8-bit words become the int8 weight in one transpose and one in-place pass (no codes tensor)."""
+        if qw.codes.is_meta and isinstance(mod.layout, GPTQLayout) and qw.bits == 8 and sys.byteorder == "little":
+            return cls(qw, mod.layout, device, dtype, words=mod.qweight)
+        return super().from_module(mod, qw, device, dtype)
+
+    def pack(self, qw: QuantizedWeight, device: torch.device, words: Tensor | None = None) -> None:
         s = qw.scales[:, 0].float()                                        # (N,)
         shift = qw.zeros[:, 0].float() - 128                               # (N,)
-        self.register_buffer("qweight", to_int8_centered(qw.codes.to(device)))
+        if words is not None:  # (K/4, N) int32: word (r, n) holds code[n, 4r + t] in its byte t (little-endian)
+            w = words.to(device).t().contiguous()                          # (N, K/4): torch's blocked transpose
+            if w.data_ptr() == words.data_ptr():                           # already contiguous (N or K/4 is 1):
+                w = w.clone()                                              # never flip the checkpoint's own words
+            w ^= _TOP_BITS                                                 # every byte's top bit: q - 128 as int8
+            qweight = w.view(torch.int8)                                   # (N, K)
+        else:
+            qweight = to_int8_centered(qw.codes.to(device))
+        self.register_buffer("qweight", qweight)
         self.register_buffer("scales", s.to(device=device, dtype=torch.bfloat16))
         self.register_buffer("zero_term", (s * shift).to(device) if bool(shift.any()) else None)
 

@@ -268,6 +268,33 @@ def test_cpu_int4_direct_from_gptq_words_equals_packing_the_codes(n, k, group, a
     assert torch.equal(direct(x), full(x))
 
 
+@pytest.mark.parametrize("n,k,sym", [(128, 256, False), (96, 64, True), (32, 32, False)])
+def test_cpu_int8_direct_from_gptq_words_equals_packing_the_codes(n, k, sym):
+    """CpuInt8.from_module turns GPTQ 8-bit words into the int8 weight directly; the module equals one
+    packed from unpacked codes, and the checkpoint's words are left untouched."""
+    from quantkit.formats.layouts import GPTQLayout
+    from quantkit.grid import rtn_quantize
+    from quantkit.kernels.cpu import CpuInt8
+    from quantkit.kernels.unpack import fast_quantized
+
+    if CpuInt8.unavailable():
+        pytest.skip(CpuInt8.unavailable())
+    g = torch.Generator().manual_seed(n + k)
+    qw = rtn_quantize(torch.randn(n, k, generator=g), 8, -1, sym)
+    mod = QuantLinear.from_quantized(qw, GPTQLayout())
+    words = mod.qweight.clone()
+    direct = CpuInt8.from_module(mod, fast_quantized(mod, codes=False), "cpu", torch.float32)
+    full = CpuInt8(fast_quantized(mod), GPTQLayout(), "cpu", torch.float32)
+    assert torch.equal(mod.qweight, words)
+    a, b = direct.buffers_dict(), full.buffers_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] is None) == (b[key] is None) and (a[key] is None or torch.equal(a[key], b[key])), key
+    assert a["qweight"].dtype == torch.int8 and a["qweight"].shape == (n, k)
+    x = torch.randn(3, k, generator=g)
+    assert torch.equal(direct(x), full(x))
+
+
 def test_dense_kernel_is_bit_identical_to_the_reference(tiny_llama, text_file, tmp_path):
     """kernel="dense" dequantizes once at load; its logits equal the reference module's bit for bit."""
     for name, scheme in (("g32", {"bits": 4, "group_size": 32}), ("act", {"bits": 3, "group_size": 32, "desc_act": True})):

@@ -37,7 +37,9 @@ TOKENIZE_PER_CHAR = 135         # transient RSS per character of calibration tex
 RUNTIME = 60 * MiB              # modeling code, weight loading machinery, first-use buffers of torch's kernels
 FORWARD_FACTOR = 2              # a batch's forward transients as seen in RSS, over the tensors it allocates
 ALLOCATOR_SLACK = 1.10          # freed-but-not-returned heap (glibc arenas) on everything allocated
-AWQ_CHUNK = (1 << 24) * F32     # methods/awq.py _CHUNK_ELEMENTS: one batch of candidate weights
+AWQ_CHUNK = 1 << 24             # methods/awq.py _CHUNK_ELEMENTS: floats in one batch of candidate weights
+AWQ_GRID = 20                   # methods/awq.py AWQConfig.n_grid: candidate scales per mapping
+AWQ_KEEP = 4                    # methods/awq.py SCREEN_KEEP + alpha 0: candidates re-scored on the whole sample
 AWQ_SCORE_TOKENS = 2048         # methods/awq.py AWQConfig.score_tokens
 BNB_METHODS = ("nf4", "fp4", "int8")
 
@@ -178,6 +180,32 @@ def packed_bytes(out_f: int, in_f: int, bits: int, group_size: int) -> int:
     return out_f * in_f * bits // 8 + groups * out_f * (bits / 8 + 2) + in_f * 4
 
 
+def _awq_grid_elements(g: Geometry, rows: int, in_f: int, budget: int) -> int:
+    """Floats alive at once while AWQ scores the candidate scales of one mapping, whose Linears are a group
+    (`rows` stacked outputs, `in_f` inputs: S = rows * in_f weights). `awq.best_scale` scores the candidates
+    in chunks of k = min(n_grid, _CHUNK_ELEMENTS // S), so k * S <= 64 MiB once chunked; alive then:
+    - making them (`scaled_fake_quant`, one Linear after the other): the chunk's candidates of the Linears
+      before, and for the current one (largest L = out * in) W * s plus two (k, out, in) temporaries of
+      `fake_quantize` (w / scale, round): k * S + 2 * k * L, at most 3 * k * S;
+    - scoring one Linear (`LinearEvaluator`, o_proj / down_proj): the candidates, W_hat - W and x @ d^T with
+      its square (step, n, rows) for its own chunks of candidates, on n = budget / 4 screening tokens (then
+      at most AWQ_KEEP candidates on the whole budget).
+    Module evaluators (attention, MLP) run one sequence or a quarter of the sample: below the block forward.
+    smollm2 down_proj (576 x 1536): k = 18, 3 * k * S = 191 MB, where 7 * 64 MiB (the factor this replaced)
+    gave 448 MiB against ~450 MiB measured for the whole transient (session 4)."""
+    size = rows * in_f
+    k = min(AWQ_GRID, max(1, AWQ_CHUNK // size))
+    largest = max([o * i for o, i in g.linears if i == in_f and o <= rows] or [size])
+    make = k * size + 2 * k * largest
+    if largest < size:  # a stacked group is scored by running its module (ModuleEvaluator), not as a Linear
+        return make
+    score = 0
+    for kk, n in ((k, max(1, budget // 4)), (min(k, AWQ_KEEP), budget)):  # screening, then the kept ones
+        step = min(kk, max(1, AWQ_CHUNK // (n * rows)))  # LinearEvaluator's own chunk of candidates
+        score = max(score, kk * size + step * size + 2 * step * n * rows)
+    return max(make, score)
+
+
 def _block_method_bytes(g: Geometry, s: Settings) -> tuple[int, str]:
     """The method's own working memory while one block is calibrated, and a description."""
     n_tok = s.nsamples * s.seqlen
@@ -189,7 +217,7 @@ def _block_method_bytes(g: Geometry, s: Settings) -> tuple[int, str]:
         gs = s.group_size if s.group_size != -1 else 128
         stats = sites * (gs + budget) * F32                                  # Gram matrices + token sample
         calls = 2 * max(budget, s.seqlen) * g.hidden * F32 * 4               # attention calls and their outputs
-        grid = min(AWQ_CHUNK, 20 * max(o * i for o, i in g.linears) * F32) * 7  # candidate weights + temporaries
+        grid = max(_awq_grid_elements(g, r, i, budget) for r, i in g.groups) * F32
         return stats + calls + grid, "statistics + scale grid"
     return 0, ""
 
@@ -234,9 +262,18 @@ def estimate(g: Geometry, s: Settings, baseline: int, tokenizer_bytes: int = 0, 
     calibrated = s.method in ("gptq", "awq")
     tokenize = TOKENIZE_PER_CHAR * text_chars if calibrated else 0
     model = (g.outside_params if s.offload else g.outside_params + g.n_blocks * g.block_params) * F32 + RUNTIME
-    if s.method == "awq" and g.mapped and not s.offload:  # AWQ assigns new weights: the mapped file stays resident
-        model += g.n_blocks * sum(o * i for o, i in g.linears) * F32
+    # AWQ assigns new (scaled) weights block by block while the mapped file's pages stay resident: RSS grows
+    # by one block's Linears per block (smollm2: 27 MB per block, 651 -> 1413 MiB over 29 blocks), so this is
+    # there at the last block and the save, not at the load (measured before block 0: 1050 MiB, session 5)
+    awq_mapped = s.method == "awq" and g.mapped and not s.offload
+    grown = g.n_blocks * sum(o * i for o, i in g.linears) * F32 if awq_mapped else 0
     block = g.block_params * F32
+    # --offload disk: the peak inside a block still creeps up with depth. Measured (random Llama, hidden 2048,
+    # GPTQ 16 x 512, 1 thread, steady_heap on): 3053 / 3082 MiB at 3 blocks, 3331 MiB at 24 (12.5 MB per block;
+    # 16 MB before steady_heap: 3114 -> 3453 MiB), while RSS at each block's end stays flat. Not traced to a
+    # cause (the same runs under a 5 ms RSS sampler stayed at 2991-3015 MiB up to 24 blocks): one hidden x
+    # hidden float32 matrix per block (16 MiB at 2048, 0.25 MiB for the hidden 256 test models).
+    creep = g.n_blocks * g.hidden * g.hidden * F32 if s.offload else 0
     acts = s.nsamples * s.seqlen * g.hidden * F32
     big = g.max_tensor * (F32 + s.save_dtype_bytes)  # the largest tensor read or touched, and cast for the save
     packed_block = sum(packed_bytes(o, i, s.bits, s.group_size) for o, i in g.linears)
@@ -257,11 +294,13 @@ def estimate(g: Geometry, s: Settings, baseline: int, tokenizer_bytes: int = 0, 
         method, mdesc = _block_method_bytes(g, s)
         # activations stay on the host (store_device); the device holds the block, one batch and the method's work
         on_device = (block if s.offload or not cpu else 0) + _forward_bytes(g, s) + method
-        host = base + model + 2 * acts + _recorded_bytes(g, s) + (on_device if cpu else block if s.offload else 0)
+        host = (base + model + grown + creep + 2 * acts + _recorded_bytes(g, s)
+                + (on_device if cpu else block if s.offload else 0))
         stages.append(stage("block + activations", host,
                             f"1 block + inputs and outputs ({acts / MiB:.0f} MiB each) + {mdesc}",
                             0 if cpu else on_device, work))
-        stages.append(stage("save", base + model + big, "streamed: one tensor at a time", disk=work + out_bytes))
+        stages.append(stage("save", base + model + grown + big, "streamed: one tensor at a time",
+                            disk=work + out_bytes))
     elif s.method in BNB_METHODS:  # quantized while transformers loads it; save_pretrained writes from memory
         linear = g.n_blocks * sum(o * i for o, i in g.linears)
         loaded = linear * s.bits // 8 + (g.outside_params + g.n_blocks * g.block_params - linear) * s.save_dtype_bytes

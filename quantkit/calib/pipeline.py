@@ -275,6 +275,30 @@ def release_heap() -> None:
         pass
 
 
+MMAP_THRESHOLD = 4 * 2**20  # bytes: allocations this large get their own mapping (glibc M_MMAP_THRESHOLD)
+
+
+def steady_heap() -> None:
+    """Serve every allocation of MMAP_THRESHOLD bytes or more (weights, activations, Hessians, GPTQ and AWQ
+    work tensors) from its own mmap, unmapped when freed; a no-op off glibc or when MALLOC_MMAP_THRESHOLD_
+    is set (the user's choice).
+
+    glibc's default threshold is dynamic: each freed mmapped chunk raises it, up to 32 MiB, after which
+    every tensor below 32 MiB (a 2048-wide batch of activations, a 2048 x 2048 Hessian) comes from the
+    heap, where freed ones stay resident until `release_heap` and the holes between live ones vary from
+    block to block. Measured (random Llama, hidden 2048, intermediate 5504, GPTQ --offload disk, 16 x 512,
+    1 thread): traced, block peaks 3064, 3114, 3149, 3121, 3134, 3137, 3189, 3152 MiB over 8 blocks with a
+    649-831 MiB main arena, against 3001-3007 MiB and a 133-151 MiB arena with this; untraced A/B on 3
+    blocks, 3109 / 3115 MiB without, 3053 / 3082 MiB with, in the same time (110-115 s).
+    """
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD)  # -3: M_MMAP_THRESHOLD (also stops its adjustment)
+    except (OSError, AttributeError):
+        pass
+
+
 def _test_hook_kill(i: int) -> None:
     """TEST HOOK (tests/unit/test_resume.py), inert unless QUANTKIT_TEST_KILL_AT_BLOCK is set: SIGKILL this
     process in the middle of block k (quantized, results not stored yet), as an OOM killer would."""
@@ -298,6 +322,7 @@ def run_sequential(model: nn.Module, spec: ArchSpec, samples: Tensor, quantize_b
     `compute_dtype` (e.g. bfloat16): each block computes in it while calibrated (activations too,
     passed on in it); quantization reads float32 masters and every block is restored after.
     """
+    steady_heap()
     source = blocks or InMemoryBlocks(get_blocks(model, spec))
     place_outside_blocks(model, spec, device)
     inputs = capture_inputs(model, spec, samples, batch_size, device, store_device)

@@ -77,3 +77,21 @@ def test_replay_gives_the_same_codes_as_full_forwards(tmp_path, arch):
     assert results[0].keys() == results[1].keys() and len(results[0]) > 0
     for k in results[0]:
         assert torch.equal(results[0][k].codes, results[1][k].codes), k
+
+
+def test_steady_heap_fixes_the_mmap_threshold_unless_the_user_did(monkeypatch):
+    import quantkit.calib.pipeline as pl
+
+    calls = []
+
+    class Libc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+
+    monkeypatch.setattr(pl.ctypes, "CDLL", lambda name: Libc())
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    pl.steady_heap()
+    assert calls == [(-3, 4 * 2**20)]  # M_MMAP_THRESHOLD: fixed, so glibc stops raising it
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    pl.steady_heap()
+    assert len(calls) == 1

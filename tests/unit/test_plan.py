@@ -120,3 +120,69 @@ def test_the_limit_allows_a_run_that_fits(model, tmp_path, monkeypatch):
     monkeypatch.setenv("QUANTKIT_MEMORY_LIMIT", str(in_memory + MiB))
     r = _cli(folder, text, tmp_path / "g", "--nsamples", "4", "--seqlen", "32")  # smaller than the plan above
     assert r.exit_code == 0, r.output
+
+
+def _smollm2_geometry():
+    """SmolLM2-135M's block shapes (hidden 576, 9 heads, 3 KV heads, intermediate 1536), without its files."""
+    from quantkit.plan import Geometry
+
+    linears = ((576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536))
+    return Geometry(n_blocks=30, hidden=576, heads=9, inter=1536, block_params=sum(o * i for o, i in linears) + 2 * 576,
+                    groups=((960, 576), (576, 576), (3072, 576), (576, 1536)), linears=linears,
+                    outside_params=49152 * 576 + 576, mapped=False, max_tensor=49152 * 576)
+
+
+def test_awq_grid_term_follows_the_candidate_chunks(model):
+    """What methods/awq.py keeps alive while scoring candidate scales (plan._awq_grid_elements)."""
+    from quantkit.plan import F32, _awq_grid_elements, _block_method_bytes
+
+    # smollm2 at 64 x 512: down_proj (576 x 1536) is chunked, k = 2**24 // (576 * 1536) = 18 candidates:
+    # W * s and two fake_quantize temporaries of 18 x 576 x 1536 floats (182 MiB, not 7 x 64 MiB)
+    g = _smollm2_geometry()
+    assert _awq_grid_elements(g, 576, 1536, 2048) == 3 * 18 * 576 * 1536
+    # gate/up (2 x 1536 rows): k = 9; the 9 candidates of both plus two temporaries of the last one
+    assert _awq_grid_elements(g, 3072, 576, 2048) == 9 * 3072 * 576 + 2 * 9 * 1536 * 576
+    # o_proj (576 x 576), unchunked (20): scoring it as a Linear is larger than making it: the candidates,
+    # W_hat - W, and x @ d^T with its square on the 512 screening tokens
+    assert _awq_grid_elements(g, 576, 576, 2048) == 2 * 20 * 576 * 576 + 2 * 20 * 512 * 576
+    s = Settings(method="awq", group_size=64, nsamples=64, seqlen=512)
+    stats = (576 + 576 + 576 + 1536) * (64 + 2048) * F32
+    calls = 2 * 2048 * 576 * F32 * 4
+    assert _block_method_bytes(g, s)[0] == stats + calls + 3 * 18 * 576 * 1536 * F32
+
+    # the tiny test model (hidden 256, intermediate 768) is not chunked: all 20 candidates of gate/up at once
+    folder, _ = model
+    tiny = geometry(json.loads((folder / "config.json").read_text()), _header(folder))
+    grid = max(_awq_grid_elements(tiny, r, i, 2048) for r, i in tiny.groups)
+    assert grid == 20 * 1536 * 256 + 2 * 20 * 768 * 256  # 60 MiB
+
+
+def test_awq_mapped_file_term_grows_over_the_blocks_not_at_the_load(model):
+    """AWQ on a float32 checkpoint (transformers maps it): the scaled weights it assigns add one block's Linears
+    per block while the file's pages stay resident, so the block and save stages carry them, the load does not."""
+    folder, _ = model
+    g = geometry(json.loads((folder / "config.json").read_text()), _header(folder))
+    assert g.mapped
+    s = Settings(method="awq", group_size=64, nsamples=32, seqlen=256)
+    mapped = {st.name: st.host for st in estimate(g, s, BASE).stages}
+    copied = {st.name: st.host for st in estimate(replace(g, mapped=False), s, BASE).stages}
+    grown = 16 * sum(o * i for o, i in g.linears) * 4
+    assert mapped["model load"] == copied["model load"] and mapped["calibration data"] == copied["calibration data"]
+    for name in ("block + activations", "save"):
+        assert mapped[name] - copied[name] == pytest.approx(grown * 1.1, abs=2)
+
+
+def test_offload_block_stage_creeps_with_depth(model):
+    """--offload disk: one hidden x hidden float32 per block on the block stage (measured creep, see plan.py)."""
+    folder, _ = model
+    g = geometry(json.loads((folder / "config.json").read_text()), _header(folder))
+    s = Settings(method="gptq", nsamples=16, seqlen=256, offload=True)
+    deep = {st.name: st.host for st in estimate(g, s, BASE).stages}
+    shallow = {st.name: st.host for st in estimate(replace(g, n_blocks=4), s, BASE).stages}
+    creep = 12 * 256 * 256 * 4  # 12 more blocks of hidden 256
+    assert deep["block + activations"] - shallow["block + activations"] == pytest.approx(creep * 1.1, abs=2)
+    assert deep["model load"] == shallow["model load"]
+    deep_mem = {st.name: st.host for st in estimate(g, replace(s, offload=False), BASE).stages}
+    shallow_mem = {st.name: st.host for st in estimate(replace(g, n_blocks=4), replace(s, offload=False), BASE).stages}
+    assert deep_mem["block + activations"] - shallow_mem["block + activations"] == pytest.approx(
+        12 * g.block_params * 4 * 1.1, abs=2)  # without offload: the blocks themselves, no creep term

@@ -29,6 +29,7 @@ from typing import Any
 
 MiB = 2**20
 F32 = 4
+F64 = 8
 # Measured on CPU (torch 2.13, transformers 5.24, glibc), see benchmarks/big.py:
 TRANSFORMERS_IMPORT = 30 * MiB  # transformers and its auto classes, when not imported yet
 TOKENIZER_FIXED = 50 * MiB      # the tokenization modules and a loaded fast tokenizer ...
@@ -210,7 +211,11 @@ def _block_method_bytes(g: Geometry, s: Settings) -> tuple[int, str]:
     """The method's own working memory while one block is calibrated, and a description."""
     n_tok = s.nsamples * s.seqlen
     if s.method == "gptq":  # the inputs it records to replay the next group share the outputs' slot
-        return max(4 * i * i * F32 + 5 * r * i * F32 for r, i in g.groups), "Hessian + GPTQ work"
+        # after the forward that fed a group's Hessian H (in x in, float32): inverse_cholesky holds H and at
+        # most two float64 in x in matrices; then the column loop holds H, its inverse factor and five
+        # (rows x in) float32 work tensors (W, Q, errors, ...)
+        return max(max(i * i * F32 + 2 * i * i * F64, 2 * i * i * F32 + 5 * r * i * F32)
+                   for r, i in g.groups), "Hessian + GPTQ work"
     if s.method == "awq":
         budget = min(AWQ_SCORE_TOKENS, n_tok // 4)
         sites = sum(i for _, i in g.groups)
@@ -293,7 +298,12 @@ def estimate(g: Geometry, s: Settings, baseline: int, tokenizer_bytes: int = 0, 
     if calibrated:
         method, mdesc = _block_method_bytes(g, s)
         # activations stay on the host (store_device); the device holds the block, one batch and the method's work
-        on_device = (block if s.offload or not cpu else 0) + _forward_bytes(g, s) + method
+        forward = _forward_bytes(g, s)
+        if s.method == "gptq":  # its work runs between forwards: only the Hessian being fed overlaps a forward
+            work_or_forward = max(forward + max(i * i * F32 for _, i in g.groups), method)
+        else:  # AWQ scores candidates by running parts of the block: statistics and grids meet the forward
+            work_or_forward = forward + method
+        on_device = (block if s.offload or not cpu else 0) + work_or_forward
         host = (base + model + grown + creep + 2 * acts + _recorded_bytes(g, s)
                 + (on_device if cpu else block if s.offload else 0))
         stages.append(stage("block + activations", host,

@@ -112,19 +112,27 @@ def inverse_cholesky(h: Tensor, damp: float, retries: int = 3, growth: float = 1
     Computed in float64 for stability. On failure damp grows by `growth`, at most
     `retries` more times; returns (None, last damp) if every try fails.
     """
-    h64 = h.to(torch.float64)
-    eye = torch.arange(h64.shape[0], device=h64.device)
-    mean_diag = float(h64.diagonal().mean())
+    # At most two (in, in) float64 matrices alive at once (with h itself, float32): each step's input is
+    # freed as soon as the next exists. At in = 28672 (a 70B down_proj) one is 6.6 GB; five were alive before.
+    n = h.shape[0]
+    eye = torch.arange(n, device=h.device)
+    mean_diag = float(h.to(torch.float64).diagonal().mean())
     d = damp
     for attempt in range(retries + 1):
-        hd = h64.clone()
+        hd = h.to(torch.float64)
         hd[eye, eye] += d * mean_diag
         lower, info = torch.linalg.cholesky_ex(hd)
+        del hd
         if int(info) == 0:
             hinv = torch.cholesky_inverse(lower)
+            del lower
             upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
             if int(info) == 0 and bool(torch.isfinite(upper).all()):
                 return upper.to(torch.float32), d
+            del upper
+        else:
+            del lower
         if attempt < retries:
             log.info("Cholesky failed with damp %.4g; retrying with %.4g", d, d * growth)
             d *= growth

@@ -186,3 +186,23 @@ def test_offload_block_stage_creeps_with_depth(model):
     shallow_mem = {st.name: st.host for st in estimate(replace(g, n_blocks=4), replace(s, offload=False), BASE).stages}
     assert deep_mem["block + activations"] - shallow_mem["block + activations"] == pytest.approx(
         12 * g.block_params * 4 * 1.1, abs=2)  # without offload: the blocks themselves, no creep term
+
+
+def test_gptq_work_runs_between_forwards(model):
+    """GPTQ's Cholesky and column loop run after the forward that fed the group's Hessian: the block stage
+    holds the larger of (forward + that Hessian) and the method's work, where AWQ (which scores candidates by
+    running parts of the block) holds both."""
+    from quantkit.plan import F32, F64, _block_method_bytes, _forward_bytes
+
+    folder, _ = model
+    g = geometry(json.loads((folder / "config.json").read_text()), _header(folder))
+    s = Settings(method="gptq", nsamples=16, seqlen=256)
+    # down_proj (256 x 768) is the largest group input: H, then two float64 copies in inverse_cholesky
+    assert _block_method_bytes(g, s)[0] == max(768 * 768 * F32 + 2 * 768 * 768 * F64,
+                                                2 * 768 * 768 * F32 + 5 * 256 * 768 * F32)
+    stages = {st.name: st.host for st in estimate(g, s, BASE).stages}
+    zero_work = {st.name: st.host for st in estimate(replace(g, groups=((1, 1),)), s, BASE).stages}
+    forward, hess = _forward_bytes(g, s), 768 * 768 * F32
+    method = _block_method_bytes(g, s)[0]
+    added = max(forward + hess, method) - max(forward + 4, _block_method_bytes(replace(g, groups=((1, 1),)), s)[0])
+    assert stages["block + activations"] - zero_work["block + activations"] == pytest.approx(added * 1.1, abs=2)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from quantkit.cli.options import Device, Force, JsonOut, Quiet
-from quantkit.cli.ui import command_quiet, emit_json, progress_bar
+from quantkit.cli.ui import command_quiet, emit_json, emit_table, progress_bar
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -16,20 +16,14 @@ if TYPE_CHECKING:
 
 def methods(ctx: typer.Context, json_out: JsonOut = None) -> None:
     """List the quantization methods."""
-    from rich.table import Table
-
     from quantkit.registry import list_methods
 
     infos = list_methods()
-    emit_json([i.__dict__ for i in infos], json_out)
-    if json_out == "-":
-        return
-    table = Table(title="quantkit methods")
-    for col in ("method", "calibration data", "format", "description"):
-        table.add_column(col)
-    for i in infos:
-        table.add_row(i.name, "needed" if i.needs_calibration else "not needed", ", ".join(i.formats), i.description)
-    ctx.obj.out.print(table)
+    emit_table(ctx.obj, [i.__dict__ for i in infos], json_out, "quantkit methods", infos, {
+        "method": lambda i: i.name,
+        "calibration data": lambda i: "needed" if i.needs_calibration else "not needed",
+        "format": lambda i: ", ".join(i.formats),
+        "description": lambda i: i.description})
 
 
 def info(ctx: typer.Context, path: Annotated[str, typer.Argument(help="A checkpoint folder.")],
@@ -116,8 +110,6 @@ def cache(ctx: typer.Context,
     """What quantkit keeps in its cache folder ($QUANTKIT_CACHE): packed kernel weights, base eval results, models."""
     import shutil
 
-    from rich.table import Table
-
     from quantkit.errors import UnknownNameError
     from quantkit.kernels.cache import pack_cache_dir
     from quantkit.paths import cache_dir
@@ -134,12 +126,6 @@ def cache(ctx: typer.Context,
         entries = len(list(folder.iterdir())) if folder.is_dir() else 0
         rows.append({"area": area, "folder": str(folder), "entries": entries,
                      "bytes": sum(f.stat().st_size for f in files)})
-    emit_json(rows, json_out)
-    if json_out == "-":
-        return
-    table = Table(title="quantkit cache")
-    for col in ("area", "folder", "entries", "size"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["area"], r["folder"], str(r["entries"]), f"{r['bytes'] / 2**20:.1f} MiB")
-    ctx.obj.out.print(table)
+    emit_table(ctx.obj, rows, json_out, "quantkit cache", rows, {
+        "area": lambda r: r["area"], "folder": lambda r: r["folder"], "entries": lambda r: str(r["entries"]),
+        "size": lambda r: f"{r['bytes'] / 2**20:.1f} MiB"})

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from quantkit.cli.options import Device, Force, JsonOut, Quiet
-from quantkit.cli.ui import command_quiet, emit_json, progress_bar
+from quantkit.cli.ui import command_quiet, emit_json, emit_table, progress_bar
 
 
 def convert(ctx: typer.Context,
@@ -55,14 +55,5 @@ def convert(ctx: typer.Context,
 
 
 def _print_table(ui, table: list[dict[str, str]], json_out: str | None) -> None:
-    from rich.table import Table
-
-    emit_json(table, json_out)
-    if json_out == "-":
-        return
-    t = Table(title="quantkit convert")
-    for col in ("from", "to", "kind", "how"):
-        t.add_column(col)
-    for r in table:
-        t.add_row(r["from"], r["to"], r["kind"], r["how"])
-    ui.out.print(t)
+    emit_table(ui, table, json_out, "quantkit convert", table,
+               {col: (lambda r, c=col: r[c]) for col in ("from", "to", "kind", "how")})

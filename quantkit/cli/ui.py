@@ -6,7 +6,7 @@ import json
 import os
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +71,23 @@ def progress_bar(enabled: bool, title: str) -> Iterator[Any]:
             bar.update(tasks[stage], completed=done, total=total)
 
         yield update
+
+
+def emit_table(ui: "UI", data: Any, json_out: str | None, title: str, rows: Iterable[Any],
+               columns: dict[str, Callable[[Any], str]]) -> None:
+    """`data` as JSON where --json asks, then (unless the JSON went to stdout) a table of `rows`, one
+    column per `columns` entry: its header and how a row renders in it."""
+    from rich.table import Table
+
+    emit_json(data, json_out)
+    if json_out == "-":
+        return
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*(cell(r) for cell in columns.values()))
+    ui.out.print(table)
 
 
 def emit_json(data: Any, dest: str | None) -> None:

@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -7,7 +9,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 os.environ.setdefault("TQDM_DISABLE", "1")
 # kernels' packed weights are cached per test session, never in the user's cache (tests reloading a
 # checkpoint with a kernel exercise the cache's read path)
-os.environ.setdefault("QUANTKIT_PACK_CACHE_DIR", tempfile.mkdtemp(prefix="quantkit-test-packed-"))
+if "QUANTKIT_PACK_CACHE_DIR" not in os.environ:
+    os.environ["QUANTKIT_PACK_CACHE_DIR"] = _packed = tempfile.mkdtemp(prefix="quantkit-test-packed-")
+    atexit.register(shutil.rmtree, _packed, ignore_errors=True)  # after the cache writer threads are joined
 
 
 @pytest.fixture(scope="session")

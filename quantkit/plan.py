@@ -273,11 +273,11 @@ def estimate(g: Geometry, s: Settings, baseline: int, tokenizer_bytes: int = 0, 
     awq_mapped = s.method == "awq" and g.mapped and not s.offload
     grown = g.n_blocks * sum(o * i for o, i in g.linears) * F32 if awq_mapped else 0
     block = g.block_params * F32
-    # --offload disk: the peak inside a block still creeps up with depth. Measured (random Llama, hidden 2048,
-    # GPTQ 16 x 512, 1 thread, steady_heap on): 3053 / 3082 MiB at 3 blocks, 3331 MiB at 24 (12.5 MB per block;
-    # 16 MB before steady_heap: 3114 -> 3453 MiB), while RSS at each block's end stays flat. Not traced to a
-    # cause (the same runs under a 5 ms RSS sampler stayed at 2991-3015 MiB up to 24 blocks): one hidden x
-    # hidden float32 matrix per block (16 MiB at 2048, 0.25 MiB for the hidden 256 test models).
+    # --offload disk: the peak inside a block still creeps up with depth while RSS at each block's end stays
+    # flat. Measured (random Llama, hidden 2048, GPTQ 16 x 512, 1 thread, final code): 2081 MiB at 3 blocks,
+    # 2319 MiB at 24 (11 MB per block; 16 MB before steady_heap and the leaner inverse_cholesky). Not traced
+    # to a cause (runs under a 5 ms RSS sampler stayed flat): one hidden x hidden float32 matrix per block
+    # (16 MiB at 2048, 0.25 MiB for the hidden 256 test models).
     creep = g.n_blocks * g.hidden * g.hidden * F32 if s.offload else 0
     acts = s.nsamples * s.seqlen * g.hidden * F32
     big = g.max_tensor * (F32 + s.save_dtype_bytes)  # the largest tensor read or touched, and cast for the save

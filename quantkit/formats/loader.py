@@ -11,7 +11,7 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -22,6 +22,9 @@ from quantkit.formats.qlinear import QuantLinear
 from quantkit.formats.specs import detect_format
 from quantkit.models.moe import from_hub_names, swap_experts
 from quantkit.models.sources import load_model, read_config, resolve
+
+if TYPE_CHECKING:
+    from quantkit.kernels.cache import PackCache
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +75,20 @@ def _skeleton(folder: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.M
 
 def load_packed(folder: Path, qc: dict[str, Any], device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-                prebuilt: Callable[[Any], dict[str, nn.Module]] | None = None) -> nn.Module:
-    """The checkpoint's model with reference QuantLinears; `prebuilt(layout)` may supply some Linears'
-    modules ready-made ({module name: module}, the packed-weight cache): their tensors are not read."""
+                ready: dict[str, nn.Module] | None = None) -> nn.Module:
+    """The checkpoint's model with reference QuantLinears, but for the Linears `ready` supplies already
+    built ({module name: module}, from the packed-weight cache): their tensors are not read."""
     fmt = detect_format(qc)
     layout, scheme = fmt.read(qc)
     model = _skeleton(folder, dtype, trust_remote_code)
     swap_experts(model)  # MoE: per-expert Linears, as quantized; hub names (experts.{e}.w1, ...) -> module names
-    ready = prebuilt(layout) if prebuilt is not None else {}
-    tensors = from_hub_names(model, read_tensors(folder, skip=lambda k: k.rsplit(".", 1)[0] in ready))
-    tensors = {k: t for k, t in tensors.items() if k.rsplit(".", 1)[0] not in ready}  # MoE: hub names differ
+    ready = ready or {}
+
+    def supplied(key: str) -> bool:
+        return key.rsplit(".", 1)[0] in ready
+
+    tensors = from_hub_names(model, read_tensors(folder, skip=supplied))
+    tensors = {k: t for k, t in tensors.items() if not supplied(k)}  # MoE: hub names differ from module names
     for name, mod in ready.items():
         lin = model.get_submodule(name)
         if not isinstance(lin, nn.Linear) or (lin.in_features, lin.out_features) != (mod.in_features, mod.out_features):
@@ -121,7 +128,7 @@ def load_packed(folder: Path, qc: dict[str, Any], device: torch.device | str = "
 
 
 def _pack_cache(folder: Path, qc: dict[str, Any], kernel: str, device: torch.device, dtype: torch.dtype,
-                requested: bool | None) -> Any:
+                requested: bool | None) -> PackCache | None:
     """The packed-weight cache entry of this load, or None (cache off, or a kernel that packs nothing)."""
     from quantkit.kernels import AUTO, KERNELS, REFERENCE
     from quantkit.kernels.cache import PackCache, cache_enabled
@@ -152,15 +159,11 @@ def load(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtyp
         if qc is not None:
             if detect_format(qc) is not None:
                 cache = _pack_cache(folder, qc, kernel, torch.device(device), dtype, pack_cache)
-                hit: dict[str, nn.Module] = {}
-
-                def prebuilt(layout: Any) -> dict[str, nn.Module]:
-                    hit.update(cache.read(layout, dtype) or {})
-                    return hit
-
-                model = load_packed(folder, qc, device, dtype, trust_remote_code, prebuilt if cache else None)
+                layout, _ = detect_format(qc).read(qc)
+                ready = (cache.read(layout, dtype) or {}) if cache else {}
+                model = load_packed(folder, qc, device, dtype, trust_remote_code, ready)
                 apply_kernels(model, kernel, dtype)  # after a hit: only the layers no kernel served (if any)
-                if cache and not hit:
+                if cache and not ready:
                     cache.write(model, background=True)  # the load returns once packed
                 return model
             if qc.get("quant_method") == "bitsandbytes":

@@ -1,7 +1,7 @@
 """Packed-weight cache: a checkpoint's kernel buffers, packed once, read back on later loads.
 
 Packing for torch's int4/int8 CPU matmuls reshuffles every code nibble (a byte-granular
-transpose: about 1 s per billion 4-bit weights on one core), so a packing load costs several
+transpose: about 0.7 s per billion 4-bit weights on one core), so a packing load costs several
 times the reference loader, which only maps the checkpoint. The first load with a cacheable
 kernel writes the packed buffers of every layer it served to one safetensors file; a later
 load of the same checkpoint reads them instead of the checkpoint's qweight/qzeros/scales.
@@ -102,13 +102,9 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 def _write_aligned(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """A safetensors file whose data starts 64-byte aligned, tensors of whole 64-byte multiples first:
     those (every packed weight) then map aligned and are read lazily, like the checkpoint itself."""
-    order = sorted(tensors, key=lambda k: (_nbytes(tensors[k]) % ALIGN != 0, k))
-    entries = [Entry(k, tensors[k].dtype, tuple(tensors[k].shape), lambda t=tensors[k]: t) for k in order]
+    entries = [Entry(k, t.dtype, tuple(t.shape), lambda t=t: t) for k, t in tensors.items()]
+    entries.sort(key=lambda e: (e.nbytes % ALIGN != 0, e.name))
     write_file(Path(path), entries, metadata, align=ALIGN, in_order=True)
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 class PackCache:
@@ -160,11 +156,11 @@ class PackCache:
             if not isinstance(mod, KernelLinear) or not mod.cacheable:
                 continue
             rec = mod.cache_record()
-            bufs = dict(mod.named_buffers(recurse=False))
-            rec["buffers"] = [b for b, t in bufs.items() if t is not None]
-            rec["none"] = [b for b in mod._buffers if mod._buffers[b] is None]
-            for b in rec["buffers"]:
-                tensors[f"{name}:{b}"] = bufs[b].detach().to("cpu").contiguous()
+            rec["buffers"], rec["none"] = [], []
+            for b, t in mod._buffers.items():  # registered buffers, None ones included (restored as None)
+                rec["none" if t is None else "buffers"].append(b)
+                if t is not None:
+                    tensors[f"{name}:{b}"] = t.detach().to("cpu").contiguous()
             layers[name] = rec
         if not layers:
             return 0

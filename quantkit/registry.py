@@ -25,6 +25,7 @@ BUILTIN: dict[str, str] = {
     "fp4": "quantkit.methods.bnb:FP4",
     "int8": "quantkit.methods.bnb:INT8",
     "awq": "quantkit.methods.awq_method:AWQ",
+    "signround": "quantkit.methods.signround.run:SignRound",
 }
 
 

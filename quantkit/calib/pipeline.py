@@ -54,6 +54,7 @@ class BlockInputs:
     args: tuple = ()                             # extra positional args after hidden_states
     kwargs: dict[str, Any] = field(default_factory=dict)  # shared by every batch (same shapes, no padding)
     per_layer: list[dict[str, Any]] | None = None  # kwargs per block, for archs whose blocks differ
+    reference: list[Tensor] | None = None        # the float model's inputs to the block (run_sequential(reference=True))
 
     def kwargs_for(self, i: int) -> dict[str, Any]:
         return self.per_layer[i] if self.per_layer is not None else self.kwargs
@@ -72,7 +73,7 @@ class BlockStore(Protocol):
 
     def resume(self, n_blocks: int, samples: Tensor) -> tuple[int, list[Tensor] | None, dict[str, Any]]: ...
     def finished(self, i: int, block: nn.Module, results: dict[str, Any], next_inputs: list[Tensor] | None,
-                 last: bool) -> dict[str, Any]: ...
+                 last: bool, reference: list[Tensor] | None = None) -> dict[str, Any]: ...
 
 
 class InMemoryBlocks:
@@ -187,6 +188,10 @@ class BlockCalib:
         # (AWQ: float propagation, as AutoAWQ does) sets this; the pipeline then skips its own pass.
         self.next_inputs: list[Tensor] | None = None
         self.batch = 0  # index of the batch a pass is running (set by `forward` and by replays)
+        # With run_sequential(reference=True): the float model's inputs to this block and the float block's
+        # outputs on them (computed before the method runs), what a method tunes the quantized block towards.
+        self.reference_inputs: list[Tensor] | None = inputs.reference
+        self.reference_outputs: list[Tensor] | None = None
 
     @property
     def store_device(self) -> torch.device:
@@ -200,6 +205,25 @@ class BlockCalib:
     def batches(self) -> Iterator[Tensor]:
         for h in self._inputs.hidden:
             yield h.to(self.device, self.dtype)
+
+    @property
+    def args(self) -> tuple:
+        return self._args
+
+    def inputs(self) -> list[Tensor]:
+        """The quantized model's inputs to this block, per batch, on the store device."""
+        return self._inputs.hidden
+
+    @torch.no_grad()
+    def run_reference(self) -> None:
+        """The float block's outputs on the float model's inputs (before any Linear is quantized)."""
+        if self.reference_inputs is None:
+            return
+        outs = []
+        for h in self.reference_inputs:
+            out = _first(self.block(h.to(self.device, self.dtype), *self._args, **self._kwargs))
+            outs.append(out.detach().to(self.store_device))
+        self.reference_outputs = outs
 
     def master(self, linear: nn.Module) -> Tensor:
         """The (out, in) weight to quantize: the float32 original when the block computes in a lower dtype."""
@@ -307,11 +331,19 @@ def _test_hook_kill(i: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _saved_reference(store: BlockStore, start: int, store_device: torch.device | str) -> list[Tensor]:
+    saved = getattr(store, "saved_reference", lambda _i: None)(start)
+    if saved is None:
+        raise RuntimeError("the work folder holds no float reference stream for this block; pass --no-resume")
+    return [h.to(store_device) for h in saved]
+
+
 @torch.no_grad()
 def run_sequential(model: nn.Module, spec: ArchSpec, samples: Tensor, quantize_block: BlockFn, *,
                    device: torch.device, batch_size: int = 8, store_device: torch.device | str = "cpu",
                    blocks: BlockSource | None = None, progress: Progress | None = None,
-                   store: BlockStore | None = None, compute_dtype: torch.dtype | None = None) -> dict[str, Any]:
+                   store: BlockStore | None = None, compute_dtype: torch.dtype | None = None,
+                   reference: bool = False) -> dict[str, Any]:
     """Calibrate and quantize the model block by block. Returns {full module name: method result}.
 
     `quantize_block(calib)` must leave the block computing with its quantized weights
@@ -321,11 +353,16 @@ def run_sequential(model: nn.Module, spec: ArchSpec, samples: Tensor, quantize_b
     what the store gives back (QuantizedWeight results live on disk).
     `compute_dtype` (e.g. bfloat16): each block computes in it while calibrated (activations too,
     passed on in it); quantization reads float32 masters and every block is restored after.
+    `reference`: also carry the float model's hidden states from block to block; each `BlockCalib` then
+    holds the float block's inputs and outputs (`reference_inputs`, `reference_outputs`), computed before
+    the method runs, and the store keeps them for a resume.
     """
     steady_heap()
     source = blocks or InMemoryBlocks(get_blocks(model, spec))
     place_outside_blocks(model, spec, device)
     inputs = capture_inputs(model, spec, samples, batch_size, device, store_device)
+    if reference:
+        inputs.reference = [h.clone() for h in inputs.hidden]
     results: dict[str, Any] = {}
     n, start = len(source), 0
     if store is not None:
@@ -333,6 +370,8 @@ def run_sequential(model: nn.Module, spec: ArchSpec, samples: Tensor, quantize_b
         results.update(kept)
         if saved is not None:
             inputs.hidden = [h.to(store_device) for h in saved]
+            if reference:
+                inputs.reference = _saved_reference(store, start, store_device)
         if start and progress:
             progress("blocks", start, n)
     for i in range(start, n):
@@ -340,13 +379,22 @@ def run_sequential(model: nn.Module, spec: ArchSpec, samples: Tensor, quantize_b
         last = i == n - 1
         with computing_in(block, compute_dtype) as masters:
             calib = BlockCalib(i, block, inputs, device, compute_dtype, masters)
+            if reference:
+                calib.run_reference()
             done = {f"{spec.blocks}.{i}.{name}": res for name, res in quantize_block(calib).items()}
             _test_hook_kill(i)
             if calib.next_inputs is not None:
                 inputs.hidden = calib.next_inputs
             elif not last:  # nobody reads the last block's outputs
                 inputs.hidden = calib.forward(keep_outputs=True)
-        results.update(done if store is None else store.finished(i, block, done, inputs.hidden, last))
+        if reference:
+            inputs.reference = calib.reference_outputs
+        if store is None:
+            results.update(done)
+        elif reference:
+            results.update(store.finished(i, block, done, inputs.hidden, last, reference=inputs.reference))
+        else:
+            results.update(store.finished(i, block, done, inputs.hidden, last))
         source.release(i, block)
         del block, calib, done
         release_heap()

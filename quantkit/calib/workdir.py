@@ -236,7 +236,7 @@ class BlockStore:
             if not f.is_file():
                 raise ResumeError(f"{w.path} is damaged ({f.name} is missing); pass --no-resume to start over")
             saved = load_file(str(f))
-            inputs = [saved[f"hidden.{k:05d}"] for k in range(len(saved))]
+            inputs = [saved[k] for k in sorted(saved) if k.startswith("hidden.")]
         for f in w.path.glob("inputs-*.safetensors"):  # a kill between steps may leave an older one
             if f.name != self._file("inputs", self.done).name:
                 f.unlink()
@@ -247,8 +247,17 @@ class BlockStore:
         return self.done, inputs, kept
 
     # ------------------------------------------------------------------ one finished block
+    def saved_reference(self, i: int) -> list[Tensor] | None:
+        """The float model's inputs to block `i` saved beside the quantized ones, or None."""
+        f = self._file("inputs", i)
+        if not f.is_file():
+            return None
+        saved = load_file(str(f))
+        ref = sorted(k for k in saved if k.startswith("reference."))
+        return [saved[k] for k in ref] or None
+
     def finished(self, i: int, block: nn.Module, results: dict[str, Any], next_inputs: list[Tensor] | None,
-                 last: bool) -> dict[str, Any]:
+                 last: bool, reference: list[Tensor] | None = None) -> dict[str, Any]:
         """Write block `i` (its packed Linears from `results`, its other tensors from `block`), its side results
         and the next block's inputs; returns what stays in memory (the side results)."""
         t0 = time.perf_counter()
@@ -271,8 +280,10 @@ class BlockStore:
         if side:
             _save_atomic(side, self._file("side", i))
         if not last and next_inputs is not None:
-            _save_atomic({f"hidden.{k:05d}": h.detach().cpu().contiguous() for k, h in enumerate(next_inputs)},
-                         self._file("inputs", i + 1))
+            saved = {f"hidden.{k:05d}": h.detach().cpu().contiguous() for k, h in enumerate(next_inputs)}
+            for k, h in enumerate(reference or ()):
+                saved[f"reference.{k:05d}"] = h.detach().cpu().contiguous()
+            _save_atomic(saved, self._file("inputs", i + 1))
         self.done = i + 1
         self.quantized = self.quantized[:i] + [len(quantized)]
         _write_json_atomic(self.path / STATE, {"done": self.done, "quantized": self.quantized})

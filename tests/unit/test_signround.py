@@ -135,3 +135,32 @@ def test_resume_gives_the_same_checkpoint(tiny, text_file, tmp_path, monkeypatch
     assert (tmp_path / "out.partial" / "inputs-00001.safetensors").is_file()
     quantize(tiny, "signround", tmp_path / "out", **kw)
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
+
+
+def test_end_to_end_tuning_lowers_kl_and_keeps_codes(tiny):
+    from transformers import AutoModelForCausalLM
+
+    from quantkit.methods.signround.e2e import E2EParams, _kl, tune_end_to_end
+
+    base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    quantized = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and ".layers." in name:
+            quantized[name] = rtn_quantize(mod.weight, 3, 32, False)
+            mod.weight.data.copy_(quantized[name].dequantize())
+    samples = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(0))
+
+    def kl():
+        with torch.no_grad():
+            return float(_kl(base(input_ids=samples).logits, model(input_ids=samples).logits))
+
+    before = kl()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    out = tune_end_to_end(model, base, quantized, samples, E2EParams(steps=30, batch_size=4, lr=1e-2, norm_lr=1e-2))
+    assert kl() < before
+    for name, qw in out.items():
+        assert torch.equal(qw.codes, quantized[name].codes) and torch.equal(qw.zeros, quantized[name].zeros)
+        assert torch.equal(qw.scales, qw.scales.half().float())
+        assert torch.equal(model.get_submodule(name).weight, qw.dequantize())
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}

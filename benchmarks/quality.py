@@ -1,0 +1,235 @@
+"""Quality benchmark (not a test): every quantkit method beside AutoRound, on one or two real models.
+
+Protocol (as /work/shared/peers): 64 calibration windows x 512 tokens of wiki-vital's calibration part drawn
+with random.Random(0) (`quantkit.calib.data.calibration_samples`, the same windows for every row, AutoRound
+included); evaluation on the first 40 non-overlapping 512-token windows of the test text, each on its own,
+KL(base || model) over the full vocabulary, top-1 agreement, ppl = exp(mean NLL), fp32. Every quantization
+runs in its own subprocess (wall time, CPU time and peak RSS are its own). AutoRound 0.16.1 runs in its own
+venv (`bash scripts/setup-autoround.sh`), never as a dependency; its checkpoint is reloaded in that venv and
+scored there by the same quantkit evaluator.
+
+    .venv/bin/python benchmarks/quality.py                                   # smollm2-135m, default rows
+    .venv/bin/python benchmarks/quality.py --model gemma3-270m --rows rtn-w4g64,signround-w4g64
+    .venv/bin/python benchmarks/quality.py --rows signround-w4g64 --peers autoround-w4g64-i50
+
+Rows are METHOD-SETTING[-VARIANT]; see ROWS. Results are appended to benchmarks/results/quality.jsonl
+(one line per row and run) and the Markdown table goes to benchmarks/results/quality-<model>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+AUTOROUND_PY = ROOT / ".venv-autoround" / "bin" / "python"
+log = logging.getLogger("bench.quality")
+
+SCHEMES = {"w4g64": {"bits": 4, "group_size": 64}, "w3g64": {"bits": 3, "group_size": 64}}
+# row -> (method, options); the setting (w4g64 / w3g64) is the row name's second part
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "rtn": ("rtn", {}),
+    "gptq": ("gptq", {}),
+    "awq": ("awq", {}),
+    "signround": ("signround", {}),
+    "signround-i50": ("signround", {"iters": 50}),
+    "signround-i200": ("signround", {"iters": 200}),
+    "signround-nonorm": ("signround", {"tune_norms": False}),
+    "signround-sym": ("signround", {}),
+}
+SYM_ROWS = {"signround-sym"}
+DEFAULT_ROWS = "rtn-w4g64,awq-w4g64,gptq-w4g64,signround-w4g64,rtn-w3g64,gptq-w3g64,signround-w3g64"
+
+
+def parse_row(row: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """'signround-w4g64-i50' -> (method, scheme, options)."""
+    parts = row.split("-")
+    setting = next((p for p in parts if p in SCHEMES), None)
+    if setting is None:
+        raise SystemExit(f"row {row}: no setting (one of {', '.join(SCHEMES)})")
+    variant = "-".join(p for p in parts if p != setting)
+    if variant not in VARIANTS:
+        raise SystemExit(f"row {row}: unknown variant {variant} (one of {', '.join(VARIANTS)})")
+    method, options = VARIANTS[variant]
+    scheme = dict(SCHEMES[setting], sym=variant in SYM_ROWS)
+    return method, scheme, options
+
+
+def _peak_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+# ------------------------------------------------------------------------------------------- children
+def child_quantkit(a: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(a.threads)
+    t0 = time.perf_counter()
+    from quantkit.api import quantize
+
+    method, scheme, options = parse_row(a.child)
+    summary = quantize(a.model, method, a.child_out, scheme=scheme, options=options, device="cpu",
+                       calib={"dataset": "wiki-vital", "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": 0})
+    return {"quant_s": summary["quantize_seconds"], "process_s": time.perf_counter() - t0, "cpu_s": _cpu_s(),
+            "peak_rss_mib": _peak_mib(), "size_bytes": summary["size_bytes"]}
+
+
+def child_autoround(a: argparse.Namespace) -> dict[str, Any]:
+    """In .venv-autoround: AutoRound with the peers' settings on quantkit's calibration windows."""
+    import torch
+
+    torch.set_num_threads(a.threads)
+    t0 = time.perf_counter()
+    from auto_round import AutoRound
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantkit.calib.data import calibration_samples
+    from quantkit.models.sources import resolve
+
+    parts = a.child.split("-")  # autoround-w4g64-i50
+    scheme, iters = SCHEMES[parts[1]], int(parts[2].removeprefix("i"))
+    path = resolve(a.model).path
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ids = calibration_samples(tok, "wiki-vital", a.nsamples, a.seqlen, 0)
+    data = [{"input_ids": row.unsqueeze(0), "attention_mask": torch.ones_like(row).unsqueeze(0)} for row in ids]
+    t_q = time.perf_counter()
+    ar = AutoRound(model, tok, scheme="W4A16", bits=scheme["bits"], group_size=scheme["group_size"], dataset=data,
+                   iters=iters, nsamples=a.nsamples, seqlen=a.seqlen, batch_size=8, enable_torch_compile=False,
+                   device_map="cpu")
+    ar.quantize_and_save(str(a.child_out), format="auto_round")
+    quant_s = time.perf_counter() - t_q
+    size = sum(f.stat().st_size for f in Path(a.child_out).rglob("*") if f.is_file())
+    return {"quant_s": quant_s, "process_s": time.perf_counter() - t0, "cpu_s": _cpu_s(), "peak_rss_mib": _peak_mib(),
+            "size_bytes": size}
+
+
+def child_score(a: argparse.Namespace) -> dict[str, Any]:
+    """Score checkpoints (a comma list of folders) against the base: ppl, KL, top-1."""
+    import torch
+
+    torch.set_num_threads(a.threads)
+    from quantkit.calib.data import test_windows
+    from quantkit.eval.quality import evaluate
+    from quantkit.models.sources import load_model, resolve
+
+    base, tok = load_model(resolve(a.model), torch.float32)
+    windows = test_windows(tok, seqlen=512, max_windows=a.windows)
+    if a.child == "base":
+        return {"base": {"ppl": evaluate([base], windows)[0].ppl}}
+    out = {}
+    for folder in a.child_out.split(","):
+        if (Path(folder) / "quantkit.json").is_file():
+            import quantkit
+
+            model = quantkit.load(folder, dtype=torch.float32, kernel="reference")
+        else:  # a peer's checkpoint, through transformers (AutoRound's own loader in its venv)
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cpu")
+            model = model.float()
+        q = evaluate([model], windows, base=base)[0]
+        out[folder] = {"ppl": q.ppl, "kl": q.kl, "top1": q.top1}
+        del model
+    return out
+
+
+def spawn(python: Path | str, args: list[str]) -> dict[str, Any]:
+    cmd = [str(python), __file__, *args]
+    log.info("running %s", " ".join(cmd))
+    res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False, cwd=ROOT)
+    if res.returncode:
+        raise SystemExit(f"{' '.join(args[:2])} failed with exit code {res.returncode}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------------- table
+def markdown(model: str, rows: list[dict[str, Any]], base_ppl: float, a: argparse.Namespace, seconds: float) -> str:
+    lines = [
+        f"# Quality on {model}: {a.nsamples} x {a.seqlen} calibration tokens (wiki-vital, seed 0)",
+        "",
+        f"Eval: first {a.windows} non-overlapping 512-token windows of wiki-vital's test text; KL(base || model) over "
+        f"the full vocabulary; fp32, {a.threads} threads, {platform.machine()} CPU. All rows of this table ran in one "
+        f"`benchmarks/quality.py` run (total {seconds / 60:.1f} min): compare their times as ratios.",
+        "",
+        f"Command: `.venv/bin/python benchmarks/quality.py --model {model} --rows {a.rows}"
+        + (f" --peers {a.peers}" if a.peers else "") + "`",
+        "",
+        "| row | library | quant s | process CPU s | peak RSS MiB | ckpt MB | ppl | KL | top-1 % |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| fp32 base | - | - | - | - | - | {base_ppl:.3f} | 0 | 100.00 |",
+    ]
+    for r in rows:
+        lines.append(f"| {r['row']} | {r['library']} | {r['quant_s']:.1f} | {r['cpu_s']:.0f} | {r['peak_rss_mib']:.0f} | "
+                     f"{r['size_bytes'] / 1e6:.1f} | {r['ppl']:.3f} | {r['kl']:.4f} | {r['top1']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--rows", default=DEFAULT_ROWS)
+    ap.add_argument("--peers", default="", help="comma list of autoround-SETTING-iITERS (needs .venv-autoround)")
+    ap.add_argument("--nsamples", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--child-kind", choices=["quantkit", "autoround", "score"], help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if a.child_kind:
+        fn = {"quantkit": child_quantkit, "autoround": child_autoround, "score": child_score}[a.child_kind]
+        print(json.dumps(fn(a)))
+        return
+    t0 = time.perf_counter()
+    common = ["--model", a.model, "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen),
+              "--windows", str(a.windows), "--threads", str(a.threads)]
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="quantkit-bench-quality-") as tmp:
+        for row in [r for r in a.rows.split(",") if r]:
+            out = str(Path(tmp) / row)
+            r = spawn(sys.executable, ["--child", row, "--child-kind", "quantkit", "--child-out", out, *common])
+            r.update(spawn(sys.executable, ["--child", row, "--child-kind", "score", "--child-out", out, *common])[out])
+            rows.append({"row": row, "library": "quantkit", "out": out, **r})
+            log.info("%s: %s", row, rows[-1])
+        for peer in [p for p in a.peers.split(",") if p]:
+            if not AUTOROUND_PY.exists():
+                raise SystemExit("AutoRound rows need .venv-autoround: bash scripts/setup-autoround.sh")
+            out = str(Path(tmp) / peer)
+            r = spawn(AUTOROUND_PY, ["--child", peer, "--child-kind", "autoround", "--child-out", out, *common])
+            r.update(spawn(AUTOROUND_PY, ["--child", peer, "--child-kind", "score", "--child-out", out, *common])[out])
+            rows.append({"row": peer, "library": "auto-round 0.16.1", "out": out, **r})
+            log.info("%s: %s", peer, rows[-1])
+        base = spawn(sys.executable, ["--child", "base", "--child-kind", "score", "--child-out", "-", *common])
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%d %H:%M")
+    with (RESULTS / "quality.jsonl").open("a") as fh:
+        for r in rows:
+            fh.write(json.dumps({"when": stamp, "model": a.model, **{k: v for k, v in r.items() if k != "out"}}) + "\n")
+    text = markdown(a.model, rows, base["base"]["ppl"], a, time.perf_counter() - t0)
+    (RESULTS / f"quality-{a.model}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""End-to-end tuning of the float parts of a quantized model against the float model's logits.
+
+After block-wise rounding, the integer codes and zero points are fixed. What stays float in every standard
+checkpoint is tuned here on the whole model at once (EfficientQAT's E2E-QP stage, with norms added):
+
+    scales  (out, G) per quantized Linear, as s = s0 * exp(t)  (t starts at 0; stored back in fp16)
+    norms   the decoder blocks' and the final norm's weights
+
+The loss is KL(base || quantized) over the full vocabulary on the calibration windows, the same quantity the
+evaluator reports. The teacher's logits come from the float model, run beside it without gradients.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from quantkit.grid import QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class E2EParams:
+    """steps: optimizer steps (0: off); batch_size: windows per step; lr: Adam step of log-scales and norms."""
+
+    steps: int = 32
+    batch_size: int = 2
+    lr: float = 1e-3
+    norm_lr: float = 1e-3
+    autocast: torch.dtype | None = None
+    seed: int = 0
+
+
+def _norm_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    return {n: p for n, p in model.named_parameters()
+            if p.ndim == 1 and id(p) not in linear and "norm" in n and n.endswith("weight")}
+
+
+def _kl(teacher: Tensor, student: Tensor) -> Tensor:
+    """Mean over tokens of KL(teacher || student), both (..., vocab) logits."""
+    t = torch.log_softmax(teacher.float(), -1)
+    s = torch.log_softmax(student.float(), -1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+@torch.enable_grad()
+def tune_end_to_end(model: nn.Module, base: nn.Module, quantized: dict[str, QuantizedWeight], samples: Tensor,
+                    p: E2EParams) -> dict[str, QuantizedWeight]:
+    """Tune the scales of `quantized` (full Linear name -> codes, as `model` holds them) and the norms of `model`.
+
+    `model` computes with the dequantized weights of `quantized` on entry and with the tuned ones on return.
+    Returns the same codes with the tuned scales (exactly representable in fp16).
+    """
+    if p.steps <= 0 or not quantized:
+        return quantized
+    t0 = time.perf_counter()
+    dev = next(model.parameters()).device
+    codes = {n: (qw.codes.to(dev).float() - qw.zeros.to(dev).float()[:, qw.g_idx.long().to(dev)]) for n, qw in quantized.items()}
+    s0 = {n: qw.scales.to(dev).float() for n, qw in quantized.items()}
+    gidx = {n: qw.g_idx.long().to(dev) for n, qw in quantized.items()}
+    logs = {n: torch.zeros_like(s, requires_grad=True) for n, s in s0.items()}
+    norms = _norm_params(model)
+    was = {n: w.requires_grad for n, w in norms.items()}
+    for w in norms.values():
+        w.requires_grad_(True)
+    groups = [{"params": list(logs.values()), "lr": p.lr}]
+    if norms:
+        groups.append({"params": list(norms.values()), "lr": p.norm_lr})
+    opt = torch.optim.Adam(groups)
+    gen = torch.Generator().manual_seed(p.seed)
+    n = samples.shape[0]
+    order, pos = torch.randperm(n, generator=gen), 0
+    ctx = (lambda: torch.autocast(dev.type, dtype=p.autocast)) if p.autocast else nullcontext
+    first = last = None
+    for step in range(p.steps):
+        if pos + p.batch_size > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        batch = samples[order[pos:pos + p.batch_size]].to(dev)
+        pos += p.batch_size
+        with torch.no_grad(), ctx():
+            teacher = base(input_ids=batch, use_cache=False).logits
+        weights = {f"{n}.weight": (s0[n] * logs[n].exp())[:, gidx[n]] * codes[n] for n in quantized}
+        with ctx():
+            student = functional_call(model, weights, (), {"input_ids": batch, "use_cache": False}).logits
+        loss = _kl(teacher, student)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        value = float(loss.detach())
+        first = value if first is None else first
+        last = value
+        for lr_group in opt.param_groups:  # linear decay to 0 over the run
+            lr_group["lr"] = lr_group.setdefault("initial_lr", lr_group["lr"]) * (1 - (step + 1) / p.steps)
+    for n, w in norms.items():
+        w.requires_grad_(was[n])
+    out = {}
+    with torch.no_grad():
+        for name, qw in quantized.items():
+            scales = (s0[name] * logs[name].exp()).clamp(min=1e-6).half().float().cpu()
+            out[name] = replace(qw, scales=scales)
+            lin = model.get_submodule(name)
+            lin.weight.data.copy_(out[name].dequantize(lin.weight.dtype))
+    log.info("signround end-to-end: %d steps, KL %.4g -> %.4g, %.1fs", p.steps, first, last, time.perf_counter() - t0)
+    return out

@@ -83,7 +83,7 @@ def demo(ctx: typer.Context,
          speed: Annotated[bool, typer.Option("--speed/--no-speed", help="Also time TTFT, decode and batched throughput.")] = True,
          device: Device = "auto", force: Force = False, quiet: Quiet = False, json_out: JsonOut = None) -> None:
     """Quantize smollm2-135m with every method, evaluate against the base, print the table."""
-    from quantkit.api import resolve_device
+    from quantkit.loading import resolve_device
     from quantkit.demo import run_demo
     from quantkit.eval.report import markdown, rich_table
 

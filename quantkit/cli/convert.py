@@ -33,7 +33,7 @@ def convert(ctx: typer.Context,
         return
     if src is None or out is None:
         raise QuantkitError("quantkit convert needs SRC and OUT (or --list); e.g. quantkit convert model-gptq --to awq model-awq")
-    from quantkit.api import resolve_device
+    from quantkit.loading import resolve_device
 
     with progress_bar(not quiet and json_out != "-", "convert") as bar:
         result = run(src, to, out, dtype=dtype, gguf_type=gguf_type, imatrix=imatrix, verify=verify,

@@ -90,6 +90,7 @@ def quantize(
 ) -> None:
     """Quantize MODEL with a method and write a checkpoint folder."""
     from quantkit import api
+    from quantkit.loading import resolve_device
     from quantkit.registry import get_method
     from quantkit.zoo import flags as recipe_flags
 
@@ -120,7 +121,7 @@ def quantize(
 
         memory = api.plan(model, method, scheme=scheme, calib=calib, options=options, device=device,
                           save_dtype=save_dtype, trust_remote_code=trust_remote_code)
-        return show_plan(ui, memory, api.resolve_device(device), out, json_out)
+        return show_plan(ui, memory, resolve_device(device), out, json_out)
     with progress_bar(not quiet, f"{method}") as bar:
         summary = api.quantize(model, method, out, scheme=scheme, calib=calib, options=options, device=device,
                                save_dtype=save_dtype, force=force, trust_remote_code=trust_remote_code, progress=bar,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -111,8 +112,15 @@ def get_method(name: str) -> Method:
 
 
 def _type_name(annotation: Any) -> str:
-    text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
-    return text or str(annotation).replace("typing.", "").replace("pathlib.", "")
+    """int, float, bool, a | b for a Literal's values or a union's members."""
+    if isinstance(annotation, type):
+        return annotation.__name__
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Literal:
+        return " | ".join(str(a) for a in args)
+    if args:
+        return " | ".join("None" if a is type(None) else _type_name(a) for a in args)
+    return str(annotation).replace("typing.", "")
 
 
 def option_infos(options: type[BaseModel]) -> tuple[OptionInfo, ...]:

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from quantkit.methods.awq.block import search_scales
 from quantkit.methods.awq.memory import awq_block_memory
-from quantkit.methods.awq.run import AWQOptions
 from quantkit.methods.awq.search import AWQConfig
 from quantkit.methods.base import QuantJob
 from quantkit.methods.blockwise import BlockStep
-from quantkit.methods.steps import Step, option_subset
+from quantkit.methods.steps import Step
 from quantkit.models.arch import ArchSpec
 from quantkit.models.moe import ExpertCoverage
 
@@ -31,5 +32,9 @@ def scales_step(job: QuantJob, spec: ArchSpec, coverage: ExpertCoverage) -> Bloc
     return step
 
 
-SCALES = Step(name="awq-scales", Options=option_subset("AWQScalesOptions", AWQOptions, ("n_grid",)),
-              make=scales_step, memory=awq_block_memory, rounds=False)
+class ScalesOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    n_grid: int = Field(20, ge=1, le=1000, description="AWQ alpha grid points in [0, 1): candidate scales per mapping")
+
+
+SCALES = Step(name="awq-scales", Options=ScalesOptions, make=scales_step, memory=awq_block_memory, rounds=False)

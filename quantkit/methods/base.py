@@ -167,6 +167,7 @@ class WeightOnlyMethod(MethodBase):
     """Base for methods that choose integer codes per Linear and write a packed format."""
 
     def quantize(self, job: QuantJob) -> PackedArtifact:
+        self.check_scheme(job.scheme)
         loaded = load_in_memory(job)
         results = self.quantize_model(loaded.model, loaded.tokenizer, loaded.spec, loaded.layers, job)
         return self.artifact(job, loaded, results, self.describe(job))

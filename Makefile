@@ -23,10 +23,11 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/quantkit demo --out demo-out
 
-# Unit + integration tests, then the interoperability tests in their own venv (transformers + gptqmodel).
+# Import layers (lint-imports, pyproject.toml [tool.importlinter]), unit + integration tests, then the interoperability tests in their own venv (transformers + gptqmodel).
 test: test-fast test-interop
 
 test-fast: setup
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q tests/unit tests/integration
 
 test-interop: setup

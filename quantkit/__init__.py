@@ -7,8 +7,12 @@ __all__ = ["__version__", "quantize", "load"]
 
 def __getattr__(name: str):
     # Lazy: `import quantkit` stays cheap (the CLI imports torch/transformers only when a command needs them).
-    if name in ("quantize", "load"):
-        from quantkit import api
+    if name == "quantize":
+        from quantkit.api import quantize
 
-        return getattr(api, name)
+        return quantize
+    if name == "load":
+        from quantkit.loading import load
+
+        return load
     raise AttributeError(name)

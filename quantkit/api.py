@@ -12,32 +12,23 @@ import torch
 from quantkit.calib.pipeline import Progress
 from quantkit.calib.workdir import WorkFolder, run_fingerprint
 from quantkit.errors import QuantkitError
-from quantkit.formats.loader import load
 from quantkit.formats.shards import DEFAULT_MAX_SHARD_SIZE
+from quantkit.loading import resolve_device
 from quantkit.memcheck import check_job, plan_job
 from quantkit.methods.base import CalibSpec, QuantJob
 from quantkit.models.sources import resolve
-from quantkit.paths import atomic_dir, check_output
+from quantkit.paths import atomic_dir, check_output, folder_size
 from quantkit.plan import MemoryPlan
 from quantkit.registry import get_method
 from quantkit.scheme import QuantScheme, make_scheme
 from quantkit.sizes import parse_size
 
-__all__ = ["quantize", "plan", "make_job", "load", "resolve_device", "folder_size"]
+__all__ = ["quantize", "plan", "make_job"]
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float32": torch.float32, "fp32": torch.float32}
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise QuantkitError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
-    return dev
 
 
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -46,11 +37,6 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     if name not in DTYPES:
         raise QuantkitError(f"unknown dtype {name!r}; choose one of: float16, bfloat16, float32")
     return DTYPES[name]
-
-
-def folder_size(path: Path) -> int:
-    path = Path(path)
-    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def _scheme(scheme: QuantScheme | str | dict[str, Any] | None) -> QuantScheme:

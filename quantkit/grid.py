@@ -83,6 +83,12 @@ class QuantizedWeight:
         assert self.g_idx.shape == (in_f,), self.g_idx.shape
         assert self.bias is None or self.bias.shape == (out_f,)
 
+    def cpu(self) -> QuantizedWeight:
+        """The same weight with every tensor on the CPU (what a method's results hold)."""
+        return QuantizedWeight(codes=self.codes.cpu(), scales=self.scales.cpu(), zeros=self.zeros.cpu(),
+                               g_idx=self.g_idx.cpu(), bits=self.bits, group_size=self.group_size, sym=self.sym,
+                               bias=None if self.bias is None else self.bias.cpu())
+
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)  # type: ignore[return-value]

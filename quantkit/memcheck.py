@@ -19,6 +19,7 @@ from typing import Any
 
 from quantkit.errors import QuantkitError
 from quantkit.plan import Geometry, MemoryPlan, Settings, alternatives, estimate, geometry
+from quantkit.registry import get_method
 from quantkit.sizes import human, parse_size
 
 log = logging.getLogger(__name__)
@@ -65,15 +66,14 @@ def model_geometry(folder: Path) -> Geometry:
 
 
 def job_settings(job: Any, method: str) -> Settings:
+    """The plan's settings of a job, from its scheme, calibration and options and the method's declarations:
+    a fixed-grid method stores its own bits; the method's calibration dtype policy gives the dtype's size."""
+    import torch
+
     o, s, c = job.options, job.scheme, job.calib
-    bits = {"int8": 8, "nf4": 4, "fp4": 4}.get(method, s.bits)  # bitsandbytes fixes its own grid
-    calib_bytes = 4
-    if method == "gptq":
-        import torch
-
-        from quantkit.methods.gptq_method import calib_dtype
-
-        calib_bytes = getattr(torch, calib_dtype(job)).itemsize
+    impl = get_method(method)
+    bits = s.bits if impl.uses_scheme else impl.scheme_bits[0]
+    calib_bytes = getattr(torch, impl.calib_dtype(job)).itemsize
     return Settings(method=method, bits=bits, group_size=s.group_size, nsamples=c.nsamples, seqlen=c.seqlen,
                     batch_size=c.batch_size, offload=getattr(o, "offload", "none") == "disk",
                     device=job.device.type, save_dtype_bytes=job.save_dtype.itemsize,

@@ -9,12 +9,15 @@ device memory and temporary disk. What dominates each stage (fp32 bytes unless s
 - model load:  every weight as fp32, or with `--offload disk` only the tensors outside the blocks;
 - block:       one block's weights, its inputs and outputs (nsamples x seqlen x hidden x 4 each), the
                forward transients of one batch (attention scores batch x heads x T x T, MLP intermediate
-               batch x T x inter) and the method's own: GPTQ's per-group Hessians (in^2) and its
-               working copies of the stacked weights (the inputs it records for replay take the
-               outputs' slot); AWQ's statistics (Gram matrices, token sample), recorded attention
-               calls and candidate grids;
-- save:        the packed output, streamed one tensor at a time (RTN holds all codes until then);
+               batch x T x inter) and the method's own working memory (`BlockWork`, which each method
+               declares as a function of the block's geometry and the settings: see its `block_memory`);
+- save:        the packed output, streamed one tensor at a time (a method without calibration holds all
+               codes until then; one that quantizes at load time writes with transformers);
 - disk:        the work folder (packed finished blocks + two activation files) and the output.
+
+The plan never names a method: what it needs to know about one (does it calibrate, does it quantize at
+load time, when does it tokenize, its per-block work) it reads from the method's declarations, found by
+name through `quantkit.registry`.
 
 The constants below were fitted against measured peak RSS (ru_maxrss) with benchmarks/big.py;
 the plan is meant to be within 25% of it and not below by more than 10%.
@@ -27,6 +30,8 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from quantkit.registry import method_class
+
 MiB = 2**20
 F32 = 4
 F64 = 8
@@ -38,11 +43,6 @@ TOKENIZE_PER_CHAR = 135         # transient RSS per character of calibration tex
 RUNTIME = 60 * MiB              # modeling code, weight loading machinery, first-use buffers of torch's kernels
 FORWARD_FACTOR = 2              # a batch's forward transients as seen in RSS, over the tensors it allocates
 ALLOCATOR_SLACK = 1.10          # freed-but-not-returned heap (glibc arenas) on everything allocated
-AWQ_CHUNK = 1 << 24             # methods/awq.py _CHUNK_ELEMENTS: floats in one batch of candidate weights
-AWQ_GRID = 20                   # methods/awq.py AWQConfig.n_grid: candidate scales per mapping
-AWQ_KEEP = 4                    # methods/awq.py SCREEN_KEEP + alpha 0: candidates re-scored on the whole sample
-AWQ_SCORE_TOKENS = 2048         # methods/awq.py AWQConfig.score_tokens
-BNB_METHODS = ("nf4", "fp4", "int8")
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class Geometry:
 class Settings:
     """The run's choices that move memory."""
 
-    method: str = "gptq"
+    method: str                     # a registered method name: the plan reads that method's declarations
     bits: int = 4
     group_size: int = 128
     nsamples: int = 128
@@ -75,7 +75,26 @@ class Settings:
     device: str = "cpu"
     save_dtype_bytes: int = 2
     true_sequential: bool = True
-    calib_dtype_bytes: int = 4      # the dtype blocks compute in while calibrated (GPTQ --calib-dtype)
+    calib_dtype_bytes: int = 4      # the dtype blocks compute in while calibrated (the method's calib_dtype)
+
+
+@dataclass(frozen=True)
+class BlockWork:
+    """A calibrated method's own memory while one block is calibrated, as the method declares it.
+
+    work:    bytes at the method's peak inside a block;
+    forward: how much of it is alive while the block runs a forward (a method whose work runs between
+             forwards declares only what a forward feeds, e.g. one Hessian; one that scores candidates
+             by running parts of the block declares all of its work);
+    kept:    host bytes kept over the block's passes for every calibration token (recorded inputs);
+    detail:  what dominates, for the plan's table.
+    The block stage then holds forward transients + max(forward share + forward, work), plus `kept`.
+    """
+
+    work: int = 0
+    forward: int = 0
+    kept: int = 0
+    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -181,67 +200,10 @@ def packed_bytes(out_f: int, in_f: int, bits: int, group_size: int) -> int:
     return out_f * in_f * bits // 8 + groups * out_f * (bits / 8 + 2) + in_f * 4
 
 
-def _awq_grid_elements(g: Geometry, rows: int, in_f: int, budget: int) -> int:
-    """Floats alive at once while AWQ scores the candidate scales of one mapping, whose Linears are a group
-    (`rows` stacked outputs, `in_f` inputs: S = rows * in_f weights). `awq.best_scale` scores the candidates
-    in chunks of k = min(n_grid, _CHUNK_ELEMENTS // S), so k * S <= 64 MiB once chunked; alive then:
-    - making them (`scaled_fake_quant`, one Linear after the other): the chunk's candidates of the Linears
-      before, and for the current one (largest L = out * in) W * s plus two (k, out, in) temporaries of
-      `fake_quantize` (w / scale, round): k * S + 2 * k * L, at most 3 * k * S;
-    - scoring one Linear (`LinearEvaluator`, o_proj / down_proj): the candidates, W_hat - W and x @ d^T with
-      its square (step, n, rows) for its own chunks of candidates, on n = budget / 4 screening tokens (then
-      at most AWQ_KEEP candidates on the whole budget).
-    Module evaluators (attention, MLP) run one sequence or a quarter of the sample: below the block forward.
-    smollm2 down_proj (576 x 1536): k = 18, 3 * k * S = 191 MB, where 7 * 64 MiB (the factor this replaced)
-    gave 448 MiB against ~450 MiB measured for the whole transient (session 4)."""
-    size = rows * in_f
-    k = min(AWQ_GRID, max(1, AWQ_CHUNK // size))
-    largest = max([o * i for o, i in g.linears if i == in_f and o <= rows] or [size])
-    make = k * size + 2 * k * largest
-    if largest < size:  # a stacked group is scored by running its module (ModuleEvaluator), not as a Linear
-        return make
-    score = 0
-    for kk, n in ((k, max(1, budget // 4)), (min(k, AWQ_KEEP), budget)):  # screening, then the kept ones
-        step = min(kk, max(1, AWQ_CHUNK // (n * rows)))  # LinearEvaluator's own chunk of candidates
-        score = max(score, kk * size + step * size + 2 * step * n * rows)
-    return max(make, score)
-
-
 def _block_method_bytes(g: Geometry, s: Settings) -> tuple[int, str]:
     """The method's own working memory while one block is calibrated, and a description."""
-    n_tok = s.nsamples * s.seqlen
-    if s.method == "gptq":  # the inputs it records to replay the next group share the outputs' slot
-        # after the forward that fed a group's Hessian H (in x in, float32): inverse_cholesky holds H and at
-        # most two float64 in x in matrices; then the column loop holds H, its inverse factor and five
-        # (rows x in) float32 work tensors (W, Q, errors, ...)
-        return max(max(i * i * F32 + 2 * i * i * F64, 2 * i * i * F32 + 5 * r * i * F32)
-                   for r, i in g.groups), "Hessian + GPTQ work"
-    if s.method == "awq":
-        budget = min(AWQ_SCORE_TOKENS, n_tok // 4)
-        sites = sum(i for _, i in g.groups)
-        gs = s.group_size if s.group_size != -1 else 128
-        stats = sites * (gs + budget) * F32                                  # Gram matrices + token sample
-        calls = 2 * max(budget, s.seqlen) * g.hidden * F32 * 4               # attention calls and their outputs
-        grid = max(_awq_grid_elements(g, r, i, budget) for r, i in g.groups) * F32
-        return stats + calls + grid, "statistics + scale grid"
-    return 0, ""
-
-
-def recording_affordable(in_features: int, out_features: int, itemsize: int) -> bool:
-    """Whether GPTQ's shortcut may record a Linear's inputs (tokens x in_features x itemsize): at most two
-    float32 copies of its output width, what the pipeline keeps anyway (down_proj's float32 inputs would
-    add 0.2 GB at 64 x 512 on smollm2 and 1.4 GB at 7B). Used by `quantkit.calib.shortcut` and the plan."""
-    return in_features * itemsize <= 2 * out_features * F32
-
-
-def _recorded_bytes(g: Geometry, s: Settings) -> int:
-    """GPTQ's shortcuts keep, for every calibration token, the inputs of o_proj (hidden wide) and, when
-    affordable, of down_proj (intermediate wide), in the calibration dtype."""
-    if s.method != "gptq":
-        return 0
-    cb = s.calib_dtype_bytes
-    width = g.hidden + (g.inter if recording_affordable(g.inter, g.hidden, cb) else 0)
-    return s.nsamples * s.seqlen * width * cb
+    work = method_class(s.method).block_memory(g, s)
+    return work.work, work.detail
 
 
 def _forward_bytes(g: Geometry, s: Settings) -> int:
@@ -264,17 +226,19 @@ def estimate(g: Geometry, s: Settings, baseline: int, tokenizer_bytes: int = 0, 
     cpu = s.device == "cpu"
     base = baseline + (0 if transformers_loaded else TRANSFORMERS_IMPORT)
     base += TOKENIZER_FIXED + TOKENIZER_PER_BYTE * tokenizer_bytes if tokenizer_bytes else 0
-    calibrated = s.method in ("gptq", "awq")
+    method = method_class(s.method)
+    calibrated = method.needs_calibration
     tokenize = TOKENIZE_PER_CHAR * text_chars if calibrated else 0
     model = (g.outside_params if s.offload else g.outside_params + g.n_blocks * g.block_params) * F32 + RUNTIME
-    # AWQ assigns new (scaled) weights block by block while the mapped file's pages stay resident: RSS grows
-    # by one block's Linears per block (smollm2: 27 MB per block, 651 -> 1413 MiB over 29 blocks), so this is
-    # there at the last block and the save, not at the load (measured before block 0: 1050 MiB, session 5)
-    awq_mapped = s.method == "awq" and g.mapped and not s.offload
-    grown = g.n_blocks * sum(o * i for o, i in g.linears) * F32 if awq_mapped else 0
+    # A method that assigns new weight tensors block by block (`replaces_weights`: scaled weights) while the
+    # mapped file's pages stay resident: RSS grows by one block's Linears per block (smollm2: 27 MB per block,
+    # 651 -> 1413 MiB over 29 blocks), so this is there at the last block and the save, not at the load
+    # (measured before block 0: 1050 MiB, session 5)
+    mapped_growth = method.replaces_weights and g.mapped and not s.offload
+    grown = g.n_blocks * sum(o * i for o, i in g.linears) * F32 if mapped_growth else 0
     block = g.block_params * F32
     # --offload disk: the peak inside a block still creeps up with depth while RSS at each block's end stays
-    # flat. Measured (random Llama, hidden 2048, GPTQ 16 x 512, 1 thread, final code): 2081 MiB at 3 blocks,
+    # flat. Measured (random Llama, hidden 2048, 16 x 512 Hessian calibration, 1 thread, final code): 2081 MiB at 3 blocks,
     # 2319 MiB at 24 (11 MB per block; 16 MB before steady_heap and the leaner inverse_cholesky). Not traced
     # to a cause (runs under a 5 ms RSS sampler stayed flat): one hidden x hidden float32 matrix per block
     # (16 MiB at 2048, 0.25 MiB for the hidden 256 test models).
@@ -290,38 +254,34 @@ def estimate(g: Geometry, s: Settings, baseline: int, tokenizer_bytes: int = 0, 
         return Stage(name, _slack(baseline, host), device, disk, detail)
 
     stages = [Stage("baseline", base, 0, 0, "python + torch + transformers + tokenizer")]
-    if calibrated:  # GPTQ tokenizes before the model is loaded (folder sources); AWQ after
-        stages.append(stage("calibration data", base + (model if s.method == "awq" else 0) + tokenize,
+    if calibrated:  # `tokenizes_first`: before the model is loaded (folder sources); else beside it
+        stages.append(stage("calibration data", base + (0 if method.tokenizes_first else model) + tokenize,
                             "tokenizing the calibration text"))
     what = "tensors outside the blocks (--offload disk)" if s.offload else "every weight as fp32"
     stages.append(stage("model load", base + model + g.max_tensor * F32, what))
     if calibrated:
-        method, mdesc = _block_method_bytes(g, s)
+        own = method.block_memory(g, s)
         # activations stay on the host (store_device); the device holds the block, one batch and the method's work
-        forward = _forward_bytes(g, s)
-        if s.method == "gptq":  # its work runs between forwards: only the Hessian being fed overlaps a forward
-            work_or_forward = max(forward + max(i * i * F32 for _, i in g.groups), method)
-        else:  # AWQ scores candidates by running parts of the block: statistics and grids meet the forward
-            work_or_forward = forward + method
+        work_or_forward = max(_forward_bytes(g, s) + own.forward, own.work)
         on_device = (block if s.offload or not cpu else 0) + work_or_forward
-        host = (base + model + grown + creep + 2 * acts + _recorded_bytes(g, s)
+        host = (base + model + grown + creep + 2 * acts + own.kept
                 + (on_device if cpu else block if s.offload else 0))
         stages.append(stage("block + activations", host,
-                            f"1 block + inputs and outputs ({acts / MiB:.0f} MiB each) + {mdesc}",
+                            f"1 block + inputs and outputs ({acts / MiB:.0f} MiB each) + {own.detail}",
                             0 if cpu else on_device, work))
         stages.append(stage("save", base + model + grown + big, "streamed: one tensor at a time",
                             disk=work + out_bytes))
-    elif s.method in BNB_METHODS:  # quantized while transformers loads it; save_pretrained writes from memory
+    elif method.quantizes_on_load:  # quantized while transformers loads it; save_pretrained writes from memory
         linear = g.n_blocks * sum(o * i for o, i in g.linears)
         loaded = linear * s.bits // 8 + (g.outside_params + g.n_blocks * g.block_params - linear) * s.save_dtype_bytes
         stages[-1] = stage("model load", base + RUNTIME + loaded + g.max_tensor * F32,
-                           "quantized on load (bitsandbytes)")
+                           "quantized on load")
         stages.append(stage("save", base + RUNTIME + 2 * loaded, "transformers save_pretrained", disk=out_bytes))
-    else:  # RTN: every Linear's codes (uint8) and grids are held until the save
+    else:  # no calibration: every Linear's codes (uint8) and grids are held until the save
         codes = g.n_blocks * sum(o * i + 2 * o * (1 if s.group_size == -1 else i // s.group_size) * F32
                                  for o, i in g.linears)
-        rtn_tmp = 4 * max(o * i for o, i in g.linears) * F32
-        stages.append(stage("quantize", base + model + codes + rtn_tmp, "all codes held in memory"))
+        tmp = 4 * max(o * i for o, i in g.linears) * F32
+        stages.append(stage("quantize", base + model + codes + tmp, "all codes held in memory"))
         stages.append(stage("save", base + model + codes + big, "streamed, codes held until written",
                             disk=out_bytes))
     notes = []

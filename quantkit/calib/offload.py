@@ -24,7 +24,6 @@ from torch import Tensor, nn
 
 from quantkit.calib.hooks import HookSet
 from quantkit.errors import CheckpointError, QuantkitError
-from quantkit.formats.checkpoint import PackedArtifact
 from quantkit.models.arch import ArchSpec, get_arch, get_blocks
 from quantkit.models.moe import PerExpertMoE, block_from_hub, swap_experts
 
@@ -161,26 +160,26 @@ class DiskBlocks:
             yield
 
 
-def quantize_offloaded(method: Any, job: Any) -> PackedArtifact:
-    """`WeightOnlyMethod.quantize` with blocks streamed from disk: `method.quantize_model(..., blocks=DiskBlocks)`."""
-    from quantkit.methods.base import target_linears
+def offload_skeleton(source: Any, trust_remote_code: bool = False) -> tuple[nn.Module, Any, ArchSpec, dict[str, Path]]:
+    """(skeleton model, tokenizer, spec, shard index) of a local model folder (`source`: a ModelSource)."""
     from quantkit.models.sources import _load_tokenizer
 
-    if job.source.kind != "folder":
-        raise QuantkitError(f"--offload disk reads safetensors shards from a local model folder; {job.source.name} "
-                            f"is a {job.source.kind} source: convert it to a folder first or drop --offload")
-    folder = Path(job.source.path)
-    tok = _load_tokenizer(str(folder), job.trust_remote_code)
-    model, spec, index = build_skeleton(folder, job.trust_remote_code)
-    layers = target_linears(model, spec, job.scheme)
-    job.scheme.check_layers({n: (m.out_features, m.in_features) for n, m in layers.items()})
-    drop = set(layers)
-    if job.work is not None:  # finished blocks live in the work folder: free all of a block's weights after it
+    if source.kind != "folder":
+        raise QuantkitError(f"--offload disk reads safetensors shards from a local model folder; {source.name} "
+                            f"is a {source.kind} source: convert it to a folder first or drop --offload")
+    folder = Path(source.path)
+    tok = _load_tokenizer(str(folder), trust_remote_code)
+    model, spec, index = build_skeleton(folder, trust_remote_code)
+    return model, tok, spec, index
+
+
+def disk_blocks(model: nn.Module, spec: ArchSpec, index: dict[str, Path], quantized: set[str],
+                keep_nothing: bool = False) -> DiskBlocks:
+    """The `DiskBlocks` of a skeleton. `quantized`: full names of the Linears whose weights go after their
+    block; `keep_nothing`: every weight of a finished block goes (its tensors are in the work folder)."""
+    drop = set(quantized)
+    if keep_nothing:
         drop |= {f"{spec.blocks}.{i}.{n}" for i, b in enumerate(get_blocks(model, spec)) for n, _ in b.named_modules()}
     source = DiskBlocks(model, spec, index, drop=drop)
     log.info("offload disk: %d blocks read one at a time from %d shard(s)", len(source), len(set(index.values())))
-    with source.streaming():
-        results = method.quantize_model(model, tok, spec, layers, job, blocks=source)
-    return PackedArtifact(model=model, tokenizer=tok, quantized=results, scheme=job.scheme, fmt=method.formats[0],
-                          method=method.name, save_dtype=job.save_dtype, extra=method.describe(job),
-                          stored=job.work.stored() if job.work else None)
+    return source

@@ -14,15 +14,26 @@ if TYPE_CHECKING:
     from rich.table import Table
 
 
-def methods(ctx: typer.Context, json_out: JsonOut = None) -> None:
-    """List the quantization methods."""
-    from quantkit.registry import list_methods
+def methods(ctx: typer.Context,
+            name: Annotated[Optional[str], typer.Argument(help="One method: its options with their defaults.")] = None,
+            json_out: JsonOut = None) -> None:
+    """List the quantization methods, or one method's options (with their defaults)."""
+    from dataclasses import asdict
 
+    from quantkit.registry import list_methods, method_info
+
+    if name is not None:
+        info = method_info(name)
+        emit_table(ctx.obj, asdict(info), json_out, f"{info.name}: {info.description}", info.options, {
+            "option": lambda o: "--" + o.name.replace("_", "-"), "type": lambda o: o.type,
+            "default": lambda o: str(o.default), "description": lambda o: o.description})
+        return
     infos = list_methods()
-    emit_table(ctx.obj, [i.__dict__ for i in infos], json_out, "quantkit methods", infos, {
+    emit_table(ctx.obj, [asdict(i) for i in infos], json_out, "quantkit methods", infos, {
         "method": lambda i: i.name,
         "calibration data": lambda i: "needed" if i.needs_calibration else "not needed",
         "format": lambda i: ", ".join(i.formats),
+        "options": lambda i: ", ".join(o.name for o in i.options) or "-",
         "description": lambda i: i.description})
 
 
@@ -83,7 +94,7 @@ def demo(ctx: typer.Context,
          speed: Annotated[bool, typer.Option("--speed/--no-speed", help="Also time TTFT, decode and batched throughput.")] = True,
          device: Device = "auto", force: Force = False, quiet: Quiet = False, json_out: JsonOut = None) -> None:
     """Quantize smollm2-135m with every method, evaluate against the base, print the table."""
-    from quantkit.api import resolve_device
+    from quantkit.loading import resolve_device
     from quantkit.demo import run_demo
     from quantkit.eval.report import markdown, rich_table
 

@@ -12,9 +12,9 @@ from quantkit.cli.ui import command_quiet, emit_json, emit_table, progress_bar
 
 
 def convert(ctx: typer.Context,
-            src: Annotated[Optional[str], typer.Argument(help="Model to convert: folder (hf, gptq, awq, compressed-tensors), .gguf file or alias.")] = None,
+            src: Annotated[Optional[str], typer.Argument(help="Model to convert: a plain or packed checkpoint folder, .gguf file or alias.")] = None,
             out: Annotated[Optional[Path], typer.Argument(help="Output folder, or a .gguf file for --to gguf.")] = None,
-            to: Annotated[str, typer.Option("--to", help="Target: hf, gptq, gptq-v2, awq, compressed-tensors or gguf.")] = "hf",
+            to: Annotated[str, typer.Option("--to", help="Target format: hf (plain), a packed format or gguf; `--list` shows every source -> target.")] = "hf",
             dtype: Annotated[str, typer.Option("--dtype", help="--to hf: float32, float16 or bfloat16.")] = "float32",
             gguf_type: Annotated[str, typer.Option("--type", help="--to gguf: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1.")] = "f16",
             imatrix: Annotated[Optional[Path], typer.Option("--imatrix", help="--to gguf: also write llama.cpp's importance matrix here.")] = None,
@@ -32,8 +32,8 @@ def convert(ctx: typer.Context,
         _print_table(ui, rows(), json_out)
         return
     if src is None or out is None:
-        raise QuantkitError("quantkit convert needs SRC and OUT (or --list); e.g. quantkit convert model-gptq --to awq model-awq")
-    from quantkit.api import resolve_device
+        raise QuantkitError("quantkit convert needs SRC and OUT (or --list); e.g. quantkit convert SRC --to FORMAT OUT")
+    from quantkit.loading import resolve_device
 
     with progress_bar(not quiet and json_out != "-", "convert") as bar:
         result = run(src, to, out, dtype=dtype, gguf_type=gguf_type, imatrix=imatrix, verify=verify,

@@ -11,6 +11,7 @@ from typer.core import TyperGroup
 
 from quantkit.cli import commands, convert, evaluate, quantize
 from quantkit.cli import zoo as zoo_cli
+from quantkit.cli.method_options import MethodFlagsCommand
 from quantkit.cli.ui import UI, setup_logging
 from quantkit.errors import QuantkitError
 
@@ -57,7 +58,7 @@ def root(ctx: typer.Context,
 
 
 app.command("methods")(commands.methods)
-app.command("quantize")(quantize.quantize)
+app.command("quantize", cls=MethodFlagsCommand, epilog=quantize.EPILOG)(quantize.quantize)
 app.command("eval")(evaluate.eval_cmd)
 app.command("info")(commands.info)
 app.command("convert")(convert.convert)

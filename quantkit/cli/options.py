@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import typing
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -17,3 +19,11 @@ Seqlen = Annotated[int, typer.Option("--seqlen", min=8, help="Tokens per window.
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the calibration sample draw and of the method.")]
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model folder/hub (off by default).")]
 OutDir = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
+
+
+def in_panel(option: Any, panel: str) -> Any:
+    """`option` (one of the Annotated options above) shown in the help panel `panel`."""
+    base, info = typing.get_args(option)
+    info = copy.copy(info)
+    info.rich_help_panel = panel
+    return Annotated[base, info]

@@ -25,7 +25,7 @@ from quantkit.calib.hooks import HookSet
 from quantkit.calib.pipeline import BlockCalib, run_sequential
 from quantkit.convert.gguf_tensors import write_gguf
 from quantkit.errors import OutputExistsError, QuantkitError
-from quantkit.formats.loader import load
+from quantkit.loading import load
 from quantkit.models.arch import get_arch
 from quantkit.models.sources import load_tokenizer, resolve
 from quantkit.paths import atomic_file

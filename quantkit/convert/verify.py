@@ -10,7 +10,7 @@ import torch
 
 from quantkit.calib.data import test_windows
 from quantkit.errors import QuantkitError
-from quantkit.formats.loader import load
+from quantkit.loading import load
 from quantkit.models.sources import load_tokenizer, resolve
 
 log = logging.getLogger(__name__)

@@ -48,7 +48,7 @@ def _float_bits(folder: Path) -> float | None:
 
 def describe(path: str) -> dict[str, Any]:
     """Method, format and size of a model path, from its files (no weights loaded)."""
-    from quantkit.api import folder_size
+    from quantkit.paths import folder_size
 
     src = resolve(path)
     p = Path(src.path)

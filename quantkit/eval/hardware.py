@@ -15,27 +15,12 @@ from pathlib import Path
 import torch
 
 from quantkit.errors import QuantkitError
+from quantkit.loading import resolve_device
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def select_device(requested: str | torch.device = "auto") -> torch.device:
-    """auto -> cuda when available, else cpu; cuda[:N] must exist."""
-    text = str(requested)
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(text)
-    except RuntimeError:
-        raise QuantkitError(f"unknown --device {text!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise QuantkitError(f"--device {text} is not supported by quantkit eval; use auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise QuantkitError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise QuantkitError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s); pick a smaller index")
-    return dev
+select_device = resolve_device  # the one --device reader (quantkit.loading)
 
 
 def default_seqlen(device: torch.device) -> int:

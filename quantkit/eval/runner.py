@@ -34,7 +34,7 @@ from quantkit.eval.describe import describe
 from quantkit.eval.memory import PeakMemory, model_bytes, release
 from quantkit.eval.quality import Accumulator, KLWork, base_logprobs, score_window, scored_logits, token_nll
 from quantkit.eval.speed import SpeedConfig, measure
-from quantkit.formats.loader import load
+from quantkit.loading import load, resolve_device
 from quantkit.kernels import check_kernel_name, kernels_used
 from quantkit.models.sources import load_tokenizer, resolve
 
@@ -284,7 +284,7 @@ def evaluate_paths(paths: list[str], base: str | None = None, dataset: str = "wi
     """
     if not paths and base is None:
         raise QuantkitError("nothing to evaluate: give at least one model path (and optionally --base)")
-    dev = hardware.select_device(device)
+    dev = resolve_device(device)
     torch_dtype = hardware.resolve_dtype(dtype, dev)
     seqlen = seqlen or hardware.default_seqlen(dev)
     if speed is not None:

@@ -1,8 +1,9 @@
-"""`quantkit.load`: any model quantkit reads, ready for inference.
+"""Reading checkpoints: weight files, tensors, and packed weight-only checkpoints rebuilt as models.
 
 Packed weight-only checkpoints (GPTQ, ...) are rebuilt with quantkit's own
 pure-PyTorch QuantLinear: no gptqmodel, auto-gptq or CUDA needed. Every tensor
 shape is checked against the architecture before anything is assigned.
+`quantkit.load` (quantkit/loading.py) puts the kernels on top.
 """
 
 from __future__ import annotations
@@ -11,20 +12,16 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from quantkit.errors import CheckpointError, ModelSourceError
+from quantkit.errors import CheckpointError
 from quantkit.formats.qlinear import QuantLinear
 from quantkit.formats.specs import detect_format
 from quantkit.models.moe import from_hub_names, swap_experts
-from quantkit.models.sources import load_model, read_config, resolve
-
-if TYPE_CHECKING:
-    from quantkit.kernels.cache import PackCache
 
 log = logging.getLogger(__name__)
 
@@ -125,51 +122,3 @@ def load_packed(folder: Path, qc: dict[str, Any], device: torch.device | str = "
     if still:
         raise CheckpointError(f"{folder}: missing tensors: {', '.join(sorted(still)[:5])}")
     return model.to(device).eval()
-
-
-def _pack_cache(folder: Path, qc: dict[str, Any], kernel: str, device: torch.device, dtype: torch.dtype,
-                requested: bool | None) -> PackCache | None:
-    """The packed-weight cache entry of this load, or None (cache off, or a kernel that packs nothing)."""
-    from quantkit.kernels import AUTO, KERNELS, REFERENCE
-    from quantkit.kernels.cache import PackCache, cache_enabled
-
-    if kernel == REFERENCE or not cache_enabled(requested):
-        return None
-    if kernel != AUTO and not KERNELS[kernel].cacheable:
-        return None
-    return PackCache.of(folder, weight_files(folder), qc, kernel, dtype, device)
-
-
-def load(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-         trust_remote_code: bool = False, kernel: str = "reference", pack_cache: bool | None = None) -> nn.Module:
-    """Load a quantkit checkpoint, a plain HF folder, a .gguf file or an alias, for inference.
-
-    `kernel` serves the quantized Linears: "reference" (exact pure-PyTorch maths in `dtype`), "auto"
-    (fastest accepting kernel per layer; may compute in bf16) or a name from quantkit.kernels.kernel_names().
-    `pack_cache`: keep the kernels' packed weights for the next load (quantkit.kernels.cache; default on
-    unless $QUANTKIT_PACK_CACHE=0).
-    """
-    from quantkit.kernels import apply_kernels, check_kernel_name
-
-    check_kernel_name(kernel)
-    src = resolve(path)
-    if src.kind == "folder":
-        folder = Path(src.path)
-        qc = read_config(folder).get("quantization_config")
-        if qc is not None:
-            if detect_format(qc) is not None:
-                cache = _pack_cache(folder, qc, kernel, torch.device(device), dtype, pack_cache)
-                layout, _ = detect_format(qc).read(qc)
-                ready = (cache.read(layout, dtype) or {}) if cache else {}
-                model = load_packed(folder, qc, device, dtype, trust_remote_code, ready)
-                apply_kernels(model, kernel, dtype)  # after a hit: only the layers no kernel served (if any)
-                if cache and not ready:
-                    cache.write(model, background=True)  # the load returns once packed
-                return model
-            if qc.get("quant_method") == "bitsandbytes":
-                from quantkit.formats.bnb import load_bnb  # bitsandbytes is an optional extra
-
-                return load_bnb(Path(src.path), device, dtype, trust_remote_code)
-            raise ModelSourceError(f"{path}: quantization method {qc.get('quant_method')!r} is not supported by quantkit.load")
-    model, _ = load_model(src, dtype, trust_remote_code)
-    return model.to(device)

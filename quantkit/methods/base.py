@@ -1,13 +1,16 @@
-"""What every method receives (`QuantJob`) and the shared weight-only machinery.
+"""What every method receives (`QuantJob`), what it declares (`MethodBase`), and the shared weight-only
+machinery: loading the float model (in memory or block by block from disk) and the one artifact build.
 
-Weight-only methods (RTN, GPTQ, AWQ) only decide integer codes per Linear; the
-loading, validation and checkpoint writing around them live here, once.
+Weight-only methods (RTN, GPTQ, AWQ) only decide integer codes per Linear; the loading,
+validation and checkpoint writing around them live here, once.
 """
 
 from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -16,15 +19,18 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from quantkit.calib.pipeline import Progress
+from quantkit.errors import SchemeError
 from quantkit.formats.checkpoint import PackedArtifact
 from quantkit.formats.specs import get_format
 from quantkit.grid import QuantizedWeight
 from quantkit.models.arch import ArchSpec, block_linears, get_arch, get_blocks
 from quantkit.models.moe import ExpertCoverage, swap_experts
 from quantkit.models.sources import ModelSource, load_model
+from quantkit.plan import BlockWork, Geometry, Settings
 from quantkit.scheme import QuantScheme
 
 if TYPE_CHECKING:
+    from quantkit.calib.offload import DiskBlocks
     from quantkit.calib.workdir import BlockStore, WorkFolder
 
 log = logging.getLogger(__name__)
@@ -59,6 +65,50 @@ class QuantJob:
     work: WorkFolder | None = None  # the output's work folder (api.quantize): per-block results and resume
 
 
+@dataclass
+class RunFacts:
+    """What one run learned that its checkpoint records (returned by the run, never kept on the method)."""
+
+    samples_sha256: str | None = None
+    coverage: ExpertCoverage | None = None
+
+
+class MethodBase(ABC):
+    """The `quantkit.registry.Method` protocol with its defaults. A method declares what it needs as
+    class-level data; the plan, the memory check, the CLI and the zoo read these, never its name."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    needs_calibration: ClassVar[bool] = False
+    formats: ClassVar[tuple[str, ...]] = ("gptq",)
+    uses_scheme: ClassVar[bool] = True
+    scheme_bits: ClassVar[tuple[int, ...]] = (2, 3, 4, 8)
+    quantizes_on_load: ClassVar[bool] = False
+    resumable: ClassVar[bool] = False
+    tokenizes_first: ClassVar[bool] = False
+    replaces_weights: ClassVar[bool] = False
+    card_tags: ClassVar[tuple[str, ...]] = ()
+    Options: ClassVar[type[BaseModel]] = NoOptions
+
+    def calib_dtype(self, job: QuantJob) -> str:
+        """The dtype blocks compute in while calibrated (float32 unless the method has a policy)."""
+        return "float32"
+
+    @classmethod
+    def block_memory(cls, geometry: Geometry, settings: Settings) -> BlockWork:
+        """The method's own memory while one block is calibrated (nothing beyond the pipeline's)."""
+        return BlockWork()
+
+    def check_scheme(self, scheme: QuantScheme) -> None:
+        if self.uses_scheme and scheme.bits not in self.scheme_bits:
+            raise SchemeError(f"{self.name} stores {', '.join(map(str, self.scheme_bits))}-bit weights, "
+                              f"got --bits {scheme.bits}")
+
+    @abstractmethod
+    def quantize(self, job: QuantJob) -> Any:
+        """An artifact with `save(folder, max_shard_size)`."""
+
+
 def target_linears(model: nn.Module, spec: ArchSpec, scheme: QuantScheme) -> dict[str, nn.Linear]:
     """Every Linear inside the decoder blocks that the scheme does not skip, by full name."""
     out = {}
@@ -70,32 +120,69 @@ def target_linears(model: nn.Module, spec: ArchSpec, scheme: QuantScheme) -> dic
     return out
 
 
-class WeightOnlyMethod(ABC):
+@dataclass
+class Loaded:
+    """The float model to quantize, its tokenizer, and the Linears the scheme quantizes.
+
+    `blocks`: with `--offload disk`, the source that reads each block from the shards (the model then
+    holds no block weights until the pipeline asks for one)."""
+
+    model: nn.Module
+    tokenizer: Any
+    spec: ArchSpec
+    layers: dict[str, nn.Linear]
+    blocks: DiskBlocks | None = None
+
+    @contextmanager
+    def streaming(self) -> Iterator[None]:
+        with self.blocks.streaming() if self.blocks is not None else nullcontext():
+            yield
+
+
+def _checked(model: nn.Module, tokenizer: Any, spec: ArchSpec, scheme: QuantScheme) -> Loaded:
+    layers = target_linears(model, spec, scheme)
+    scheme.check_layers({n: (m.out_features, m.in_features) for n, m in layers.items()})
+    return Loaded(model, tokenizer, spec, layers)
+
+
+def load_in_memory(job: QuantJob) -> Loaded:
+    model, tok = load_model(job.source, torch.float32, job.trust_remote_code)
+    spec = get_arch(model)
+    swap_experts(model, spec)  # MoE: fused 3-D experts -> per-expert Linears (a no-op for dense models)
+    return _checked(model, tok, spec, job.scheme)
+
+
+def load_offloaded(job: QuantJob) -> Loaded:
+    """The skeleton (every tensor outside the blocks) and a `DiskBlocks` source for the blocks."""
+    from quantkit.calib.offload import disk_blocks, offload_skeleton
+
+    model, tok, spec, index = offload_skeleton(job.source, job.trust_remote_code)
+    loaded = _checked(model, tok, spec, job.scheme)
+    # finished blocks live in the work folder: then all of a block's weights are freed after it
+    loaded.blocks = disk_blocks(model, spec, index, set(loaded.layers), keep_nothing=job.work is not None)
+    return loaded
+
+
+class WeightOnlyMethod(MethodBase):
     """Base for methods that choose integer codes per Linear and write a packed format."""
 
-    name: ClassVar[str]
-    description: ClassVar[str]
-    needs_calibration: ClassVar[bool] = False
-    formats: ClassVar[tuple[str, ...]] = ("gptq",)
-    Options: ClassVar[type[BaseModel]] = NoOptions
-
     def quantize(self, job: QuantJob) -> PackedArtifact:
-        model, tok = load_model(job.source, torch.float32, job.trust_remote_code)
-        spec = get_arch(model)
-        swap_experts(model, spec)  # MoE: fused 3-D experts -> per-expert Linears (a no-op for dense models)
-        layers = target_linears(model, spec, job.scheme)
-        job.scheme.check_layers({n: (m.out_features, m.in_features) for n, m in layers.items()})
-        results = self.quantize_model(model, tok, spec, layers, job)
-        return PackedArtifact(model=model, tokenizer=tok, quantized=results, scheme=job.scheme,
-                              fmt=self.formats[0], method=self.name, save_dtype=job.save_dtype,
-                              extra=self.describe(job), stored=job.work.stored() if job.work else None)
+        self.check_scheme(job.scheme)
+        loaded = load_in_memory(job)
+        results = self.quantize_model(loaded.model, loaded.tokenizer, loaded.spec, loaded.layers, job)
+        return self.artifact(job, loaded, results, self.describe(job))
+
+    def artifact(self, job: QuantJob, loaded: Loaded, results: dict[str, QuantizedWeight],
+                 extra: dict[str, Any]) -> PackedArtifact:
+        """The one artifact build of every weight-only run, in memory or offloaded."""
+        return PackedArtifact(model=loaded.model, tokenizer=loaded.tokenizer, quantized=results, scheme=job.scheme,
+                              fmt=self.formats[0], method=self.name, save_dtype=job.save_dtype, extra=extra,
+                              stored=job.work.stored() if job.work else None)
 
     @abstractmethod
     def quantize_model(self, model: nn.Module, tokenizer: Any, spec: ArchSpec,
                        layers: dict[str, nn.Linear], job: QuantJob) -> dict[str, QuantizedWeight]:
         """Choose the codes of every Linear in `layers` (full name -> module)."""
-
-    resumable: ClassVar[bool] = False  # quantize_model runs `run_sequential` with `block_store(job, spec)`
 
     def block_store(self, job: QuantJob, spec: ArchSpec) -> BlockStore | None:
         """The job's work folder as `run_sequential`'s store: finished blocks packed in this method's format."""
@@ -105,13 +192,14 @@ class WeightOnlyMethod(ABC):
         layout = fmt.read(fmt.quantization_config(job.scheme, self.describe(job).get("options", {})))[0]
         return job.work.blocks(spec.blocks, layout.pack, job.save_dtype)
 
-    def describe(self, job: QuantJob) -> dict[str, Any]:
+    def describe(self, job: QuantJob, facts: RunFacts | None = None) -> dict[str, Any]:
         """What the method did, recorded in the checkpoint's quantkit.json."""
-        return self.describe_moe({"options": job.options.model_dump()})
+        return describe_moe({"options": job.options.model_dump()}, facts)
 
-    def describe_moe(self, out: dict[str, Any]) -> dict[str, Any]:
-        """`out` plus the MoE expert coverage ("moe") of the last calibration, if it reached any expert."""
-        cov: ExpertCoverage | None = getattr(self, "coverage", None)
-        if cov is not None and (summary := cov.summary()) is not None:
-            out["moe"] = summary
-        return out
+
+def describe_moe(out: dict[str, Any], facts: RunFacts | None) -> dict[str, Any]:
+    """`out` plus the MoE expert coverage ("moe") of the run, if its calibration reached any expert."""
+    cov = facts.coverage if facts is not None else None
+    if cov is not None and (summary := cov.summary()) is not None:
+        out["moe"] = summary
+    return out

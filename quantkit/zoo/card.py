@@ -64,20 +64,23 @@ def model_license(model: str, model_path: str | Path) -> str | None:
 
 
 def _scheme_tags(recipe: Recipe) -> list[str]:
+    from quantkit.registry import method_class
+
     method = recipe.method
-    if method in ("nf4", "fp4"):
-        return ["4-bit", "bitsandbytes", method]
-    if method == "int8":
-        return ["8-bit", "bitsandbytes", "llm.int8"]
+    cls = method_class(method)
+    if not cls.uses_scheme:  # a fixed grid: the method's own tags
+        return list(cls.card_tags)
     s = recipe.quant_scheme()
     group = "-per-channel" if s.group_size == -1 else f"g{s.group_size}"
     return [f"{s.bits}-bit", f"w{s.bits}{group}", method]
 
 
 def quantization_details(recipe: Recipe, fmt: str | None) -> dict[str, Any]:
+    from quantkit.registry import method_class
+
     eff = recipe.effective()
     out: dict[str, Any] = {"tool": "quantkit", "method": recipe.method, "format": fmt}
-    if recipe.method not in ("nf4", "fp4", "int8"):
+    if method_class(recipe.method).uses_scheme:
         s = eff["scheme"]
         out.update(bits=s["bits"], group_size=s["group_size"], sym=s["sym"], desc_act=s["desc_act"])
     if eff["calibration"]:

@@ -13,10 +13,10 @@
         license: llama3.1                     # default: the base model card's license
         gates: {max_kl: 0.1}
         recipes:
-          - smollm2-gptq-w4g64.yaml           # a recipe file, relative to this file
-          - gptq:w4g128                       # method[:preset]
+          - smollm2-w4g64.yaml                # a recipe file, relative to this file
+          - METHOD:w4g128                     # a registered method name[:preset]
           - {recipe: x.yaml, name: x-fast, calibration: {nsamples: 32}}   # a file with overrides
-          - {method: awq, preset: w4g128, options: {n_grid: 20}}          # an inline recipe
+          - {method: METHOD, preset: w4g128, options: {KEY: VALUE}}       # an inline recipe
 
 An entry is named `<model name>-<recipe name>`; a recipe's name is its `name:`, else
 the file name, else `method-preset`. Gates merge per key: recipe over model over defaults.

@@ -5,6 +5,8 @@ click parameter source says the user typed them (command line or environment):
 those win. Two flags take whole sections with them: `--method` (when it names
 another method, the recipe's method options no longer apply) and `--preset` (the
 recipe's grid fields are dropped; its skip list stays unless `--skip` is given).
+The recipe's method options come before the command line's `--opt` items and method flags,
+which therefore override them.
 """
 
 from __future__ import annotations
@@ -37,16 +39,8 @@ def recipe_values(path: Path, params: dict[str, Any]) -> dict[str, Any]:
         values["model"] = recipe.model
     values.update({k: v for k, v in recipe.scheme.model_dump(exclude_none=True).items()})
     values.update({k: getattr(recipe.calibration, k) for k in CALIB_PARAMS})
-    extra = []
-    for key, value in recipe.options.items():
-        if value is None:
-            continue
-        if key in params and key not in values:
-            values[key] = value
-        else:  # an option without its own flag travels as -O KEY=VALUE
-            extra.append(f"{key}={_option_text(value)}")
-    values["option"] = extra
-    values["_options"] = set(recipe.options)
+    # method options travel as --opt KEY=VALUE, under any given on the command line (--opt or --KEY flags)
+    values["option"] = [f"{k}={_option_text(v)}" for k, v in recipe.options.items() if v is not None]
     return values
 
 
@@ -55,10 +49,7 @@ def recipe_params(path: Path, ctx: Any) -> dict[str, Any]:
     params = dict(ctx.params)
     given = {name for name in params if given_on_command_line(ctx, name)}
     values = recipe_values(Path(path), params)
-    option_keys = values.pop("_options")
     if "method" in given and params["method"] != values["method"]:
-        for key in option_keys:
-            values.pop(key, None)
         values["option"] = []
     if "preset" in given:
         for key in GRID_KEYS:

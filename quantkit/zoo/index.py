@@ -38,7 +38,9 @@ def _fmt(v: Any, spec: str, scale: float = 1.0) -> str:
 
 
 def _scheme(recipe: dict[str, Any]) -> str:
-    if recipe["method"] in ("nf4", "fp4", "int8"):
+    from quantkit.registry import method_class
+
+    if not method_class(recipe["method"]).uses_scheme:  # a fixed grid: the method names it
         return recipe["method"]
     s = recipe["scheme"]
     return f"w{s['bits']}" + ("" if s["group_size"] == -1 else f"g{s['group_size']}") + ("" if s["sym"] else " asym")

@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from quantkit.api import quantize
 from quantkit.convert import convert
-from quantkit.formats.loader import load
+from quantkit.loading import load
 from quantkit.formats.qlinear import QuantLinear
 
 pytestmark = pytest.mark.slow

@@ -13,20 +13,10 @@ from quantkit.api import quantize
 from quantkit.errors import SchemeError
 from quantkit.formats.awq import unpack_awq
 from quantkit.formats.qlinear import QuantLinear
-from quantkit.methods.awq import (
-    AWQConfig,
-    AWQDataError,
-    AWQSearch,
-    apply_awq,
-    best_scale,
-    candidate_scales,
-    fake_quant,
-    group_view,
-    search_awq,
-    search_clip,
-    usable_mappings,
-)
-from quantkit.methods.awq_calib import LinearEvaluator, ModuleEvaluator
+from quantkit.methods.awq.apply import AWQDataError, AWQSearch, apply_awq, usable_mappings
+from quantkit.methods.awq.block import search_awq
+from quantkit.methods.awq.search import AWQConfig, best_scale, candidate_scales, fake_quant, group_view, search_clip
+from quantkit.methods.awq.stats import LinearEvaluator, ModuleEvaluator
 from quantkit.models.arch import get_arch, get_blocks
 
 CFG = AWQConfig(bits=4, group_size=32, sym=False)
@@ -252,7 +242,7 @@ def test_group_size_and_bits_are_refused_with_one_line(tiny_llama, tmp_path, tex
 def test_options_forbid_unknown_fields():
     from pydantic import ValidationError
 
-    from quantkit.methods.awq_method import AWQOptions
+    from quantkit.methods.awq.run import AWQOptions
 
     assert AWQOptions().model_dump() == {"n_grid": 20, "max_shrink": 0.5, "zero_point": True, "dump_awq": None,
                                          "load_awq": None, "offload": "none", "moe_calibration": "routed",

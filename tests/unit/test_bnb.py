@@ -16,7 +16,7 @@ from quantkit.errors import QuantkitError  # noqa: E402
 from quantkit.formats.bnb import is_bnb_module  # noqa: E402
 from quantkit.formats.stats import checkpoint_stats  # noqa: E402
 from quantkit.methods.base import QuantJob  # noqa: E402
-from quantkit.methods.bnb import resolve_compute_dtype, stored_as  # noqa: E402
+from quantkit.methods.bnb.run import resolve_compute_dtype, stored_as  # noqa: E402
 from quantkit.models.sources import resolve  # noqa: E402
 from quantkit.registry import get_method, list_methods  # noqa: E402
 from quantkit.scheme import make_scheme  # noqa: E402

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from quantkit.api import quantize
 from quantkit.convert import convert
 from quantkit.convert.gguf_tensors import qk_permutation
-from quantkit.formats.loader import load
+from quantkit.loading import load
 
 IDS = torch.randint(0, 320, (1, 24), generator=torch.Generator().manual_seed(0))
 HEADS, KV_HEADS = 4, 2

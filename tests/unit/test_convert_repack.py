@@ -15,7 +15,7 @@ from quantkit.convert.stream import PlannedTensor, StreamingWriter, scan
 from quantkit.convert.table import TABLE, lookup
 from quantkit.errors import CheckpointError, QuantkitError
 from quantkit.formats.awq import pack_awq, unpack_awq
-from quantkit.formats.loader import load
+from quantkit.loading import load
 from quantkit.formats.qlinear import QuantLinear
 
 PACKED = ("gptq", "gptq-v2", "awq", "compressed-tensors")

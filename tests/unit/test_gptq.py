@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from quantkit.grid import fit_grid, rtn_quantize
-from quantkit.methods.gptq import (GPTQParams, HessianAccumulator, gptq_quantize, group_aware_order, inverse_cholesky,
+from quantkit.methods.gptq.algorithm import (GPTQParams, HessianAccumulator, gptq_quantize, group_aware_order, inverse_cholesky,
                                    split_rows)
 
 
@@ -178,7 +178,7 @@ def test_cholesky_retry_then_rtn_fallback(caplog):
     upper, damp = inverse_cholesky(bad, 0.01)
     assert upper is not None and damp > 0.01
     # a negative-definite H never factors: RTN with a warning
-    with caplog.at_level(logging.WARNING, logger="quantkit.methods.gptq"):
+    with caplog.at_level(logging.WARNING, logger="quantkit.methods.gptq.algorithm"):
         res = gptq_quantize(w, -torch.eye(h.shape[0]), GPTQParams(bits=4, group_size=32))
     assert res.fallback and "RTN" in caplog.text
     assert torch.equal(res.weight.codes, rtn_quantize(w, 4, 32, False).codes)

@@ -154,7 +154,7 @@ def test_computing_in_keeps_the_originals_and_copies_only_what_it_would_share():
 @pytest.mark.parametrize("fast,want", [(True, "bfloat16"), (False, "float32")])
 def test_auto_calib_dtype_follows_the_device(monkeypatch, fast, want):
     import quantkit.compute
-    from quantkit.methods.gptq_method import GPTQOptions, calib_dtype
+    from quantkit.methods.gptq.run import GPTQOptions, calib_dtype
 
     monkeypatch.setattr(quantkit.compute, "fast_bfloat16", lambda device: fast)
     assert calib_dtype(_job(GPTQOptions(calib_dtype="auto"))) == want

@@ -220,8 +220,8 @@ def test_gptq_expert_stages_replay_and_single_pass(starved):
     """Replaying only `mlp.experts` for the down projections gives the codes full block forwards give;
     the non-sequential single pass covers every expert too."""
     from quantkit.calib.pipeline import run_sequential
-    from quantkit.methods.gptq import GPTQParams
-    from quantkit.methods.gptq_method import block_groups, gptq_block, replay_parent
+    from quantkit.methods.gptq.algorithm import GPTQParams
+    from quantkit.methods.gptq.block import block_groups, gptq_block, replay_parent
     from quantkit.models.sources import load_model, resolve
 
     samples = torch.randint(0, 320, (4, 24), generator=torch.Generator().manual_seed(0))

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from quantkit.calib.pipeline import BlockCalib, StopForward, capture_inputs, run_sequential
-from quantkit.methods.gptq import GPTQParams
-from quantkit.methods.gptq_method import block_groups, collect_hessians, gptq_block, replay_parent
+from quantkit.methods.gptq.algorithm import GPTQParams
+from quantkit.methods.gptq.block import block_groups, collect_hessians, gptq_block, replay_parent
 from quantkit.models.arch import get_arch, get_blocks
 from quantkit.models.sources import load_model, resolve
 from tests.tiny import make_model

@@ -70,13 +70,12 @@ def test_offload_matches_in_memory_byte_for_byte(tmp_path, text, arch):
 
 
 def test_offload_needs_a_folder(tmp_path):
-    from quantkit.calib.offload import quantize_offloaded
     from quantkit.methods.base import QuantJob
-    from quantkit.methods.gptq_method import GPTQ, GPTQOptions
+    from quantkit.methods.gptq.run import GPTQ, GPTQOptions
     from quantkit.models.sources import ModelSource
     from quantkit.scheme import make_scheme
 
     job = QuantJob(source=ModelSource("gguf", str(tmp_path / "x.gguf"), "x.gguf"), scheme=make_scheme("w4g64"),
                    options=GPTQOptions(offload="disk"))
     with pytest.raises(QuantkitError, match="local model folder"):
-        quantize_offloaded(GPTQ(), job)
+        GPTQ().quantize(job)

@@ -134,7 +134,8 @@ def _smollm2_geometry():
 
 def test_awq_grid_term_follows_the_candidate_chunks(model):
     """What methods/awq.py keeps alive while scoring candidate scales (plan._awq_grid_elements)."""
-    from quantkit.plan import F32, _awq_grid_elements, _block_method_bytes
+    from quantkit.methods.awq.memory import grid_elements as _awq_grid_elements
+    from quantkit.plan import F32, _block_method_bytes
 
     # smollm2 at 64 x 512: down_proj (576 x 1536) is chunked, k = 2**24 // (576 * 1536) = 18 candidates:
     # W * s and two fake_quantize temporaries of 18 x 576 x 1536 floats (182 MiB, not 7 x 64 MiB)

@@ -1,5 +1,4 @@
-"""AWQ over the sequential calibration pipeline: per-block statistics, alpha-grid evaluators, and
-the block routine that searches, folds, clips and quantizes (see `quantkit.methods.awq`).
+"""AWQ's calibration statistics and the evaluators that score candidate scales.
 
 One pass of the float block over every calibration batch records, per input site (the first
 Linear of each group sharing an input): sum |x|, the per-group Gram matrices (for clipping) and
@@ -12,33 +11,15 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from quantkit.calib.hooks import HookSet
-from quantkit.calib.pipeline import BlockCalib, BlockSource, BlockStore, Progress, StopForward, run_sequential
-from quantkit.grid import QuantizedWeight, rtn_quantize
-from quantkit.methods.awq import (
-    _CHUNK_ELEMENTS,
-    AWQConfig,
-    AWQSearch,
-    Evaluator,
-    _relative,
-    apply_block,
-    best_scale,
-    clip_eligible,
-    group_view,
-    mixes_tokens,
-    search_clip,
-    usable_mappings,
-)
-from quantkit.models.arch import ArchSpec, block_linears, block_stages, expert_of, get_arch, get_blocks
-from quantkit.models.moe import ExpertCoverage
+from quantkit.calib.pipeline import BlockCalib, StopForward
+from quantkit.methods.awq.search import _CHUNK_ELEMENTS, AWQConfig, group_view
 
 log = logging.getLogger(__name__)
 
@@ -182,35 +163,6 @@ def call_recorder(calls: list[tuple[tuple, dict]], max_tokens: int) -> Callable:
     return hook
 
 
-# ---------------------------------------------------------------- one block
-
-
-@dataclass
-class ModuleResult:
-    """What the search decided for one module of a block (any field may be unset)."""
-
-    quantized: QuantizedWeight | None = None
-    scale: Tensor | None = None   # this module is a previous op: its output was divided by this
-    clip: Tensor | None = None    # this Linear's weights were clipped to these maxima
-
-
-def _sites(block: nn.Module, linears: dict[str, nn.Linear], spec: ArchSpec) -> dict[str, str]:
-    """Linear name -> the first Linear of its sequential group (they all read the same input)."""
-    site_of = {}
-    for stage in block_stages(block, spec):
-        for group in stage:
-            present = [n for n in group if n in linears]
-            for n in present:
-                site_of[n] = present[0]
-    return site_of
-
-
-def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:
-    return QuantizedWeight(codes=qw.codes.cpu(), scales=qw.scales.cpu(), zeros=qw.zeros.cpu(), g_idx=qw.g_idx.cpu(),
-                           bits=qw.bits, group_size=qw.group_size, sym=qw.sym,
-                           bias=None if qw.bias is None else qw.bias.cpu())
-
-
 def _first_linear_under(module_name: str, order: list[str]) -> str:
     """The first Linear (in execution order) inside `module_name`, or the last Linear if none is."""
     inside = [n for n in order if n.startswith(module_name + ".")]
@@ -263,132 +215,3 @@ def collect_stats(calib: BlockCalib, linears: dict[str, nn.Linear], sites: dict[
     if keep:
         calib.next_inputs = outputs
     return stats
-
-
-@torch.no_grad()
-def awq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], cfg: AWQConfig,
-              coverage: ExpertCoverage | None = None) -> dict[str, ModuleResult]:
-    """Search, fold, clip and quantize one block; `targets` are Linear names relative to it.
-
-    Leaves the block computing with the dequantized weights, as the pipeline requires.
-    MoE (`coverage`: expert policy and record): an expert too few tokens reached gets no search of
-    its own (no up -> down scale, no clipping), only the norm's shared scale, then RTN.
-    """
-    block = calib.block
-    linears = block_linears(block, spec)
-    names = [n for n in linears if n in targets]
-    if not names:
-        return {}
-    mappings = usable_mappings(block, spec, set(names))
-    site_of = _sites(block, linears, spec)
-    gram_sites = {site_of[n] for n in names if clip_eligible(n)}
-    input_of = {m.prev: m.input or site_of[m.linears[0]] for m in mappings}  # whose input gives x_mean
-    sites = {n: linears[n].in_features for n in gram_sites}
-    sites.update({input_of[m.prev]: linears[m.linears[0]].in_features for m in mappings})
-    attn_inputs: dict[str, list] = {m.inspect: [] for m in mappings
-                                    if mixes_tokens(m.inspect, block.get_submodule(m.inspect))}
-    t0 = time.perf_counter()
-    coverage = coverage or ExpertCoverage()
-    with coverage.statistics(block):
-        stats = collect_stats(calib, linears, sites, gram_sites, attn_inputs, cfg)
-    t_stats = time.perf_counter()
-    expert_tokens: dict[str, int] = {}  # each expert's first input: the tokens routed to it
-    for n in names:
-        if (e := expert_of(spec, n)) is not None:
-            expert_tokens.setdefault(e, stats[site_of[n]].tokens if site_of[n] in stats else 0)
-    fallback = coverage.starved(f"{spec.blocks}.{calib.index}.", expert_tokens)
-    mappings = [m for m in mappings if expert_of(spec, m.prev) not in fallback]
-
-    # 1. scales: every mapping is searched on the float block, then all are folded (as AutoAWQ does)
-    scales: dict[str, Tensor] = {}
-    for m in mappings:
-        lins = [linears[n] for n in m.linears]
-        st = stats[input_of[m.prev]]
-        inspect = block.get_submodule(m.inspect)
-        evaluate: Evaluator
-        if m.inspect in attn_inputs:
-            evaluate = ModuleEvaluator(inspect, lins, attn_inputs[m.inspect])
-        elif m.linears == (m.inspect,):
-            evaluate = LinearEvaluator(st.samples(), lins[0].weight.data.float())
-        else:  # a token-wise module (MLP) fed by the Linears' input: run it on the token subsample
-            x = st.samples().to(lins[0].weight.dtype)
-            chunks = x.chunk(min(SCREEN_FRACTION, x.shape[0]))
-            evaluate = ModuleEvaluator(inspect, lins, [((c[None],), {}) for c in chunks])
-        choice = best_scale(st.x_mean, [lin.weight.data.float() for lin in lins], evaluate, cfg)
-        scales[m.prev] = choice.scale
-        log.debug("awq block %d %s: alpha %.2f loss %.4g (alpha 0: %.4g)", calib.index, m.prev,
-                  choice.index / cfg.n_grid, choice.losses[choice.index], choice.losses.get(0, float("nan")))
-    attn_inputs.clear()
-    t_scales = time.perf_counter()
-    apply_block(block, spec, set(names), scales, {}, cfg.group_size)
-
-    # 2. clipping, scored with the Gram matrices of the now scaled inputs x / s
-    input_scale = {n: scales[m.prev] for m in mappings for n in m.linears}
-    clips: dict[str, Tensor] = {}
-    for n in names:
-        gram = stats[site_of[n]].gram
-        if not clip_eligible(n) or gram is None or expert_of(spec, n) in fallback:
-            continue
-        if n in input_scale:
-            sg = group_view(input_scale[n][None], cfg.group_size)[0]  # (G, gs)
-            gram = gram / (sg[:, :, None] * sg[:, None, :])
-        clips[n] = search_clip(linears[n].weight.data, gram, cfg)
-    apply_block(block, spec, set(names), {}, clips, cfg.group_size)
-
-    # 3. quantize on the scheme's grid; the block now computes with the dequantized weights
-    out: dict[str, ModuleResult] = {}
-    for n in names:
-        lin = linears[n]
-        qw = rtn_quantize(lin.weight.data, cfg.bits, cfg.group_size, cfg.sym, lin.bias)
-        lin.weight.data = qw.dequantize(lin.weight.dtype)
-        out[n] = ModuleResult(quantized=_to_cpu(qw), clip=None if n not in clips else clips[n].cpu())
-    for prev, s in scales.items():
-        out.setdefault(prev, ModuleResult()).scale = s.cpu()
-    log.debug("awq block %d: stats %.1fs, scale search %.1fs, clip+quantize %.1fs", calib.index,
-              t_stats - t0, t_scales - t_stats, time.perf_counter() - t_scales)
-    return out
-
-
-SCALE, CLIP = ":awq_scale", ":awq_clip"  # side-result keys: module name + suffix
-
-
-def _flat(results: dict[str, ModuleResult]) -> dict[str, Any]:
-    """A block's results as the pipeline's store takes them: codes to the checkpoint, scales and clips kept."""
-    out: dict[str, Any] = {}
-    for name, r in results.items():
-        if r.quantized is not None:
-            out[name] = r.quantized
-        if r.scale is not None:
-            out[name + SCALE] = r.scale
-        if r.clip is not None:
-            out[name + CLIP] = r.clip
-    return out
-
-
-def run_awq(model: nn.Module, samples: Tensor, cfg: AWQConfig, targets: set[str] | None = None, *,
-            device: torch.device, batch_size: int = 8, blocks: BlockSource | None = None,
-            store: BlockStore | None = None,
-            progress: Progress | None = None,
-            coverage: ExpertCoverage | None = None) -> tuple[AWQSearch, dict[str, QuantizedWeight]]:
-    """AWQ over every block: (the search result, the quantized target Linears by full name)."""
-    spec = get_arch(model)
-    if targets is None:
-        targets = {f"{spec.blocks}.{i}.{n}" for i, b in enumerate(get_blocks(model, spec)) for n in block_linears(b, spec)}
-
-    cov = coverage or ExpertCoverage()
-
-    def per_block(calib: BlockCalib) -> dict[str, Any]:  # + the block's MoE token counts (kept on resume)
-        done = _flat(awq_block(calib, spec, _relative(targets, spec, calib.index), cfg, cov))
-        return {**done, **cov.block_results(f"{spec.blocks}.{calib.index}.")}
-
-    results = cov.absorb(run_sequential(model, spec, samples, per_block, device=device, batch_size=batch_size,
-                                        blocks=blocks, progress=progress, store=store))
-    search, quantized = AWQSearch(meta=cfg.meta()), {}
-    for name, r in results.items():  # with a store, the codes are on disk: only scales and clips come back
-        if name.endswith(SCALE):
-            search.scales[name.removesuffix(SCALE)] = r
-        elif name.endswith(CLIP):
-            search.clips[name.removesuffix(CLIP)] = r
-        else:
-            quantized[name] = r
-    return search, quantized

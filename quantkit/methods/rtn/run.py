@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from torch import nn
+
 from quantkit.grid import QuantizedWeight, rtn_quantize
-from quantkit.methods.base import WeightOnlyMethod
+from quantkit.methods.base import QuantJob, WeightOnlyMethod
+from quantkit.models.arch import ArchSpec
 
 
 class RTN(WeightOnlyMethod):
     name = "rtn"
     description = "round-to-nearest on a min/max grid per group; instant, no data"
-    needs_calibration = False
     formats = ("gptq",)
 
-    def quantize_model(self, model, tokenizer, spec, layers, job) -> dict[str, QuantizedWeight]:
+    def quantize_model(self, model: nn.Module, tokenizer: Any, spec: ArchSpec, layers: dict[str, nn.Linear],
+                       job: QuantJob) -> dict[str, QuantizedWeight]:
         s = job.scheme
         out = {}
         for i, (name, lin) in enumerate(layers.items()):

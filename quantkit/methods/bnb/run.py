@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,7 +32,7 @@ from quantkit.formats.bnb import (QUANT_METHOD, cast_unquantized, is_bnb_module,
                                   unquantized_params)
 from quantkit.formats.checkpoint import PROVENANCE, save_tokenizer_and_generation, write_json
 from quantkit.formats.shards import DEFAULT_MAX_SHARD_SIZE
-from quantkit.methods.base import QuantJob
+from quantkit.methods.base import MethodBase, QuantJob
 from quantkit.models.moe import moe_architecture
 from quantkit.models.sources import ModelSource, _load_tokenizer, load_model, read_config
 from quantkit.scheme import QuantScheme
@@ -223,19 +223,16 @@ def float_folder(src: ModelSource, trust_remote_code: bool) -> Iterator[tuple[st
         yield tmp, tok
 
 
-class _Bitsandbytes(ABC):
-    name: ClassVar[str]
-    description: ClassVar[str]
-    needs_calibration: ClassVar[bool] = False
+class _Bitsandbytes(MethodBase):
     uses_scheme: ClassVar[bool] = False  # bits and grid are fixed by bitsandbytes; only the skip list applies
+    quantizes_on_load: ClassVar[bool] = True
     formats: ClassVar[tuple[str, ...]] = (QUANT_METHOD,)
-    Options: ClassVar[type[BaseModel]]
 
     @abstractmethod
     def bnb_config(self, opts: Any, device: torch.device, skip: list[str]) -> Any:
         """transformers' BitsAndBytesConfig for these options and exact skip names."""
 
-    def describe(self, opts: Any, device: torch.device) -> dict[str, Any]:
+    def describe_options(self, opts: Any, device: torch.device) -> dict[str, Any]:
         return {"options": opts.model_dump(mode="json")}
 
     def quantize(self, job: QuantJob) -> BnbArtifact:
@@ -272,7 +269,7 @@ class _Bitsandbytes(ABC):
         if job.progress:
             job.progress("quantize", 1, 1)
         extra = {
-            **self.describe(opts, job.device),
+            **self.describe_options(opts, job.device),
             "skip": list(job.scheme.skip),
             "skipped_modules": skip,
             "quantized_modules": n_quant,
@@ -284,6 +281,7 @@ class _Bitsandbytes(ABC):
 
 class _FourBit(_Bitsandbytes):
     quant_type: ClassVar[str]
+    scheme_bits = (4,)
     Options: ClassVar[type[BaseModel]] = FourBitOptions
 
     def bnb_config(self, opts: FourBitOptions, device: torch.device, skip: list[str]) -> Any:
@@ -298,7 +296,7 @@ class _FourBit(_Bitsandbytes):
             llm_int8_skip_modules=skip,
         )
 
-    def describe(self, opts: FourBitOptions, device: torch.device) -> dict[str, Any]:
+    def describe_options(self, opts: FourBitOptions, device: torch.device) -> dict[str, Any]:
         return {"options": opts.model_dump(mode="json"), "compute_dtype": resolve_compute_dtype(opts, device),
                 "block_size": BLOCK_4BIT}
 
@@ -307,17 +305,21 @@ class NF4(_FourBit):
     name = "nf4"
     description = "bitsandbytes 4-bit NormalFloat, blocks of 64, double quant; no data"
     quant_type = "nf4"
+    card_tags = ("4-bit", "bitsandbytes", "nf4")
 
 
 class FP4(_FourBit):
     name = "fp4"
     description = "bitsandbytes 4-bit float (e2m1), blocks of 64, double quant; no data"
     quant_type = "fp4"
+    card_tags = ("4-bit", "bitsandbytes", "fp4")
 
 
 class INT8(_Bitsandbytes):
     name = "int8"
     description = "bitsandbytes LLM.int8: int8 rows + fp16 outlier columns; no data"
+    scheme_bits = (8,)
+    card_tags = ("8-bit", "bitsandbytes", "llm.int8")
     Options: ClassVar[type[BaseModel]] = Int8Options
 
     def bnb_config(self, opts: Int8Options, device: torch.device, skip: list[str]) -> Any:

@@ -1,11 +1,10 @@
-"""GPTQ as a quantkit method: orchestration of `quantkit.methods.gptq` over the sequential pipeline.
+"""GPTQ on one decoder block: the step the calibration pipeline runs per block.
 
-Per decoder block, in true-sequential order (attention inputs, o_proj, MLP inputs,
-down_proj): run the calibration batches through the block only as far as the
-group's first Linear, streaming XᵀX into one Hessian per group (the group's
-Linears share their input), quantize the group's row-stacked weights in one
-GPTQ call, and write the dequantized weights back so the next group and the
-next block see the quantized model.
+In true-sequential order (attention inputs, o_proj, MLP inputs, down_proj): run the
+calibration batches through the block only as far as the group's first Linear, streaming
+XᵀX into one Hessian per group (the group's Linears share their input), quantize the
+group's row-stacked weights in one GPTQ call, and write the dequantized weights back so
+the next group and the next block see the quantized model.
 
 Mixture-of-experts blocks: each expert's gate/up (then down) is its own group, and
 the groups of all experts form one stage collected in a single pass; an expert's
@@ -19,48 +18,20 @@ import logging
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from quantkit.calib.data import calibration_samples, fingerprint
 from quantkit.calib.hooks import HookSet
-from quantkit.calib.pipeline import BlockCalib, StopForward, release_heap, run_sequential
+from quantkit.calib.pipeline import BlockCalib, StopForward
 from quantkit.calib.shortcut import Shortcut
-from quantkit.errors import QuantkitError
-from quantkit.formats.checkpoint import PackedArtifact
 from quantkit.grid import QuantizedWeight, rtn_quantize
-from quantkit.methods.base import QuantJob, WeightOnlyMethod
-from quantkit.methods.gptq import GPTQParams, HessianAccumulator, gptq_quantize, split_rows
+from quantkit.methods.gptq.algorithm import GPTQParams, HessianAccumulator, gptq_quantize, split_rows
 from quantkit.models.arch import ArchSpec, block_stages, expert_of
 from quantkit.models.moe import ExpertCoverage
 
 log = logging.getLogger(__name__)
-
-
-class GPTQOptions(BaseModel):
-    """Method options (CLI flags --damp, --block-size, --true-sequential/--no-true-sequential, --offload,
-    --act-group-aware/--no-act-group-aware, --moe-calibration, --moe-min-tokens)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    damp: float = Field(0.01, ge=0.0, le=1.0, description="dampening: fraction of the mean Hessian diagonal")
-    block_size: int = Field(128, ge=1, le=4096, description="columns per lazy-update block")
-    true_sequential: bool = Field(True, description="calibrate each Linear group on the already-quantized earlier groups")
-    offload: Literal["none", "disk"] = Field("none", description="disk: load decoder blocks one at a time from safetensors")
-    damp_retries: int = Field(3, ge=0, le=10, description="Cholesky retries, each with 10x the dampening, before RTN")
-    act_group_aware: bool = Field(
-        True, description="group-aware reordering (GAR) when desc_act is off: same format, g_idx trivial")
-    moe_calibration: Literal["routed", "all"] = Field(
-        "routed", description="MoE experts: routed = the router's tokens; all = every token (outputs stay routed)")
-    moe_min_tokens: int = Field(16, ge=0, description="an expert that saw fewer calibration tokens gets RTN")
-    shortcuts: bool = Field(
-        True, description="later passes replace attention by its last (quantized) Linear on its recorded inputs "
-                          "once checked exact (same codes, attention run once per block, + tokens x hidden memory)")
-    calib_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "float32", description="dtype the blocks compute in during calibration (Hessians and GPTQ stay float32); "
-                               "auto: bfloat16 where the device computes it fast (CUDA, AVX512-BF16/AMX CPUs)")
 
 
 @dataclass(frozen=True)
@@ -191,7 +162,7 @@ def rtn_group(calib: BlockCalib, group: _Group, params: GPTQParams) -> dict[str,
     for name, mod in zip(group.names, group.modules, strict=True):
         qw = rtn_quantize(calib.master(mod), params.bits, params.group_size, params.sym, mod.bias)
         mod.weight.data.copy_(qw.dequantize(mod.weight.dtype))
-        out[name] = _to_cpu(qw)
+        out[name] = qw.cpu()
     return out
 
 
@@ -204,16 +175,10 @@ def quantize_group(calib: BlockCalib, group: _Group, h: torch.Tensor, params: GP
     out = {}
     for name, mod, qw in zip(group.names, group.modules, parts, strict=True):
         mod.weight.data.copy_(qw.dequantize(mod.weight.dtype))
-        out[name] = _to_cpu(qw)
+        out[name] = qw.cpu()
     log.debug("gptq %s: loss %.4g damp %.3g%s", ",".join(group.names), res.loss, res.damp,
               " (RTN fallback)" if res.fallback else "")
     return out
-
-
-def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:
-    return QuantizedWeight(codes=qw.codes.cpu(), scales=qw.scales.cpu(), zeros=qw.zeros.cpu(), g_idx=qw.g_idx.cpu(),
-                           bits=qw.bits, group_size=qw.group_size, sym=qw.sym,
-                           bias=None if qw.bias is None else qw.bias.cpu())
 
 
 def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPTQParams,
@@ -272,85 +237,3 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
             finish(groups, hs, tokens)
     log.info("gptq block %d: %d Linears in %.1fs", calib.index, len(results), time.perf_counter() - t0)
     return results
-
-
-def calib_dtype(job: QuantJob) -> str:
-    """The dtype blocks compute in while calibrating: the option, with auto resolved for the job's device."""
-    from quantkit.compute import fast_bfloat16
-
-    dt = job.options.calib_dtype
-    if dt == "auto":
-        dt = "bfloat16" if fast_bfloat16(job.device) else "float32"
-    return dt
-
-
-class GPTQ(WeightOnlyMethod):
-    name = "gptq"
-    description = "GPTQ: second-order error compensation with calibration data (Frantar et al. 2022)"
-    needs_calibration = True
-    formats = ("gptq",)
-    Options = GPTQOptions
-    resumable = True
-
-    def quantize(self, job: QuantJob) -> PackedArtifact:
-        self._samples = None
-        if job.source.kind == "folder":
-            # Tokenizing the calibration corpus is the largest transient of the run (~600 MB for
-            # wiki-vital): do it before the model is in memory, then hand the freed heap back.
-            from quantkit.models.sources import _load_tokenizer
-
-            tok = _load_tokenizer(job.source.path, job.trust_remote_code)
-            if tok is not None:
-                self._samples = self.calibration(tok, job)
-                del tok
-                release_heap()
-        if job.options.offload == "disk":
-            from quantkit.calib.offload import quantize_offloaded
-
-            return quantize_offloaded(self, job)
-        return super().quantize(job)
-
-    def params(self, job: QuantJob) -> GPTQParams:
-        s, o = job.scheme, job.options
-        return GPTQParams(bits=s.bits, group_size=s.group_size, sym=s.sym, desc_act=s.desc_act,
-                          static_groups=s.static_groups, damp=o.damp, block_size=o.block_size,
-                          damp_retries=o.damp_retries, group_aware=o.act_group_aware)
-
-    def quantize_model(self, model: nn.Module, tokenizer: Any, spec: ArchSpec, layers: dict[str, nn.Linear],
-                       job: QuantJob, blocks: Any = None) -> dict[str, QuantizedWeight]:
-        if tokenizer is None:
-            raise QuantkitError("GPTQ needs a tokenizer for calibration; add tokenizer files to the model folder")
-        c = job.calib
-        samples = getattr(self, "_samples", None)
-        if samples is None:
-            samples = self.calibration(tokenizer, job)
-        self._samples = None
-        params, targets, seq = self.params(job), set(layers), job.options.true_sequential
-        log.info("GPTQ: %d Linears, %d samples x %d tokens, true_sequential=%s", len(layers), len(samples),
-                 samples.shape[1], seq)
-        cov = self.coverage = ExpertCoverage(job.options.moe_calibration, job.options.moe_min_tokens)
-
-        def block(calib: BlockCalib) -> dict[str, Any]:  # codes, and the block's MoE token counts (kept on resume)
-            done = gptq_block(calib, spec, targets, params, seq, coverage=cov, shortcuts=job.options.shortcuts)
-            return {**done, **cov.block_results(f"{spec.blocks}.{calib.index}.")}
-
-        results = run_sequential(model, spec, samples, block, device=job.device, batch_size=c.batch_size,
-                                 blocks=blocks, progress=job.progress, store=self.block_store(job, spec),
-                                 compute_dtype=getattr(torch, calib_dtype(job)))
-        return cov.absorb(results)
-
-    def calibration(self, tokenizer: Any, job: QuantJob) -> torch.Tensor:
-        """(nsamples, seqlen) token ids of the job's calibration windows; remembers their fingerprint."""
-        c = job.calib
-        samples = calibration_samples(tokenizer, c.dataset, c.nsamples, c.seqlen, c.seed, c.text_field)
-        self._fingerprint = fingerprint(samples)
-        return samples
-
-    def describe(self, job: QuantJob) -> dict[str, Any]:
-        opts = job.options.model_dump(mode="json")
-        opts["damp_percent"] = job.options.damp
-        opts["calib_dtype_used"] = calib_dtype(job)
-        out: dict[str, Any] = {"options": opts, "calibration": job.calib.model_dump(mode="json")}
-        if getattr(self, "_fingerprint", None):
-            out["calibration"]["sha256"] = self._fingerprint
-        return self.describe_moe(out)

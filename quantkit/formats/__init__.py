@@ -1,0 +1,1 @@
+"""Checkpoint formats: layouts, packing, writers and the reader that rebuilds packed checkpoints."""

@@ -1,0 +1,129 @@
+"""Calibrated methods: one path for every method that quantizes block by block on calibration text.
+
+The pipeline side (this base, `quantkit.calib.pipeline.run_sequential`) owns the calibration samples,
+the loop over blocks, the work folder and resume, `--offload disk`, MoE expert coverage and progress.
+A method contributes `block_step(job, spec, coverage)`: a function of one block (`BlockCalib`) and the
+names of its Linears to quantize (relative to the block) that returns their quantized weights and any
+side data, leaving the block computing with its quantized weights. Nothing of a run is kept on the
+method: what a run learned for its checkpoint record comes back as `RunFacts`.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from quantkit.calib.data import calibration_samples, fingerprint
+from quantkit.calib.pipeline import BlockCalib, release_heap, run_sequential
+from quantkit.errors import QuantkitError
+from quantkit.formats.checkpoint import PackedArtifact
+from quantkit.grid import QuantizedWeight
+from quantkit.methods.base import Loaded, QuantJob, RunFacts, WeightOnlyMethod, load_in_memory, load_offloaded
+from quantkit.models.arch import ArchSpec
+from quantkit.models.moe import ExpertCoverage
+
+log = logging.getLogger(__name__)
+
+BlockStep = Callable[[BlockCalib, set[str]], dict[str, Any]]  # (block, relative target names) -> results
+
+
+class RunOptions(BaseModel):
+    """Options of the calibration run itself, shared by every block-wise method."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    offload: Literal["none", "disk"] = Field("none", description="disk: load decoder blocks one at a time from safetensors")
+    moe_calibration: Literal["routed", "all"] = Field(
+        "routed", description="MoE experts: routed = the router's tokens; all = every token (outputs stay routed)")
+    moe_min_tokens: int = Field(16, ge=0, description="an expert that saw fewer calibration tokens gets RTN")
+
+
+def relative(names: set[str], spec: ArchSpec, i: int) -> set[str]:
+    """The names in `names` under block i, relative to it."""
+    prefix = f"{spec.blocks}.{i}."
+    return {n.removeprefix(prefix) for n in names if n.startswith(prefix)}
+
+
+def early_samples(method: BlockwiseMethod, job: QuantJob) -> Tensor | None:
+    """Tokenizing the calibration corpus is the largest transient of a run (~600 MB for wiki-vital): a method
+    that `tokenizes_first` does it before the model is in memory (folder sources), then frees the heap."""
+    if not method.tokenizes_first or job.source.kind != "folder":
+        return None
+    from quantkit.models.sources import _load_tokenizer
+
+    tok = _load_tokenizer(job.source.path, job.trust_remote_code)
+    if tok is None:
+        return None
+    samples = method.calibration(tok, job)
+    del tok
+    release_heap()
+    return samples
+
+
+class BlockwiseMethod(WeightOnlyMethod):
+    """A calibrated weight-only method: `block_step` per decoder block, over the shared pipeline."""
+
+    needs_calibration: ClassVar[bool] = True
+    resumable: ClassVar[bool] = True
+    Options: ClassVar[type[BaseModel]] = RunOptions
+    tokenizer_hint: ClassVar[str] = ""  # appended to the "needs a tokenizer" error
+
+    @abstractmethod
+    def block_step(self, job: QuantJob, spec: ArchSpec, coverage: ExpertCoverage) -> BlockStep:
+        """The function that quantizes one block (see the module docstring)."""
+
+    def prepare(self, job: QuantJob) -> QuantJob:
+        """Check the job (and adjust it, e.g. the scheme a method option implies) before anything is loaded."""
+        self.check_scheme(job.scheme)
+        return job
+
+    def quantize(self, job: QuantJob) -> PackedArtifact:
+        job = self.prepare(job)
+        samples = early_samples(self, job)
+        loaded = load_offloaded(job) if getattr(job.options, "offload", "none") == "disk" else load_in_memory(job)
+        facts = RunFacts()
+        with loaded.streaming():
+            results = self.quantize_loaded(loaded, job, samples, facts)
+        return self.artifact(job, loaded, results, self.describe(job, facts))
+
+    def quantize_model(self, model: Any, tokenizer: Any, spec: ArchSpec, layers: dict[str, Any],
+                       job: QuantJob) -> dict[str, QuantizedWeight]:
+        return self.quantize_loaded(Loaded(model, tokenizer, spec, layers), job, None, RunFacts())
+
+    def quantize_loaded(self, loaded: Loaded, job: QuantJob, samples: Tensor | None,
+                        facts: RunFacts) -> dict[str, Any]:
+        """Calibrate every block of `loaded` (samples: already tokenized, or None) and return the results."""
+        if loaded.tokenizer is None:
+            raise QuantkitError(f"{self.name.upper()} needs a tokenizer for calibration; add tokenizer files to the "
+                                f"model folder{self.tokenizer_hint}")
+        if samples is None:
+            samples = self.calibration(loaded.tokenizer, job)
+        facts.samples_sha256 = fingerprint(samples)
+        o, spec, targets = job.options, loaded.spec, set(loaded.layers)
+        cov = facts.coverage = ExpertCoverage(o.moe_calibration, o.moe_min_tokens)
+        step = self.block_step(job, spec, cov)
+        log.info("%s: %d Linears, %d samples x %d tokens", self.name.upper(), len(targets), len(samples),
+                 samples.shape[1])
+
+        def per_block(calib: BlockCalib) -> dict[str, Any]:  # + the block's MoE token counts (kept on resume)
+            done = step(calib, relative(targets, spec, calib.index))
+            return {**done, **cov.block_results(f"{spec.blocks}.{calib.index}.")}
+
+        results = run_sequential(loaded.model, spec, samples, per_block, device=job.device,
+                                 batch_size=job.calib.batch_size, blocks=loaded.blocks, progress=job.progress,
+                                 store=self.block_store(job, spec), compute_dtype=getattr(torch, self.calib_dtype(job)))
+        return self.finish(cov.absorb(results), job)
+
+    def finish(self, results: dict[str, Any], job: QuantJob) -> dict[str, QuantizedWeight]:
+        """The quantized weights among a run's results (a method with side data takes it out here)."""
+        return results
+
+    def calibration(self, tokenizer: Any, job: QuantJob) -> Tensor:
+        """(nsamples, seqlen) token ids of the job's calibration windows."""
+        c = job.calib
+        return calibration_samples(tokenizer, c.dataset, c.nsamples, c.seqlen, c.seed, c.text_field)

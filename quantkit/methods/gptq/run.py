@@ -1,0 +1,102 @@
+"""GPTQ as a quantkit method: `gptq_block` (quantkit.methods.gptq.block) as the step of the block-wise
+pipeline (quantkit.methods.blockwise), with its options, calibration dtype policy and record."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from quantkit.methods.base import QuantJob, RunFacts, describe_moe
+from quantkit.methods.blockwise import BlockStep, BlockwiseMethod
+from quantkit.methods.gptq.algorithm import GPTQParams
+from quantkit.methods.gptq.block import gptq_block
+from quantkit.methods.gptq.memory import gptq_block_memory
+from quantkit.models.arch import ArchSpec
+from quantkit.models.moe import ExpertCoverage
+from quantkit.plan import BlockWork, Geometry, Settings
+
+log = logging.getLogger(__name__)
+
+
+class GPTQOptions(BaseModel):
+    """Method options (CLI flags --damp, --block-size, --true-sequential/--no-true-sequential, --offload,
+    --act-group-aware/--no-act-group-aware, --moe-calibration, --moe-min-tokens)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    damp: float = Field(0.01, ge=0.0, le=1.0, description="dampening: fraction of the mean Hessian diagonal")
+    block_size: int = Field(128, ge=1, le=4096, description="columns per lazy-update block")
+    true_sequential: bool = Field(True, description="calibrate each Linear group on the already-quantized earlier groups")
+    offload: Literal["none", "disk"] = Field("none", description="disk: load decoder blocks one at a time from safetensors")
+    damp_retries: int = Field(3, ge=0, le=10, description="Cholesky retries, each with 10x the dampening, before RTN")
+    act_group_aware: bool = Field(
+        True, description="group-aware reordering (GAR) when desc_act is off: same format, g_idx trivial")
+    moe_calibration: Literal["routed", "all"] = Field(
+        "routed", description="MoE experts: routed = the router's tokens; all = every token (outputs stay routed)")
+    moe_min_tokens: int = Field(16, ge=0, description="an expert that saw fewer calibration tokens gets RTN")
+    shortcuts: bool = Field(
+        True, description="later passes replace attention by its last (quantized) Linear on its recorded inputs "
+                          "once checked exact (same codes, attention run once per block, + tokens x hidden memory)")
+    calib_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype the blocks compute in during calibration (Hessians and GPTQ stay float32); "
+                               "auto: bfloat16 where the device computes it fast (CUDA, AVX512-BF16/AMX CPUs)")
+
+
+def calib_dtype(job: QuantJob) -> str:
+    """The dtype blocks compute in while calibrating: the option, with auto resolved for the job's device."""
+    from quantkit.compute import fast_bfloat16
+
+    dt = job.options.calib_dtype
+    if dt == "auto":
+        dt = "bfloat16" if fast_bfloat16(job.device) else "float32"
+    return dt
+
+
+def gptq_params(job: QuantJob) -> GPTQParams:
+    s, o = job.scheme, job.options
+    return GPTQParams(bits=s.bits, group_size=s.group_size, sym=s.sym, desc_act=s.desc_act,
+                      static_groups=s.static_groups, damp=o.damp, block_size=o.block_size,
+                      damp_retries=o.damp_retries, group_aware=o.act_group_aware)
+
+
+def gptq_step(job: QuantJob, spec: ArchSpec, coverage: ExpertCoverage) -> BlockStep:
+    """GPTQ rounding of a block's targets (in true-sequential order unless the option says otherwise)."""
+    params, o = gptq_params(job), job.options
+
+    def step(calib: Any, targets: set[str]) -> dict[str, Any]:
+        prefix = f"{spec.blocks}.{calib.index}."
+        return gptq_block(calib, spec, {prefix + n for n in targets}, params, o.true_sequential,
+                          coverage=coverage, shortcuts=o.shortcuts)
+
+    return step
+
+
+class GPTQ(BlockwiseMethod):
+    name = "gptq"
+    description = "GPTQ: second-order error compensation with calibration data (Frantar et al. 2022)"
+    formats = ("gptq",)
+    Options: ClassVar[type[BaseModel]] = GPTQOptions
+    tokenizes_first = True
+
+    def calib_dtype(self, job: QuantJob) -> str:
+        return calib_dtype(job)
+
+    def params(self, job: QuantJob) -> GPTQParams:
+        return gptq_params(job)
+
+    @classmethod
+    def block_memory(cls, geometry: Geometry, settings: Settings) -> BlockWork:
+        return gptq_block_memory(geometry, settings)
+
+    def block_step(self, job: QuantJob, spec: ArchSpec, coverage: ExpertCoverage) -> BlockStep:
+        return gptq_step(job, spec, coverage)
+
+    def describe(self, job: QuantJob, facts: RunFacts | None = None) -> dict[str, Any]:
+        opts = job.options.model_dump(mode="json")
+        opts["damp_percent"] = job.options.damp
+        opts["calib_dtype_used"] = calib_dtype(job)
+        out: dict[str, Any] = {"options": opts, "calibration": job.calib.model_dump(mode="json")}
+        if facts is not None and facts.samples_sha256:
+            out["calibration"]["sha256"] = facts.samples_sha256
+        return describe_moe(out, facts)

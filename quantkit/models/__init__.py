@@ -1,0 +1,1 @@
+"""Model architectures, sources (folders, hub ids, GGUF, aliases) and mixture-of-experts support."""

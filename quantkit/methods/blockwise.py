@@ -72,6 +72,9 @@ class BlockwiseMethod(WeightOnlyMethod):
     resumable: ClassVar[bool] = True
     Options: ClassVar[type[BaseModel]] = RunOptions
     tokenizer_hint: ClassVar[str] = ""  # appended to the "needs a tokenizer" error
+    # the pipeline also carries the float model's hidden states: each block sees the float block's inputs and
+    # outputs (BlockCalib.reference_inputs / reference_outputs), what a method tunes the quantized block towards
+    float_reference: ClassVar[bool] = False
 
     @abstractmethod
     def block_step(self, job: QuantJob, spec: ArchSpec, coverage: ExpertCoverage) -> BlockStep:
@@ -116,7 +119,8 @@ class BlockwiseMethod(WeightOnlyMethod):
 
         results = run_sequential(loaded.model, spec, samples, per_block, device=job.device,
                                  batch_size=job.calib.batch_size, blocks=loaded.blocks, progress=job.progress,
-                                 store=self.block_store(job, spec), compute_dtype=getattr(torch, self.calib_dtype(job)))
+                                 store=self.block_store(job, spec), compute_dtype=getattr(torch, self.calib_dtype(job)),
+                                 reference=self.float_reference)
         return self.finish(cov.absorb(results), job)
 
     def finish(self, results: dict[str, Any], job: QuantJob) -> dict[str, QuantizedWeight]:

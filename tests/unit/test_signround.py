@@ -164,3 +164,30 @@ def test_end_to_end_tuning_lowers_kl_and_keeps_codes(tiny):
         assert torch.equal(qw.scales, qw.scales.half().float())
         assert torch.equal(model.get_submodule(name).weight, qw.dequantize())
     assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def test_method_with_end_to_end_stage_is_deterministic_and_loads(tiny, text_file, tmp_path):
+    opts = {"iters": 4, "calib_dtype": "float32", "e2e_steps": 3, "e2e_lr": 1e-2}
+    kw = dict(scheme={"bits": 4, "group_size": 32}, calib=_calib(text_file), options=opts, device="cpu")
+    for name in ("a", "b"):
+        quantize(tiny, "signround", tmp_path / name, **kw)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    blockwise = tmp_path / "c"
+    quantize(tiny, "signround", blockwise, **{**kw, "options": {**opts, "e2e_steps": 0}})
+    from safetensors.torch import load_file
+
+    a, c = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(blockwise / "model.safetensors"))
+    assert a.keys() == c.keys()
+    qweights = [k for k in a if k.endswith("qweight")]
+    assert qweights and all(torch.equal(a[k], c[k]) for k in qweights)  # the codes are the block stage's
+    assert any(not torch.equal(a[k], c[k]) for k in a if k.endswith("scales"))  # the scales moved
+    model = quantkit.load(tmp_path / "a", kernel="reference")
+    assert torch.isfinite(model(input_ids=torch.arange(1, 17).unsqueeze(0)).logits).all()
+
+
+def test_end_to_end_stage_refuses_disk_offload(tiny, text_file, tmp_path):
+    from quantkit.errors import QuantkitError
+
+    with pytest.raises(QuantkitError, match="end-to-end"):
+        quantize(tiny, "signround", tmp_path / "x", scheme={"bits": 4, "group_size": 32}, calib=_calib(text_file),
+                 options={"iters": 2, "e2e_steps": 2, "offload": "disk"}, device="cpu")

@@ -12,13 +12,19 @@ import logging
 from typing import Any, ClassVar, Literal
 
 import torch
+from torch import Tensor
 from pydantic import BaseModel, ConfigDict, Field
 
 from quantkit.calib.pipeline import BlockCalib
 from quantkit.compute import fast_bfloat16
 from quantkit.errors import SchemeError
 from quantkit.grid import QuantizedWeight, rtn_quantize
-from quantkit.methods.base import QuantJob, RunFacts, describe_moe
+from quantkit.calib.pipeline import place_outside_blocks
+from quantkit.formats.checkpoint import PackedArtifact
+from quantkit.methods.base import Loaded, QuantJob, RunFacts, describe_moe
+from quantkit.methods.signround.e2e import E2EParams, tune_end_to_end
+from quantkit.methods.signround.stored import stored_results
+from quantkit.models.sources import load_model
 from quantkit.methods.blockwise import BlockStep, BlockwiseMethod
 from quantkit.methods.signround.block import SignRoundParams, tune_block
 from quantkit.methods.signround.memory import signround_block_memory
@@ -44,6 +50,10 @@ class SignRoundOptions(BaseModel):
     offload: Literal["none", "disk"] = Field("none", description="disk: load decoder blocks one at a time")
     moe_calibration: Literal["routed", "all"] = Field("routed", description="MoE experts: the router's tokens")
     moe_min_tokens: int = Field(16, ge=0, description="kept for the pipeline's coverage report")
+    e2e_steps: int = Field(0, ge=0, le=100_000, description="end-to-end steps after the blocks: scales and norms "
+                                                            "against the float model's logits (needs it in memory)")
+    e2e_batch_size: int = Field(2, ge=1, description="calibration windows per end-to-end step")
+    e2e_lr: float = Field(1e-3, gt=0, description="Adam step size of the log-scales and norms end to end")
 
 
 def autocast_dtype(job: QuantJob) -> torch.dtype | None:
@@ -97,6 +107,9 @@ class SignRound(BlockwiseMethod):
     def prepare(self, job: QuantJob) -> QuantJob:
         if job.scheme.desc_act:
             raise SchemeError("signround tunes every group's own grid; drop --desc-act")
+        if job.options.e2e_steps and job.options.offload == "disk":
+            raise SchemeError("signround's end-to-end stage needs the model in memory; drop --offload disk or set "
+                              "--opt e2e_steps=0")
         return super().prepare(job)
 
     @classmethod
@@ -106,6 +119,32 @@ class SignRound(BlockwiseMethod):
     def block_step(self, job: QuantJob, spec: ArchSpec, coverage: ExpertCoverage) -> BlockStep:
         p = signround_params(job)
         return lambda calib, targets: signround_block(calib, spec, targets, p)
+
+    def quantize_loaded(self, loaded: Loaded, job: QuantJob, samples: Tensor | None, facts: RunFacts) -> dict[str, Any]:
+        o = job.options
+        if not o.e2e_steps:
+            return super().quantize_loaded(loaded, job, samples, facts)
+        if samples is None and loaded.tokenizer is not None:
+            samples = self.calibration(loaded.tokenizer, job)
+        results = super().quantize_loaded(loaded, job, samples, facts)
+        quantized = stored_results(loaded, job, results, self.formats[0], self.describe(job).get("options", {}))
+        base, _ = load_model(job.source, torch.float32, job.trust_remote_code)
+        place_outside_blocks(loaded.model, loaded.spec, job.device)
+        loaded.model.to(job.device)
+        base.to(job.device)
+        p = E2EParams(steps=o.e2e_steps, batch_size=o.e2e_batch_size, lr=o.e2e_lr, norm_lr=o.e2e_lr,
+                      autocast=autocast_dtype(job), seed=job.calib.seed)
+        out = tune_end_to_end(loaded.model, base, quantized, samples, p)
+        loaded.model.to("cpu")
+        del base
+        return {n: _cpu(q) for n, q in out.items()}
+
+    def artifact(self, job: QuantJob, loaded: Loaded, results: dict[str, QuantizedWeight],
+                 extra: dict[str, Any]) -> PackedArtifact:
+        art = super().artifact(job, loaded, results, extra)
+        if job.options.e2e_steps:
+            art.stored = None  # every block's tuned tensors are in `results` and the model
+        return art
 
     def describe(self, job: QuantJob, facts: RunFacts | None = None) -> dict[str, Any]:
         opts = job.options.model_dump(mode="json")

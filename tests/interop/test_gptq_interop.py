@@ -30,6 +30,13 @@ CASES = {  # name -> scheme
     "w4g32-act-sym": {"bits": 4, "group_size": 32, "desc_act": True, "sym": True},
     "w8-perchannel": {"bits": 8, "group_size": -1},
     "w3g32-act": {"bits": 3, "group_size": 32, "desc_act": True},
+    "signround-w4g32": {"bits": 4, "group_size": 32},
+    "signround-w3g32-sym": {"bits": 3, "group_size": 32, "sym": True},
+}
+# cases made by another method than gptq, with its options (same GPTQ checkpoint format)
+METHODS = {
+    "signround-w4g32": ("signround", {"iters": 4, "e2e_steps": 2}),
+    "signround-w3g32-sym": ("signround", {"iters": 4, "tune_norms": False}),
 }
 
 
@@ -41,7 +48,8 @@ def gptq_checkpoints(tmp_path_factory, text_file):
     outs = {}
     for name, scheme in CASES.items():
         out = folder.parent / f"gptq-{name}"
-        quantize(folder, "gptq", out, scheme=scheme, calib=calib, device="cpu")
+        method, options = METHODS.get(name, ("gptq", {}))
+        quantize(folder, method, out, scheme=scheme, calib=calib, options=options, device="cpu")
         outs[name] = out
     return outs
 

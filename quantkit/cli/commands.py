@@ -85,7 +85,8 @@ def demo(ctx: typer.Context,
     """Quantize smollm2-135m with every method, evaluate against the base, print the table."""
     from quantkit.api import resolve_device
     from quantkit.demo import run_demo
-    from quantkit.eval.report import markdown, rich_table
+    from quantkit.cli.results import report_failures, show_result
+    from quantkit.eval.report import markdown
 
     ui = ctx.obj
     quiet = command_quiet(ui, quiet)
@@ -97,8 +98,9 @@ def demo(ctx: typer.Context,
     (out / "results.md").write_text(markdown(result))
     plot(result, out / "results.png")
     emit_json(result, json_out or str(out / "results.json"))
-    if not quiet:
-        ui.out.print(rich_table(result))
+    if not quiet and json_out != "-":
+        show_result(ui, result)
+    report_failures(ui, result, keep_going=False)
 
 
 CACHE_AREAS = ("packed", "eval", "models")

@@ -15,6 +15,10 @@ from quantkit.cli.ui import UI, setup_logging
 from quantkit.errors import QuantkitError
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0]
+
+
 def _message(exc: BaseException) -> tuple[str, int] | None:
     """The one exception -> (message, exit code) map. None means: not ours, re-raise."""
     if isinstance(exc, QuantkitError):
@@ -25,6 +29,8 @@ def _message(exc: BaseException) -> tuple[str, int] | None:
         return f"out of memory: {str(exc).splitlines()[0]} (try fewer --nsamples, a smaller --seqlen or --offload disk)", 1
     if isinstance(exc, MemoryError):
         return "out of host memory (try fewer --nsamples, a smaller --seqlen or --offload disk)", 1
+    if type(exc).__name__ == "SafetensorError":  # a file no integrity check saw first (e.g. --load-awq)
+        return f"error: a safetensors file is damaged or unreadable: {_first_line(exc)}; re-download or re-export it", 2
     if type(exc).__module__.startswith(("click", "typer")):
         return None  # Exit, usage errors, --help: click/typer (which vendors its own click) handle their own
     return f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (rerun with --debug for the traceback)", 1

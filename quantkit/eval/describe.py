@@ -23,7 +23,9 @@ def _gguf_info(path: Path) -> dict[str, Any]:
     """GGUF file type (e.g. Q4_1) and stored bits per weight over all tensors."""
     import gguf
 
-    reader = gguf.GGUFReader(path)
+    from quantkit.formats.integrity import open_gguf
+
+    reader = open_gguf(Path(path))
     out: dict[str, Any] = {}
     field = reader.fields.get("general.file_type")
     if field is not None:

@@ -30,7 +30,7 @@ from quantkit.calib.pipeline import Progress
 from quantkit.errors import QuantkitError
 from quantkit.eval import hardware, protocol
 from quantkit.eval.cache import BaseCache, BaseEntry, Spill, base_key, content_digest, spill_bytes
-from quantkit.eval.describe import describe
+from quantkit.eval.describe import describe, label
 from quantkit.eval.memory import PeakMemory, model_bytes, release
 from quantkit.eval.quality import Accumulator, KLWork, base_logprobs, score_window, scored_logits, token_nll
 from quantkit.eval.speed import SpeedConfig, measure
@@ -55,7 +55,7 @@ LOAD_KEYS = ("load_seconds", "load_peak_bytes", "weights_bytes", "attn_implement
 
 def new_row(path: str, is_base: bool) -> dict[str, Any]:
     row: dict[str, Any] = dict.fromkeys(ROW_KEYS)
-    row.update(model=path, label=path, is_base=is_base, cached=False)
+    row.update(model=path, label=label(path), is_base=is_base, cached=False)
     return row
 
 
@@ -87,9 +87,9 @@ class Run:
         self.strategy: str | None = None
         self.cache_hit = False
 
-    def tick(self, label: str, done: int, total: int) -> None:
+    def tick(self, stage: str, done: int, total: int) -> None:
         if self.progress:
-            self.progress(label, done, total)
+            self.progress(stage, done, total)
 
     # ---- loading, timing, memory -------------------------------------------------
     def load(self, row: dict[str, Any], kernel: str = "reference") -> nn.Module:
@@ -246,7 +246,7 @@ class Run:
                 row["scored_with"] = ",".join(sorted(row["kernels"])) if row["kernels"] else "model"
                 self.score(model, row)
         except Exception as exc:  # noqa: BLE001 - one row records why; the other rows still complete
-            log.warning("%s: %s", name, _reason(exc))
+            log.info("%s failed: %s", name, _reason(exc))  # the row carries it; the CLI prints one line
             log.debug("traceback", exc_info=True)
             row["error"] = _reason(exc)
         finally:

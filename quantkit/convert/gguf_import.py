@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from quantkit.errors import CheckpointError
 from quantkit.formats.checkpoint import save_tokenizer_and_generation
 
 log = logging.getLogger(__name__)

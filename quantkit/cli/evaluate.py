@@ -40,7 +40,7 @@ def eval_cmd(
 ) -> None:
     """Perplexity, KL / top-1 against --base, speed and memory of each checkpoint, in one table."""
     from quantkit.eval.plot import METRICS, plot
-    from quantkit.cli.results import report_failures, show_result
+    from quantkit.cli.results import report_failures, row_printer, show_result
     from quantkit.eval.report import markdown
     from quantkit.eval.runner import evaluate_paths
     from quantkit.eval.speed import SpeedConfig
@@ -57,7 +57,7 @@ def eval_cmd(
         result = evaluate_paths(paths, base=base, dataset=dataset, seqlen=seqlen, max_windows=max_windows or None,
                                 device=device, text_field=text_field, progress=bar, stride=stride, split=split,
                                 dtype=dtype, speed=speed_cfg, cache=cache, cache_budget_gb=cache_gb,
-                                kernel=kernel)
+                                kernel=kernel, on_row=row_printer(bar))
     emit_json(result, json_out)
     if markdown_out is not None:
         markdown_out.write_text(markdown(result))
@@ -65,4 +65,4 @@ def eval_cmd(
         plot(result, plot_out, plot_metric)
     if not quiet and json_out != "-":
         show_result(ui, result)
-    report_failures(ui, result, keep_going)
+    report_failures(ui, result, keep_going, shown=not quiet)

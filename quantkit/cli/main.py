@@ -46,8 +46,12 @@ class QuantkitGroup(TyperGroup):
             if mapped is None or ui.debug:
                 raise
             text, code = mapped
+            ui.close(summarise=False)
             typer.echo(text, err=True)
             ctx.exit(code)
+        finally:
+            if isinstance(ctx.obj, UI):
+                ctx.obj.close()
 
 
 app = typer.Typer(cls=QuantkitGroup, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -57,9 +61,10 @@ app = typer.Typer(cls=QuantkitGroup, no_args_is_help=True, add_completion=False,
 @app.callback()
 def root(ctx: typer.Context,
          debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
-         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Errors only.")] = False) -> None:
-    ctx.obj = UI(quiet=quiet, debug=debug)
-    setup_logging(quiet, debug)
+         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Errors only.")] = False,
+         verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also quantkit's INFO lines and every warning of the libraries it uses (by default they are counted and summarised once).")] = False) -> None:
+    ctx.obj = UI(quiet=quiet, debug=debug, verbose=verbose)
+    ctx.obj.warnings = setup_logging(quiet, debug, verbose)
 
 
 app.command("methods")(commands.methods)
@@ -74,8 +79,9 @@ app.add_typer(zoo_cli.app, name="zoo")
 
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    # --debug may be given anywhere; it is a global flag.
-    if "--debug" in args[1:]:
-        args.remove("--debug")
-        args.insert(0, "--debug")
+    # --debug and --verbose may be given anywhere; they are global flags.
+    for flag in ("--debug", "--verbose"):
+        if flag in args[1:]:
+            args.remove(flag)
+            args.insert(0, flag)
     app(args=args, prog_name="quantkit")

@@ -74,6 +74,8 @@ def describe(path: str) -> dict[str, Any]:
         meta = json.loads(prov.read_text())
         row["method"] = meta.get("method", row["method"])
         row["scheme"] = meta.get("scheme")
+    if qc and qc.get("quant_method") == "bitsandbytes" and row["method"] == "int8":
+        row["method"] = "int8 (bnb LLM.int8)"  # not quantkit's own 8-bit weights (rtn/gptq w8, cpu-int8 kernel)
     try:
         from quantkit.formats.stats import checkpoint_stats
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -275,12 +276,15 @@ def evaluate_paths(paths: list[str], base: str | None = None, dataset: str = "wi
                    max_windows: int | None = 40, device: torch.device | str = "cpu", text_field: str = "text",
                    progress: Progress | None = None, *, stride: int | None = None, split: str = "auto",
                    dtype: str | None = None, speed: SpeedConfig | None = None, cache: bool = True,
-                   cache_budget_gb: float = 8.0, cache_root: Any = None, kernel: str = "auto") -> dict[str, Any]:
+                   cache_budget_gb: float = 8.0, cache_root: Any = None, kernel: str = "auto",
+                   on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Score `paths` (and `base`, marked and first) on the same windows; KL and top-1 against the base.
 
     seqlen None -> 2048 on CUDA, 512 on CPU; dtype None -> float16 on CUDA, float32 on CPU;
     max_windows None -> every window; speed None -> no speed measurement. `kernel` serves the
     quantized Linears in the speed pass ("auto": fastest per layer); quality uses the reference maths.
+    `progress("checkpoints", i, n)` before each row (then its own stages); `on_row(row)` as each row is done
+    (before Δppl and relative speed, which need every row).
     """
     if not paths and base is None:
         raise QuantkitError("nothing to evaluate: give at least one model path (and optionally --base)")
@@ -295,11 +299,19 @@ def evaluate_paths(paths: list[str], base: str | None = None, dataset: str = "wi
     check_kernel_name(kernel)
     run = Run(ev, dev, torch_dtype, speed, store, progress, kernel)
     rows: list[dict[str, Any]] = []
+    n_rows = len(paths) + (base is not None)
     try:
         if base is not None:
+            run.tick("checkpoints", 0, n_rows)
             rows.append(run.run_base(base, cache, int(cache_budget_gb * (1 << 30))))
+            if on_row:
+                on_row(rows[-1])
         for path in paths:
+            run.tick("checkpoints", len(rows), n_rows)
             rows.append(run.run_path(path))
+            if on_row:
+                on_row(rows[-1])
+        run.tick("checkpoints", n_rows, n_rows)
     finally:
         run.spill = None
         run.base_model = None

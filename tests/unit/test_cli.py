@@ -141,7 +141,10 @@ def test_eval_table_when_stdout_is_not_a_terminal(tiny_llama, tmp_path, text_fil
     assert lines[0] == "| model | method | bits/w | size MB | mem MB | ppl | Δppl % | KL | top-1 % |"
     assert lines[2].startswith("| llama (base) | float | 32.00 |") and "…" not in r.stdout and "┃" not in r.stdout
     assert lines[4].startswith("| empty | - | failed: ")
-    assert r.stderr.splitlines()[-1] == f"failed: empty: {tmp_path / 'empty'} has no config.json; is it a Hugging Face model folder?"
+    reason = f"{tmp_path / 'empty'} has no config.json; is it a Hugging Face model folder?"
+    err = r.stderr.splitlines()  # one line per checkpoint as it is scored; the failure's reason once
+    assert [ln.split(":")[0] for ln in err] == ["✓ llama (base)", "✓ llama", "✗ empty"]
+    assert err[2] == f"✗ empty: failed: {reason}" and r.stderr.count(reason) == 1
 
 
 def test_scheme_flags_refused_for_fixed_format_methods(tiny_llama, tmp_path):
@@ -165,7 +168,9 @@ def test_quiet_prints_nothing(tiny_llama, text_file, tmp_path):
     """A subcommand's -q leaves errors only: no log lines, no progress, no summary."""
     args = ["quantize", str(tiny_llama), "-m", "gptq", "--preset", "w4g64", "--dataset", str(text_file),
             "--nsamples", "2", "--seqlen", "16", "--device", "cpu"]
-    loud = run(*args, "-o", str(tmp_path / "p"))
+    loud = run("--verbose", *args, "-o", str(tmp_path / "p"))
     assert loud.exit_code == 0 and "GPTQ:" in loud.stderr and "wrote" in loud.output
+    default = run(*args, "-o", str(tmp_path / "d"))  # quantkit's INFO lines only with --verbose
+    assert default.exit_code == 0 and "GPTQ:" not in default.stderr and "wrote" in default.output
     r = run(*args, "-o", str(tmp_path / "o"), "-q")
     assert r.exit_code == 0 and r.stdout.strip() == "" and r.stderr.strip() == "", r.output

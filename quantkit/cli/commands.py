@@ -26,9 +26,9 @@ def methods(ctx: typer.Context, json_out: JsonOut = None) -> None:
         "description": lambda i: i.description})
 
 
-def info(ctx: typer.Context, path: Annotated[str, typer.Argument(help="A checkpoint folder.")],
+def info(ctx: typer.Context, path: Annotated[str, typer.Argument(help="A checkpoint folder or a .gguf file.")],
          json_out: JsonOut = None) -> None:
-    """Quantization config, bits per weight, size on disk and tensor count of a checkpoint."""
+    """Quantization config, bits per weight, size on disk and tensor count of a checkpoint or GGUF file."""
     import json
 
     from rich.table import Table
@@ -37,6 +37,8 @@ def info(ctx: typer.Context, path: Annotated[str, typer.Argument(help="A checkpo
     from quantkit.models.sources import read_config, resolve
 
     src = resolve(path)
+    if src.kind == "gguf":
+        return gguf_info(ctx, Path(src.path), json_out)
     folder = Path(src.path)
     stats = checkpoint_stats(folder)
     qc = read_config(folder).get("quantization_config") if src.kind == "folder" else None
@@ -61,6 +63,40 @@ def info(ctx: typer.Context, path: Annotated[str, typer.Argument(help="A checkpo
     ctx.obj.out.print(table)
     if moe := data.get("quantkit", {}).get("moe"):
         ctx.obj.out.print(moe_table(moe))
+
+
+def gguf_info(ctx: typer.Context, path: Path, json_out: str | None) -> None:
+    """`quantkit info model.gguf`: the file's facts, then its tensor types by count and by bytes."""
+    from rich.table import Table
+
+    from quantkit.convert.gguf_info import gguf_info as read_info
+
+    data = read_info(path)
+    emit_json(data, json_out)
+    if json_out == "-":
+        return
+    tok = data["tokenizer"]
+    facts = {"architecture": data["architecture"], "name": data["name"], "file type": data["file_type"],
+             "tensors": f"{data['tensor_count']:,}", "parameters": f"{data['parameters']:,}",
+             "size": f"{data['size_bytes'] / 2**20:.1f} MiB", "bits per weight": f"{data['bits_per_weight']:.3f}",
+             "context length": data["context_length"], "blocks": data["block_count"],
+             "tokenizer": f"{tok['model']} ({tok['pre']}), {tok['vocab_size']:,} tokens" if tok["vocab_size"]
+             else tok["model"]}
+    if data["quantkit"]:
+        facts["quantkit"] = ", ".join(f"{k}={v}" for k, v in data["quantkit"].items())
+    table = Table(title=f"quantkit info {path}", show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value", overflow="fold")
+    for k, v in facts.items():
+        table.add_row(k, "-" if v is None else str(v))
+    types = Table(title="tensor types")
+    for col in ("type", "tensors", "% tensors", "MiB", "% bytes", "bits/w"):
+        types.add_column(col, justify="left" if col == "type" else "right")
+    for name, e in data["types"].items():
+        types.add_row(name, str(e["tensors"]), f"{e['share_tensors_pct']:.1f}", f"{e['bytes'] / 2**20:.2f}",
+                      f"{e['share_bytes_pct']:.1f}", f"{e['bits_per_weight']:.2f}")
+    ctx.obj.out.print(table)
+    ctx.obj.out.print(types)
 
 
 def moe_table(moe: dict) -> Table:

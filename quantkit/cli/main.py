@@ -12,7 +12,7 @@ from typer.core import TyperGroup
 from quantkit.cli import commands, convert, evaluate, quantize
 from quantkit.cli import zoo as zoo_cli
 from quantkit.cli.ui import UI, setup_logging
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, RowsFailedError
 
 
 def _first_line(exc: BaseException) -> str:
@@ -46,7 +46,7 @@ class QuantkitGroup(TyperGroup):
             if mapped is None or ui.debug:
                 raise
             text, code = mapped
-            ui.close(summarise=False)
+            ui.close(summarise=isinstance(exc, RowsFailedError))  # a user error stays the only line
             typer.echo(text, err=True)
             ctx.exit(code)
         finally:

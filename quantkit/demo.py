@@ -30,15 +30,18 @@ ENTRIES: dict[str, tuple[str, str | None, dict | None, dict]] = {
     "gptq-w3g64": ("gptq", "w3g64", CALIB, {}),
     "awq-w4g64": ("awq", "w4g64", CALIB, {}),
     "nf4": ("nf4", None, None, {}),
-    "int8": ("int8", None, None, {}),
+    "rtn-w8": ("rtn", "w8", None, {}),  # quantkit's own 8-bit weights, served by the cpu-int8 kernel
+    "int8": ("int8", None, None, {}),   # bitsandbytes LLM.int8 (8-bit weights and activations, fp16 outliers)
 }
 
 
 def run_demo(out: Path, only: list[str] | None = None, max_windows: int = 40,
              device: torch.device | str = "cpu", force: bool = False, progress: Progress | None = None,
-             log_line: Callable[[str], Any] | None = None, speed: bool = True) -> dict[str, Any]:
-    """Quantize the entries (reusing finished ones), then one evaluation: quality on `max_windows`
-    windows and, with `speed`, TTFT / decode / batched throughput on the fast kernels, relative to the base."""
+             log_line: Callable[[str], Any] | None = None, speed: bool = True, model: str = MODEL,
+             on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Quantize the entries of `model` (reusing finished ones), then one evaluation: quality on `max_windows`
+    windows and, with `speed`, TTFT / decode / batched throughput on the fast kernels, relative to the base.
+    `progress("models", k, n)` as entries are quantized; `log_line` says what each one took."""
     from quantkit.api import quantize
     from quantkit.eval.runner import evaluate_paths
     from quantkit.eval.speed import SpeedConfig
@@ -52,17 +55,21 @@ def run_demo(out: Path, only: list[str] | None = None, max_windows: int = 40,
         names = [n for n in names if n in only]
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name in names:
+    for k, name in enumerate(names):
+        if progress:
+            progress("models", k, len(names))
         method, preset, calib, options = ENTRIES[name]
         target = out / name
         if (target / "quantkit.json").is_file() and not force:
             if log_line:
-                log_line(f"reusing {target}")
+                log_line(f"✓ {name}: reusing {target}")
         else:
-            s = quantize(MODEL, method, target, scheme=preset, calib=calib, options=options, device=device,
+            s = quantize(model, method, target, scheme=preset, calib=calib, options=options, device=device,
                          force=force or target.exists(), progress=progress)
             if log_line:
-                log_line(f"{name}: quantized in {s['quantize_seconds']:.1f} s -> {target}")
+                log_line(f"✓ {name}: quantized in {s['quantize_seconds']:.1f} s -> {target}")
         paths.append(str(target))
-    return evaluate_paths(paths, base=MODEL, max_windows=max_windows, device=device, progress=progress,
-                          speed=SpeedConfig() if speed else None, kernel="auto")
+    if progress:
+        progress("models", len(names), len(names))
+    return evaluate_paths(paths, base=model, max_windows=max_windows, device=device, progress=progress,
+                          speed=SpeedConfig() if speed else None, kernel="auto", on_row=on_row)

@@ -36,3 +36,9 @@ class OutputExistsError(QuantkitError):
 
 class CheckpointError(QuantkitError):
     """A checkpoint folder that is malformed or inconsistent."""
+
+
+class RowsFailedError(QuantkitError):
+    """Some checkpoints of an evaluation failed (each one's reason was printed); the others completed."""
+
+    exit_code = 1

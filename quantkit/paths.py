@@ -1,4 +1,5 @@
-"""Filesystem helpers: the user cache folder and atomic output folders."""
+"""Filesystem helpers: the user cache folder and atomic output folders and files (given the modes a plain
+mkdir or open would, under the user's umask)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,20 @@ def cache_dir() -> Path:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "quantkit"
+
+
+def umask() -> int:
+    """The process's file mode creation mask, read without changing it where /proc allows (no window in
+    which another thread would create files with a zero mask)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def check_output(out: Path, force: bool) -> None:
@@ -49,7 +64,7 @@ def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
-    os.chmod(out, 0o755)
+    os.chmod(out, 0o777 & ~umask())  # mkdtemp made it 0700
 
 
 @contextmanager
@@ -65,6 +80,7 @@ def atomic_file(out: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    os.chmod(tmp, 0o666 & ~umask())  # mkstemp made it 0600; a plain open() would give 0644 under umask 022
     os.replace(tmp, out)
 
 

@@ -40,9 +40,17 @@ def _seeded_torch():
 
 @pytest.fixture(autouse=True)
 def _quantkit_log_level():
-    """A CLI call with --quiet sets the quantkit logger to ERROR for its process; a test process runs many."""
+    """A CLI call sets up logging for its process (the quantkit and root loggers' levels, the root handler,
+    Python warnings routed to logging); a test process runs many, so each test starts from the same state."""
     import logging
 
-    level = logging.getLogger("quantkit").level
+    from rich.logging import RichHandler
+
+    root = logging.getLogger()
+    level, root_level = logging.getLogger("quantkit").level, root.level
     yield
     logging.getLogger("quantkit").setLevel(level)
+    root.setLevel(root_level)
+    for handler in [h for h in root.handlers if isinstance(h, RichHandler)]:  # the CLI's, not pytest's
+        root.removeHandler(handler)
+    logging.captureWarnings(False)

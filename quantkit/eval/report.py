@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.console import Group
 from rich.table import Table
 
 MB = 1e6
@@ -73,20 +74,63 @@ def _cells(row: dict[str, Any], cols: list[tuple[str, str, str, bool]]) -> list[
     return [_cell(row, k, f) for k, _, f, _ in cols]
 
 
-def rich_table(result: dict[str, Any]) -> Table:
-    cols = columns(result)
-    table = Table(title="quantkit eval", caption=caption(result), caption_justify="left")
-    for key, header, _, _ in cols:
-        table.add_column(header, justify="left" if key in TEXT_KEYS else "right")
-    for row in sorted_rows(result):
+QUALITY_KEYS = ("ppl", "delta_ppl_pct", "kl", "top1")
+
+
+def _table(result: dict[str, Any], cols: list[tuple[str, str, str, bool]], title: str, tight: bool) -> Table:
+    """One rich table of `cols`. `tight`: numeric columns exactly as wide as their longest number or header
+    word (headers wrap, numbers never do) and the text columns fold, so the table fits a narrow terminal."""
+    rows = sorted_rows(result)
+    table = Table(title=title, title_justify="left")
+    first_number = next(i for i, c in enumerate(cols) if c[0] not in TEXT_KEYS)
+    for i, (key, header, fmt, _) in enumerate(cols):
+        if key in TEXT_KEYS:
+            table.add_column(header, justify="left", overflow="fold")
+            continue
+        cells = [_cell(r, key, fmt) for r in rows if not r.get("error")] + (["failed"] if i == first_number else [])
+        width = max([len(c) for c in cells] + [max(len(w) for w in header.split())]) if tight else None
+        table.add_column(header, justify="right", no_wrap=not tight, overflow="fold", width=width, min_width=width)
+    for row in rows:
         cells = _cells(row, cols)
         if row.get("error"):
-            table.add_row(cells[0], cells[1], *["-"] * (len(cols) - 3), f"[red]{row['error']}")
-            continue
-        if row.get("is_base"):
+            cells = [c if k in TEXT_KEYS else "-" for c, (k, _, _, _) in zip(cells, cols)]
+            cells[first_number] = "[red]failed"
+        elif row.get("is_base"):
             cells[0] = f"[bold]{cells[0]} (base)"
         table.add_row(*cells)
     return table
+
+
+def _width(table: Table) -> int:
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    console = Console(width=100_000)
+    return Measurement.get(console, console.options, table).maximum
+
+
+def rich_tables(result: dict[str, Any], width: int) -> list[Table]:
+    """The comparison as rich tables that fit `width` columns: one table when it fits, otherwise two stacked
+    ones (quality: ppl, Δppl, KL, top-1; cost: bits/w, size, memory and speed), their headers wrapped if
+    need be. Numbers are never cut: only the model and method names fold."""
+    cols = columns(result)
+    whole = _table(result, cols, "quantkit eval", tight=False)
+    if _width(whole) <= width:
+        return [whole]
+    parts = (("quality", [c for c in cols if c[0] in TEXT_KEYS or c[0] in QUALITY_KEYS]),  # model, method, ...
+             ("cost", [cols[0]] + [c for c in cols if c[0] not in TEXT_KEYS and c[0] not in QUALITY_KEYS]))
+    tables = []
+    for title, part in parts:
+        table = _table(result, part, f"quantkit eval: {title}", tight=False)
+        tables.append(table if _width(table) <= width else _table(result, part, f"quantkit eval: {title}", tight=True))
+    return tables
+
+
+def rich_report(result: dict[str, Any], width: int) -> Group:
+    """The tables for a terminal `width` columns wide, then the protocol as a wrapped paragraph."""
+    from rich.text import Text
+
+    return Group(*rich_tables(result, width), Text(caption(result), style="dim"))
 
 
 def markdown(result: dict[str, Any]) -> str:

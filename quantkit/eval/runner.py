@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ from quantkit.calib.pipeline import Progress
 from quantkit.errors import QuantkitError
 from quantkit.eval import hardware, protocol
 from quantkit.eval.cache import BaseCache, BaseEntry, Spill, base_key, content_digest, spill_bytes
-from quantkit.eval.describe import describe
+from quantkit.eval.describe import describe, label
 from quantkit.eval.memory import PeakMemory, model_bytes, release
 from quantkit.eval.quality import Accumulator, KLWork, base_logprobs, score_window, scored_logits, token_nll
 from quantkit.eval.speed import SpeedConfig, measure
@@ -55,7 +56,7 @@ LOAD_KEYS = ("load_seconds", "load_peak_bytes", "weights_bytes", "attn_implement
 
 def new_row(path: str, is_base: bool) -> dict[str, Any]:
     row: dict[str, Any] = dict.fromkeys(ROW_KEYS)
-    row.update(model=path, label=path, is_base=is_base, cached=False)
+    row.update(model=path, label=label(path), is_base=is_base, cached=False)
     return row
 
 
@@ -87,9 +88,9 @@ class Run:
         self.strategy: str | None = None
         self.cache_hit = False
 
-    def tick(self, label: str, done: int, total: int) -> None:
+    def tick(self, stage: str, done: int, total: int) -> None:
         if self.progress:
-            self.progress(label, done, total)
+            self.progress(stage, done, total)
 
     # ---- loading, timing, memory -------------------------------------------------
     def load(self, row: dict[str, Any], kernel: str = "reference") -> nn.Module:
@@ -246,7 +247,7 @@ class Run:
                 row["scored_with"] = ",".join(sorted(row["kernels"])) if row["kernels"] else "model"
                 self.score(model, row)
         except Exception as exc:  # noqa: BLE001 - one row records why; the other rows still complete
-            log.warning("%s: %s", name, _reason(exc))
+            log.info("%s failed: %s", name, _reason(exc))  # the row carries it; the CLI prints one line
             log.debug("traceback", exc_info=True)
             row["error"] = _reason(exc)
         finally:
@@ -275,12 +276,15 @@ def evaluate_paths(paths: list[str], base: str | None = None, dataset: str = "wi
                    max_windows: int | None = 40, device: torch.device | str = "cpu", text_field: str = "text",
                    progress: Progress | None = None, *, stride: int | None = None, split: str = "auto",
                    dtype: str | None = None, speed: SpeedConfig | None = None, cache: bool = True,
-                   cache_budget_gb: float = 8.0, cache_root: Any = None, kernel: str = "auto") -> dict[str, Any]:
+                   cache_budget_gb: float = 8.0, cache_root: Any = None, kernel: str = "auto",
+                   on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Score `paths` (and `base`, marked and first) on the same windows; KL and top-1 against the base.
 
     seqlen None -> 2048 on CUDA, 512 on CPU; dtype None -> float16 on CUDA, float32 on CPU;
     max_windows None -> every window; speed None -> no speed measurement. `kernel` serves the
     quantized Linears in the speed pass ("auto": fastest per layer); quality uses the reference maths.
+    `progress("checkpoints", i, n)` before each row (then its own stages); `on_row(row)` as each row is done
+    (before Δppl and relative speed, which need every row).
     """
     if not paths and base is None:
         raise QuantkitError("nothing to evaluate: give at least one model path (and optionally --base)")
@@ -295,11 +299,19 @@ def evaluate_paths(paths: list[str], base: str | None = None, dataset: str = "wi
     check_kernel_name(kernel)
     run = Run(ev, dev, torch_dtype, speed, store, progress, kernel)
     rows: list[dict[str, Any]] = []
+    n_rows = len(paths) + (base is not None)
     try:
         if base is not None:
+            run.tick("checkpoints", 0, n_rows)
             rows.append(run.run_base(base, cache, int(cache_budget_gb * (1 << 30))))
+            if on_row:
+                on_row(rows[-1])
         for path in paths:
+            run.tick("checkpoints", len(rows), n_rows)
             rows.append(run.run_path(path))
+            if on_row:
+                on_row(rows[-1])
+        run.tick("checkpoints", n_rows, n_rows)
     finally:
         run.spill = None
         run.base_model = None

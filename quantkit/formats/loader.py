@@ -19,6 +19,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from quantkit.errors import CheckpointError
+from quantkit.formats.integrity import PICKLE_SUFFIXES, pickle_refusal
 from quantkit.formats.qlinear import QuantLinear
 from quantkit.formats.specs import detect_format
 from quantkit.models.moe import from_hub_names, swap_experts
@@ -34,6 +35,9 @@ def weight_files(folder: Path) -> list[Path]:
     else:
         files = sorted(folder.glob("*.safetensors"))
     if not files:
+        pickles = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise pickle_refusal(folder, pickles[0])
         raise CheckpointError(f"{folder} holds no .safetensors weights")
     for f in files:
         if not f.is_file():

@@ -146,9 +146,9 @@ _CODES = {code: dt for dt, (code, _) in DTYPES.items()}
 
 def raw_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """name -> (safetensors dtype code, shape) of a file, from its header only (no tensor data is read)."""
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
+    from quantkit.formats.integrity import safetensors_header
+
+    header = dict(safetensors_header(path)[1])
     header.pop("__metadata__", None)
     return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items()}
 

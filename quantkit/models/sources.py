@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from quantkit.errors import ModelSourceError
+from quantkit.formats.integrity import check_folder, check_gguf
 from quantkit.paths import atomic_dir, cache_dir
 
 log = logging.getLogger(__name__)
@@ -133,9 +134,11 @@ def resolve(name: str | Path) -> ModelSource:
     if p.suffix == ".gguf":
         if not p.is_file():
             raise ModelSourceError(f"GGUF file {p} does not exist")
+        check_gguf(p)
         return ModelSource("gguf", str(p), text)
     if p.is_dir():
         read_config(p)
+        check_folder(p)
         return ModelSource("folder", str(p), text)
     if p.exists():
         raise ModelSourceError(f"{p} is neither a model folder nor a .gguf file")

@@ -115,11 +115,36 @@ def test_eval_row_for_broken_checkpoint(tiny_llama, tmp_path, text_file):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 64}, "model_type": "llama"}))
-    r = run("eval", str(broken), "--base", str(tiny_llama), "--dataset", str(text_file), "--seqlen", "64",
-            "--max-windows", "2", "--json", "-", "-q")
-    assert r.exit_code == 0, r.output
+    args = ["eval", str(broken), str(tmp_path / "empty"), "--base", str(tiny_llama), "--dataset", str(text_file),
+            "--seqlen", "64", "--max-windows", "2", "--json", "-", "-q"]
+    (tmp_path / "empty").mkdir()
+    r = run(*args)
+    assert r.exit_code == 1, r.output  # every row is still reported (JSON), then the run fails
     rows = json.loads(r.stdout)["rows"]
-    assert rows[1]["error"]
+    assert rows[1]["error"] and rows[2]["error"] == f"{tmp_path / 'empty'} has no config.json; is it a Hugging Face model folder?"
+    assert r.stderr.splitlines() == [f"failed: broken: {rows[1]['error']}", f"failed: empty: {rows[2]['error']}",
+                                     "error: 2 of 2 checkpoints failed (--keep-going to exit 0 anyway)"]
+    r = run(*args, "--keep-going")
+    assert r.exit_code == 0, r.output
+    assert [json.loads(r.stdout)["rows"][i]["error"] for i in (1, 2)] == [rows[1]["error"], rows[2]["error"]]
+    assert r.stderr.splitlines() == [f"failed: broken: {rows[1]['error']}", f"failed: empty: {rows[2]['error']}"]
+
+
+def test_eval_table_when_stdout_is_not_a_terminal(tiny_llama, tmp_path, text_file):
+    """Piped or in a CI log, the table is the Markdown one (no rich box cut to the pipe's 80 columns); a failed
+    row says `failed` in its cell and its reason once, on one line of stderr."""
+    (tmp_path / "empty").mkdir()
+    r = run("eval", str(tiny_llama), str(tmp_path / "empty"), "--base", str(tiny_llama), "--dataset",
+            str(text_file), "--seqlen", "64", "--max-windows", "2", "--keep-going")
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert lines[0] == "| model | method | bits/w | size MB | mem MB | ppl | Δppl % | KL | top-1 % |"
+    assert lines[2].startswith("| llama (base) | float | 32.00 |") and "…" not in r.stdout and "┃" not in r.stdout
+    assert lines[4].startswith("| empty | - | failed: ")
+    reason = f"{tmp_path / 'empty'} has no config.json; is it a Hugging Face model folder?"
+    err = r.stderr.splitlines()  # one line per checkpoint as it is scored; the failure's reason once
+    assert [ln.split(":")[0] for ln in err] == ["✓ llama (base)", "✓ llama", "✗ empty"]
+    assert err[2] == f"✗ empty: failed: {reason}" and r.stderr.count(reason) == 1
 
 
 def test_scheme_flags_refused_for_fixed_format_methods(tiny_llama, tmp_path):
@@ -143,7 +168,9 @@ def test_quiet_prints_nothing(tiny_llama, text_file, tmp_path):
     """A subcommand's -q leaves errors only: no log lines, no progress, no summary."""
     args = ["quantize", str(tiny_llama), "-m", "gptq", "--preset", "w4g64", "--dataset", str(text_file),
             "--nsamples", "2", "--seqlen", "16", "--device", "cpu"]
-    loud = run(*args, "-o", str(tmp_path / "p"))
+    loud = run("--verbose", *args, "-o", str(tmp_path / "p"))
     assert loud.exit_code == 0 and "GPTQ:" in loud.stderr and "wrote" in loud.output
+    default = run(*args, "-o", str(tmp_path / "d"))  # quantkit's INFO lines only with --verbose
+    assert default.exit_code == 0 and "GPTQ:" not in default.stderr and "wrote" in default.output
     r = run(*args, "-o", str(tmp_path / "o"), "-q")
     assert r.exit_code == 0 and r.stdout.strip() == "" and r.stderr.strip() == "", r.output

@@ -90,7 +90,7 @@ def test_corrupt_gguf(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
     out = tmp_path / "o"
-    assert_refused(run("convert", bad, out, "--to", "hf"), "not a readable GGUF file", out)
+    assert_refused(run("convert", bad, out, "--to", "hf"), "bad.gguf is damaged or truncated", out)
 
 
 def test_truncated_safetensors(ckpts, tmp_path):

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from quantkit.cli.main import app
 from quantkit.errors import QuantkitError
 from quantkit.eval.plot import pareto_front, plot
-from quantkit.eval.report import markdown, rich_table, sorted_rows
+from quantkit.eval.report import markdown, rich_report, rich_tables, sorted_rows
 from quantkit.eval.runner import new_row
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -63,7 +63,7 @@ def test_markdown_and_rich_tables():
     assert "40 non-overlapping windows of 512 tokens" in md and "median of 3 runs" in md
     assert "TTFT" not in markdown(fake_result(speed=False)).splitlines()[0]
     console = Console(record=True, width=200)
-    console.print(rich_table(fake_result()))
+    console.print(rich_report(fake_result(), 200))
     text = console.export_text()
     assert "base (base)" in text and "Test CPU" in text
 
@@ -86,3 +86,37 @@ def test_cli_eval_with_speed_stride_and_plot(tiny_llama, text_file, tmp_path, mo
 def test_cli_eval_rejects_a_non_png_plot(tiny_llama, tmp_path):
     r = CliRunner().invoke(app, ["eval", str(tiny_llama), "--plot", str(tmp_path / "x.svg")])
     assert r.exit_code == 2 and "give a file name ending in .png" in r.stderr
+
+
+def _render(result, width):
+    console = Console(record=True, width=width)
+    console.print(rich_report(result, width))
+    return console.export_text()
+
+
+NUMBERS = ("15.000", "+100.0", "0.8000", "76.00", "500.0", "600", "2.50", "12.0", "50.0", "200.0", "4.00")
+
+
+@pytest.mark.parametrize("speed", [True, False])
+def test_rich_report_fits_80_columns_as_two_tables(speed):
+    """At 80 columns: a quality and a cost table, every line within 80, no cell cut to "…"."""
+    result = fake_result(speed)
+    result["rows"][2]["label"] = "demo-out/gptq-w4g64-a-long-checkpoint-name"
+    text = _render(result, 80)
+    assert [t.title for t in rich_tables(result, 80)] == ["quantkit eval: quality", "quantkit eval: cost"]
+    assert max(len(line) for line in text.splitlines()) <= 80 and "…" not in text
+    for number in NUMBERS if speed else ("15.000", "+100.0", "0.8000", "76.00", "500.0", "600", "4.00"):
+        assert f" {number} " in text, number
+    quality, cost = text.split("wiki-vital (")[0].split("quantkit eval: cost")
+    assert "top-1" in quality and "TTFT" not in quality and "KL" not in cost
+    assert ("TTFT" in cost) == speed and "bits/w" in cost
+    assert quality.count("failed") == 1 and cost.count("failed") == 1  # the broken row, reason not in the cell
+    assert "no config.json" not in text
+
+
+def test_rich_report_is_one_table_at_200_columns():
+    text = _render(fake_result(), 200)
+    assert [t.title for t in rich_tables(fake_result(), 200)] == ["quantkit eval"]
+    assert "batch tok/s" in text and "…" not in text and max(len(line) for line in text.splitlines()) <= 200
+    header = next(line for line in text.splitlines() if "bits/w" in line)
+    assert "top-1 %" in header and "TTFT ms" in header  # quality and cost side by side

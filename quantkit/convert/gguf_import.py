@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 def gguf_types(path: Path) -> dict[str, int]:
     """{GGML type name: tensor count} of a GGUF file; refuses a file the gguf reader cannot parse."""
-    from quantkit.formats.integrity import open_gguf
+    from quantkit.integrity import open_gguf
 
     reader = open_gguf(Path(path))
     counts: dict[str, int] = {}

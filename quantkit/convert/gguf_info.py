@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from quantkit.formats.integrity import open_gguf
+from quantkit.integrity import open_gguf
 
 log = logging.getLogger(__name__)
 

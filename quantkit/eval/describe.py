@@ -23,7 +23,7 @@ def _gguf_info(path: Path) -> dict[str, Any]:
     """GGUF file type (e.g. Q4_1) and stored bits per weight over all tensors."""
     import gguf
 
-    from quantkit.formats.integrity import open_gguf
+    from quantkit.integrity import open_gguf
 
     reader = open_gguf(Path(path))
     out: dict[str, Any] = {}

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from quantkit.errors import CheckpointError
-from quantkit.formats.integrity import PICKLE_SUFFIXES, pickle_refusal
+from quantkit.integrity import PICKLE_SUFFIXES, pickle_refusal
 from quantkit.formats.qlinear import QuantLinear
 from quantkit.formats.specs import detect_format
 from quantkit.models.moe import from_hub_names, swap_experts

@@ -146,7 +146,7 @@ _CODES = {code: dt for dt, (code, _) in DTYPES.items()}
 
 def raw_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """name -> (safetensors dtype code, shape) of a file, from its header only (no tensor data is read)."""
-    from quantkit.formats.integrity import safetensors_header
+    from quantkit.integrity import safetensors_header
 
     header = dict(safetensors_header(path)[1])
     header.pop("__metadata__", None)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from quantkit.errors import ModelSourceError
-from quantkit.formats.integrity import check_folder, check_gguf
+from quantkit.integrity import check_folder, check_gguf
 from quantkit.paths import atomic_dir, cache_dir
 
 log = logging.getLogger(__name__)

@@ -46,9 +46,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "signround-i200": ("signround", {"iters": 200}),
     "signround-nonorm": ("signround", {"tune_norms": False}),
     "signround-sym": ("signround", {}),
+    "signround-e2e": ("signround", {"e2e_steps": 32}),
 }
 SYM_ROWS = {"signround-sym"}
-DEFAULT_ROWS = "rtn-w4g64,awq-w4g64,gptq-w4g64,signround-w4g64,rtn-w3g64,gptq-w3g64,signround-w3g64"
+DEFAULT_ROWS = "signround-w4g64,signround-e2e-w4g64,signround-w3g64,signround-e2e-w3g64"
+DEFAULT_PEERS = "autoround-w4g64-i50,autoround-w3g64-i50"
 
 
 def parse_row(row: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -115,11 +117,12 @@ def child_autoround(a: argparse.Namespace) -> dict[str, Any]:
     ar = AutoRound(model, tok, scheme="W4A16", bits=scheme["bits"], group_size=scheme["group_size"], dataset=data,
                    iters=iters, nsamples=a.nsamples, seqlen=a.seqlen, batch_size=8, enable_torch_compile=False,
                    device_map="cpu")
-    ar.quantize_and_save(str(a.child_out), format="auto_round")
+    saved = ar.quantize_and_save(str(a.child_out), format="auto_round")  # (model, folder it chose inside out)
     quant_s = time.perf_counter() - t_q
-    size = sum(f.stat().st_size for f in Path(a.child_out).rglob("*") if f.is_file())
+    folder = Path(saved[1] if isinstance(saved, tuple) else a.child_out)
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     return {"quant_s": quant_s, "process_s": time.perf_counter() - t0, "cpu_s": _cpu_s(), "peak_rss_mib": _peak_mib(),
-            "size_bytes": size}
+            "size_bytes": size, "folder": str(folder)}
 
 
 def child_score(a: argparse.Namespace) -> dict[str, Any]:
@@ -145,7 +148,6 @@ def child_score(a: argparse.Namespace) -> dict[str, Any]:
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cpu")
-            model = model.float()
         q = evaluate([model], windows, base=base)[0]
         out[folder] = {"ppl": q.ppl, "kl": q.kl, "top1": q.top1}
         del model
@@ -187,7 +189,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--rows", default=DEFAULT_ROWS)
-    ap.add_argument("--peers", default="", help="comma list of autoround-SETTING-iITERS (needs .venv-autoround)")
+    ap.add_argument("--peers", default=DEFAULT_PEERS, help="comma list of autoround-SETTING-iITERS (needs .venv-autoround)")
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=40)
@@ -217,6 +219,7 @@ def main() -> None:
                 raise SystemExit("AutoRound rows need .venv-autoround: bash scripts/setup-autoround.sh")
             out = str(Path(tmp) / peer)
             r = spawn(AUTOROUND_PY, ["--child", peer, "--child-kind", "autoround", "--child-out", out, *common])
+            out = r.pop("folder")
             r.update(spawn(AUTOROUND_PY, ["--child", peer, "--child-kind", "score", "--child-out", out, *common])[out])
             rows.append({"row": peer, "library": "auto-round 0.16.1", "out": out, **r})
             log.info("%s: %s", peer, rows[-1])

@@ -1,0 +1,88 @@
+"""Lever measurements for SignRound on smollm2-135m (not a test): the experiment driver behind the levers table
+of benchmarks/results/quality.md. It runs the block loop itself (float and quantized streams side by side) so
+that one lever can be switched at a time, then scores KL / ppl / top-1 on N test windows against the base.
+`--blocks K` quantizes only the first K blocks (a cheaper proxy for ranking levers); `--save`/`--load` keep a
+block stage to try end-to-end settings on. Results are appended to benchmarks/results/signround-levers.jsonl.
+
+    .venv/bin/python benchmarks/signround_levers.py --iters 50 --bf16 --norms --tag sr50-norms
+    .venv/bin/python benchmarks/signround_levers.py --iters 50 --bf16 --norms --e2e 32 --tag sr50-norms-e2e32
+"""
+import argparse, json, logging, sys, time, copy
+import torch
+from pathlib import Path
+
+OUT = Path(__file__).parent / "results" / "signround-levers.jsonl"
+from quantkit.models.sources import resolve, load_model
+from quantkit.models.arch import get_arch, get_blocks, block_linears
+from quantkit.calib.data import calibration_samples, test_windows
+from quantkit.calib.pipeline import capture_inputs, _first, place_outside_blocks
+from quantkit.eval.quality import evaluate
+from quantkit.grid import rtn_quantize
+from quantkit.methods.signround.block import SignRoundParams, tune_block
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--bits", type=int, default=4); ap.add_argument("--gs", type=int, default=64)
+ap.add_argument("--sym", action="store_true"); ap.add_argument("--iters", type=int, default=50)
+ap.add_argument("--lr", type=float, default=None); ap.add_argument("--nsamples", type=int, default=64)
+ap.add_argument("--bs", type=int, default=8); ap.add_argument("--windows", type=int, default=40)
+ap.add_argument("--norms", action="store_true"); ap.add_argument("--norm-lr", type=float, default=1e-3)
+ap.add_argument("--bf16", action="store_true"); ap.add_argument("--clip-min", type=float, default=0.5)
+ap.add_argument("--blocks", type=int, default=None); ap.add_argument("--rtn", action="store_true")
+ap.add_argument("--fp-inputs", action="store_true"); ap.add_argument("--e2e", type=int, default=0)
+ap.add_argument("--save"); ap.add_argument("--load")
+ap.add_argument("--e2e-lr", type=float, default=1e-3); ap.add_argument("--e2e-bs", type=int, default=2); ap.add_argument("--e2e-norm-lr", type=float, default=1e-3)
+ap.add_argument("--tag", default="")
+a = ap.parse_args()
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+torch.manual_seed(0); torch.set_num_threads(2)
+src = resolve("smollm2-135m")
+model, tok = load_model(src, torch.float32)
+spec = get_arch(model)
+samples = calibration_samples(tok, "wiki-vital", a.nsamples, 512, 0)
+t0 = time.perf_counter()
+blocks = get_blocks(model, spec)
+inp = capture_inputs(model, spec, samples, a.bs, torch.device("cpu"))
+xq = torch.cat(inp.hidden); xf = xq.clone()
+p = SignRoundParams(bits=a.bits, group_size=a.gs, sym=a.sym, iters=a.iters, lr=a.lr, batch_size=a.bs,
+                    tune_norms=a.norms, norm_lr=a.norm_lr, autocast=torch.bfloat16 if a.bf16 else None,
+                    clip_min=a.clip_min)
+qmodel = model  # quantized in place; base reloaded for eval
+nb = a.blocks or len(blocks)
+allq = {}
+if a.load:
+    st = torch.load(a.load, weights_only=False); model.load_state_dict(st["model"]); allq = st["q"]; nb = 0
+for i in range(nb):
+    blk = blocks[i]
+    lin = block_linears(blk, spec)
+    masters = {n: m.weight.detach().clone() for n, m in lin.items()}
+    kw = inp.kwargs_for(i)
+    with torch.no_grad():
+        yf = torch.cat([_first(blk(xf[j:j+a.bs], *inp.args, **kw)) for j in range(0, len(xf), a.bs)])
+    if a.rtn:
+        with torch.no_grad():
+            for n, m in lin.items():
+                m.weight.data.copy_(rtn_quantize(m.weight, a.bits, a.gs, a.sym).dequantize())
+    else:
+        res = tune_block(blk, lin, masters, xf if a.fp_inputs else xq, yf, inp.args, kw, p)
+        allq.update({f"{spec.blocks}.{i}.{k}": v for k, v in res.items()})
+    with torch.no_grad():
+        xq = torch.cat([_first(blk(xq[j:j+a.bs], *inp.args, **kw)) for j in range(0, len(xq), a.bs)])
+    xf = yf
+if a.save:
+    torch.save({"model": model.state_dict(), "q": allq}, a.save)
+base, _ = load_model(src, torch.float32)
+wins = test_windows(tok, "wiki-vital", 512, a.windows)
+if a.e2e:
+    r0 = evaluate([qmodel], wins, base=base)[0]
+    res0 = dict(tag=a.tag + "-pre-e2e", args=vars(a), quant_s=round(time.perf_counter() - t0, 1), ppl=r0.ppl, kl=r0.kl, top1=r0.top1)
+    open(OUT, "a").write(json.dumps(res0) + "\n")
+    from quantkit.methods.signround.e2e import E2EParams, tune_end_to_end
+    tune_end_to_end(model, base, allq, samples, E2EParams(steps=a.e2e, batch_size=a.e2e_bs, lr=a.e2e_lr, norm_lr=a.e2e_norm_lr,
+                    autocast=torch.bfloat16 if a.bf16 else None))
+qs = time.perf_counter() - t0
+logging.info("quantized in %.1f s", qs)
+wins = test_windows(tok, "wiki-vital", 512, a.windows)
+t1 = time.perf_counter()
+r = evaluate([qmodel], wins, base=base)[0]
+res = dict(tag=a.tag, args=vars(a), quant_s=round(qs, 1), ppl=r.ppl, kl=r.kl, top1=r.top1, eval_s=round(time.perf_counter() - t1, 1))
+print(json.dumps(res)); open(OUT, "a").write(json.dumps(res) + "\n")

@@ -89,6 +89,12 @@ class QuantizedWeight:
                                g_idx=self.g_idx.cpu(), bits=self.bits, group_size=self.group_size, sym=self.sym,
                                bias=None if self.bias is None else self.bias.cpu())
 
+    def to(self, device: torch.device | str) -> "QuantizedWeight":
+        """The same weight with every tensor on `device`."""
+        return QuantizedWeight(codes=self.codes.to(device), scales=self.scales.to(device), zeros=self.zeros.to(device),
+                               g_idx=self.g_idx.to(device), bits=self.bits, group_size=self.group_size, sym=self.sym,
+                               bias=None if self.bias is None else self.bias.to(device))
+
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)  # type: ignore[return-value]

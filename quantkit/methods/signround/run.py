@@ -87,13 +87,7 @@ def signround_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], p: Sig
     target = torch.cat(calib.reference_outputs).to(dev)
     res = tune_block(calib.block, linears, masters, inputs, target, calib.args, calib.block_kwargs,
                      SignRoundParams(**{**p.__dict__, "seed": p.seed + calib.index}))
-    return {n: _cpu(q) for n, q in res.items()}
-
-
-def _cpu(qw: QuantizedWeight) -> QuantizedWeight:
-    return QuantizedWeight(codes=qw.codes.cpu(), scales=qw.scales.cpu(), zeros=qw.zeros.cpu(), g_idx=qw.g_idx.cpu(),
-                           bits=qw.bits, group_size=qw.group_size, sym=qw.sym,
-                           bias=None if qw.bias is None else qw.bias.cpu())
+    return {n: q.to("cpu") for n, q in res.items()}
 
 
 class SignRound(BlockwiseMethod):
@@ -137,7 +131,7 @@ class SignRound(BlockwiseMethod):
         out = tune_end_to_end(loaded.model, base, quantized, samples, p)
         loaded.model.to("cpu")
         del base
-        return {n: _cpu(q) for n, q in out.items()}
+        return {n: q.to("cpu") for n, q in out.items()}
 
     def artifact(self, job: QuantJob, loaded: Loaded, results: dict[str, QuantizedWeight],
                  extra: dict[str, Any]) -> PackedArtifact:

@@ -194,6 +194,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tag", default="", help="suffix of the Markdown file (runs side by side write their own)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-kind", choices=["quantkit", "autoround", "score"], help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -228,9 +229,10 @@ def main() -> None:
     stamp = time.strftime("%Y-%m-%d %H:%M")
     with (RESULTS / "quality.jsonl").open("a") as fh:
         for r in rows:
-            fh.write(json.dumps({"when": stamp, "model": a.model, **{k: v for k, v in r.items() if k != "out"}}) + "\n")
+            fh.write(json.dumps({"when": stamp, "model": a.model, "threads": a.threads, "tag": a.tag,
+                                 **{k: v for k, v in r.items() if k != "out"}}) + "\n")
     text = markdown(a.model, rows, base["base"]["ppl"], a, time.perf_counter() - t0)
-    (RESULTS / f"quality-{a.model}.md").write_text(text)
+    (RESULTS / f"quality-{a.model}{'-' + a.tag if a.tag else ''}.md").write_text(text)
     print(text)
 
 

@@ -39,3 +39,10 @@ def fast_bfloat16(device: torch.device | str) -> bool:
         return False
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(torch.cpu, p, lambda: False)()) for p in probes)
+
+
+def resolve_calib_dtype(option: str, device: torch.device | str) -> str:
+    """A method's calib_dtype option with "auto" resolved for `device`: bfloat16 where it is fast, else float32."""
+    if option == "auto":
+        return "bfloat16" if fast_bfloat16(device) else "float32"
+    return option

@@ -16,8 +16,6 @@ continues after its last finished block.
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import logging
 import os
 import signal
@@ -29,6 +27,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from quantkit.calib.heap import release_heap, steady_heap
 from quantkit.calib.hooks import HookSet
 from quantkit.models.arch import ArchSpec, get_blocks
 
@@ -74,6 +73,7 @@ class BlockStore(Protocol):
     def resume(self, n_blocks: int, samples: Tensor) -> tuple[int, list[Tensor] | None, dict[str, Any]]: ...
     def finished(self, i: int, block: nn.Module, results: dict[str, Any], next_inputs: list[Tensor] | None,
                  last: bool, reference: list[Tensor] | None = None) -> dict[str, Any]: ...
+    def saved_reference(self, i: int) -> list[Tensor] | None: ...
 
 
 class InMemoryBlocks:
@@ -286,43 +286,6 @@ def computing_in(block: nn.Module, dtype: torch.dtype | None) -> Iterator[dict[n
             t.data = kept[k]
 
 
-def release_heap() -> None:
-    """Return freed C-heap pages to the OS (glibc's malloc_trim); a no-op elsewhere.
-
-    Called after every block: with several threads, glibc keeps each block's freed buffers in
-    per-thread arenas and RSS would creep up with depth (measured: +2 MB per block at 2 threads).
-    """
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-MMAP_THRESHOLD = 4 * 2**20  # bytes: allocations this large get their own mapping (glibc M_MMAP_THRESHOLD)
-
-
-def steady_heap() -> None:
-    """Serve every allocation of MMAP_THRESHOLD bytes or more (weights, activations, Hessians, GPTQ and AWQ
-    work tensors) from its own mmap, unmapped when freed; a no-op off glibc or when MALLOC_MMAP_THRESHOLD_
-    is set (the user's choice).
-
-    glibc's default threshold is dynamic: each freed mmapped chunk raises it, up to 32 MiB, after which
-    every tensor below 32 MiB (a 2048-wide batch of activations, a 2048 x 2048 Hessian) comes from the
-    heap, where freed ones stay resident until `release_heap` and the holes between live ones vary from
-    block to block. Measured (random Llama, hidden 2048, intermediate 5504, GPTQ --offload disk, 16 x 512,
-    1 thread): traced, block peaks 3064, 3114, 3149, 3121, 3134, 3137, 3189, 3152 MiB over 8 blocks with a
-    649-831 MiB main arena, against 3001-3007 MiB and a 133-151 MiB arena with this; untraced A/B on 3
-    blocks, 3109 / 3115 MiB without, 3053 / 3082 MiB with, in the same time (110-115 s).
-    """
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD)  # -3: M_MMAP_THRESHOLD (also stops its adjustment)
-    except (OSError, AttributeError):
-        pass
-
-
 def _test_hook_kill(i: int) -> None:
     """TEST HOOK (tests/unit/test_resume.py), inert unless QUANTKIT_TEST_KILL_AT_BLOCK is set: SIGKILL this
     process in the middle of block k (quantized, results not stored yet), as an OOM killer would."""
@@ -332,7 +295,7 @@ def _test_hook_kill(i: int) -> None:
 
 
 def _saved_reference(store: BlockStore, start: int, store_device: torch.device | str) -> list[Tensor]:
-    saved = getattr(store, "saved_reference", lambda _i: None)(start)
+    saved = store.saved_reference(start)
     if saved is None:
         raise RuntimeError("the work folder holds no float reference stream for this block; pass --no-resume")
     return [h.to(store_device) for h in saved]

@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from quantkit.calib.data import calibration_samples, fingerprint
-from quantkit.calib.pipeline import BlockCalib, release_heap, run_sequential
+from quantkit.calib.heap import release_heap
+from quantkit.calib.pipeline import BlockCalib, run_sequential
 from quantkit.errors import QuantkitError
 from quantkit.formats.checkpoint import PackedArtifact
 from quantkit.grid import QuantizedWeight

@@ -80,7 +80,7 @@ def test_replay_gives_the_same_codes_as_full_forwards(tmp_path, arch):
 
 
 def test_steady_heap_fixes_the_mmap_threshold_unless_the_user_did(monkeypatch):
-    import quantkit.calib.pipeline as pl
+    import quantkit.calib.heap as pl
 
     calls = []
 

@@ -45,12 +45,9 @@ class GPTQOptions(BaseModel):
 
 def calib_dtype(job: QuantJob) -> str:
     """The dtype blocks compute in while calibrating: the option, with auto resolved for the job's device."""
-    from quantkit.compute import fast_bfloat16
+    from quantkit.compute import resolve_calib_dtype
 
-    dt = job.options.calib_dtype
-    if dt == "auto":
-        dt = "bfloat16" if fast_bfloat16(job.device) else "float32"
-    return dt
+    return resolve_calib_dtype(job.options.calib_dtype, job.device)
 
 
 def gptq_params(job: QuantJob) -> GPTQParams:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from quantkit.calib.pipeline import _first
 from quantkit.grid import QuantizedWeight
 from quantkit.methods.signround.algorithm import Rounding, linear_decay, sign_step_
 
@@ -48,10 +49,6 @@ class SignRoundParams:
     norm_lr: float = 1e-3
     autocast: torch.dtype | None = None
     seed: int = 0
-
-
-def _first(out: Any) -> Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def block_norms(block: nn.Module) -> dict[str, nn.Parameter]:

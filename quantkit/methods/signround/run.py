@@ -16,7 +16,7 @@ from torch import Tensor
 from pydantic import BaseModel, ConfigDict, Field
 
 from quantkit.calib.pipeline import BlockCalib
-from quantkit.compute import fast_bfloat16
+from quantkit.compute import resolve_calib_dtype
 from quantkit.errors import SchemeError
 from quantkit.grid import QuantizedWeight, rtn_quantize
 from quantkit.calib.pipeline import place_outside_blocks
@@ -57,9 +57,7 @@ class SignRoundOptions(BaseModel):
 
 
 def autocast_dtype(job: QuantJob) -> torch.dtype | None:
-    dt = job.options.calib_dtype
-    if dt == "auto":
-        dt = "bfloat16" if fast_bfloat16(job.device) else "float32"
+    dt = resolve_calib_dtype(job.options.calib_dtype, job.device)
     return None if dt == "float32" else getattr(torch, dt)
 
 

@@ -99,6 +99,12 @@ def _save_atomic(tensors: dict[str, Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _read_stream(f: Path, prefix: str) -> list[Tensor]:
+    """The tensors of an inputs file whose names start with `prefix`, in order (only those are read)."""
+    with safe_open(str(f), framework="pt") as fh:
+        return [fh.get_tensor(k) for k in sorted(k for k in fh.keys() if k.startswith(prefix))]
+
+
 class WorkFolder:
     """The work folder of one output: fingerprint checks, locking, and the per-block store."""
 
@@ -235,8 +241,7 @@ class BlockStore:
             f = self._file("inputs", self.done)
             if not f.is_file():
                 raise ResumeError(f"{w.path} is damaged ({f.name} is missing); pass --no-resume to start over")
-            saved = load_file(str(f))
-            inputs = [saved[k] for k in sorted(saved) if k.startswith("hidden.")]
+            inputs = _read_stream(f, "hidden.")
         for f in w.path.glob("inputs-*.safetensors"):  # a kill between steps may leave an older one
             if f.name != self._file("inputs", self.done).name:
                 f.unlink()
@@ -252,9 +257,7 @@ class BlockStore:
         f = self._file("inputs", i)
         if not f.is_file():
             return None
-        saved = load_file(str(f))
-        ref = sorted(k for k in saved if k.startswith("reference."))
-        return [saved[k] for k in ref] or None
+        return _read_stream(f, "reference.") or None
 
     def finished(self, i: int, block: nn.Module, results: dict[str, Any], next_inputs: list[Tensor] | None,
                  last: bool, reference: list[Tensor] | None = None) -> dict[str, Any]:

@@ -75,12 +75,13 @@ def tune_end_to_end(model: nn.Module, base: nn.Module, quantized: dict[str, Quan
     if norms:
         groups.append({"params": list(norms.values()), "lr": p.norm_lr})
     opt = torch.optim.Adam(groups)
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 - k / p.steps)  # linear to 0 over the run
     gen = torch.Generator().manual_seed(p.seed)
     n = samples.shape[0]
     order, pos = torch.randperm(n, generator=gen), 0
     ctx = (lambda: torch.autocast(dev.type, dtype=p.autocast)) if p.autocast else nullcontext
     first = last = None
-    for step in range(p.steps):
+    for _ in range(p.steps):
         if pos + p.batch_size > n:
             order, pos = torch.randperm(n, generator=gen), 0
         batch = samples[order[pos:pos + p.batch_size]].to(dev)
@@ -97,8 +98,7 @@ def tune_end_to_end(model: nn.Module, base: nn.Module, quantized: dict[str, Quan
         value = float(loss.detach())
         first = value if first is None else first
         last = value
-        for lr_group in opt.param_groups:  # linear decay to 0 over the run
-            lr_group["lr"] = lr_group.setdefault("initial_lr", lr_group["lr"]) * (1 - (step + 1) / p.steps)
+        decay.step()
     for n, w in norms.items():
         w.requires_grad_(was[n])
     out = {}

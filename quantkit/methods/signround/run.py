@@ -41,7 +41,7 @@ class SignRoundOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     iters: int = Field(50, ge=0, le=100_000, description="signed-gradient steps per block (0: RTN)")
     lr: float | None = Field(None, gt=0, description="step size of rounding and clipping; default 1 / iters")
-    batch_size: int = Field(8, ge=1, description="calibration windows per step")
+    windows_per_step: int = Field(8, ge=1, description="calibration windows per tuning step")
     clip_min: float = Field(0.5, gt=0, le=1, description="how far clipping may shrink a group's range")
     tune_norms: bool = Field(True, description="also tune the norm weights (float; the checkpoint stays standard)")
     norm_lr: float = Field(1e-3, gt=0, description="Adam step size of the norm weights")
@@ -64,7 +64,7 @@ def autocast_dtype(job: QuantJob) -> torch.dtype | None:
 def signround_params(job: QuantJob) -> SignRoundParams:
     s, o = job.scheme, job.options
     return SignRoundParams(bits=s.bits, group_size=s.group_size, sym=s.sym, iters=o.iters, lr=o.lr,
-                           batch_size=o.batch_size, clip_min=o.clip_min, tune_norms=o.tune_norms,
+                           batch_size=o.windows_per_step, clip_min=o.clip_min, tune_norms=o.tune_norms,
                            norm_lr=o.norm_lr, autocast=autocast_dtype(job), seed=job.calib.seed)
 
 

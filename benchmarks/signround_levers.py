@@ -31,6 +31,7 @@ ap.add_argument("--blocks", type=int, default=None); ap.add_argument("--rtn", ac
 ap.add_argument("--fp-inputs", action="store_true"); ap.add_argument("--e2e", type=int, default=0)
 ap.add_argument("--save"); ap.add_argument("--load")
 ap.add_argument("--e2e-lr", type=float, default=1e-3); ap.add_argument("--e2e-bs", type=int, default=2); ap.add_argument("--e2e-norm-lr", type=float, default=1e-3)
+ap.add_argument("--e2e-rounding-lr", type=float, default=0.0)
 ap.add_argument("--tag", default="")
 a = ap.parse_args()
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -77,7 +78,7 @@ if a.e2e:
     res0 = dict(tag=a.tag + "-pre-e2e", args=vars(a), quant_s=round(time.perf_counter() - t0, 1), ppl=r0.ppl, kl=r0.kl, top1=r0.top1)
     open(OUT, "a").write(json.dumps(res0) + "\n")
     from quantkit.methods.signround.e2e import E2EParams, tune_end_to_end
-    tune_end_to_end(model, base, allq, samples, E2EParams(steps=a.e2e, batch_size=a.e2e_bs, lr=a.e2e_lr, norm_lr=a.e2e_norm_lr,
+    tune_end_to_end(model, base, allq, samples, E2EParams(steps=a.e2e, batch_size=a.e2e_bs, lr=a.e2e_lr, norm_lr=a.e2e_norm_lr, rounding_lr=a.e2e_rounding_lr,
                     autocast=torch.bfloat16 if a.bf16 else None))
 qs = time.perf_counter() - t0
 logging.info("quantized in %.1f s", qs)

@@ -36,7 +36,7 @@ def _gguf_info(path: Path) -> dict[str, Any]:
             out["method"] = f"gguf type {code}"
     n = sum(int(t.n_elements) for t in reader.tensors)
     if n:
-        out["bits_per_weight"] = sum(int(t.n_bytes) for t in reader.tensors) * 8 / n
+        out["bits_per_weight"] = out["bits_per_weight_all"] = sum(int(t.n_bytes) for t in reader.tensors) * 8 / n
     return out
 
 
@@ -79,7 +79,11 @@ def describe(path: str) -> dict[str, Any]:
     try:
         from quantkit.formats.stats import checkpoint_stats
 
-        row["bits_per_weight"] = checkpoint_stats(p).get("bits_per_weight") if qc else _float_bits(p)
+        if qc:
+            stats = checkpoint_stats(p)
+            row["bits_per_weight"], row["bits_per_weight_all"] = stats["bits_per_weight"], stats["bits_per_weight_all"]
+        else:
+            row["bits_per_weight"] = row["bits_per_weight_all"] = _float_bits(p)
     except (ImportError, QuantkitError, KeyError, ValueError) as e:
         log.debug("no stats for %s: %s", path, e)
     return row

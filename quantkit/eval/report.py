@@ -18,6 +18,7 @@ COLUMNS = [  # (key, header, format, needs speed)
     ("label", "model", "{}", False),
     ("method", "method", "{}", False),
     ("bits_per_weight", "bits/w", "{:.2f}", False),
+    ("bits_per_weight_all", "all bits/w", "{:.2f}", False),
     ("size_bytes", "size MB", "{:.1f}", False),
     ("peak_bytes", "mem MB", "{:.0f}", False),
     ("rel_speed", "speed ×", "{:.2f}", True),

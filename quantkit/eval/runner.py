@@ -41,9 +41,9 @@ from quantkit.models.sources import load_tokenizer, resolve
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 ROW_KEYS = (
-    "model", "label", "method", "format", "scheme", "size_bytes", "bits_per_weight", "is_base", "cached", "error",
+    "model", "label", "method", "format", "scheme", "size_bytes", "bits_per_weight", "bits_per_weight_all", "is_base", "cached", "error",
     "ppl", "nll", "tokens", "kl", "kl_p99", "top1", "delta_ppl_pct",
     "load_seconds", "load_peak_bytes", "weights_bytes", "eval_seconds", "eval_tokens_per_s", "eval_peak_bytes",
     "ttft_ms", "tps", "throughput_tps", "rel_speed", "gen_peak_bytes", "peak_bytes", "attn_implementation",

@@ -107,6 +107,8 @@ def checkpoint_stats(folder: str | Path) -> dict[str, Any]:
 
     quant_method:       quantization_config.quant_method, or None for a float model
     bits_per_weight:    stored bits of the quantized Linears / their weight count (None if none)
+    bits_per_weight_all: stored bits of every tensor / every parameter (embeddings, norms and an fp16 lm_head
+                        included: what the file costs per weight of the model)
     quantized_params:   weights stored quantized
     total_params:       every parameter stored (quantized weights counted once, side tensors not)
     size_bytes:         all files of the folder
@@ -121,9 +123,11 @@ def checkpoint_stats(folder: str | Path) -> dict[str, Any]:
     n_quant = sum(n for n, _ in groups.values())
     quant_bits = sum(entries[t].nbytes * 8 for t in claimed)
     plain = sum(e.numel for k, e in entries.items() if k not in claimed)
+    all_bits = sum(e.nbytes * 8 for e in entries.values())
     return {
         "quant_method": qc.get("quant_method"),
         "bits_per_weight": quant_bits / n_quant if n_quant else None,
+        "bits_per_weight_all": all_bits / (plain + n_quant) if plain + n_quant else None,
         "quantized_params": n_quant,
         "total_params": plain + n_quant,
         "size_bytes": folder_bytes(folder),

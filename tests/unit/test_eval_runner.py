@@ -12,7 +12,7 @@ from quantkit.eval.speed import SpeedConfig
 
 # Pinned: changing any of these is a schema change (bump SCHEMA_VERSION and update the demo/README).
 PINNED_ROW_KEYS = (
-    "model", "label", "method", "format", "scheme", "size_bytes", "bits_per_weight", "is_base", "cached", "error",
+    "model", "label", "method", "format", "scheme", "size_bytes", "bits_per_weight", "bits_per_weight_all", "is_base", "cached", "error",
     "ppl", "nll", "tokens", "kl", "kl_p99", "top1", "delta_ppl_pct",
     "load_seconds", "load_peak_bytes", "weights_bytes", "eval_seconds", "eval_tokens_per_s", "eval_peak_bytes",
     "ttft_ms", "tps", "throughput_tps", "rel_speed", "gen_peak_bytes", "peak_bytes", "attn_implementation",
@@ -40,7 +40,7 @@ def result(tiny_llama, rtn, text_file, tmp_path_factory):
 
 
 def test_json_schema_is_pinned(result):
-    assert SCHEMA_VERSION == 4 and ROW_KEYS == PINNED_ROW_KEYS
+    assert SCHEMA_VERSION == 5 and ROW_KEYS == PINNED_ROW_KEYS
     assert set(result) == {"schema_version", "protocol", "rows"}
     assert set(result["protocol"]) == PINNED_PROTOCOL_KEYS
     assert set(result["protocol"]["speed"]) == {"prompt_len", "gen_tokens", "batch", "repeats", "warmup", "timer",

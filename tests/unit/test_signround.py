@@ -166,6 +166,41 @@ def test_end_to_end_tuning_lowers_kl_and_keeps_codes(tiny):
     assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
 
 
+def test_end_to_end_rounding_starts_from_the_block_codes_and_lowers_kl(tiny):
+    from transformers import AutoModelForCausalLM
+
+    from quantkit.methods.signround.e2e import E2EParams, _kl, tune_end_to_end
+
+    base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    quantized = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and ".layers." in name:
+            quantized[name] = rtn_quantize(mod.weight, 3, 32, False)
+            mod.weight.data.copy_(quantized[name].dequantize())
+    samples = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(0))
+
+    def kl():
+        with torch.no_grad():
+            return float(_kl(base(input_ids=samples).logits, model(input_ids=samples).logits))
+
+    before = kl()
+    # A vanishing step keeps every code: the tuned code starts exactly at the block stage's.
+    still = tune_end_to_end(model, base, quantized, samples,
+                            E2EParams(steps=1, batch_size=4, lr=1e-12, norm_lr=1e-12, rounding_lr=1e-12))
+    for name, qw in still.items():
+        assert torch.equal(qw.codes, quantized[name].codes)
+    out = tune_end_to_end(model, base, quantized, samples,
+                          E2EParams(steps=30, batch_size=4, lr=1e-2, norm_lr=1e-2, rounding_lr=0.05))
+    assert kl() < before
+    changed = sum(int((qw.codes != quantized[n].codes).sum()) for n, qw in out.items())
+    assert changed > 0
+    for name, qw in out.items():
+        assert int(qw.codes.max()) <= 7 and torch.equal(qw.zeros, quantized[name].zeros)
+        assert torch.equal(qw.scales, qw.scales.half().float())
+        assert torch.equal(model.get_submodule(name).weight, qw.dequantize())
+
+
 def test_method_with_end_to_end_stage_is_deterministic_and_loads(tiny, text_file, tmp_path):
     opts = {"iters": 4, "calib_dtype": "float32", "e2e_steps": 3, "e2e_lr": 1e-2}
     kw = dict(scheme={"bits": 4, "group_size": 32}, calib=_calib(text_file), options=opts, device="cpu")

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 import quantkit
 from quantkit.errors import CheckpointError
-from quantkit.formats.stats import checkpoint_stats
+from quantkit.formats.stats import checkpoint_stats, tensor_entries
 from tests.tiny import llama_config, make_model
 
 HIDDEN, INTER, LAYERS, VOCAB = 128, 256, 2, 320
@@ -34,6 +34,7 @@ def folder_bytes(folder: Path) -> int:
 def test_float_model(base):
     s = checkpoint_stats(base)
     assert s["quant_method"] is None and s["bits_per_weight"] is None
+    assert s["bits_per_weight_all"] == pytest.approx(32.0)  # every tensor float32
     assert (s["quantized_params"], s["quantized_modules"]) == (0, 0)
     assert s["total_params"] == PLAIN + LINEAR_WEIGHTS
     assert s["tensor_count"] == 1 + LAYERS * 9 + 1
@@ -50,6 +51,10 @@ def test_gptq_bits_count_qzeros_scales_and_g_idx(base, tmp_path):
     assert s["quantized_params"] == LINEAR_WEIGHTS
     assert s["bits_per_weight"] == pytest.approx(bits / LINEAR_WEIGHTS)
     assert s["total_params"] == PLAIN + LINEAR_WEIGHTS
+    # over all weights: the plain tensors (embedding, norms, lm_head) count at the width they are stored in
+    plain_bits = sum(e.nbytes * 8 for k, e in tensor_entries(out).items() if not k.endswith(
+        (".qweight", ".qzeros", ".scales", ".g_idx")))
+    assert s["bits_per_weight_all"] == pytest.approx((bits + plain_bits) / (PLAIN + LINEAR_WEIGHTS))
     assert s["quantized_modules"] == 7 * LAYERS
     assert s["size_bytes"] == folder_bytes(out)
 

@@ -22,18 +22,21 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from quantkit.grid import QuantizedWeight
+from quantkit.methods.signround.algorithm import _ste_half, linear_decay, sign_step_
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class E2EParams:
-    """steps: optimizer steps (0: off); batch_size: windows per step; lr: Adam step of log-scales and norms."""
+    """steps: optimizer steps (0: off); batch_size: windows per step; lr: Adam step of log-scales and norms;
+    rounding_lr: signed-gradient step of the rounding offsets (0: the codes stay as the blocks left them)."""
 
     steps: int = 32
     batch_size: int = 2
     lr: float = 1e-3
     norm_lr: float = 1e-3
+    rounding_lr: float = 0.0
     autocast: torch.dtype | None = None
     seed: int = 0
 
@@ -57,7 +60,7 @@ def tune_end_to_end(model: nn.Module, base: nn.Module, quantized: dict[str, Quan
     """Tune the scales of `quantized` (full Linear name -> codes, as `model` holds them) and the norms of `model`.
 
     `model` computes with the dequantized weights of `quantized` on entry and with the tuned ones on return.
-    Returns the same codes with the tuned scales (exactly representable in fp16).
+    Returns the codes (tuned too when `p.rounding_lr` > 0) with the tuned scales (exactly representable in fp16).
     """
     if p.steps <= 0 or not quantized:
         return quantized
@@ -67,6 +70,30 @@ def tune_end_to_end(model: nn.Module, base: nn.Module, quantized: dict[str, Quan
     s0 = {n: qw.scales.to(dev).float() for n, qw in quantized.items()}
     gidx = {n: qw.g_idx.long().to(dev) for n, qw in quantized.items()}
     logs = {n: torch.zeros_like(s, requires_grad=True) for n, s in s0.items()}
+    # Rounding tuned as well: code = clamp(round(W/s - W/s0 + t + d), -z, maxq - z), which is the block stage's
+    # code t while s = s0 and d = 0; d in [-1/2, 1/2] moves by signed steps, as in the block stage.
+    offsets = {n: torch.zeros_like(c, requires_grad=True) for n, c in codes.items()} if p.rounding_lr > 0 else {}
+    ratio = {n: base.get_submodule(n).weight.detach().to(dev).float() for n in offsets}
+    lo = {n: -qw.zeros.to(dev).float()[:, gidx[n]] for n, qw in quantized.items() if n in offsets}
+    hi = {n: ((1 << qw.bits) - 1) + lo[n] for n, qw in quantized.items() if n in offsets}
+
+    def _scale(n: str) -> Tensor:
+        sc = (s0[n] * logs[n].exp()).clamp(min=1e-6)
+        return (_ste_half(sc) if offsets else sc)[:, gidx[n]]
+
+    def _codes(n: str, sc: Tensor, final: bool = False) -> Tensor:
+        """The code relative to the zero point: the block stage's while the rounding is not tuned."""
+        if n not in offsets:
+            return codes[n]
+        w = ratio[n]
+        x = w / sc - w / s0[n][:, gidx[n]] + codes[n] + offsets[n]
+        q = torch.round(x) if final else x + (torch.round(x) - x).detach()
+        return torch.minimum(torch.maximum(q, lo[n]), hi[n])
+
+    def _weight(n: str) -> Tensor:
+        sc = _scale(n)
+        return sc * _codes(n, sc)
+
     norms = _norm_params(model)
     was = {n: w.requires_grad for n, w in norms.items()}
     for w in norms.values():
@@ -81,20 +108,25 @@ def tune_end_to_end(model: nn.Module, base: nn.Module, quantized: dict[str, Quan
     order, pos = torch.randperm(n, generator=gen), 0
     ctx = (lambda: torch.autocast(dev.type, dtype=p.autocast)) if p.autocast else nullcontext
     first = last = None
-    for _ in range(p.steps):
+    for step in range(p.steps):
         if pos + p.batch_size > n:
             order, pos = torch.randperm(n, generator=gen), 0
         batch = samples[order[pos:pos + p.batch_size]].to(dev)
         pos += p.batch_size
         with torch.no_grad(), ctx():
             teacher = base(input_ids=batch, use_cache=False).logits
-        weights = {f"{n}.weight": (s0[n] * logs[n].exp())[:, gidx[n]] * codes[n] for n in quantized}
+        weights = {f"{n}.weight": _weight(n) for n in quantized}
         with ctx():
             student = functional_call(model, weights, (), {"input_ids": batch, "use_cache": False}).logits
         loss = _kl(teacher, student)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if offsets:
+            sign_step_(list(offsets.values()), linear_decay(p.rounding_lr, step, p.steps))
+            with torch.no_grad():
+                for d in offsets.values():
+                    d.clamp_(-0.5, 0.5)
         value = float(loss.detach())
         first = value if first is None else first
         last = value
@@ -104,8 +136,10 @@ def tune_end_to_end(model: nn.Module, base: nn.Module, quantized: dict[str, Quan
     out = {}
     with torch.no_grad():
         for name, qw in quantized.items():
-            scales = (s0[name] * logs[name].exp()).clamp(min=1e-6).half().float().cpu()
-            out[name] = replace(qw, scales=scales)
+            scales = (s0[name] * logs[name].exp()).clamp(min=1e-6).half().float()
+            if name in offsets:
+                qw = replace(qw, codes=(_codes(name, _scale(name), final=True) - lo[name]).to(torch.uint8).cpu())
+            out[name] = replace(qw, scales=scales.cpu())
             lin = model.get_submodule(name)
             lin.weight.data.copy_(out[name].dequantize(lin.weight.dtype))
     log.info("signround end-to-end: %d steps, KL %.4g -> %.4g, %.1fs", p.steps, first, last, time.perf_counter() - t0)

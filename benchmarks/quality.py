@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import resource
 import subprocess
@@ -33,6 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 AUTOROUND_PY = ROOT / ".venv-autoround" / "bin" / "python"
+LLAMACPP_BIN = Path(os.environ.get("LLAMACPP_BIN", ROOT / ".llamacpp" / "build" / "bin"))
 log = logging.getLogger("bench.quality")
 
 SCHEMES = {"w4g64": {"bits": 4, "group_size": 64}, "w3g64": {"bits": 3, "group_size": 64}}
@@ -125,6 +127,43 @@ def child_autoround(a: argparse.Namespace) -> dict[str, Any]:
             "size_bytes": size, "folder": str(folder)}
 
 
+def child_llamacpp(a: argparse.Namespace) -> dict[str, Any]:
+    """llama.cpp's own tools (LLAMACPP_BIN): the base as an f32 GGUF, an importance matrix from llama-imatrix on
+    the same calibration windows (decoded, one per 512-token chunk), then llama-quantize to the type.
+    `llamacpp-iq4_xs-im`: IQ4_XS with the imatrix; without `-im`: no imatrix."""
+    from quantkit.calib.data import calibration_samples
+    from quantkit.convert import convert
+    from quantkit.models.sources import load_tokenizer, resolve
+
+    parts = a.child.split("-")  # llamacpp-q4_k_m-im
+    gtype, use_im = parts[1].upper(), parts[-1] == "im"
+    work = Path(a.child_out)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    src = resolve(a.model)
+    f32 = work / "base-f32.gguf"
+    convert(src.path, "gguf", f32, gguf_type="f32")
+    cmd_env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
+    imatrix = None
+    if use_im:
+        tok = load_tokenizer(src)
+        ids = calibration_samples(tok, "wiki-vital", a.nsamples, a.seqlen, 0)
+        (work / "calib.txt").write_text("\n\n".join(tok.decode(row.tolist()) for row in ids))
+        imatrix = work / "imatrix.dat"
+        subprocess.run([str(LLAMACPP_BIN / "llama-imatrix"), "-m", str(f32), "-f", str(work / "calib.txt"), "-c",
+                        str(a.seqlen), "-t", str(a.threads), "-o", str(imatrix), "--no-ppl"], check=True,
+                       env=cmd_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = work / f"{gtype.lower()}.gguf"
+    subprocess.run([str(LLAMACPP_BIN / "llama-quantize"), *(["--imatrix", str(imatrix)] if imatrix else []),
+                    str(f32), str(out), gtype, str(a.threads)], check=True, env=cmd_env,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    quant_s = time.perf_counter() - t0
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"quant_s": quant_s, "process_s": quant_s, "cpu_s": _cpu_s() + kids.ru_utime + kids.ru_stime,
+            "peak_rss_mib": max(_peak_mib(), kids.ru_maxrss / 1024), "size_bytes": out.stat().st_size,
+            "folder": str(out)}
+
+
 def child_score(a: argparse.Namespace) -> dict[str, Any]:
     """Score checkpoints (a comma list of folders) against the base: ppl, KL, top-1."""
     import torch
@@ -140,7 +179,7 @@ def child_score(a: argparse.Namespace) -> dict[str, Any]:
         return {"base": {"ppl": evaluate([base], windows)[0].ppl}}
     out = {}
     for folder in a.child_out.split(","):
-        if (Path(folder) / "quantkit.json").is_file():
+        if (Path(folder) / "quantkit.json").is_file() or folder.endswith(".gguf"):
             import quantkit
 
             model = quantkit.load(folder, dtype=torch.float32, kernel="reference")
@@ -149,7 +188,11 @@ def child_score(a: argparse.Namespace) -> dict[str, Any]:
 
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cpu")
         q = evaluate([model], windows, base=base)[0]
-        out[folder] = {"ppl": q.ppl, "kl": q.kl, "top1": q.top1}
+        from quantkit.eval.describe import describe
+
+        d = describe(folder)
+        out[folder] = {"ppl": q.ppl, "kl": q.kl, "top1": q.top1, "bpw": d.get("bits_per_weight"),
+                       "bpw_all": d.get("bits_per_weight_all")}
         del model
     return out
 
@@ -175,13 +218,17 @@ def markdown(model: str, rows: list[dict[str, Any]], base_ppl: float, a: argpars
         f"Command: `.venv/bin/python benchmarks/quality.py --model {model} --rows {a.rows}"
         + (f" --peers {a.peers}" if a.peers else "") + "`",
         "",
-        "| row | library | quant s | process CPU s | peak RSS MiB | ckpt MB | ppl | KL | top-1 % |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-        f"| fp32 base | - | - | - | - | - | {base_ppl:.3f} | 0 | 100.00 |",
+        "| row | library | quant s | process CPU s | peak RSS MiB | ckpt MB | bits/w (Linears / all) | ppl | KL | top-1 % |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| fp32 base | - | - | - | - | - | - | {base_ppl:.3f} | 0 | 100.00 |",
     ]
+
+    def bpw(r: dict[str, Any]) -> str:
+        return " / ".join("-" if r.get(k) is None else f"{r[k]:.2f}" for k in ("bpw", "bpw_all"))
+
     for r in rows:
         lines.append(f"| {r['row']} | {r['library']} | {r['quant_s']:.1f} | {r['cpu_s']:.0f} | {r['peak_rss_mib']:.0f} | "
-                     f"{r['size_bytes'] / 1e6:.1f} | {r['ppl']:.3f} | {r['kl']:.4f} | {r['top1']:.2f} |")
+                     f"{r['size_bytes'] / 1e6:.1f} | {bpw(r)} | {r['ppl']:.3f} | {r['kl']:.4f} | {r['top1']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -189,19 +236,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--rows", default=DEFAULT_ROWS)
-    ap.add_argument("--peers", default=DEFAULT_PEERS, help="comma list of autoround-SETTING-iITERS (needs .venv-autoround)")
+    ap.add_argument("--peers", default=DEFAULT_PEERS, help="comma list of autoround-SETTING-iITERS (needs .venv-autoround) "
+                    "and llamacpp-TYPE[-im] (llama.cpp's tools in LLAMACPP_BIN; -im: with llama-imatrix)")
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tag", default="", help="suffix of the Markdown file (runs side by side write their own)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--child-kind", choices=["quantkit", "autoround", "score"], help=argparse.SUPPRESS)
+    ap.add_argument("--child-kind", choices=["quantkit", "autoround", "llamacpp", "score"], help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if a.child_kind:
-        fn = {"quantkit": child_quantkit, "autoround": child_autoround, "score": child_score}[a.child_kind]
+        fn = {"quantkit": child_quantkit, "autoround": child_autoround, "llamacpp": child_llamacpp,
+              "score": child_score}[a.child_kind]
         print(json.dumps(fn(a)))
         return
     t0 = time.perf_counter()
@@ -215,7 +264,16 @@ def main() -> None:
             r.update(spawn(sys.executable, ["--child", row, "--child-kind", "score", "--child-out", out, *common])[out])
             rows.append({"row": row, "library": "quantkit", "out": out, **r})
             log.info("%s: %s", row, rows[-1])
-        for peer in [p for p in a.peers.split(",") if p]:
+        for peer in [p for p in a.peers.split(",") if p.startswith("llamacpp-")]:
+            if not (LLAMACPP_BIN / "llama-quantize").exists():
+                raise SystemExit(f"llama.cpp rows need llama-quantize and llama-imatrix in {LLAMACPP_BIN}")
+            out = str(Path(tmp) / peer)
+            r = spawn(sys.executable, ["--child", peer, "--child-kind", "llamacpp", "--child-out", out, *common])
+            out = r.pop("folder")
+            r.update(spawn(sys.executable, ["--child", peer, "--child-kind", "score", "--child-out", out, *common])[out])
+            rows.append({"row": peer, "library": "llama.cpp (llama-quantize)", "out": out, **r})
+            log.info("%s: %s", peer, rows[-1])
+        for peer in [p for p in a.peers.split(",") if p and not p.startswith("llamacpp-")]:
             if not AUTOROUND_PY.exists():
                 raise SystemExit("AutoRound rows need .venv-autoround: bash scripts/setup-autoround.sh")
             out = str(Path(tmp) / peer)

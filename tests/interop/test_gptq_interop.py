@@ -32,11 +32,13 @@ CASES = {  # name -> scheme
     "w3g32-act": {"bits": 3, "group_size": 32, "desc_act": True},
     "signround-w4g32": {"bits": 4, "group_size": 32},
     "signround-w3g32-sym": {"bits": 3, "group_size": 32, "sym": True},
+    "signround-w4g32-e2e-rounding": {"bits": 4, "group_size": 32},
 }
 # cases made by another method than gptq, with its options (same GPTQ checkpoint format)
 METHODS = {
     "signround-w4g32": ("signround", {"iters": 4, "e2e_steps": 2}),
     "signround-w3g32-sym": ("signround", {"iters": 4, "tune_norms": False}),
+    "signround-w4g32-e2e-rounding": ("signround", {"iters": 4, "e2e_steps": 3, "e2e_rounding_lr": 0.05}),
 }
 
 

@@ -54,6 +54,8 @@ class SignRoundOptions(BaseModel):
                                                             "against the float model's logits (needs it in memory)")
     e2e_batch_size: int = Field(2, ge=1, description="calibration windows per end-to-end step")
     e2e_lr: float = Field(1e-3, gt=0, description="Adam step size of the log-scales and norms end to end")
+    e2e_rounding_lr: float = Field(0.0, ge=0, le=1, description="signed step of the rounding offsets end to end "
+                                                                "(0: the codes stay as the blocks left them)")
 
 
 def autocast_dtype(job: QuantJob) -> torch.dtype | None:
@@ -125,7 +127,7 @@ class SignRound(BlockwiseMethod):
         loaded.model.to(job.device)
         base.to(job.device)
         p = E2EParams(steps=o.e2e_steps, batch_size=o.e2e_batch_size, lr=o.e2e_lr, norm_lr=o.e2e_lr,
-                      autocast=autocast_dtype(job), seed=job.calib.seed)
+                      rounding_lr=o.e2e_rounding_lr, autocast=autocast_dtype(job), seed=job.calib.seed)
         out = tune_end_to_end(loaded.model, base, quantized, samples, p)
         loaded.model.to("cpu")
         del base

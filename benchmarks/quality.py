@@ -164,6 +164,44 @@ def child_llamacpp(a: argparse.Namespace) -> dict[str, Any]:
             "folder": str(out)}
 
 
+def as_gptq_folder(folder: Path, tmp: Path) -> Path | None:
+    """AutoRound's `auto_round:auto_gptq` checkpoint seen as the GPTQ checkpoint it is (the same qweight /
+    qzeros / scales tensors, zero points stored minus one): a folder of links with a GPTQ quantization_config,
+    so quantkit's reference loader dequantizes it in fp32. None for any other packing."""
+    cfg = json.loads((folder / "config.json").read_text())
+    qc = cfg.get("quantization_config") or {}
+    if "auto" not in str(qc.get("quant_method", "")) or "gptq" not in str(qc.get("packing_format", "auto_gptq")):
+        return None
+    if qc.get("bits") not in (2, 4, 8):
+        return None  # 3-bit packing differs between the triton-style and GPTQ layouts
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    index = folder / "model.safetensors.index.json"
+    for f in folder.iterdir():
+        if f.name not in ("config.json", index.name) and not (tmp / f.name).exists():
+            (tmp / f.name).symlink_to(f.resolve())
+    g_idx = {}  # AutoRound stores no g_idx: without act-order every column's group is column // group_size
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                if k.endswith(".qweight"):
+                    rows = fh.get_slice(k).get_shape()[0]
+                    n_in = rows * 32 // qc["bits"]
+                    g_idx[k.removesuffix("qweight") + "g_idx"] = torch.arange(n_in, dtype=torch.int32) // qc["group_size"]
+    save_file(g_idx, str(tmp / "g-idx.safetensors"))
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"].update(dict.fromkeys(g_idx, "g-idx.safetensors"))
+        (tmp / index.name).write_text(json.dumps(data))
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": qc["bits"], "group_size": qc["group_size"],
+                                  "desc_act": False, "sym": qc.get("sym", True), "checkpoint_format": "gptq"}
+    (tmp / "config.json").write_text(json.dumps(cfg))
+    return tmp
+
+
 def child_score(a: argparse.Namespace) -> dict[str, Any]:
     """Score checkpoints (a comma list of folders) against the base: ppl, KL, top-1."""
     import torch
@@ -183,6 +221,26 @@ def child_score(a: argparse.Namespace) -> dict[str, Any]:
             import quantkit
 
             model = quantkit.load(folder, dtype=torch.float32, kernel="reference")
+        elif (gptq := as_gptq_folder(Path(folder), Path(folder + "-as-gptq"))) is not None:
+            # AutoRound's loader computes in fp16 on this CPU, where Gemma 3's activations overflow (NaN): its
+            # codes and scales are dequantized in fp32 instead, checked against its own module on one layer.
+            import quantkit
+            from transformers import AutoModelForCausalLM
+
+            model = quantkit.load(str(gptq), dtype=torch.float32, kernel="reference")
+            peer = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cpu")
+            name, mod = next((n, m) for n, m in peer.named_modules() if hasattr(m, "qweight"))
+            ours = model.get_submodule(name)
+            eye = torch.eye(ours.in_features, dtype=torch.float32)
+            with torch.no_grad():
+                w_peer = mod(eye.to(mod.scales.dtype)).float().T
+                w_ours = ours(eye).float().T
+            check = float((w_peer - w_ours).abs().max() / w_ours.abs().max())
+            log.info("%s: dequantized as GPTQ, %s max |diff| / max |w| = %.2e against AutoRound's module", folder,
+                     name, check)
+            if check > 1e-2:
+                raise SystemExit(f"{folder}: GPTQ view differs from AutoRound's own module ({check:.2e})")
+            del peer
         else:  # a peer's checkpoint, through transformers (AutoRound's own loader in its venv)
             from transformers import AutoModelForCausalLM
 

@@ -74,7 +74,7 @@ def tune_end_to_end(model: nn.Module, base: nn.Module, quantized: dict[str, Quan
     # code t while s = s0 and d = 0; d in [-1/2, 1/2] moves by signed steps, as in the block stage.
     offsets = {n: torch.zeros_like(c, requires_grad=True) for n, c in codes.items()} if p.rounding_lr > 0 else {}
     ratio = {n: base.get_submodule(n).weight.detach().to(dev).float() for n in offsets}
-    lo = {n: -qw.zeros.to(dev).float()[:, gidx[n]] for n, qw in quantized.items() if n in offsets}
+    lo = {n: -qw.zeros.to(dev).float() for n, qw in quantized.items() if n in offsets}  # (out, G)
     hi = {n: ((1 << qw.bits) - 1) + lo[n] for n, qw in quantized.items() if n in offsets}
 
     def _scale(n: str) -> Tensor:
@@ -88,7 +88,7 @@ def tune_end_to_end(model: nn.Module, base: nn.Module, quantized: dict[str, Quan
         w = ratio[n]
         x = w / sc - w / s0[n][:, gidx[n]] + codes[n] + offsets[n]
         q = torch.round(x) if final else x + (torch.round(x) - x).detach()
-        return torch.minimum(torch.maximum(q, lo[n]), hi[n])
+        return torch.minimum(torch.maximum(q, lo[n][:, gidx[n]]), hi[n][:, gidx[n]])
 
     def _weight(n: str) -> Tensor:
         sc = _scale(n)
@@ -138,7 +138,8 @@ def tune_end_to_end(model: nn.Module, base: nn.Module, quantized: dict[str, Quan
         for name, qw in quantized.items():
             scales = (s0[name] * logs[name].exp()).clamp(min=1e-6).half().float()
             if name in offsets:
-                qw = replace(qw, codes=(_codes(name, _scale(name), final=True) - lo[name]).to(torch.uint8).cpu())
+                rel = _codes(name, _scale(name), final=True)
+                qw = replace(qw, codes=(rel - lo[name][:, gidx[name]]).to(torch.uint8).cpu())
             out[name] = replace(qw, scales=scales.cpu())
             lin = model.get_submodule(name)
             lin.weight.data.copy_(out[name].dequantize(lin.weight.dtype))

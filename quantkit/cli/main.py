@@ -91,7 +91,8 @@ class QuantkitGroup(TyperGroup):
                 raise
             text, code = mapped
             ui.close(summarise=isinstance(exc, RowsFailedError))  # a user error stays the only line
-            _json_failure(json_dest, text, code)
+            if not isinstance(exc, RowsFailedError):  # failed rows: the result JSON, with each row's error, went out
+                _json_failure(json_dest, text, code)
             typer.echo(text, err=True)
             ctx.exit(code)
         finally:

@@ -35,15 +35,28 @@ def vocabulary(src: ModelSource) -> Any:
         return None
 
 
+def _source(path: str) -> ModelSource | None:
+    """The path's source; a path that does not exist at all is bad input (exit 2), while a folder or file that
+    exists but cannot be read is one failed row (None here: the row reports why, the other rows complete)."""
+    if not Path(path).expanduser().exists():
+        return resolve(path)  # an alias or a hub id resolves; anything else is "not found"
+    try:
+        return resolve(path)
+    except QuantkitError:
+        return None
+
+
 def check_comparable(paths: list[str], base: str | None) -> None:
-    """Resolve every path (a missing one is bad input: exit 2), then refuse a base the checkpoints cannot be
-    compared with."""
-    sources = {p: resolve(p) for p in paths}
+    """Refuse a path that does not exist and a base the checkpoints cannot be compared with, before anything
+    is loaded."""
+    sources = {p: _source(p) for p in paths}
     if base is None:
         return
     b = resolve(base)
     b_size, b_vocab = vocab_size(b), vocabulary(b)
     for p, src in sources.items():
+        if src is None:
+            continue
         size = vocab_size(src)
         if size is not None and b_size is not None and size != b_size:
             raise QuantkitError(f"{p} has a vocabulary of {size:,} tokens, the base {base} {b_size:,}: KL and top-1 "

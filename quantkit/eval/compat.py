@@ -41,9 +41,13 @@ def _source(path: str) -> ModelSource | None:
     if not Path(path).expanduser().exists():
         return resolve(path)  # an alias or a hub id resolves; anything else is "not found"
     try:
-        return resolve(path)
+        src = resolve(path)
     except QuantkitError:
         return None
+    if src.kind == "folder" and read_config(Path(src.path)).get("auto_map"):
+        raise QuantkitError(f"{path}: its config.json names code of its own (auto_map), which quantkit eval does not "
+                            f"run; eval loads the architectures transformers supports natively")
+    return src
 
 
 def check_comparable(paths: list[str], base: str | None) -> None:

@@ -222,7 +222,13 @@ def _load_tokenizer(path: str, trust_remote_code: bool):
     if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         log.warning("%s has no tokenizer files; calibration and evaluation will need one", path)
         return None
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises its own types (and ValueError, OSError) on bad files
+        if "trust_remote_code" in str(e) or not Path(path).is_dir():
+            raise  # remote code: the CLI's map names --trust-remote-code; a hub id: the caller's message
+        raise ModelSourceError(f"cannot read the tokenizer of {path}: {(str(e).splitlines() or [type(e).__name__])[0]}"
+                               f"; its tokenizer files are damaged: re-download or re-export them") from None
 
 
 def load_model(src: ModelSource, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):

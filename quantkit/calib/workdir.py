@@ -300,11 +300,11 @@ class BlockStore:
             return None
         return _read_stream(f, "reference.") or None
 
-    def _save(self, kind: str, i: int, tensors: dict[str, Tensor]) -> None:
-        """One file of block i's write, durably, its size and checksum recorded (the test's fault points)."""
-        f = self._file(kind, i)
-        self.files[f.name] = st.save(tensors, f, before_rename=lambda _tmp: _fault(f"{kind}-written", i)).record()
-        _fault(f"{kind}-renamed", i)
+    def _save(self, kind: str, index: int, tensors: dict[str, Tensor], block: int) -> None:
+        """One file of block `block`'s write, durably, its size and checksum recorded (the test's fault points)."""
+        f = self._file(kind, index)
+        self.files[f.name] = st.save(tensors, f, before_rename=lambda _tmp: _fault(f"{kind}-written", block)).record()
+        _fault(f"{kind}-renamed", block)
 
     def finished(self, i: int, block: nn.Module, results: dict[str, Any], next_inputs: list[Tensor] | None,
                  last: bool, reference: list[Tensor] | None = None) -> dict[str, Any]:
@@ -326,14 +326,14 @@ class BlockStore:
                 tensors[f"{name}.bias"] = qw.bias.to(torch.float16).cpu().contiguous()
         t0 += time.perf_counter() - t_pack
         check_finite(tensors)  # fail at this block, not hours later at the save
-        self._save("block", i, tensors)
+        self._save("block", i, tensors, i)
         if side:
-            self._save("side", i, side)
+            self._save("side", i, side, i)
         if not last and next_inputs is not None:
             saved = {f"hidden.{k:05d}": h.detach().cpu().contiguous() for k, h in enumerate(next_inputs)}
             for k, h in enumerate(reference or ()):
                 saved[f"reference.{k:05d}"] = h.detach().cpu().contiguous()
-            self._save("inputs", i + 1, saved)
+            self._save("inputs", i + 1, saved, i)
         self.done = i + 1
         self.quantized = self.quantized[:i] + [len(quantized)]
         self.files.pop(self._file("inputs", i).name, None)

@@ -279,7 +279,7 @@ class BlockStore:
         for i in range(start):
             if self._file("side", i).name in self.files:
                 kept.update(st.load(self._file("side", i)))
-        inputs = _read_stream(self._file("inputs", start), "hidden.") if start else None
+        inputs = _read_stream(self._file("inputs", start), "hidden.") if 0 < start < n_blocks else None
         self.done, self.quantized = start, self.quantized[:start]
         keep = {self._file(k, i).name for i in range(start) for k in ("block", "side")} | {self._file("inputs", start).name}
         self.files = {k: v for k, v in self.files.items() if k in keep}

@@ -23,12 +23,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/quantkit demo --out demo-out
 
-# Import layers (lint-imports, pyproject.toml [tool.importlinter]), unit + integration tests, then the interoperability tests in their own venv (transformers + gptqmodel).
+# Import layers (lint-imports, pyproject.toml [tool.importlinter]), unit + integration tests, the fault catalogue (tests/faults), then the interoperability tests in their own venv (transformers + gptqmodel).
 test: test-fast test-interop
 
 test-fast: setup
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q tests/unit tests/integration
+	$(BIN)/python -m pytest -q tests/unit tests/integration tests/faults
 
 test-interop: setup
 	bash scripts/setup-interop.sh

@@ -73,6 +73,15 @@ def plan(model: str | Path, method: str, **job: Any) -> MemoryPlan:
     return plan_job(make_job(model, method, **job)[1], method)
 
 
+def _kept(out: Path, work: WorkFolder | None) -> str:
+    """What an interrupted run leaves, and how to go on (the CLI's one line after Ctrl-C)."""
+    store = work.stored() if work is not None else None
+    if store is None or not store.done:
+        return f"nothing was written to {out}; run the same command to start again"
+    return (f"{store.done} finished block{'s' if store.done > 1 else ''} kept in {work.path}; {out} was not written; "
+            f"run the same command to continue (--no-resume starts over)")
+
+
 def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantScheme | str | dict | None = None,
              calib: CalibSpec | dict[str, Any] | None = None, options: dict[str, Any] | None = None,
              device: str | torch.device = "auto", save_dtype: str | torch.dtype = "float16", force: bool = False,
@@ -102,9 +111,11 @@ def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantSc
         t_quant = time.perf_counter() - t0
         with atomic_dir(out, force=force) as tmp:
             artifact.save(tmp, shard_bytes)
-    except BaseException:
+    except BaseException as exc:
         if work is not None:
             work.close()  # kept: the same command continues from the last finished block
+        if isinstance(exc, KeyboardInterrupt):
+            exc.__notes__ = [*getattr(exc, "__notes__", []), _kept(out, work)]  # add_note, on Python 3.10 too
         raise
     if work is not None:
         work.close(remove=True)

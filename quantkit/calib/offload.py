@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 
 from quantkit.calib.hooks import HookSet
 from quantkit.errors import CheckpointError, QuantkitError
+from quantkit.formats.safetensors_io import header, open_file
 from quantkit.models.arch import ArchSpec, get_arch, get_blocks
 from quantkit.models.moe import PerExpertMoE, block_from_hub, swap_experts
 
@@ -36,9 +36,8 @@ def shard_index(folder: Path) -> dict[str, Path]:
 
     index: dict[str, Path] = {}
     for f in weight_files(folder):
-        with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
-                index[k] = f
+        for k in header(f):
+            index[k] = f
     return index
 
 
@@ -49,7 +48,7 @@ def read_tensors(index: dict[str, Path], names: list[str]) -> dict[str, Tensor]:
         by_file.setdefault(index[n], []).append(n)
     out: dict[str, Tensor] = {}
     for f, keys in sorted(by_file.items()):
-        with safe_open(str(f), framework="pt") as fh:
+        with open_file(f) as fh:
             for k in keys:
                 out[k] = fh.get_tensor(k)
     return out

@@ -8,19 +8,24 @@ After each decoder block the pipeline hands its results here (`BlockStore.finish
                              its other tensors in the save dtype)
     side-00007.safetensors   small per-block results a method keeps in memory (AWQ's scales and clips)
     inputs-00008.safetensors block 8's input activations (block 7's outputs, float32, one tensor per batch)
-    state.json               {"done": 8, "quantized": [...]}: blocks 0..7 are finished
+    state.json               {"done": 8, "quantized": [...], "files": {name: {"size", "xxh3_128"}}, "checksum"}:
+                             blocks 0..7 are finished; the size and checksum of every file above, taken
+                             as it was written; the checksum of the state itself
 
-Every file is written to a temporary name and renamed, and state.json is renamed last, so a
-process killed at any instant leaves a folder that is consistent up to some block. A resumed
-run skips the finished blocks, reads the next block's inputs and continues; the checkpoint is
-byte-identical to an uninterrupted run's. The final save reads the block files one tensor at a
-time, so no run ever holds all packed codes in memory. The folder is removed after a
-successful save and kept after any failure.
+Every file is written to a temporary name, fsynced, renamed and its folder fsynced
+(`formats.safetensors_io.save`), and state.json is renamed last, so a process killed (or a machine
+that loses power) at any instant leaves a folder that is consistent up to some block. A resumed run
+proves what it reads before trusting it (`verify`): every recorded file must have its size and
+checksum. A damaged or missing block is recomputed when its inputs survive (block 0's always do: they
+come from the calibration text; a later block's when it is the one the run was at); otherwise the run
+stops with one line naming the file and `--no-resume`. So a resumed run's checkpoint is byte-identical
+to an uninterrupted run's, or the run fails. The final save reads the block files one tensor at a
+time, so no run ever holds all packed codes in memory. The folder is removed after a successful save
+and kept after any failure.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,15 +36,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from quantkit.calib.data import fingerprint as samples_fingerprint
-from quantkit.errors import QuantkitError
+from quantkit.calib.runid import first_difference, run_fingerprint  # noqa: F401 - run_fingerprint: api's import
+from quantkit.errors import CheckpointError, QuantkitError
+from quantkit.formats import safetensors_io as st
 from quantkit.formats.checkpoint import check_finite, float_entries
-from quantkit.formats.shards import Entry, read_header
+from quantkit.formats.shards import Entry
 from quantkit.grid import QuantizedWeight
+from quantkit.paths import durable_replace
 
 log = logging.getLogger(__name__)
 
@@ -54,55 +60,43 @@ def work_path(out: Path) -> Path:
     return Path(out).with_name(Path(out).name + ".partial")
 
 
-def sha256_file(path: Path, chunk: int = 1 << 23) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while data := fh.read(chunk):
-            h.update(data)
-    return h.hexdigest()
+FAULT_ENV = "QUANTKIT_TEST_FAULT"
+# the steps of one block's write, in order: a test kills the process at "<step>:<block>" (FAULT_ENV)
+FAULT_STEPS = ("block-written", "block-renamed", "side-written", "side-renamed", "inputs-written",
+               "inputs-renamed", "state-written", "state-renamed", "cleaned")
 
 
-def model_files_fingerprint(kind: str, path: str) -> dict[str, str]:
-    """sha256 of every file of a model folder (or of a .gguf file); a hub id stands for itself."""
-    p = Path(path)
-    if kind == "folder":
-        return {f.name: sha256_file(f) for f in sorted(p.iterdir()) if f.is_file() and not f.name.startswith(".")}
-    if kind == "gguf":
-        return {p.name: sha256_file(p)}
-    return {"hub": path}
+def _fault(step: str, i: int) -> None:
+    """TEST HOOK (tests/faults), inert unless $QUANTKIT_TEST_FAULT is "<step>:<block>": SIGKILL this process
+    at that step of block i's write, as a power cut or the OOM killer would."""
+    if os.environ.get(FAULT_ENV) == f"{step}:{i}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _first_difference(old: Any, new: Any, where: str = "") -> str | None:
-    """'calibration.seed: 0, now 1' for the first key whose value differs, None if equal."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        for k in sorted(set(old) | set(new)):
-            diff = _first_difference(old.get(k), new.get(k), f"{where}.{k}" if where else str(k))
-            if diff:
-                return diff
-        return None
-    if old == new:
-        return None
-    if where.startswith("model."):
-        return f"model file {where.removeprefix('model.')}: {'content changed' if old and new else 'added or removed'}"
-    return f"{where}: {json.dumps(old)}, now {json.dumps(new)}"
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+def _write_json_atomic(path: Path, data: dict[str, Any], fault: Callable[[Path], None] | None = None) -> None:
+    """`data` as `path`, through a temporary name, durably (`fault(tmp)`: a test's point before the rename)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    if fault is not None:
+        fault(tmp)
+    durable_replace(tmp, path, synced=True)
 
 
-def _save_atomic(tensors: dict[str, Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+def _state_checksum(state: dict[str, Any]) -> str:
+    import xxhash
+
+    body = {k: v for k, v in state.items() if k != "checksum"}
+    return xxhash.xxh3_128(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _read_stream(f: Path, prefix: str) -> list[Tensor]:
     """The tensors of an inputs file whose names start with `prefix`, in order (only those are read)."""
-    with safe_open(str(f), framework="pt") as fh:
-        return [fh.get_tensor(k) for k in sorted(k for k in fh.keys() if k.startswith(prefix))]
+    return list(st.load(f, lambda k: k.startswith(prefix)).values())
 
 
 class WorkFolder:
@@ -153,7 +147,7 @@ class WorkFolder:
             current["calibration_samples_sha256"] = samples
         elif "calibration_samples_sha256" in recorded:
             recorded = {k: v for k, v in recorded.items() if k != "calibration_samples_sha256"}
-        diff = _first_difference(recorded, current)
+        diff = first_difference(recorded, current)
         if diff:
             raise ResumeError(f"{self.path} was left by a run with other settings ({diff}); pass --no-resume to "
                               f"start over (deletes it) or choose another --out")
@@ -206,11 +200,60 @@ class BlockStore:
         self.work, self.path = work, work.path
         self.prefix, self.pack, self.save_dtype = blocks_prefix, pack, save_dtype
         self.done, self.quantized = 0, []  # finished blocks; quantized Linears per finished block
+        self.files: dict[str, dict[str, Any]] = {}  # file name -> {"size", "xxh3_128"}, as written
 
     def _file(self, kind: str, i: int) -> Path:
         return self.path / f"{kind}-{i:05d}.safetensors"
 
+    def _damaged(self, why: str) -> ResumeError:
+        return ResumeError(f"{self.path} is damaged ({why}); pass --no-resume to start over (it deletes the folder)")
+
     # ------------------------------------------------------------------ resume
+    def _read_state(self) -> dict[str, Any]:
+        if not (self.path / STATE).is_file():
+            return {"done": 0, "quantized": [], "files": {}}
+        state = self.work._read_json(STATE)
+        try:
+            ok = state.get("checksum") == _state_checksum(state) and isinstance(state["files"], dict)
+            done, quantized = int(state["done"]), [int(q) for q in state["quantized"]]
+        except (AttributeError, KeyError, TypeError, ValueError):
+            ok = False
+        if not ok or len(quantized) != done:
+            raise self._damaged(f"{STATE} does not match its checksum")
+        return state
+
+    def _intact(self, name: str) -> str | None:
+        """None if `name` has the size and checksum recorded when it was written, else what is wrong."""
+        rec, f = self.files.get(name), self.path / name
+        if rec is None:
+            return f"{name} is not recorded in {STATE}"
+        if not f.is_file():
+            return f"{name} is missing"
+        size = f.stat().st_size
+        if size != rec["size"]:
+            return f"{name} has {size:,} bytes, {rec['size']:,} were written"
+        if st.checksum(f).xxh3 != rec["xxh3_128"]:
+            return f"{name} does not match its checksum"
+        return None
+
+    def verify(self, n_blocks: int) -> int:
+        """The block to continue from, after proving every file it relies on (see the module docstring)."""
+        start, bad = self.done, None
+        for i in range(self.done):
+            names = [self._file("block", i).name] + [n for n in (self._file("side", i).name,) if n in self.files]
+            bad = next((why for why in map(self._intact, names) if why), None)
+            if bad:
+                start = i
+                break
+        if bad is None and 0 < start < n_blocks:
+            bad = self._intact(self._file("inputs", start).name)
+        if bad is None:
+            return start
+        if start == 0:  # block 0's inputs come from the calibration text: it can always be recomputed
+            log.warning("%s: %s; recomputing from block %d", self.path, bad, start)
+            return start
+        raise self._damaged(bad + ("" if start == self.done else f"; block {start}'s inputs were not kept"))
+
     def resume(self, n_blocks: int, samples: Tensor) -> tuple[int, list[Tensor] | None, dict[str, Any]]:
         """(first block to run, its inputs or None to use the captured ones, side results of the finished blocks)."""
         t0 = time.perf_counter()
@@ -219,37 +262,35 @@ class BlockStore:
         if not w.path.exists():
             w.path.mkdir(parents=True)
         w._lock()
+        for tmp in w.path.glob(".*.tmp"):  # a write killed before its rename
+            tmp.unlink()
         if not (w.path / FINGERPRINT).is_file():
             _write_json_atomic(w.path / FINGERPRINT, {**w.fingerprint, "calibration_samples_sha256": sha})
             w.seconds += time.perf_counter() - t0
             return 0, None, {}
         w._check(w._read_json(FINGERPRINT), samples=sha)
-        state = w._read_json(STATE) if (w.path / STATE).is_file() else {"done": 0, "quantized": []}
-        self.done, self.quantized = int(state["done"]), list(state["quantized"])
+        state = self._read_state()
+        self.done, self.quantized, self.files = int(state["done"]), list(state["quantized"]), dict(state["files"])
         if self.done > n_blocks:
             raise ResumeError(f"{w.path} records {self.done} finished blocks, the model has {n_blocks}; "
                               "pass --no-resume to start over")
+        start = self.verify(n_blocks)
         kept: dict[str, Any] = {}
-        for i in range(self.done):
-            if not self._file("block", i).is_file():
-                raise ResumeError(f"{w.path} is damaged ({self._file('block', i).name} is missing); pass --no-resume "
-                                  "to start over")
-            if self._file("side", i).is_file():
-                kept.update(load_file(str(self._file("side", i))))
-        inputs = None
-        if 0 < self.done < n_blocks:
-            f = self._file("inputs", self.done)
-            if not f.is_file():
-                raise ResumeError(f"{w.path} is damaged ({f.name} is missing); pass --no-resume to start over")
-            inputs = _read_stream(f, "hidden.")
-        for f in w.path.glob("inputs-*.safetensors"):  # a kill between steps may leave an older one
-            if f.name != self._file("inputs", self.done).name:
+        for i in range(start):
+            if self._file("side", i).name in self.files:
+                kept.update(st.load(self._file("side", i)))
+        inputs = _read_stream(self._file("inputs", start), "hidden.") if 0 < start < n_blocks else None
+        self.done, self.quantized = start, self.quantized[:start]
+        keep = {self._file(k, i).name for i in range(start) for k in ("block", "side")} | {self._file("inputs", start).name}
+        self.files = {k: v for k, v in self.files.items() if k in keep}
+        for f in w.path.glob("*.safetensors"):  # a later block's files, or an older inputs file, are not used
+            if f.name not in keep:
                 f.unlink()
-        w.resumed_at = self.done
-        if self.done:
-            log.info("resuming from %s: %d of %d blocks already done", w.path, self.done, n_blocks)
+        w.resumed_at = start
+        if start:
+            log.info("resuming from %s: %d of %d blocks already done", w.path, start, n_blocks)
         w.seconds += time.perf_counter() - t0
-        return self.done, inputs, kept
+        return start, inputs, kept
 
     # ------------------------------------------------------------------ one finished block
     def saved_reference(self, i: int) -> list[Tensor] | None:
@@ -258,6 +299,12 @@ class BlockStore:
         if not f.is_file():
             return None
         return _read_stream(f, "reference.") or None
+
+    def _save(self, kind: str, index: int, tensors: dict[str, Tensor], block: int) -> None:
+        """One file of block `block`'s write, durably, its size and checksum recorded (the test's fault points)."""
+        f = self._file(kind, index)
+        self.files[f.name] = st.save(tensors, f, before_rename=lambda _tmp: _fault(f"{kind}-written", block)).record()
+        _fault(f"{kind}-renamed", block)
 
     def finished(self, i: int, block: nn.Module, results: dict[str, Any], next_inputs: list[Tensor] | None,
                  last: bool, reference: list[Tensor] | None = None) -> dict[str, Any]:
@@ -279,18 +326,23 @@ class BlockStore:
                 tensors[f"{name}.bias"] = qw.bias.to(torch.float16).cpu().contiguous()
         t0 += time.perf_counter() - t_pack
         check_finite(tensors)  # fail at this block, not hours later at the save
-        _save_atomic(tensors, self._file("block", i))
+        self._save("block", i, tensors, i)
         if side:
-            _save_atomic(side, self._file("side", i))
+            self._save("side", i, side, i)
         if not last and next_inputs is not None:
             saved = {f"hidden.{k:05d}": h.detach().cpu().contiguous() for k, h in enumerate(next_inputs)}
             for k, h in enumerate(reference or ()):
                 saved[f"reference.{k:05d}"] = h.detach().cpu().contiguous()
-            _save_atomic(saved, self._file("inputs", i + 1))
+            self._save("inputs", i + 1, saved, i)
         self.done = i + 1
         self.quantized = self.quantized[:i] + [len(quantized)]
-        _write_json_atomic(self.path / STATE, {"done": self.done, "quantized": self.quantized})
+        self.files.pop(self._file("inputs", i).name, None)
+        state = {"done": self.done, "quantized": self.quantized, "files": self.files}
+        _write_json_atomic(self.path / STATE, {**state, "checksum": _state_checksum(state)},
+                           fault=lambda _tmp: _fault("state-written", i))
+        _fault("state-renamed", i)
         self._file("inputs", i).unlink(missing_ok=True)
+        _fault("cleaned", i)
         self.work.seconds += time.perf_counter() - t0
         return side
 
@@ -305,35 +357,15 @@ class BlockStore:
     def entries(self) -> list[Entry]:
         out = []
         for i in range(self.done):
-            f = self._file("block", i)
-            for name, (dtype, shape) in read_header(f).items():
-                out.append(Entry(name, dtype, shape, lambda f=f, name=name: self._read(f, name)))
+            for name, info in st.scan([self._file("block", i)]).items():
+                out.append(Entry(name, info.dtype, info.shape, lambda info=info, name=name: self._read(info, name)))
         return out
 
-    def _read(self, f: Path, name: str) -> Tensor:
+    def _read(self, info: st.TensorInfo, name: str) -> Tensor:
         t0 = time.perf_counter()
-        with safe_open(str(f), framework="pt") as fh:  # opened per tensor: no mapping stays resident
-            t = fh.get_tensor(name)
+        try:
+            t = st.read_tensor(info, name)  # seek + read: no mapping stays resident
+        except CheckpointError as e:
+            raise self._damaged(str(e)) from None
         self.work.seconds += time.perf_counter() - t0
         return t
-
-
-# Options that do not change a single byte of the checkpoint: a run may resume with other values
-# (e.g. a run that died of OOM in memory continues with --offload disk).
-RESULT_NEUTRAL_OPTIONS = ("offload", "dump_awq")
-
-
-def run_fingerprint(job: Any, method: str) -> dict[str, Any]:
-    """What must not change between a run and its resumption (`job`: a `QuantJob`)."""
-    from quantkit.version import __version__
-
-    return {
-        "quantkit_version": __version__,
-        "model": model_files_fingerprint(job.source.kind, job.source.path),
-        "method": method,
-        "scheme": job.scheme.model_dump(mode="json"),
-        "options": {k: v for k, v in job.options.model_dump(mode="json").items() if k not in RESULT_NEUTRAL_OPTIONS},
-        "calibration": job.calib.model_dump(mode="json"),  # dataset, nsamples, seqlen, seed, batch size
-        "save_dtype": str(job.save_dtype).removeprefix("torch."),
-        "device": job.device.type,
-    }

@@ -61,8 +61,10 @@ def closest(src: str, dst: str) -> str:
             "; use --to hf to change the dtype" if src == "gguf" else "")
     if src in ("hf", "gguf") and dst in PACKED:
         via = "first --to hf, then " if src == "gguf" else ""
+        method = "awq" if dst == "awq" else "gptq"  # quantize writes GPTQ (gptq, rtn) or AWQ (awq) checkpoints
+        then = "" if dst in ("gptq", "awq") else f", then quantkit convert OUT OUT2 --to {dst}"
         return (f"{src} -> {dst} needs quantization, not conversion: {via}"
-                f"quantkit quantize MODEL --method gptq|awq|rtn --format {'gptq' if dst.startswith('gptq') else dst}")
+                f"quantkit quantize MODEL --method {method} -o OUT{then}")
     if src == "gguf" and dst == "gguf":
         return "gguf -> gguf re-typing is llama.cpp's llama-quantize; quantkit converts gguf --to hf"
     return f"no conversion {src} -> {dst}; quantkit convert --list shows the table"

@@ -30,6 +30,7 @@ from torch import nn
 from quantkit.calib.pipeline import Progress
 from quantkit.errors import QuantkitError
 from quantkit.eval import hardware, protocol
+from quantkit.eval.compat import check_comparable
 from quantkit.eval.cache import BaseCache, BaseEntry, Spill, base_key, content_digest, spill_bytes
 from quantkit.eval.describe import describe, label
 from quantkit.eval.memory import PeakMemory, model_bytes, release
@@ -288,6 +289,7 @@ def evaluate_paths(paths: list[str], base: str | None = None, dataset: str = "wi
     """
     if not paths and base is None:
         raise QuantkitError("nothing to evaluate: give at least one model path (and optionally --base)")
+    check_comparable(paths, base)  # a missing path or an incomparable base: one line, before anything loads
     dev = resolve_device(device)
     torch_dtype = hardware.resolve_dtype(dtype, dev)
     seqlen = seqlen or hardware.default_seqlen(dev)

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 
 from quantkit.errors import CheckpointError
 from quantkit.integrity import PICKLE_SUFFIXES, pickle_refusal
 from quantkit.formats.qlinear import QuantLinear
+from quantkit.formats.safetensors_io import load
 from quantkit.formats.specs import detect_format
 from quantkit.models.moe import from_hub_names, swap_experts
 
@@ -49,13 +49,7 @@ def read_tensors(folder: Path, skip: Callable[[str], bool] | None = None) -> dic
     """Every tensor of the checkpoint's weight files, but those whose name `skip` accepts (never read)."""
     out: dict[str, Tensor] = {}
     for f in weight_files(folder):
-        try:
-            with safe_open(str(f), framework="pt") as fh:
-                for k in fh.keys():
-                    if skip is None or not skip(k):
-                        out[k] = fh.get_tensor(k)
-        except Exception as e:  # safetensors raises its own error types on truncated or corrupt files
-            raise CheckpointError(f"cannot read {f}: {str(e).splitlines()[0]}") from None
+        out.update(load(f, None if skip is None else lambda k: not skip(k)))
     return out
 
 

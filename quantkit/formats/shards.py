@@ -16,52 +16,19 @@ nothing about what the names mean (packed GPTQ tensors, renamed MoE experts, pla
 from __future__ import annotations
 
 import json
-import struct
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+# the dtype table, Entry and the file writer live in the one safetensors module
+from quantkit.formats.safetensors_io import (CODES, DTYPES, Entry, file_order, header,  # noqa: F401 - re-exported
+                                             header_bytes, nbytes, write_entries)
+
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = 2 * 10**9  # "2GB", transformers' unit convention (decimal)
-
-# safetensors' dtype codes; the rank is the position in its Rust `Dtype` enum, which orders a file's
-# tensors (largest rank first, then by name).
-DTYPES: dict[torch.dtype, tuple[str, int]] = {
-    torch.bool: ("BOOL", 0), torch.uint8: ("U8", 4), torch.int8: ("I8", 5), torch.int16: ("I16", 9),
-    torch.float16: ("F16", 11), torch.bfloat16: ("BF16", 12), torch.int32: ("I32", 13), torch.float32: ("F32", 15),
-    torch.float64: ("F64", 16), torch.int64: ("I64", 17),
-}
-
-
-def nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
-    n = torch.empty((), dtype=dtype).element_size()
-    for d in shape:
-        n *= d
-    return n
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One tensor of the output: what it will be, and how to produce it when its turn comes."""
-
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    load: Callable[[], Tensor]
-
-    @property
-    def nbytes(self) -> int:
-        return nbytes(self.dtype, self.shape)
-
-
-def file_order(entries: Iterable[Entry]) -> list[Entry]:
-    """safetensors' serialization order: dtype rank descending, then name (bytewise)."""
-    return sorted(entries, key=lambda e: (-DTYPES[e.dtype][1], e.name.encode()))
-
 
 def assign_shards(entries: list[Entry], max_shard_size: int) -> list[list[Entry]]:
     """Greedy split in the given order (the model's order: blocks stay together)."""
@@ -80,39 +47,10 @@ def shard_names(n: int) -> list[str]:
     return [WEIGHTS] if n == 1 else [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
 
 
-def header_bytes(entries: list[Entry], metadata: dict[str, str] | None, align: int = 8) -> bytes:
-    """The 8-byte length and JSON header safetensors writes for `entries` (already in file order).
-
-    The data starts `align`-byte aligned in the file (safetensors: 8; trailing spaces pad the JSON)."""
-    header: dict[str, object] = {}
-    if metadata:
-        header["__metadata__"] = metadata
-    off = 0
-    for e in entries:
-        header[e.name] = {"dtype": DTYPES[e.dtype][0], "shape": list(e.shape), "data_offsets": [off, off + e.nbytes]}
-        off += e.nbytes
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    raw += b" " * (-(len(raw) + 8) % align)  # data starts aligned (8 | align: the same bytes as safetensors at 8)
-    return struct.pack("<Q", len(raw)) + raw
-
-
 def write_file(path: Path, entries: Iterable[Entry], metadata: dict[str, str] | None = None,
                check: Callable[[str, Tensor], None] | None = None, align: int = 8, in_order: bool = False) -> None:
-    """One safetensors file, tensor by tensor; `check(name, t)` may refuse a tensor before it is written.
-
-    `in_order` keeps the entries' order instead of safetensors' own; with `align` (a multiple of 8)
-    the data starts at that alignment, so tensors whose offsets are multiples of it map aligned."""
-    ordered = list(entries) if in_order else file_order(entries)
-    with open(path, "wb") as fh:
-        fh.write(header_bytes(ordered, metadata, align))
-        for e in ordered:
-            t = e.load()
-            if t.dtype != e.dtype or tuple(t.shape) != e.shape:
-                raise RuntimeError(f"tensor {e.name}: produced {t.dtype} {tuple(t.shape)}, planned {e.dtype} {e.shape}")
-            if check is not None:
-                check(e.name, t)
-            fh.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
-            del t
+    """One safetensors file, tensor by tensor (`safetensors_io.write_entries`)."""
+    write_entries(path, entries, metadata, check, align, in_order)
 
 
 def write_shards(folder: Path, entries: list[Entry], max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
@@ -141,18 +79,11 @@ def natural_key(name: str) -> tuple:
 
 
 
-_CODES = {code: dt for dt, (code, _) in DTYPES.items()}
-
-
 def raw_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """name -> (safetensors dtype code, shape) of a file, from its header only (no tensor data is read)."""
-    from quantkit.integrity import safetensors_header
-
-    header = dict(safetensors_header(path)[1])
-    header.pop("__metadata__", None)
-    return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items()}
+    return {k: (v["dtype"], tuple(v["shape"])) for k, v in header(path).items()}
 
 
 def read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """name -> (torch dtype, shape) of a file written by this module (dtypes it knows)."""
-    return {k: (_CODES[code], shape) for k, (code, shape) in raw_header(path).items()}
+    return {k: (CODES[c], shape) for k, (c, shape) in raw_header(path).items()}

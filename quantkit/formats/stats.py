@@ -22,16 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
-
 from quantkit.errors import CheckpointError
 from quantkit.formats.bnb import QUANT_STATE, quant_state_info
 from quantkit.formats.loader import weight_files
+from quantkit.formats.safetensors_io import CODE_BYTES as DTYPE_BYTES  # safetensors dtype code -> bytes per element
+from quantkit.formats.safetensors_io import header, read_one
 from quantkit.models.sources import read_config
-
-# safetensors dtype tag -> bytes per element
-DTYPE_BYTES: dict[str, int] = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
-                               "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 PACKED_PARTS = (".qweight", ".qzeros", ".scales", ".g_idx")
 
 
@@ -56,19 +52,13 @@ def tensor_entries(folder: Path) -> dict[str, TensorEntry]:
     """name -> (dtype, shape, file) of every stored tensor, read from the headers only."""
     out: dict[str, TensorEntry] = {}
     for f in weight_files(folder):
-        try:
-            with safe_open(str(f), framework="pt") as fh:
-                for k in fh.keys():
-                    sl = fh.get_slice(k)
-                    out[k] = TensorEntry(sl.get_dtype(), tuple(sl.get_shape()), f)
-        except Exception as e:  # safetensors raises its own error types on corrupt headers
-            raise CheckpointError(f"cannot read {f}: {str(e).splitlines()[0]}") from None
+        for k, v in header(f).items():
+            out[k] = TensorEntry(v["dtype"], tuple(v["shape"]), f)
     return out
 
 
 def _read(entry: TensorEntry, name: str):
-    with safe_open(str(entry.file), framework="pt") as fh:
-        return fh.get_tensor(name)
+    return read_one(entry.file, name)
 
 
 def quantized_groups(entries: dict[str, TensorEntry], qc: dict[str, Any]) -> dict[str, tuple[int, list[str]]]:

@@ -34,13 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from quantkit.formats.layouts import Layout
-from quantkit.formats.shards import Entry, write_file
+from quantkit.formats.safetensors_io import Entry, open_file, write_entries
 from quantkit.kernels.base import KernelLinear
-from quantkit.paths import cache_dir
+from quantkit.paths import cache_dir, durable_replace
 from quantkit.version import __version__
 
 log = logging.getLogger(__name__)
@@ -104,7 +103,7 @@ def _write_aligned(path: str | Path, tensors: dict[str, torch.Tensor], metadata:
     those (every packed weight) then map aligned and are read lazily, like the checkpoint itself."""
     entries = [Entry(k, t.dtype, tuple(t.shape), lambda t=t: t) for k, t in tensors.items()]
     entries.sort(key=lambda e: (e.nbytes % ALIGN != 0, e.name))
-    write_file(Path(path), entries, metadata, align=ALIGN, in_order=True)
+    write_entries(Path(path), entries, metadata, align=ALIGN, in_order=True, fsync=True)
 
 
 class PackCache:
@@ -126,7 +125,7 @@ class PackCache:
         if not self.path.is_file():
             return None
         try:
-            with safe_open(str(self.path), framework="pt") as fh:
+            with open_file(self.path) as fh:
                 meta = json.loads(fh.metadata()[_META])
                 if meta["v"] != CACHE_VERSION:
                     raise ValueError(f"layout version {meta['v']}")
@@ -177,7 +176,7 @@ class PackCache:
             os.close(fd)
             try:
                 _write_aligned(tmp, tensors, {_META: json.dumps({"v": CACHE_VERSION, "layers": layers})})
-                os.replace(tmp, self.path)
+                durable_replace(Path(tmp), self.path, synced=True)
             finally:
                 Path(tmp).unlink(missing_ok=True)
         except OSError as e:

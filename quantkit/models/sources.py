@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from quantkit.errors import ModelSourceError
+from quantkit.errors import ModelSourceError, UnknownNameError
 from quantkit.integrity import check_folder, check_gguf
 from quantkit.paths import atomic_dir, cache_dir
 
@@ -63,6 +63,53 @@ def read_config(folder: Path) -> dict:
         return json.loads(cfg.read_text())
     except json.JSONDecodeError as e:
         raise ModelSourceError(f"{cfg} is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def check_model_type(folder: Path, cfg: dict) -> None:
+    """Refuse a config.json whose model_type transformers does not know (before any library parses it),
+    naming it and the architectures quantkit quantizes. A config with `auto_map` names its own code: its load
+    asks for --trust-remote-code (the CLI's error map)."""
+    if cfg.get("auto_map"):
+        return
+    from transformers import CONFIG_MAPPING, __version__
+
+    from quantkit.models.arch import ARCHITECTURES
+
+    model_type = cfg.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        what = f"model_type {model_type!r}" if model_type else "no model_type"
+        raise UnknownNameError(f"{folder / 'config.json'} has {what}, an architecture transformers {__version__} does "
+                               f"not know; quantkit supports: {', '.join(sorted(ARCHITECTURES))}")
+
+
+HUB_TIMEOUT_S = 3.0
+
+
+def check_hub(repo: str) -> None:
+    """A hub id that is not in the local Hugging Face cache needs the hub: fail in seconds, with one line, when
+    it is switched off (HF_HUB_OFFLINE) or cannot be reached, instead of a minute of retries."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(repo, "config.json"), str):
+            return
+    except ValueError:  # not a valid repo id
+        raise ModelSourceError(f"model {repo} not found: give a folder, a .gguf file, a hub id (org/name) or one "
+                               f"of: {', '.join(ALIASES)}") from None
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ModelSourceError(f"cannot fetch {repo} from the Hugging Face hub: it is not a local path nor in the local "
+                               f"cache, and HF_HUB_OFFLINE is set; download it first or give a local path")
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=HUB_TIMEOUT_S).close()
+    except OSError:
+        raise ModelSourceError(f"cannot fetch {repo} from the Hugging Face hub: it is not a local path nor in the local "
+                               f"cache, and {host} cannot be reached within {HUB_TIMEOUT_S:.0f} s (no network?); give "
+                               f"a local path") from None
 
 
 def _package_dir(package: str, alias: str) -> Path:
@@ -137,7 +184,7 @@ def resolve(name: str | Path) -> ModelSource:
         check_gguf(p)
         return ModelSource("gguf", str(p), text)
     if p.is_dir():
-        read_config(p)
+        check_model_type(p, read_config(p))
         check_folder(p)
         return ModelSource("folder", str(p), text)
     if p.exists():
@@ -147,6 +194,7 @@ def resolve(name: str | Path) -> ModelSource:
         raise ModelSourceError(
             f"model {text} not found: give a folder, a .gguf file, a hub id (org/name) or one of: {', '.join(ALIASES)}"
         )
+    check_hub(text)
     return ModelSource("hub", text, text)
 
 
@@ -174,7 +222,13 @@ def _load_tokenizer(path: str, trust_remote_code: bool):
     if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         log.warning("%s has no tokenizer files; calibration and evaluation will need one", path)
         return None
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises its own types (and ValueError, OSError) on bad files
+        if "trust_remote_code" in str(e) or not Path(path).is_dir():
+            raise  # remote code: the CLI's map names --trust-remote-code; a hub id: the caller's message
+        raise ModelSourceError(f"cannot read the tokenizer of {path}: {(str(e).splitlines() or [type(e).__name__])[0]}"
+                               f"; its tokenizer files are damaged: re-download or re-export them") from None
 
 
 def load_model(src: ModelSource, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):

@@ -150,9 +150,15 @@ def build_zoo(zoo_file: str | Path, out: str | Path, force: list[str] | None = N
     if unknown:
         raise QuantkitError(f"--force {unknown[0]}: no such entry; the entries are: {', '.join(names)}")
     runner = make_executor(executor, jobs, ray_address)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    _clean_stale(out, set(names))
-    plans = plan(entries, out, force or [], device, zoo_file.stem)
+    try:
+        _clean_stale(out, set(names))
+        plans = plan(entries, out, force or [], device, zoo_file.stem)  # resolves every model first
+    except BaseException:
+        if created:  # nothing was built: a missing model leaves no empty -o folder behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     report = BuildReport()
     todo = [p for p in plans if p.reasons]
     report.up_to_date = [p.entry.name for p in plans if not p.reasons]

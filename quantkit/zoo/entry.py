@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from quantkit.paths import durable_replace, fsync_dir
 from quantkit.zoo.fingerprint import sha256_file, tree_files
 from quantkit.zoo.recipe import Recipe, write_recipe
 
@@ -57,7 +58,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
         fh.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    durable_replace(tmp, path, synced=True)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -119,6 +120,7 @@ def _swap_in(ckpt: Path, final: Path, staging: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(ckpt, final)
+    fsync_dir(final.parent)  # the entry's files were fsynced by atomic_dir; now its name
 
 
 def build_entry(task: Task) -> dict[str, Any]:

@@ -121,12 +121,20 @@ def test_failed_rows_do_not_stop_the_others(tiny_llama, rtn, text_file, tmp_path
         return real_score(self, model, row, **kw)
 
     monkeypatch.setattr(runner.Run, "score", score)
-    res = evaluate_paths([str(broken), str(tmp_path / "missing"), str(oom_dir), str(rtn)], base=str(tiny_llama),
+    res = evaluate_paths([str(broken), str(oom_dir), str(rtn)], base=str(tiny_llama),
                          dataset=str(text_file), seqlen=64, max_windows=2, cache_root=tmp_path / "c")
-    _, b, m, o, ok = res["rows"]
-    assert b["error"] and m["error"] and "not found" in m["error"]
+    _, b, o, ok = res["rows"]
+    assert b["error"]
     assert o["error"].startswith("out of memory") and o["ppl"] is None
     assert ok["error"] is None and ok["kl"] > 0
+
+
+def test_a_missing_path_is_refused_before_anything_runs(tiny_llama, tmp_path):
+    from quantkit.errors import ModelSourceError
+
+    with pytest.raises(ModelSourceError, match="not found"):
+        evaluate_paths([str(tiny_llama), str(tmp_path / "missing")], base=str(tiny_llama), cache_root=tmp_path / "c")
+    assert not (tmp_path / "c").exists()  # nothing was scored, nothing cached
 
 
 def test_nothing_to_evaluate():

@@ -11,11 +11,10 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import CheckpointError, QuantkitError
+from quantkit.formats.safetensors_io import load, metadata, save
 from quantkit.methods.awq.search import AWQConfig, clip_weight
 from quantkit.models.arch import ArchSpec, AWQMapping, block_linears, block_mappings, get_arch, get_blocks
 
@@ -192,7 +191,7 @@ def apply_awq(model: nn.Module, search: AWQSearch, cfg: AWQConfig | None = None,
 def save_search(search: AWQSearch, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(search.tensors(), str(path), metadata={"format": "quantkit-awq", **search.meta})
+    save(search.tensors(), path, {"format": "quantkit-awq", **search.meta})
 
 
 def load_search(path: Path) -> AWQSearch:
@@ -200,11 +199,9 @@ def load_search(path: Path) -> AWQSearch:
     if not path.is_file():
         raise AWQDataError(f"AWQ search file {path} does not exist; create it with --dump-awq")
     try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise AWQDataError(f"cannot read AWQ search file {path}: {str(e).splitlines()[0]}") from None
+        tensors, meta = load(path), metadata(path)
+    except CheckpointError as e:
+        raise AWQDataError(f"cannot read AWQ search file: {e}") from None
     if meta.get("format") != "quantkit-awq":
         raise AWQDataError(f"{path} is not an AWQ search file written by --dump-awq")
     return AWQSearch.from_tensors(tensors, {k: v for k, v in meta.items() if k != "format"})

@@ -32,10 +32,11 @@ ap.add_argument("--fp-inputs", action="store_true"); ap.add_argument("--e2e", ty
 ap.add_argument("--save"); ap.add_argument("--load")
 ap.add_argument("--e2e-lr", type=float, default=1e-3); ap.add_argument("--e2e-bs", type=int, default=2); ap.add_argument("--e2e-norm-lr", type=float, default=1e-3)
 ap.add_argument("--e2e-rounding-lr", type=float, default=0.0)
-ap.add_argument("--tag", default="")
+ap.add_argument("--tag", default=""); ap.add_argument("--no-pre", action="store_true", help="skip scoring the block stage")
+ap.add_argument("--threads", type=int, default=2)
 a = ap.parse_args()
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-torch.manual_seed(0); torch.set_num_threads(2)
+torch.manual_seed(0); torch.set_num_threads(a.threads)
 src = resolve("smollm2-135m")
 model, tok = load_model(src, torch.float32)
 spec = get_arch(model)
@@ -73,10 +74,11 @@ if a.save:
     torch.save({"model": model.state_dict(), "q": allq}, a.save)
 base, _ = load_model(src, torch.float32)
 wins = test_windows(tok, "wiki-vital", 512, a.windows)
-if a.e2e:
+if a.e2e and not a.no_pre:
     r0 = evaluate([qmodel], wins, base=base)[0]
     res0 = dict(tag=a.tag + "-pre-e2e", args=vars(a), quant_s=round(time.perf_counter() - t0, 1), ppl=r0.ppl, kl=r0.kl, top1=r0.top1)
     open(OUT, "a").write(json.dumps(res0) + "\n")
+if a.e2e:
     from quantkit.methods.signround.e2e import E2EParams, tune_end_to_end
     tune_end_to_end(model, base, allq, samples, E2EParams(steps=a.e2e, batch_size=a.e2e_bs, lr=a.e2e_lr, norm_lr=a.e2e_norm_lr, rounding_lr=a.e2e_rounding_lr,
                     autocast=torch.bfloat16 if a.bf16 else None))

@@ -48,11 +48,11 @@ def tools_ready() -> bool:
     return all((TOOLS / t).is_file() for t in ("llama-quantize", "llama-imatrix", "llama-perplexity"))
 
 
-def quantkit_importance(src: Path, tok, calib: str) -> dict[str, np.ndarray]:
+def quantkit_importance(src: Path, tok, calib: str, windows: int = 64) -> dict[str, np.ndarray]:
     from quantkit.calib.data import sample_windows, tokenize
     from quantkit.convert.imatrix import compute_importance
 
-    samples = sample_windows(tokenize(tok, calib), 64, CTX, 0)
+    samples = sample_windows(tokenize(tok, calib), windows, CTX, 0)
     return compute_importance(src, samples=samples)
 
 
@@ -89,11 +89,11 @@ def llamacpp_files(work: Path, f32: Path, calib_txt: Path, types: list[str]) -> 
     return out
 
 
-def judge_llamacpp(work: Path, f32: Path, test_txt: Path, files: dict[str, Path]) -> dict[str, dict]:
-    base = work / "f32.kld"
+def judge_llamacpp(work: Path, f32: Path, test_txt: Path, files: dict[str, Path], chunks: int) -> dict[str, dict]:
+    base = work / f"f32-{chunks}.kld"
     if not base.exists():
         run([str(TOOLS / "llama-perplexity"), "-m", str(f32), "-f", str(test_txt), "-c", str(CTX), "--chunks",
-             str(CHUNKS), "-t", "2", "--kl-divergence-base", str(base)])
+             str(chunks), "-t", "2", "--kl-divergence-base", str(base)])
     rows = {}
     for label, path in files.items():
         text = run([str(TOOLS / "llama-perplexity"), "-m", str(path), "--kl-divergence-base", str(base),
@@ -135,11 +135,11 @@ def gguf_into(model: torch.nn.Module, path: Path) -> None:
 
 
 @torch.no_grad()
-def judge_quantkit(src: Path, test_ids: list[int], files: dict[str, Path], work: Path) -> dict[str, dict]:
+def judge_quantkit(src: Path, test_ids: list[int], files: dict[str, Path], n_chunks: int) -> dict[str, dict]:
     from quantkit.loading import load
 
     model = load(src, device="cpu").float().eval()
-    chunks = torch.tensor(test_ids[: CHUNKS * CTX]).reshape(CHUNKS, CTX)
+    chunks = torch.tensor(test_ids[: n_chunks * CTX]).reshape(n_chunks, CTX)
     first = CTX // 2
     base_lp = []
     for c in chunks:
@@ -175,6 +175,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--types", default="q4_0,q4_k_m,q3_k_m,iq4_xs")
     ap.add_argument("--judge", choices=("auto", "llamacpp", "quantkit"), default="auto")
+    ap.add_argument("--chunks", type=int, default=CHUNKS, help="512-token test chunks scored (llama.cpp's --chunks)")
+    ap.add_argument("--calib-windows", type=int, default=64, help="512-token windows for quantkit's statistics")
     ap.add_argument("--work", type=Path, default=Path("/tmp/quantkit-bench-gguf"))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/gguf.md")
     args = ap.parse_args()
@@ -191,7 +193,7 @@ def main() -> None:
     types = args.types.split(",")
     judge = ("llamacpp" if tools_ready() else "quantkit") if args.judge == "auto" else args.judge
     f32 = export(src, args.work / "f32.gguf", "f32")
-    imp = quantkit_importance(src, tok, calib)
+    imp = quantkit_importance(src, tok, calib, args.calib_windows)
     files: dict[str, Path] = {}
     for t in types:
         files[f"qk-{t}"] = export(src, args.work / f"qk-{t}.gguf", t)
@@ -200,16 +202,17 @@ def main() -> None:
         files.update(llamacpp_files(args.work, f32, args.work / "calib.txt", types))
     files = dict(sorted(files.items(), key=lambda kv: (types.index(kv[0].split("-")[1]), kv[0])))
     if judge == "llamacpp":
-        rows = judge_llamacpp(args.work, f32, args.work / "test.txt", files)
+        rows = judge_llamacpp(args.work, f32, args.work / "test.txt", files, args.chunks)
     else:
         from quantkit.calib.data import tokenize
 
-        rows = judge_quantkit(src, tokenize(tok, test), files, args.work)
+        rows = judge_quantkit(src, tokenize(tok, test), files, args.chunks)
     from gguf import GGUFReader
 
     params = sum(int(t.n_elements) for t in GGUFReader(str(f32)).tensors)
     md = table(rows, files, params)
-    cmd = "PYTHONPATH=. python benchmarks/gguf.py --types " + args.types + f" --judge {judge}"
+    cmd = (f"PYTHONPATH=. python benchmarks/gguf.py --types {args.types} --judge {judge} --chunks {args.chunks} "
+           f"--calib-windows {args.calib_windows}")
     args.out.write_text(f"# GGUF mixes on {args.model}: judge {judge}\n\n`{cmd}`\n\n{md}\n")
     print(md)
 

@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.quantkit-installed
 
-.PHONY: setup demo test test-fast test-interop llamacpp llamacpp-tools clean
+.PHONY: setup demo test test-fast test-interop llamacpp llamacpp-tools ggml-ref clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,10 @@ llamacpp: setup
 # 2 cores): the judge of benchmarks/gguf.py and the reference of tests/unit/test_gguf_vs_ggml.py.
 llamacpp-tools: setup
 	PYTHON=$(BIN)/python CMAKE_BUILD_PARALLEL_LEVEL=2 bash scripts/setup-llamacpp-tools.sh
+
+# ggml-ref-quant alone (ggml's base library, a few minutes): enough for tests/unit/test_gguf_vs_ggml.py.
+ggml-ref: setup
+	PYTHON=$(BIN)/python CMAKE_BUILD_PARALLEL_LEVEL=2 bash scripts/setup-llamacpp-tools.sh --ref-only
 
 clean:
 	rm -rf $(VENV) .venv-interop demo-out

@@ -214,7 +214,7 @@ def main() -> None:
     cmd = (f"PYTHONPATH=. python benchmarks/gguf.py --types {args.types} --judge {judge} --chunks {args.chunks} "
            f"--calib-windows {args.calib_windows}")
     args.out.write_text(f"# GGUF mixes on {args.model}: judge {judge}\n\n`{cmd}`\n\n{md}\n")
-    print(md)
+    log.info("%s\n%s", args.out, md)
 
 
 if __name__ == "__main__":

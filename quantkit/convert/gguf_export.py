@@ -193,7 +193,10 @@ def _counted(run: Callable[[], np.ndarray], counter: _Counter) -> Callable[[], n
 
 
 def _exact(ck: Checkpoint, type_name: str, stats: EncodeStats) -> bool:
-    """Exact: f32 of an fp32/packed source, or a packed source whose Linears all kept their grid."""
+    """Exact: f32 of an fp32/packed source, or a packed source whose Linears all kept their grid.
+
+    (The float embedding/output of a packed source take llama.cpp's type; the facts list them under
+    floats_quantized, and --embed-type f16 keeps them float.)"""
     if type_name == "f32":
         return all(i.dtype in (torch.float32, torch.int32, torch.int64) or not i.dtype.is_floating_point
                    or ck.scheme is not None for i in ck.infos.values())
@@ -225,6 +228,7 @@ def export_gguf(src: str | Path, out: Path, type_name: str, force: bool = False,
     planner = _planner(type_name, tensors, cfg, importance is not None, embed_type)
     stats = EncodeStats()
     types: dict[str, str] = {}
+    floats_quantized: list[str] = []  # a packed source's float tensors given a block type (lossy)
     with atomic_file(out) as tmp:
         writer = GGUFWriter(tmp, MODEL_ARCH_NAMES[arch])
         writer.add_type("model")
@@ -236,6 +240,8 @@ def export_gguf(src: str | Path, out: Path, type_name: str, force: bool = False,
                 perm = qk_permutation(shape[0], heads if ".q_proj." in hf_name else kv_heads)
             ttype = planner.type_of(gname, shape) if planner else _float_type(shape, GGUF_TYPES[type_name])
             types[gname] = ttype.name
+            if ck.scheme is not None and ttype not in (Q.F32, Q.F16) and hf_name.rsplit(".", 1)[0] not in ck.linears:
+                floats_quantized.append(gname)
             imp = None if importance is None else importance.get(gname)
             bshape, bdtype = byte_shape(tuple(shape), ttype)
             lazy = LazyNumpyTensor(meta=LazyNumpyTensor.meta_with_dtype_and_shape(bdtype, bshape),
@@ -257,6 +263,8 @@ def export_gguf(src: str | Path, out: Path, type_name: str, force: bool = False,
         "tensor_types": _type_counts(types),
         "calibrated": importance is not None,
     }
+    if floats_quantized:
+        facts["floats_quantized"] = floats_quantized
     if stats.requantized:
         facts["requantized_reasons"] = sorted(set(stats.requantized.values()))
         facts["added_error"] = {"rel_rmse": stats.rel_rmse, "max_abs": stats.max_abs}

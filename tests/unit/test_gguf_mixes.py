@@ -184,3 +184,20 @@ def test_mix_export_is_byte_identical_on_a_second_run(wide, tmp_path):
     convert(wide, "gguf", b, gguf_type="q2_k")
     assert a.read_bytes() == b.read_bytes()
     assert torch.tensor(0).item() == 0
+
+
+def test_packed_checkpoint_embedding_follows_llama_cpp(tiny_llama, tmp_path):
+    """A calibrated 4-bit checkpoint's q4_0 file: Linears keep their codes, the tied embedding takes llama.cpp's
+    Q8_0 (it stayed F16 before, 118 MB against llama.cpp's 92 MB on SmolLM2)."""
+    from quantkit.api import quantize
+
+    ck = tmp_path / "sym32"
+    quantize(tiny_llama, "rtn", ck, scheme={"bits": 4, "group_size": 32, "sym": True}, device="cpu")
+    res = convert(ck, "gguf", tmp_path / "q40.gguf", gguf_type="q4_0")
+    tensors, _ = read(tmp_path / "q40.gguf")
+    assert res.provenance["requantized"] == 0 and res.provenance["grid_kept"] == 14
+    assert tensors["token_embd.weight"].tensor_type == Q.Q8_0
+    assert res.provenance["floats_quantized"] == ["token_embd.weight"]
+    kept = convert(ck, "gguf", tmp_path / "f16emb.gguf", gguf_type="q4_0", embed_type="f16")
+    assert read(tmp_path / "f16emb.gguf")[0]["token_embd.weight"].tensor_type == Q.F16 and kept.exact
+    assert "floats_quantized" not in kept.provenance

@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.quantkit-installed
 
-.PHONY: setup demo test test-fast test-interop llamacpp clean
+.PHONY: setup demo test test-fast test-interop llamacpp llamacpp-tools ggml-ref clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,16 @@ test-interop: setup
 # llama.cpp from source (about 15 minutes on 2 cores); never a dependency of quantkit itself.
 llamacpp: setup
 	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install -q -c constraints.txt llama-cpp-python==0.3.36
+
+# Optional: llama.cpp's llama-quantize / llama-imatrix / llama-perplexity (and ggml-ref-quant, ggml's own quantizer
+# on raw rows) in .llamacpp/bin, built from the llama-cpp-python sdist's vendored llama.cpp (about 15 minutes on
+# 2 cores): the judge of benchmarks/gguf.py and the reference of tests/unit/test_gguf_vs_ggml.py.
+llamacpp-tools: setup
+	PYTHON=$(BIN)/python CMAKE_BUILD_PARALLEL_LEVEL=2 bash scripts/setup-llamacpp-tools.sh
+
+# ggml-ref-quant alone (ggml's base library, a few minutes): enough for tests/unit/test_gguf_vs_ggml.py.
+ggml-ref: setup
+	PYTHON=$(BIN)/python CMAKE_BUILD_PARALLEL_LEVEL=2 bash scripts/setup-llamacpp-tools.sh --ref-only
 
 clean:
 	rm -rf $(VENV) .venv-interop demo-out

@@ -59,15 +59,25 @@ def source_format(src: str | Path) -> str:
 def convert(src: str | Path, to: str, out: str | Path, *, dtype: torch.dtype | str = torch.float32,
             gguf_type: str = "f16", imatrix: str | Path | None = None, verify: bool = False,
             verify_windows: int = 4, force: bool = False, device: torch.device | str = "cpu",
-            progress: Progress | None = None) -> ConvertResult:
+            progress: Progress | None = None, calibrate: bool = False, use_imatrix: str | Path | None = None,
+            embed_type: str | None = None) -> ConvertResult:
     """Convert `src` to format `to`, written atomically at `out` (a folder, or a .gguf file for gguf).
 
     `progress(stage, done, total)` is called as tensors are written. Tensor conversion runs on one
     intra-op thread: its byte shuffles are memory-bound, and a second thread only waits (the
     --imatrix calibration and --verify forwards keep every thread).
+
+    GGUF only: `calibrate` rounds with llama.cpp's importance-weighted search fed by quantkit's
+    activation statistics of `src`; `use_imatrix` feeds it from a llama.cpp imatrix file instead;
+    `embed_type` overrides llama.cpp's choice of the token embedding / output type.
     """
+    if (calibrate or use_imatrix is not None or embed_type is not None) and to != "gguf":
+        raise QuantkitError("--calibrate, --use-imatrix and --embed-type go with --to gguf")
+    if calibrate and use_imatrix is not None:
+        raise QuantkitError("give --calibrate (quantkit's statistics) or --use-imatrix FILE, not both")
+    gguf_opts = {"calibrate": calibrate, "use_imatrix": use_imatrix, "embed_type": embed_type}
     result = _convert(src, to, out, dtype=dtype, gguf_type=gguf_type, imatrix=imatrix, force=force,
-                      device=device, progress=progress)
+                      device=device, progress=progress, gguf_opts=gguf_opts)
     if verify:
         from quantkit.convert.verify import verify_conversion
 
@@ -78,7 +88,7 @@ def convert(src: str | Path, to: str, out: str | Path, *, dtype: torch.dtype | s
 
 def _convert(src: str | Path, to: str, out: str | Path, *, dtype: torch.dtype | str, gguf_type: str,
              imatrix: str | Path | None, force: bool, device: torch.device | str,
-             progress: Progress | None) -> ConvertResult:
+             progress: Progress | None, gguf_opts: dict[str, Any] | None = None) -> ConvertResult:
     dtype = float_dtype(dtype)
     out = Path(out)
     src_fmt = source_format(src)
@@ -96,10 +106,24 @@ def _convert(src: str | Path, to: str, out: str | Path, *, dtype: torch.dtype | 
 
         from quantkit.convert.gguf_export import export_gguf
 
+        opts = gguf_opts or {}
+        importance = None
+        if opts.get("use_imatrix") is not None:
+            from quantkit.convert.imatrix import read_imatrix
+
+            importance = read_imatrix(Path(opts["use_imatrix"]))
+        elif opts.get("calibrate"):
+            from quantkit.convert.imatrix import compute_importance
+
+            importance = compute_importance(src, device=device)
         head = provenance_record(src, src_fmt, to, conv, conv.exact, dtype, {"gguf_type": gguf_type})
         with one_cpu_thread():
             facts = export_gguf(src, out, gguf_type, force=force, provenance=json.dumps(head, sort_keys=True),
-                                progress=progress)
+                                progress=progress, importance=importance, embed_type=opts.get("embed_type"))
+        if opts.get("use_imatrix") is not None:
+            facts["importance"] = str(opts["use_imatrix"])
+        elif opts.get("calibrate"):
+            facts["importance"] = "quantkit activation statistics (wiki-vital, 32 x 512, seed 0)"
         exact = bool(facts.get("exact", False))
         if imatrix is not None:
             from quantkit.convert.imatrix import write_imatrix

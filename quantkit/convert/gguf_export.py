@@ -1,9 +1,11 @@
 """GGUF export for the Llama family (Llama, Mistral, Qwen2; SmolLM2 is Llama), with llama.cpp's conventions.
 
 Tensor names come from `gguf.TensorNameMap`; Llama/Mistral q/k rows get llama.cpp's rotary
-permutation; 1-D tensors stay F32; with a block type, token embeddings and output take Q8_0
-(as llama.cpp's own Q4 files do). Every tensor is handed to the writer as a lazy array, so
-the file is written tensor by tensor: peak memory is one tensor, not the model.
+permutation; 1-D tensors stay F32. A quantized type is a llama.cpp mix (q4_0 ... q8_0, q4_k_m,
+iq4_xs ...): each tensor's type is the one llama-quantize would give it (gguf_mix.MixPlanner),
+token embeddings and output included unless `embed_type` overrides them. Every tensor is
+handed to the writer as a lazy array, so the file is written tensor by tensor: peak memory
+is one tensor, not the model.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from gguf import GGML_QUANT_VERSION, MODEL_ARCH, MODEL_ARCH_NAMES, GGUFWriter, Metadata, TensorNameMap
 from gguf.lazy import LazyNumpyTensor
 
+from quantkit.convert.gguf_mix import MIXES, MixPlanner
 from quantkit.convert.gguf_tensors import (FILE_TYPES, GGUF_TYPES, TYPE_BITS, EncodeStats, Q, byte_shape,
                                            encode_weight, permute_rows, qk_permutation, write_gguf)
 from quantkit.convert.gguf_vocab import add_tokenizer
@@ -52,7 +55,7 @@ def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def add_hparams(w: GGUFWriter, cfg: dict[str, Any], type_name: str) -> None:
-    """The architecture keys llama.cpp reads for a Llama-style model."""
+    """The architecture keys llama.cpp reads for a Llama-style model, as its convert_hf_to_gguf.py writes them."""
     heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
     head_dim = int(cfg.get("head_dim") or hidden // heads)
@@ -65,30 +68,17 @@ def add_hparams(w: GGUFWriter, cfg: dict[str, Any], type_name: str) -> None:
     w.add_rope_freq_base(_rope_theta(cfg))
     w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
     w.add_rope_dimension_count(head_dim)
-    if head_dim != hidden // heads:
+    if cfg.get("head_dim") is not None or head_dim != hidden // heads:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     w.add_vocab_size(int(cfg["vocab_size"]))
-    w.add_file_type(int(FILE_TYPES[type_name]))
-    if type_name in TYPE_BITS:
-        w.add_quantization_version(GGML_QUANT_VERSION)
+    w.add_file_type(int(FILE_TYPES[type_name] if type_name in FILE_TYPES else MIXES[type_name][0]))
+    w.add_quantization_version(GGML_QUANT_VERSION)
 
 
-def _tensor_type(gguf_name: str, shape: tuple[int, ...], qtype: Q, packed: bool) -> Q:
-    """Per-tensor type: norms/biases F32; F16 where rows don't split into blocks.
-
-    Under a block type, a float source's embeddings and output take Q8_0 (as llama.cpp's Q4 files do);
-    a packed source keeps its float (fp16) tensors in F16, so nothing but its Linears changes.
-    """
-    if len(shape) == 1:
-        return Q.F32
-    if qtype in (Q.F32, Q.F16, Q.BF16):
-        return qtype
-    if packed and not gguf_name.startswith("blk."):
-        return Q.F16
-    if gguf_name.startswith(("token_embd", "output.")) and qtype != Q.Q8_0:
-        return Q.Q8_0
-    return qtype if shape[-1] % 32 == 0 else Q.F16
+def _float_type(shape: tuple[int, ...], qtype: Q) -> Q:
+    """Per-tensor type under a float file type: norms/biases F32, the rest `qtype`."""
+    return Q.F32 if len(shape) == 1 else qtype
 
 
 def _order(name: str) -> tuple[int, int, str]:
@@ -111,8 +101,9 @@ def _logical_tensors(ck: Checkpoint) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def check_export(ck: Checkpoint, type_name: str) -> tuple[MODEL_ARCH, bool]:
-    if type_name not in GGUF_TYPES:
-        raise UnknownNameError(f"unknown GGUF type {type_name!r}; choose one of: {', '.join(GGUF_TYPES)}")
+    if type_name not in GGUF_TYPES and type_name not in MIXES:
+        names = list(GGUF_TYPES) + [m for m in MIXES if m not in GGUF_TYPES]
+        raise UnknownNameError(f"unknown GGUF type {type_name!r}; choose one of: {', '.join(names)}")
     arch = (ck.config.get("architectures") or ["?"])[0]
     if arch not in GGUF_ARCHS:
         raise QuantkitError(f"GGUF export does not support {arch}; supported: {', '.join(GGUF_ARCHS)} "
@@ -127,7 +118,8 @@ def check_export(ck: Checkpoint, type_name: str) -> tuple[MODEL_ARCH, bool]:
     return GGUF_ARCHS[arch]
 
 
-def _producer(ck: Checkpoint, hf_name: str, qtype: Q, perm: torch.Tensor | None, stats: EncodeStats):
+def _producer(ck: Checkpoint, hf_name: str, qtype: Q, perm: torch.Tensor | None, stats: EncodeStats,
+              importance: np.ndarray | None):
     def run() -> np.ndarray:
         mod = hf_name.rsplit(".", 1)[0]
         if hf_name.endswith(".weight") and mod in ck.linears:
@@ -137,8 +129,47 @@ def _producer(ck: Checkpoint, hf_name: str, qtype: Q, perm: torch.Tensor | None,
         else:
             w = ck.tensor(hf_name)  # kept in its dtype: encode_float converts chunk by chunk
             w = w[perm] if perm is not None else w
-        return encode_weight(w, qtype, hf_name, stats)
+        return encode_weight(w, qtype, hf_name, stats, importance)
     return run
+
+
+def _named_tensors(ck: Checkpoint, tmap: TensorNameMap, arch_name: str) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(HF name, llama.cpp name, shape) of every tensor the file holds, in file order."""
+    out = []
+    for hf_name, shape in _logical_tensors(ck):
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            continue
+        gname = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise QuantkitError(f"tensor {hf_name} has no llama.cpp name for {arch_name}; "
+                                "closest: --to hf, then llama.cpp's convert_hf_to_gguf.py")
+        out.append((hf_name, gname, tuple(shape)))
+    return out
+
+
+def _planner(type_name: str, tensors: list[tuple[str, str, tuple[int, ...]]], cfg: dict[str, Any],
+             has_imatrix: bool, embed_type: str | None) -> MixPlanner | None:
+    """llama.cpp's per-tensor type rules for a quantized file type; None for f32/f16/bf16."""
+    if type_name not in MIXES:
+        if embed_type is not None:
+            raise QuantkitError(f"--embed-type goes with a quantized --type, not {type_name}")
+        return None
+    override = None
+    if embed_type is not None:
+        if embed_type not in GGUF_TYPES:
+            raise UnknownNameError(f"unknown --embed-type {embed_type!r}; choose one of: {', '.join(GGUF_TYPES)}")
+        override = GGUF_TYPES[embed_type]
+    heads = int(cfg["num_attention_heads"])
+    return MixPlanner(type_name, [(g, s) for _, g, s in tensors], int(cfg["num_hidden_layers"]),
+                      n_gqa=heads // int(cfg.get("num_key_value_heads") or heads), has_imatrix=has_imatrix,
+                      embd_type=override, output_type=override)
+
+
+def _type_counts(types: dict[str, str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in types.values():
+        counts[t] = counts.get(t, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 class _Counter:
@@ -162,7 +193,10 @@ def _counted(run: Callable[[], np.ndarray], counter: _Counter) -> Callable[[], n
 
 
 def _exact(ck: Checkpoint, type_name: str, stats: EncodeStats) -> bool:
-    """Exact: f32 of an fp32/packed source, or a packed source whose Linears all kept their grid."""
+    """Exact: f32 of an fp32/packed source, or a packed source whose Linears all kept their grid.
+
+    (The float embedding/output of a packed source take llama.cpp's type; the facts list them under
+    floats_quantized, and --embed-type f16 keeps them float.)"""
     if type_name == "f32":
         return all(i.dtype in (torch.float32, torch.int32, torch.int64) or not i.dtype.is_floating_point
                    or ck.scheme is not None for i in ck.infos.values())
@@ -170,11 +204,14 @@ def _exact(ck: Checkpoint, type_name: str, stats: EncodeStats) -> bool:
 
 
 def export_gguf(src: str | Path, out: Path, type_name: str, force: bool = False, provenance: str = "{}",
-                progress: Progress | None = None) -> dict[str, Any]:
+                progress: Progress | None = None, importance: dict[str, np.ndarray] | None = None,
+                embed_type: str | None = None) -> dict[str, Any]:
     """Write `src` (plain HF or packed folder) as a GGUF file at `out`; returns provenance facts.
 
     `progress("tensors", done, total)` as the writer encodes each tensor.
-
+    `importance`: {llama.cpp tensor name: (in,) mean x**2 of its input} (llama.cpp's imatrix):
+    every tensor it names is rounded with llama.cpp's importance-weighted search.
+    `embed_type`: the token embedding's and output's type instead of llama.cpp's choice.
     `provenance` (JSON text) is stored under the key quantkit.provenance.
     """
     ck = open_checkpoint(src)
@@ -186,27 +223,29 @@ def export_gguf(src: str | Path, out: Path, type_name: str, force: bool = False,
     cfg = ck.config
     heads = int(cfg["num_attention_heads"])
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
-    qtype = GGUF_TYPES[type_name]
     tmap = TensorNameMap(arch, int(cfg["num_hidden_layers"]))
+    tensors = _named_tensors(ck, tmap, MODEL_ARCH_NAMES[arch])
+    planner = _planner(type_name, tensors, cfg, importance is not None, embed_type)
     stats = EncodeStats()
+    types: dict[str, str] = {}
+    floats_quantized: list[str] = []  # a packed source's float tensors given a block type (lossy)
     with atomic_file(out) as tmp:
         writer = GGUFWriter(tmp, MODEL_ARCH_NAMES[arch])
+        writer.add_type("model")
         total = 0
         counter = _Counter(progress)
-        for hf_name, shape in _logical_tensors(ck):
-            if hf_name.endswith("rotary_emb.inv_freq"):
-                continue
-            gname = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if gname is None:
-                raise QuantkitError(f"tensor {hf_name} has no llama.cpp name for {MODEL_ARCH_NAMES[arch]}; "
-                                    "closest: --to hf, then llama.cpp's convert_hf_to_gguf.py")
+        for hf_name, gname, shape in tensors:
             perm = None
             if permute and re.search(r"\.(q_proj|k_proj)\.(weight|bias)$", hf_name):
                 perm = qk_permutation(shape[0], heads if ".q_proj." in hf_name else kv_heads)
-            ttype = _tensor_type(gname, shape, qtype, ck.scheme is not None)
+            ttype = planner.type_of(gname, shape) if planner else _float_type(shape, GGUF_TYPES[type_name])
+            types[gname] = ttype.name
+            if ck.scheme is not None and ttype not in (Q.F32, Q.F16) and hf_name.rsplit(".", 1)[0] not in ck.linears:
+                floats_quantized.append(gname)
+            imp = None if importance is None else importance.get(gname)
             bshape, bdtype = byte_shape(tuple(shape), ttype)
             lazy = LazyNumpyTensor(meta=LazyNumpyTensor.meta_with_dtype_and_shape(bdtype, bshape),
-                                   func=_counted(_producer(ck, hf_name, ttype, perm, stats), counter))
+                                   func=_counted(_producer(ck, hf_name, ttype, perm, stats, imp), counter))
             writer.add_tensor(gname, lazy, raw_dtype=None if ttype in (Q.F32, Q.F16) else ttype)
             total += int(np.prod(shape))
             counter.total += 1
@@ -221,7 +260,11 @@ def export_gguf(src: str | Path, out: Path, type_name: str, force: bool = False,
         "grid_kept": len(stats.exact),
         "requantized": len(stats.requantized),
         "exact": _exact(ck, type_name, stats),
+        "tensor_types": _type_counts(types),
+        "calibrated": importance is not None,
     }
+    if floats_quantized:
+        facts["floats_quantized"] = floats_quantized
     if stats.requantized:
         facts["requantized_reasons"] = sorted(set(stats.requantized.values()))
         facts["added_error"] = {"rel_rmse": stats.rel_rmse, "max_abs": stats.max_abs}

@@ -24,6 +24,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 from gguf import quants as gq
 from torch import Tensor
 
+from quantkit.convert.gguf_quant import ENCODERS, dequantize_rows, quantize_rows
 from quantkit.grid import QuantizedWeight
 
 Q = GGMLQuantizationType
@@ -66,13 +67,15 @@ def byte_shape(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> tuple[tup
 
 
 CHUNK = 1 << 22  # elements quantized at a time: bounds the float32 intermediates of a large embedding
+K_CHUNK = 1 << 19  # the same for the searched encoders, whose intermediates are many (n, B) float32 arrays
 
 
-def encode_float(w: Tensor, qtype: GGMLQuantizationType) -> np.ndarray:
-    """A float tensor (any float dtype) in `qtype`, rounding to nearest with the gguf package's quantizers.
+def encode_float(w: Tensor, qtype: GGMLQuantizationType, qw: np.ndarray | None = None) -> np.ndarray:
+    """A float tensor (any float dtype) in `qtype`, rounded as llama-quantize rounds it.
 
-    Rows are converted in chunks of about CHUNK elements, so the memory beyond the output
-    array is one chunk, not a float32 copy of the whole tensor.
+    `qw` (in,): per-input-column importance (llama.cpp's imatrix), for the weighted search.
+    Rows are converted in chunks of about CHUNK elements (K_CHUNK for the searched types), so
+    the memory beyond the output array is one chunk, not a float32 copy of the whole tensor.
     """
     w = w.detach().cpu()
     if qtype == Q.F32:
@@ -83,9 +86,10 @@ def encode_float(w: Tensor, qtype: GGMLQuantizationType) -> np.ndarray:
         return gq.quantize(w.to(torch.float32).numpy(), qtype)
     shape, dtype = byte_shape(tuple(w.shape), qtype)
     out = np.empty(shape, dtype)
-    step = max(1, CHUNK // w.shape[-1])
+    searched = qw is not None or qtype in ENCODERS
+    step = max(1, (K_CHUNK if searched else CHUNK) // w.shape[-1])
     for r in range(0, w.shape[0], step):
-        out[r:r + step] = gq.quantize(w[r:r + step].to(torch.float32).numpy(), qtype)
+        out[r:r + step] = quantize_rows(w[r:r + step].to(torch.float32).numpy(), qtype, qw)
     return out
 
 
@@ -140,7 +144,7 @@ class EncodeStats:
         return (self.err_sq / self.ref_sq) ** 0.5 if self.ref_sq else 0.0
 
     def add_error(self, ref: Tensor, data: np.ndarray, qtype: GGMLQuantizationType) -> None:
-        back = torch.from_numpy(gq.dequantize(data, qtype).astype(np.float32)).reshape(ref.shape)
+        back = torch.from_numpy(dequantize_rows(data, qtype, ref.shape[-1])).reshape(ref.shape)
         diff = back - ref.float()
         self.err_sq += float((diff.double() ** 2).sum())
         self.ref_sq += float((ref.double() ** 2).sum())
@@ -148,8 +152,10 @@ class EncodeStats:
 
 
 def encode_weight(w: Tensor | QuantizedWeight, qtype: GGMLQuantizationType, name: str,
-                  stats: EncodeStats) -> np.ndarray:
-    """A Linear's weight (float, or a quantized grid) as the array the GGUF writer stores, recording exactness."""
+                  stats: EncodeStats, qw: np.ndarray | None = None) -> np.ndarray:
+    """A Linear's weight (float, or a quantized grid) as the array the GGUF writer stores, recording exactness.
+
+    `qw`: importance per input column, used wherever the weight is (re-)quantized."""
     if isinstance(w, QuantizedWeight):
         if qtype in (Q.F32, Q.F16, Q.BF16):
             return encode_float(w.dequantize(torch.float32), qtype)
@@ -160,10 +166,10 @@ def encode_weight(w: Tensor | QuantizedWeight, qtype: GGMLQuantizationType, name
         reason = "act-order g_idx" if not w.trivial_g_idx else f"{'sym' if w.sym else 'asym'} {w.bits}-bit grid"
         stats.requantized[name] = reason
         ref = w.dequantize(torch.float32)
-        data = encode_float(ref, qtype)
+        data = encode_float(ref, qtype, qw)
         stats.add_error(ref, data, qtype)
         return data
-    return encode_float(w, qtype)
+    return encode_float(w, qtype, qw)
 
 
 def write_gguf(writer) -> None:

@@ -83,6 +83,49 @@ def imatrix_arrays(stats: dict[str, tuple[Tensor, int]], name_map: TensorNameMap
     return out
 
 
+def importance_from_stats(stats: dict[str, tuple[Tensor, int]], name_map: TensorNameMap) -> dict[str, np.ndarray]:
+    """HF-named statistics -> {llama.cpp weight name: (in,) float32 mean x**2}: llama-quantize's quant_weights."""
+    arrays = imatrix_arrays(stats, name_map)
+    return {k[: -len(".in_sum2")]: (v.reshape(-1) / arrays[k[: -len(".in_sum2")] + ".counts"].reshape(())
+                                    ).astype(np.float32)
+            for k, v in arrays.items() if k.endswith(".in_sum2")}
+
+
+def read_imatrix(path: Path) -> dict[str, np.ndarray]:
+    """A llama.cpp GGUF imatrix file (llama-imatrix's, or quantkit's --imatrix) -> {weight name: mean x**2}."""
+    from gguf import GGUFReader
+
+    try:
+        tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in GGUFReader(str(path)).tensors}
+    except (OSError, ValueError) as e:
+        raise QuantkitError(f"{path}: not a GGUF imatrix file ({e}); write one with --imatrix or llama-imatrix") from e
+    out = {}
+    for name, sums in tensors.items():
+        if name.endswith(".in_sum2") and name[: -len(".in_sum2")] + ".counts" in tensors:
+            base = name[: -len(".in_sum2")]
+            count = float(tensors[base + ".counts"].reshape(-1)[0])
+            out[base] = (sums.reshape(-1) / max(count, 1.0)).astype(np.float32)
+    if not out:
+        raise QuantkitError(f"{path} holds no in_sum2/counts pairs: not a llama.cpp imatrix")
+    return out
+
+
+def compute_importance(src: str | Path, dataset: str = "wiki-vital", nsamples: int = 32, seqlen: int = 512,
+                       seed: int = 0, device: torch.device | str = "cpu",
+                       samples: Tensor | None = None) -> dict[str, np.ndarray]:
+    """quantkit's own activation statistics of `src` as llama.cpp quant_weights, keyed by llama.cpp names."""
+    from quantkit.convert.gguf_export import GGUF_ARCHS
+
+    model = load(src, device="cpu")
+    arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    if arch not in GGUF_ARCHS:
+        raise QuantkitError(f"calibrated GGUF export supports {', '.join(GGUF_ARCHS)}, not {arch}")
+    if samples is None:
+        samples = calibration_samples(load_tokenizer(resolve(src)), dataset, nsamples, seqlen, seed)
+    stats = collect_imatrix(model, samples, device)
+    return importance_from_stats(stats, TensorNameMap(GGUF_ARCHS[arch][0], model.config.num_hidden_layers))
+
+
 def write_imatrix(src: str | Path, path: Path, dataset: str = "wiki-vital", nsamples: int = 32, seqlen: int = 512,
                   seed: int = 0, device: torch.device | str = "cpu", force: bool = False) -> dict[str, Any]:
     """Compute the importance matrix of `src` on `dataset` and write it (atomically) at `path`."""

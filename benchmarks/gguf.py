@@ -1,0 +1,221 @@
+"""GGUF K-quant mixes: quantkit's files, plain and calibrated, against llama.cpp's own, judged by KL to the f32 model.
+
+    PYTHONPATH=. python benchmarks/gguf.py [--types q4_0,q4_k_m,q3_k_m,iq4_xs] [--judge auto|llamacpp|quantkit]
+
+Text (llamacpp-judge.md's protocol): wiki-vital joined; test text = the last 200,000 characters, calibration
+text = the 300,000 characters before it. Files:
+- f32: `quantkit convert --to gguf --type f32` (tensor for tensor what convert_hf_to_gguf.py writes);
+- qk-TYPE: quantkit's mix, uncalibrated; qk-TYPE-cal: with llama.cpp's importance-weighted rounding fed by
+  quantkit's activation statistics (64 windows of 512 tokens from the calibration text, seed 0);
+- lc-TYPE / lc-TYPE-im: llama-quantize's, without / with an imatrix from llama-imatrix on the calibration text
+  (only when `make llamacpp-tools` has built the tools).
+Judges:
+- llamacpp: `llama-perplexity --kl-divergence` against the f32 file's logits, 512-token chunks, the first 40;
+- quantkit: the same chunks and the same scored tokens (the second half of each chunk, as llama-perplexity
+  scores them), every GGUF dequantized into the HF model and run by torch in fp32.
+Columns: bytes, bits per weight (file bytes * 8 / parameters), PPL, mean KLD(f32 || file), same top-1 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+# run as a script, this file's folder leads sys.path and its name would shadow the gguf package
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+log = logging.getLogger("benchmarks.gguf")
+TOOLS = ROOT / ".llamacpp" / "bin"
+CTX, CHUNKS = 512, 40
+
+
+def texts() -> tuple[str, str]:
+    from quantkit.calib.data import BUILTIN, load_text
+
+    full = load_text(BUILTIN)
+    return full[-500_000:-200_000], full[-200_000:]
+
+
+def tools_ready() -> bool:
+    return all((TOOLS / t).is_file() for t in ("llama-quantize", "llama-imatrix", "llama-perplexity"))
+
+
+def quantkit_importance(src: Path, tok, calib: str, windows: int = 64) -> dict[str, np.ndarray]:
+    from quantkit.calib.data import sample_windows, tokenize
+    from quantkit.convert.imatrix import compute_importance
+
+    samples = sample_windows(tokenize(tok, calib), windows, CTX, 0)
+    return compute_importance(src, samples=samples)
+
+
+def export(src: Path, out: Path, type_name: str, importance=None) -> Path:
+    from quantkit.convert.gguf_export import export_gguf
+
+    if not out.exists():
+        t = time.time()
+        export_gguf(src, out, type_name, importance=importance)
+        log.info("wrote %s in %.0f s", out.name, time.time() - t)
+    return out
+
+
+def run(cmd: list[str]) -> str:
+    log.info("$ %s", " ".join(cmd))
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode:
+        raise RuntimeError(f"{cmd[0]} failed:\n{res.stderr[-3000:]}")
+    return res.stdout + res.stderr
+
+
+def llamacpp_files(work: Path, f32: Path, calib_txt: Path, types: list[str]) -> dict[str, Path]:
+    imat = work / "lc.imatrix.gguf"
+    if not imat.exists():
+        run([str(TOOLS / "llama-imatrix"), "-m", str(f32), "-f", str(calib_txt), "-c", str(CTX), "-t", "2",
+             "-o", str(imat)])
+    out = {}
+    for t in types:
+        for tag, extra in (("", []), ("-im", ["--imatrix", str(imat)])):
+            path = work / f"lc-{t}{tag}.gguf"
+            if not path.exists():
+                run([str(TOOLS / "llama-quantize"), *extra, str(f32), str(path), t.upper(), "2"])
+            out[f"lc-{t}{tag}"] = path
+    return out
+
+
+def judge_llamacpp(work: Path, f32: Path, test_txt: Path, files: dict[str, Path], chunks: int) -> dict[str, dict]:
+    base = work / f"f32-{chunks}.kld"
+    if not base.exists():
+        run([str(TOOLS / "llama-perplexity"), "-m", str(f32), "-f", str(test_txt), "-c", str(CTX), "--chunks",
+             str(chunks), "-t", "2", "--kl-divergence-base", str(base)])
+    rows = {}
+    for label, path in files.items():
+        text = run([str(TOOLS / "llama-perplexity"), "-m", str(path), "--kl-divergence-base", str(base),
+                    "--kl-divergence", "-t", "2"])
+        grab = {k: re.search(p, text) for k, p in (("ppl", r"Mean PPL\(Q\)\s*:\s*([\d.]+)"),
+                                                    ("kld", r"Mean\s+KLD:\s*([\d.]+)"),
+                                                    ("top", r"Same top p:\s*([\d.]+)"))}
+        rows[label] = {k: float(m.group(1)) if m else float("nan") for k, m in grab.items()}
+    return rows
+
+
+def gguf_into(model: torch.nn.Module, path: Path) -> None:
+    """Dequantize every tensor of `path` into `model` (an HF Llama of the same shape), undoing the q/k permutation."""
+    from gguf import MODEL_ARCH, GGUFReader, TensorNameMap
+
+    from quantkit.convert.gguf_quant import dequantize_rows
+    from quantkit.convert.gguf_tensors import qk_permutation
+
+    cfg = model.config
+    tmap = TensorNameMap(MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            gname = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+            if gname is None or gname not in tensors:
+                if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                    continue
+                raise KeyError(f"{name} ({gname}) is not in {path.name}")
+            t = tensors[gname]
+            cols = p.shape[-1]
+            w = torch.from_numpy(dequantize_rows(np.asarray(t.data), t.tensor_type, cols).reshape(p.shape).copy())
+            if ".q_proj." in name or ".k_proj." in name:
+                perm = qk_permutation(p.shape[0], heads if ".q_proj." in name else kv)
+                back = torch.empty_like(w)
+                back[perm] = w
+                w = back
+            p.copy_(w)
+
+
+@torch.no_grad()
+def judge_quantkit(src: Path, test_ids: list[int], files: dict[str, Path], n_chunks: int) -> dict[str, dict]:
+    from quantkit.loading import load
+
+    model = load(src, device="cpu").float().eval()
+    chunks = torch.tensor(test_ids[: n_chunks * CTX]).reshape(n_chunks, CTX)
+    first = CTX // 2
+    base_lp = []
+    for c in chunks:
+        base_lp.append(torch.log_softmax(model(c[None]).logits[0, first:-1].float(), -1).to(torch.float16))
+    rows = {}
+    for label, path in files.items():
+        gguf_into(model, path)
+        nll = kld = same = n = 0.0
+        for c, blp in zip(chunks, base_lp):
+            lp = torch.log_softmax(model(c[None]).logits[0, first:-1].float(), -1)
+            b = blp.float()
+            tgt = c[first + 1:]
+            nll += float(-lp.gather(1, tgt[:, None]).sum())
+            kld += float((b.exp() * (b - lp)).sum())
+            same += float((lp.argmax(-1) == b.argmax(-1)).sum())
+            n += len(tgt)
+        rows[label] = {"ppl": float(np.exp(nll / n)), "kld": kld / n, "top": 100 * same / n}
+        log.info("%s: %s", label, rows[label])
+    return rows
+
+
+def table(rows: dict[str, dict], files: dict[str, Path], params: int) -> str:
+    lines = ["| file | bytes | bpw | PPL | mean KLD | same top-1 % |", "|---|---:|---:|---:|---:|---:|"]
+    for label, r in rows.items():
+        size = files[label].stat().st_size
+        lines.append(f"| {label} | {size} | {size * 8 / params:.3f} | {r['ppl']:.4f} | {r['kld']:.6f} | "
+                     f"{r['top']:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--types", default="q4_0,q4_k_m,q3_k_m,iq4_xs")
+    ap.add_argument("--judge", choices=("auto", "llamacpp", "quantkit"), default="auto")
+    ap.add_argument("--chunks", type=int, default=CHUNKS, help="512-token test chunks scored (llama.cpp's --chunks)")
+    ap.add_argument("--calib-windows", type=int, default=64, help="512-token windows for quantkit's statistics")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/quantkit-bench-gguf"))
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/gguf.md")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(2)
+    from quantkit.models.sources import load_tokenizer, resolve
+
+    src = Path(resolve(args.model).path)
+    tok = load_tokenizer(resolve(args.model))
+    args.work.mkdir(parents=True, exist_ok=True)
+    calib, test = texts()
+    (args.work / "calib.txt").write_text(calib)
+    (args.work / "test.txt").write_text(test)
+    types = args.types.split(",")
+    judge = ("llamacpp" if tools_ready() else "quantkit") if args.judge == "auto" else args.judge
+    f32 = export(src, args.work / "f32.gguf", "f32")
+    imp = quantkit_importance(src, tok, calib, args.calib_windows)
+    files: dict[str, Path] = {}
+    for t in types:
+        files[f"qk-{t}"] = export(src, args.work / f"qk-{t}.gguf", t)
+        files[f"qk-{t}-cal"] = export(src, args.work / f"qk-{t}-cal.gguf", t, importance=imp)
+    if tools_ready():
+        files.update(llamacpp_files(args.work, f32, args.work / "calib.txt", types))
+    files = dict(sorted(files.items(), key=lambda kv: (types.index(kv[0].split("-")[1]), kv[0])))
+    if judge == "llamacpp":
+        rows = judge_llamacpp(args.work, f32, args.work / "test.txt", files, args.chunks)
+    else:
+        from quantkit.calib.data import tokenize
+
+        rows = judge_quantkit(src, tokenize(tok, test), files, args.chunks)
+    from gguf import GGUFReader
+
+    params = sum(int(t.n_elements) for t in GGUFReader(str(f32)).tensors)
+    md = table(rows, files, params)
+    cmd = (f"PYTHONPATH=. python benchmarks/gguf.py --types {args.types} --judge {judge} --chunks {args.chunks} "
+           f"--calib-windows {args.calib_windows}")
+    args.out.write_text(f"# GGUF mixes on {args.model}: judge {judge}\n\n`{cmd}`\n\n{md}\n")
+    log.info("%s\n%s", args.out, md)
+
+
+if __name__ == "__main__":
+    main()

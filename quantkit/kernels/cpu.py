@@ -292,6 +292,8 @@ class Dense(KernelLinear):
     kernel_name: ClassVar[str] = "dense"
     priority: ClassVar[int] = 0
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
+    serves_activations: ClassVar[bool] = True  # the input is fake-quantized as the reference does it
+    numbers: ClassVar[tuple[str, ...]] = ("int", "float")
 
     @classmethod
     def refusal(cls, spec: LayerSpec) -> str | None:
@@ -305,5 +307,6 @@ class Dense(KernelLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         # exactly the reference's call (one F.linear with the bias), so the result is bit-identical
+        x = self.quantize_input(x)
         b = None if self.bias is None else self.bias.to(x.dtype)
         return torch.nn.functional.linear(x, self.weight.to(x.dtype), b)

@@ -80,11 +80,15 @@ def apply_kernels(model: nn.Module, kernel: str = AUTO, dtype: torch.dtype | Non
         for name, mod in targets:
             qw = fast_quantized(mod, codes=False)  # the grid; codes unpacked (or not) by the chosen kernel
             device = _module_device(mod)
-            cls = select_kernel(spec_of(qw, device, dtype), kernel, layer=name)
+            act = getattr(mod, "act", None)
+            tag = "" if act is None else f"{act.type}-{act.strategy}"
+            cls = select_kernel(spec_of(qw, device, dtype, tag), kernel, layer=name)
             if cls is None:
                 continue
+            new = cls.from_module(mod, qw, device, dtype)
+            new.attach_activations(mod)
             parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, cls.from_module(mod, qw, device, dtype))
+            setattr(model.get_submodule(parent), leaf, new)
             del mod, qw  # the checkpoint buffers go with the reference module
     used = kernels_used(model)
     if used:

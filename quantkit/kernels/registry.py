@@ -20,6 +20,7 @@ from quantkit.kernels.base import KernelError, KernelLinear, LayerSpec, spec_of
 from quantkit.kernels.cpu import CpuDynQuant4, CpuInt4, CpuInt8, CpuInt8Grouped, Dense
 from quantkit.kernels.cuda import CudaTinygemm, GPTQModelExllamaV2, GPTQModelMarlin, GPTQModelTorch
 from quantkit.kernels.unpack import fast_quantized
+from quantkit.kernels.w8a8 import FP8ScaledMM, W8A8Int8
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ AUTO = "auto"
 
 KERNELS: dict[str, type[KernelLinear]] = {k.kernel_name: k for k in (
     CpuInt4, CpuInt8, CpuInt8Grouped, CpuDynQuant4, CudaTinygemm, GPTQModelMarlin, GPTQModelExllamaV2, GPTQModelTorch,
-    Dense)}
+    W8A8Int8, FP8ScaledMM, Dense)}
 
 
 def kernel_names() -> list[str]:

@@ -42,7 +42,7 @@ def test_fixed_alpha_folds_exactly(tiny_llama):
     with torch.no_grad():
         before = model(ids).logits
     spec = get_arch(model)
-    cfg = sq.SmoothConfig(alpha=0.8, grid=(), score_batches=1)
+    cfg = sq.SmoothConfig(alpha=0.8, grid=(), score_tokens=64)
     chosen = []
 
     def per_block(calib):
@@ -52,7 +52,7 @@ def test_fixed_alpha_folds_exactly(tiny_llama):
 
     norm = model.model.layers[0].input_layernorm.weight.detach().clone()
     run_sequential(model, spec, ids, per_block, device=torch.device("cpu"), batch_size=2)
-    assert chosen == [0.8, 0.8]
+    assert chosen == [{"input_layernorm": 0.8, "post_attention_layernorm": 0.8, "mlp.up_proj": 0.8}] * 2
     assert not torch.equal(norm, model.model.layers[0].input_layernorm.weight)  # the scales were folded in
     with torch.no_grad():
         after = model(ids).logits
@@ -68,18 +68,20 @@ def test_searched_alpha_is_never_worse_than_no_smoothing(tiny_llama):
     seen = {}
 
     def per_block(calib):
-        names = sorted(n for n, m in calib.block.named_modules() if isinstance(m, torch.nn.Linear))
-        mappings = sq.usable_mappings(calib.block, spec, set(names))
-        maxima, ref = sq.collect(calib, mappings, 1)
-        off = sq.block_error(calib, names, scheme, ref)
-        alpha = sq.smooth_block(calib, spec, set(names), scheme, sq.SmoothConfig(None, sq.alpha_grid(4), 1))
-        seen[calib.index] = (alpha, off, sq.block_error(calib, names, scheme, ref))
+        names = {n for n, m in calib.block.named_modules() if isinstance(m, torch.nn.Linear)}
+        mappings = sq.usable_mappings(calib.block, spec, names)
+        sites = sq.collect(calib, mappings, 64, 0)
+        for m in mappings:
+            weights = [calib.block.get_submodule(n).weight for n in m.linears]
+            seen[(calib.index, m.prev)] = sq.choose_alpha(sites[m.linears[0]], weights, scheme, sq.alpha_grid(4))
         return {}
 
     run_sequential(model, spec, _samples(), per_block, device=torch.device("cpu"), batch_size=2)
-    for alpha, off, smoothed in seen.values():
-        assert smoothed <= off * (1 + 1e-6)
-    assert seen[0][0] is not None and seen[0][2] < seen[0][1]  # the outlier block is smoothed, and it helped
+    assert len(seen) == 6
+    for alpha, errors in seen.values():
+        assert errors[alpha] == min(errors.values()) and set(errors) == {None, 0.3, 0.5, 0.7, 0.9}
+    alpha, errors = seen[(0, "input_layernorm")]
+    assert alpha is not None and errors[alpha] < 0.5 * errors[None]  # the outlier is smoothed, and it pays
 
 
 def test_smoothquant_writes_a_w8a8_checkpoint(tiny_llama, text_file, tmp_path):

@@ -20,14 +20,16 @@ from quantkit.plan import F32, BlockWork, Geometry, Settings
 class SmoothOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     smooth_alpha: float | None = Field(
-        None, ge=0.0, le=1.0, description="fixed migration strength in [0, 1]; unset: measured per block")
-    alpha_grid: int = Field(7, ge=1, le=41, description="candidate alphas in [0.3, 0.9] (and no smoothing) per block")
-    score_batches: int = Field(1, ge=1, le=64, description="calibration batches the block's output error is scored on")
+        None, ge=0.0, le=1.0, description="fixed migration strength in [0, 1]; unset: measured per layer")
+    alpha_grid: int = Field(7, ge=1, le=41, description="candidate alphas in [0.3, 0.9] (and no smoothing) per layer")
+    score_tokens: int = Field(1024, ge=16, le=1 << 20,
+                              description="calibration tokens (seeded subsample) each mapping's alpha is scored on")
 
 
 def smooth_step(job: QuantJob, spec: ArchSpec, coverage: ExpertCoverage) -> BlockStep:
     o = job.options
-    cfg = SmoothConfig(alpha=o.smooth_alpha, grid=alpha_grid(o.alpha_grid), score_batches=o.score_batches)
+    cfg = SmoothConfig(alpha=o.smooth_alpha, grid=alpha_grid(o.alpha_grid), score_tokens=o.score_tokens,
+                       seed=job.calib.seed)
 
     def step(calib: Any, targets: set[str]) -> dict[str, Any]:
         smooth_block(calib, spec, targets, job.scheme, cfg)
@@ -37,11 +39,13 @@ def smooth_step(job: QuantJob, spec: ArchSpec, coverage: ExpertCoverage) -> Bloc
 
 
 def smooth_memory(g: Geometry, s: Settings) -> BlockWork:
-    """The float block's outputs on the scored batch (default 1), the saved float weights of the folded modules
-    and the simulated (RTN) weights of the block's Linears, all alive while the block runs."""
-    outputs = s.batch_size * s.seqlen * g.hidden * F32
-    weights = 2 * sum(o * i for o, i in g.linears) * F32
-    return BlockWork(work=outputs + weights, forward=outputs + weights, detail="smoothing: scored outputs + weights")
+    """The token subsample per input site (kept over the pass) and, while a mapping is scored, its stacked weight,
+    its smoothed and simulated copies and the outputs on the subsample."""
+    tokens = 1024
+    sample = sum(i for _, i in g.groups) * tokens * F32
+    rows, in_f = max(g.groups, key=lambda ri: ri[0] * ri[1])
+    score = (4 * rows * in_f + 3 * tokens * max(rows, in_f)) * F32
+    return BlockWork(work=sample + score, forward=sample, detail="smoothing: token sample + scored weights")
 
 
 def _record(options: BaseModel) -> dict[str, Any]:

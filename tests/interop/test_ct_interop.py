@@ -115,3 +115,53 @@ def test_transformers_matches_quantkit_load(checkpoints, case):
                 mod.act = None
         with torch.no_grad():
             assert float((theirs(ids).logits - ours(ids).logits).abs().max()) > 1e-4
+
+
+def write_as_llm_compressor(src, out, preset: str) -> None:
+    """A checkpoint written by compressed-tensors itself, the way llm-compressor saves one: the preset's scheme
+    applied to every Linear but lm_head, min/max weight scales (compressed-tensors' own calculate_qparams), a
+    static input scale where the preset has one, then its ModelCompressor compresses and saves."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+    from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    config = QuantizationConfig(config_groups={"group_0": preset_name_to_scheme(preset, ["Linear"])},
+                                ignore=["lm_head"], quantization_status="frozen")
+    apply_quantization_config(model, config)
+    for mod in model.modules():
+        scheme = getattr(mod, "quantization_scheme", None)
+        if scheme is None:
+            continue
+        w = mod.weight.data
+        dims = {} if scheme.weights.strategy == "tensor" else {"dim": 1, "keepdim": True}
+        scale, _ = calculate_qparams(w.amin(**dims).reshape(-1, 1), w.amax(**dims).reshape(-1, 1), scheme.weights)
+        mod.weight_scale.data.copy_(scale.reshape(mod.weight_scale.shape))
+        if scheme.input_activations is not None and not scheme.input_activations.dynamic:
+            mod.input_scale.data.fill_(0.05)
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.compress_model(model)
+    model.save_pretrained(out)
+    compressor.update_config(out)
+
+
+@pytest.mark.parametrize("preset", ["W8A8", "FP8_DYNAMIC", "FP8"])
+def test_quantkit_loads_compressed_tensors_own_checkpoints(tmp_path, preset):
+    """What llm-compressor writes (int-quantized / float-quantized with input_activations), quantkit.load reads and
+    computes as transformers does, activation quantization included."""
+    from transformers import AutoModelForCausalLM
+
+    src = make_model(tmp_path / "llama", llama_config(hidden=128, inter=256, architectures=["LlamaForCausalLM"]))
+    out = tmp_path / preset
+    write_as_llm_compressor(src, out, preset)
+    ours = quantkit.load(out).eval()
+    lin = ours.get_submodule("model.layers.0.mlp.down_proj")
+    assert isinstance(lin, QuantLinear) and lin.act is not None
+    assert lin.act.dynamic == (preset != "FP8") and lin.act.type == ("int" if preset == "W8A8" else "float")
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = _ids()
+    with torch.no_grad():
+        a, b = theirs(ids).logits, ours(ids).logits
+    assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), float((a - b).abs().max())

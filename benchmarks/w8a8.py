@@ -41,6 +41,8 @@ ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {  # row -> (method, preset, 
     "w8a8-rtn": ("rtn", "w8a8", {}),
     "w8a8-gptq": ("gptq", "w8a8", {}),
     "w8a8-smoothquant": ("smoothquant", "w8a8", {}),
+    "w8a8-smoothquant-rtn": ("smoothquant-rtn", "w8a8", {}),
+    "fp8dyn-smoothquant-rtn": ("smoothquant-rtn", "fp8-dynamic", {}),
     "w8a8static-smoothquant": ("smoothquant", "w8a8-static", {}),
     "fp8dyn-rtn": ("rtn", "fp8-dynamic", {}),
     "fp8dyn-gptq": ("gptq", "fp8-dynamic", {}),
@@ -184,16 +186,17 @@ def markdown(rows: list[dict[str, Any]], base: dict[str, Any], a: argparse.Names
         "",
         f"Command: `.venv/bin/python benchmarks/w8a8.py --model {a.model} --rows {a.rows}`",
         "",
-        "| row | library | quant s | peak RSS MiB | ckpt MB | ppl | KL | top-1 % | kernels | prefill tok/s (x base) "
-        "| decode tok/s (x base) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
-        f"| fp32 base | - | - | - | - | {base['ppl']:.3f} | 0 | 100.00 | fp32 | {base['prefill_tps']:.0f} | "
+        "| row | library | quant s | quant CPU s | peak RSS MiB | ckpt MB | ppl | KL | top-1 % | kernels "
+        "| prefill tok/s (x base) | decode tok/s (x base) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        f"| fp32 base | - | - | - | - | - | {base['ppl']:.3f} | 0 | 100.00 | fp32 | {base['prefill_tps']:.0f} | "
         f"{base['decode_tps']:.1f} |",
     ]
     for r in rows:
         speed = (f"{r['kernels']} | {r['prefill_tps']:.0f} ({r['prefill_tps'] / base['prefill_tps']:.2f}x) | "
                  f"{r['decode_tps']:.1f} ({r['decode_tps'] / base['decode_tps']:.2f}x)") if "kernels" in r else "- | - | -"
-        lines.append(f"| {r['row']} | {r['library']} | {r['quant_s']:.1f} | {r['peak_rss_mib']:.0f} | "
+        cpu = f"{r['cpu_s']:.0f}" if "cpu_s" in r else "-"
+        lines.append(f"| {r['row']} | {r['library']} | {r['quant_s']:.1f} | {cpu} | {r['peak_rss_mib']:.0f} | "
                      f"{r['size_bytes'] / 1e6:.1f} | {r['ppl']:.3f} | {r['kl']:.4f} | {r['top1']:.2f} | {speed} |")
     return "\n".join(lines) + "\n"
 
@@ -210,8 +213,10 @@ def main() -> None:
     ap.add_argument("--prefill-len", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--total-minutes", type=float, default=0.0, help="with --render: the run's total time")
     ap.add_argument("--keep", type=Path, help="keep the checkpoints in this folder (default: a temporary one)")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--render", metavar="WHEN", help="only rewrite the Markdown of the run stamped WHEN in w8a8.jsonl")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-kind", choices=["quantize", "score", "speed"], help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -220,6 +225,15 @@ def main() -> None:
     if a.child_kind:
         fn = {"quantize": child_quantize, "score": child_score, "speed": child_speed}[a.child_kind]
         print(json.dumps(fn(a)))
+        return
+    if a.render:
+        lines = [json.loads(x) for x in (RESULTS / "w8a8.jsonl").read_text().splitlines() if x.strip()]
+        run = [x for x in lines if x["when"] == a.render and x["model"] == a.model]
+        base = next(x for x in run if x["row"] == "fp32 base")
+        rows = [x for x in run if x["row"] != "fp32 base"]
+        text = markdown(rows + (PEERS if a.model == "smollm2-135m" else []), base, a, a.total_minutes * 60)
+        (RESULTS / f"w8a8{'-' + a.tag if a.tag else ''}.md").write_text(text)
+        print(text)
         return
     t0 = time.perf_counter()
     common = ["--model", a.model, "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--windows",

@@ -33,6 +33,7 @@ BUILTIN: dict[str, str] = {
     "awq": "quantkit.methods.awq.run:AWQ",
     "awq-gptq": "quantkit.methods.composed:AWQGPTQ",
     "smoothquant": "quantkit.methods.composed:SmoothQuant",
+    "smoothquant-rtn": "quantkit.methods.composed:SmoothQuantRTN",
     "signround": "quantkit.methods.signround.run:SignRound",
 }
 DEFAULT_METHOD = "rtn"  # what `quantkit quantize` uses without --method

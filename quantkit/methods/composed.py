@@ -76,3 +76,14 @@ class SmoothQuant(ComposedMethod):
     replaces_weights = True
     activation_schemes = True
     static_activations = True
+
+
+class SmoothQuantRTN(ComposedMethod):
+    name = "smoothquant-rtn"
+    description = ("SmoothQuant's smoothing (alpha measured per layer), then round-to-nearest: the fast W8A8 / FP8 "
+                   "path (dynamic activation presets; compressed-tensors)")
+    steps = ("smooth", "rtn-rounding")
+    Options: ClassVar[type[BaseModel]] = composed_options("SmoothQuantRTNOptions", steps)
+    tokenizes_first = True
+    replaces_weights = True
+    activation_schemes = True

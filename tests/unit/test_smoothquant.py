@@ -110,3 +110,25 @@ def test_bad_alpha_is_one_line(tiny_llama, tmp_path, alpha):
     assert r.exit_code == 2, r.output
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "--smooth-alpha" in lines[0], r.stderr
+
+
+def test_smoothquant_rtn_is_smoothing_then_round_to_nearest(tiny_llama, text_file, tmp_path):
+    from quantkit.methods.composed import SmoothQuantRTN
+
+    out = tmp_path / "sq-rtn"
+    api.quantize(str(tiny_llama), "smoothquant-rtn", out, scheme="fp8-dynamic",
+                 calib=dict(dataset=str(text_file), nsamples=4, seqlen=32, batch_size=2), device="cpu")
+    record = json.loads((out / "quantkit.json").read_text())
+    assert record["steps"] == ["smooth", "rtn-rounding"]
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == "float-quantized"
+    ids = _samples()
+    with torch.no_grad():
+        base, got = _model(tiny_llama)(ids).logits, load(out)(ids).logits
+    assert float((base - got).abs().max()) < 0.1
+    assert not SmoothQuantRTN.static_activations  # static scales need the GPTQ step's calibration pass
+
+
+def test_smoothquant_rtn_refuses_static_presets(tiny_llama, tmp_path):
+    r = CliRunner().invoke(app, ["quantize", str(tiny_llama), "-o", str(tmp_path / "o"), "-m", "smoothquant-rtn",
+                                 "--preset", "fp8"])
+    assert r.exit_code == 2 and "static activation scales" in r.stderr

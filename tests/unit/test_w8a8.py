@@ -205,3 +205,12 @@ def test_cli_refusals_are_one_line(tiny_llama, tmp_path, args, needle):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and needle in lines[0], r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_convert_refuses_activation_checkpoints(tiny_llama, tmp_path):
+    api.quantize(str(tiny_llama), "rtn", tmp_path / "q", scheme="w8a8", device="cpu")
+    r = runner.invoke(app, ["convert", str(tmp_path / "q"), str(tmp_path / "o"), "--to", "gptq"])
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "no weight-only equivalent" in lines[0]
+    assert not (tmp_path / "o").exists()

@@ -14,7 +14,7 @@ weights W * s, and inputs x / s quantized as the scheme's activations say: per t
 static scale the calibration maxima give) against their float output x W^T. The smallest mean squared error
 wins, so smoothing is never chosen where it does not lower the measured error. A fixed α (the `smooth_alpha`
 option) skips the search. (Scoring the whole block per candidate cost ~95 s a block on SmolLM2 on the shared
-2-core machine; the Linears' own outputs on 1024 tokens cost well under a second.)
+2-core machine; the Linears' own outputs on 512 tokens cost about a second a block.)
 """
 
 from __future__ import annotations
@@ -105,11 +105,9 @@ def collect(calib: BlockCalib, mappings: list[AWQMapping], score_tokens: int, se
     return sites
 
 
-def simulated_error(x: Tensor, amax: Tensor, weights: list[Tensor], s: Tensor | None, scheme: QuantScheme) -> float:
-    """Mean squared error of the Linears' outputs with inputs x / s and weights W * s on the scheme's grid
-    (RTN), against x W^T; s None: no smoothing."""
-    w = torch.cat([t.detach().float() for t in weights])                  # (rows, C)
-    ref = x @ w.t()
+def simulated_error(x: Tensor, amax: Tensor, w: Tensor, ref: Tensor, s: Tensor | None, scheme: QuantScheme) -> float:
+    """Mean squared error of the Linears' outputs (their stacked weight w (rows, C)) with inputs x / s and
+    weights w * s on the scheme's grid (RTN), against their float outputs `ref` = x w^T; s None: no smoothing."""
     if s is not None:
         s = s.float().to(x.device)
         x, w, amax = x / s, w * s, amax.float() / s
@@ -126,9 +124,11 @@ def choose_alpha(site: Site, weights: list[Tensor], scheme: QuantScheme, grid: t
                  ) -> tuple[float | None, dict[float | None, float]]:
     """The α (None: no smoothing) of least simulated error on the site's token sample, and every score."""
     x = site.x
-    errors: dict[float | None, float] = {None: simulated_error(x, site.amax, weights, None, scheme)}
+    w = torch.cat([t.detach().float() for t in weights])                  # (rows, C)
+    ref = x @ w.t()
+    errors: dict[float | None, float] = {None: simulated_error(x, site.amax, w, ref, None, scheme)}
     for alpha in grid:
-        errors[alpha] = simulated_error(x, site.amax, weights, smoothing_scale(site.amax, weights, alpha), scheme)
+        errors[alpha] = simulated_error(x, site.amax, w, ref, smoothing_scale(site.amax, weights, alpha), scheme)
     best = min(errors, key=lambda a: (errors[a], -1.0 if a is None else a))
     return best, errors
 

@@ -22,7 +22,7 @@ class SmoothOptions(BaseModel):
     smooth_alpha: float | None = Field(
         None, ge=0.0, le=1.0, description="fixed migration strength in [0, 1]; unset: measured per layer")
     alpha_grid: int = Field(7, ge=1, le=41, description="candidate alphas in [0.3, 0.9] (and no smoothing) per layer")
-    score_tokens: int = Field(1024, ge=16, le=1 << 20,
+    score_tokens: int = Field(512, ge=16, le=1 << 20,
                               description="calibration tokens (seeded subsample) each mapping's alpha is scored on")
 
 
@@ -41,7 +41,7 @@ def smooth_step(job: QuantJob, spec: ArchSpec, coverage: ExpertCoverage) -> Bloc
 def smooth_memory(g: Geometry, s: Settings) -> BlockWork:
     """The token subsample per input site (kept over the pass) and, while a mapping is scored, its stacked weight,
     its smoothed and simulated copies and the outputs on the subsample."""
-    tokens = 1024
+    tokens = 512
     sample = sum(i for _, i in g.groups) * tokens * F32
     rows, in_f = max(g.groups, key=lambda ri: ri[0] * ri[1])
     score = (4 * rows * in_f + 3 * tokens * max(rows, in_f)) * F32

@@ -60,6 +60,16 @@ def _activation_tag(qc: dict[str, Any]) -> str:
     return ""
 
 
+def _activation_short(qc: dict[str, Any]) -> str:
+    """"W8A8 int8 dyn", "FP8 static", ... for a compressed-tensors config that quantizes activations, else ""."""
+    for group in (qc.get("config_groups") or {}).values():
+        act = group.get("input_activations") if isinstance(group, dict) else None
+        if act:
+            kind = "FP8" if act.get("type") == "float" else "W8A8 int8"
+            return f"{kind} {'dyn' if act.get('dynamic') else 'static'}"
+    return ""
+
+
 def describe(path: str) -> dict[str, Any]:
     """Method, format and size of a model path, from its files (no weights loaded)."""
     from quantkit.paths import folder_size
@@ -88,6 +98,9 @@ def describe(path: str) -> dict[str, Any]:
         meta = json.loads(prov.read_text())
         row["method"] = meta.get("method", row["method"])
         row["scheme"] = meta.get("scheme")
+    short = _activation_short(qc) if qc and qc.get("quant_method") == "compressed-tensors" else ""
+    if short:
+        row["method"] = f"{row['method']} {short}"  # the method column says that activations are quantized
     if qc and qc.get("quant_method") == "bitsandbytes" and row["method"] == "int8":
         row["method"] = "int8 (bnb LLM.int8)"  # not quantkit's own 8-bit weights (rtn/gptq w8, cpu-int8 kernel)
     try:

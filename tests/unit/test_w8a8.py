@@ -214,3 +214,17 @@ def test_convert_refuses_activation_checkpoints(tiny_llama, tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "no weight-only equivalent" in lines[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_says_how_activations_and_fp8_ran(tiny_llama, text_file, tmp_path):
+    from quantkit.eval.runner import evaluate_paths
+
+    for preset in ("w8a8", "fp8-dynamic"):
+        api.quantize(str(tiny_llama), "rtn", tmp_path / preset, scheme=preset, device="cpu")
+    res = evaluate_paths([str(tmp_path / "w8a8"), str(tmp_path / "fp8-dynamic")], base=str(tiny_llama),
+                         dataset=str(text_file), seqlen=32, max_windows=2, cache=False, cache_root=tmp_path / "c")
+    rows = {r["label"]: r for r in res["rows"]}
+    assert rows["w8a8"]["method"] == "rtn W8A8 int8 dyn" and rows["w8a8"]["kernels"] == {"w8a8-int8": 14}
+    assert rows["w8a8"]["scored_with"] == "dense" and rows["w8a8"]["kl"] > 0  # the exact maths, activations quantized
+    assert rows["fp8-dynamic"]["method"] == "rtn FP8 dyn (dequantized: no FP8 kernel here)"
+    assert rows["w8a8"]["format"] == "compressed-tensors int-quantized, A8 int8 per token"

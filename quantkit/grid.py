@@ -64,6 +64,9 @@ class QuantizedWeight:
     zeros:  (out, n_groups)  uint8 integer zero points
     g_idx:  (in,)            int32 group of each input column
     bias:   (out,) or None
+    input_scale: (1,) float32 calibrated scale of the Linear's input activations (static activation schemes)
+
+    FP8 weights: codes are float8_e4m3fn values and zeros are 0 (`quantize_weight`).
     """
 
     codes: Tensor
@@ -74,6 +77,7 @@ class QuantizedWeight:
     group_size: int
     sym: bool
     bias: Tensor | None = None
+    input_scale: Tensor | None = None
 
     def __post_init__(self) -> None:
         out_f, in_f = self.codes.shape
@@ -87,13 +91,20 @@ class QuantizedWeight:
         """The same weight with every tensor on the CPU (what a method's results hold)."""
         return QuantizedWeight(codes=self.codes.cpu(), scales=self.scales.cpu(), zeros=self.zeros.cpu(),
                                g_idx=self.g_idx.cpu(), bits=self.bits, group_size=self.group_size, sym=self.sym,
-                               bias=None if self.bias is None else self.bias.cpu())
+                               bias=None if self.bias is None else self.bias.cpu(),
+                               input_scale=None if self.input_scale is None else self.input_scale.cpu())
 
     def to(self, device: torch.device | str) -> "QuantizedWeight":
         """The same weight with every tensor on `device`."""
         return QuantizedWeight(codes=self.codes.to(device), scales=self.scales.to(device), zeros=self.zeros.to(device),
                                g_idx=self.g_idx.to(device), bits=self.bits, group_size=self.group_size, sym=self.sym,
-                               bias=None if self.bias is None else self.bias.to(device))
+                               bias=None if self.bias is None else self.bias.to(device),
+                               input_scale=None if self.input_scale is None else self.input_scale.to(device))
+
+    @property
+    def is_float(self) -> bool:
+        """FP8 values rather than integer codes."""
+        return self.codes.dtype == FP8_DTYPE
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -143,3 +154,93 @@ def rtn_quantize(weight: Tensor, bits: int, group_size: int, sym: bool, bias: Te
         sym=sym,
         bias=None if bias is None else bias.detach().float().clone(),
     )
+
+
+# ---------------------------------------------------------------- FP8 (e4m3) and per-tensor grids
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_DTYPE = torch.float8_e4m3fn
+
+
+def fit_fp8(w: Tensor, per_tensor: bool = False) -> Tensor:
+    """FP8 scale of each row of `w` (out, in), or one for the whole weight: max|w| / 448, as (out, 1) float32.
+
+    Rounded to fp16 like every stored scale (compressed-tensors stores it in the model's dtype)."""
+    amax = w.detach().float().abs()
+    amax = amax.amax().expand(w.shape[0], 1) if per_tensor else amax.amax(dim=-1, keepdim=True)
+    return (amax / FP8_MAX).clamp(min=_MIN_SCALE).half().float().contiguous()
+
+
+def fp8_values(w: Tensor, scale: Tensor) -> Tensor:
+    """The FP8 values w / scale rounds to (clamped to +-448), as float32 (exactly representable in e4m3)."""
+    return (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float()
+
+
+def per_tensor_int_grid(w: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
+    """One (scale, zero) for the whole weight (out, in), broadcast to (out, 1) each."""
+    scale, zero = fit_grid(w.float().reshape(1, -1), bits, sym)
+    return scale.expand(w.shape[0], 1).contiguous(), zero.expand(w.shape[0], 1).contiguous()
+
+
+def weight_grid(w: Tensor, bits: int, sym: bool, number: str = "int", per_tensor: bool = False) -> tuple[Tensor, Tensor]:
+    """(scale, zero) of a per-channel or per-tensor grid for w (out, in), each (out, 1); float grids have zero 0."""
+    if number == "float":
+        return fit_fp8(w, per_tensor), torch.zeros(w.shape[0], 1, device=w.device)
+    if per_tensor:
+        return per_tensor_int_grid(w, bits, sym)
+    return fit_grid(w, bits, sym)
+
+
+def quantize_weight(weight: Tensor, bits: int, group_size: int, sym: bool, number: str = "int",
+                    per_tensor: bool = False, bias: Tensor | None = None) -> QuantizedWeight:
+    """Round-to-nearest on any grid quantkit writes: integer groups / channels / tensor, or FP8 e4m3.
+
+    FP8 weights keep their values as `codes` of dtype float8_e4m3fn with zeros 0, so
+    `QuantizedWeight.dequantize` computes scale * value for them unchanged."""
+    if number == "int" and not per_tensor:
+        return rtn_quantize(weight, bits, group_size, sym, bias)
+    if group_size != -1:
+        raise ValueError("FP8 and per-tensor weights have no groups (group_size -1)")
+    w = weight.detach().float()
+    scale, zero = weight_grid(w, bits, sym, number, per_tensor)
+    if number == "float":
+        codes = fp8_values(w, scale).to(FP8_DTYPE)
+    else:
+        codes = quantize_codes(w, scale, zero, bits).to(torch.uint8)
+    return QuantizedWeight(codes=codes, scales=scale, zeros=zero.to(torch.uint8), g_idx=trivial_g_idx(w.shape[1], -1),
+                           bits=bits, group_size=-1, sym=sym,
+                           bias=None if bias is None else bias.detach().float().clone())
+
+
+# ---------------------------------------------------------------- activations
+
+
+def activation_scale(x: Tensor, number: str) -> Tensor:
+    """Per-token (last-dim) symmetric scale of activations x, in x's dtype: max|x| / 127.5 (int8) or / 448 (FP8),
+    a zero scale replaced by the dtype's eps, as compressed-tensors computes dynamic token scales."""
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    scale = amax / (FP8_MAX if number == "float" else 127.5)
+    return torch.where(scale == 0, torch.full_like(scale, torch.finfo(scale.dtype).eps), scale)
+
+
+def quantize_activations(x: Tensor, number: str, scale: Tensor | None = None) -> Tensor:
+    """Fake-quantized activations (quantize, then dequantize in x's dtype): the values a W8A8 / FP8 kernel
+    multiplies. `scale` None: dynamic per token; else the static (calibrated) scale."""
+    if scale is None:
+        scale = activation_scale(x, number)
+    else:
+        scale = scale.to(device=x.device, dtype=x.dtype)
+    y = x / scale
+    if number == "float":
+        q = y.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).to(x.dtype)
+    else:
+        q = torch.round(y).clamp(-128, 127)
+    return q * scale
+
+
+def int8_activations(x: Tensor, scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(int8 codes (M, K), float32 scale (M, 1)) of 2-D activations, per token unless `scale` (static) is given:
+    the same codes `quantize_activations(x, "int", scale)` multiplies."""
+    s = activation_scale(x, "int") if scale is None else scale.to(device=x.device, dtype=x.dtype).expand(x.shape[0], 1)
+    q = torch.round(x / s).clamp_(-128, 127).to(torch.int8)
+    return q, s.float()

@@ -54,6 +54,8 @@ def _pack_cache(folder: Path, qc: dict[str, Any], kernel: str, device: torch.dev
 
     if kernel == REFERENCE or not cache_enabled(requested):
         return None
+    if detect_format(qc).read(qc)[1].input_activations is not None:
+        return None  # W8A8 / FP8 layers: their kernels quantize activations and keep no packed-weight cache
     if kernel != AUTO and not KERNELS[kernel].cacheable:
         return None
     return PackCache.of(folder, weight_files(folder), qc, kernel, dtype, device)

@@ -32,6 +32,8 @@ BUILTIN: dict[str, str] = {
     "int8": "quantkit.methods.bnb.run:INT8",
     "awq": "quantkit.methods.awq.run:AWQ",
     "awq-gptq": "quantkit.methods.composed:AWQGPTQ",
+    "smoothquant": "quantkit.methods.composed:SmoothQuant",
+    "smoothquant-rtn": "quantkit.methods.composed:SmoothQuantRTN",
     "signround": "quantkit.methods.signround.run:SignRound",
 }
 DEFAULT_METHOD = "rtn"  # what `quantkit quantize` uses without --method

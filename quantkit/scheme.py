@@ -1,7 +1,13 @@
-"""The weight-quantization scheme: validated data, plus presets as plain dicts.
+"""The quantization scheme: validated data, plus presets as plain dicts.
 
-A scheme says *what* integer grid the weights go on (bits, group size, symmetry,
-act-order); methods say *how* the integers are chosen (RTN, GPTQ, AWQ).
+A scheme says *what* grid the weights go on (bits, number type, group size, symmetry,
+act-order) and, optionally, how the Linears' input activations are quantized at run time
+(`ActivationScheme`, in the style of compressed-tensors' QuantizationArgs); methods say
+*how* the weights' codes are chosen (RTN, GPTQ, AWQ).
+
+Weight strategy: group (group_size > 0), channel (group_size -1) or tensor (`strategy="tensor"`,
+one scale for the whole weight). Number type: int, or float (FP8 e4m3: 8 bits, symmetric, per channel
+or per tensor).
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ import fnmatch
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from quantkit.errors import SchemeError, UnknownNameError
 
@@ -22,7 +28,51 @@ PRESETS: dict[str, dict[str, Any]] = {
     "w4g32": {"bits": 4, "group_size": 32},
     "w3g64": {"bits": 3, "group_size": 64},
     "w8": {"bits": 8, "group_size": -1},
+    # weights and activations in 8 bits (compressed-tensors int-quantized / float-quantized, as vLLM serves them)
+    "w8a8": {"bits": 8, "group_size": -1, "sym": True,
+             "input_activations": {"type": "int", "strategy": "token", "dynamic": True}},
+    "w8a8-static": {"bits": 8, "group_size": -1, "sym": True,
+                    "input_activations": {"type": "int", "strategy": "tensor", "dynamic": False}},
+    "fp8-dynamic": {"bits": 8, "group_size": -1, "sym": True, "type": "float",
+                    "input_activations": {"type": "float", "strategy": "token", "dynamic": True}},
+    "fp8": {"bits": 8, "group_size": -1, "sym": True, "type": "float", "strategy": "tensor",
+            "input_activations": {"type": "float", "strategy": "tensor", "dynamic": False}},
 }
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+class ActivationScheme(BaseModel):
+    """How a Linear's input activations are quantized at run time (compressed-tensors' `input_activations`).
+
+    type:     int (int8, q in [-128, 127]) or float (FP8 e4m3, |q| <= 448).
+    strategy: token (one scale per token, computed at run time), tensor (one scale), channel or group.
+    dynamic:  True: scales computed from each input at run time (token); False: calibrated scales in the
+              checkpoint (`input_scale`, tensor).
+    The grid is symmetric: scale = max|x| / 127.5 (int8) or max|x| / 448 (FP8), as compressed-tensors computes it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_bits: Literal[8] = 8
+    type: Literal["int", "float"] = "int"
+    strategy: Literal["tensor", "channel", "group", "token"] = "token"
+    dynamic: bool = True
+    symmetric: Literal[True] = True
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ActivationScheme":
+        if self.strategy == "token" and not self.dynamic:
+            raise ValueError("per-token activation scales exist only at run time: token needs dynamic")
+        if not self.dynamic and self.strategy != "tensor":
+            raise ValueError(f"static activation scales are per tensor, not per {self.strategy}")
+        if self.dynamic and self.strategy != "token":
+            raise ValueError(f"dynamic activation scales are per token, not per {self.strategy}")
+        return self
+
+    @property
+    def qmax(self) -> float:
+        """The grid's half range: scale = max|x| / qmax (compressed-tensors: bit range / 2)."""
+        return FP8_MAX if self.type == "float" else 127.5
 
 
 class QuantScheme(BaseModel):
@@ -34,6 +84,9 @@ class QuantScheme(BaseModel):
     desc_act:     GPTQ act-order: quantize columns by decreasing Hessian diagonal (writes g_idx).
     static_groups: with desc_act, fix group parameters before reordering (keeps g_idx trivial order).
     skip:         fnmatch patterns of module names (full or last component) left in full precision.
+    type:         the weights' number type: int (integer codes) or float (FP8 e4m3 values).
+    strategy:     None (group or channel, from group_size) or "tensor" (one scale per weight; group_size -1).
+    input_activations: None (weight-only) or how activations are quantized at run time.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -44,6 +97,9 @@ class QuantScheme(BaseModel):
     desc_act: bool = False
     static_groups: bool = False
     skip: tuple[str, ...] = DEFAULT_SKIP
+    type: Literal["int", "float"] = "int"
+    strategy: Literal["tensor"] | None = None
+    input_activations: ActivationScheme | None = None
 
     @field_validator("group_size")
     @classmethod
@@ -53,6 +109,32 @@ class QuantScheme(BaseModel):
         if v > 0 and v % 32:
             raise ValueError(f"group_size must be a multiple of 32 (packing needs it), got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "QuantScheme":
+        if self.type == "float" and (self.bits != 8 or not self.sym or self.group_size != -1 or self.desc_act):
+            raise ValueError("float (FP8 e4m3) weights are 8-bit, symmetric, per channel or per tensor "
+                             "(bits 8, sym, group_size -1, no desc_act)")
+        if self.strategy == "tensor" and self.group_size != -1:
+            raise ValueError("per-tensor weights have no groups: group_size must be -1")
+        act = self.input_activations
+        if act is not None:
+            if self.bits != 8 or not self.sym or self.group_size != -1 or self.desc_act:
+                raise ValueError("8-bit activations go with 8-bit symmetric weights per channel or per tensor "
+                                 "(bits 8, sym, group_size -1, no desc_act), as W8A8 kernels compute them")
+            if act.type != self.type:
+                raise ValueError(f"{act.type} activations need {act.type} weights (got {self.type} weights)")
+        return self
+
+    @property
+    def weight_strategy(self) -> str:
+        """compressed-tensors' name for the weight grid: group, channel or tensor."""
+        return self.strategy or ("channel" if self.group_size == -1 else "group")
+
+    @property
+    def activation_static(self) -> bool:
+        """Calibrated (static) input scales: the method must measure them."""
+        return self.input_activations is not None and not self.input_activations.dynamic
 
     @property
     def maxq(self) -> int:
@@ -97,7 +179,15 @@ def make_scheme(preset: str | None = None, **overrides: Any) -> QuantScheme:
         if preset not in PRESETS:
             raise UnknownNameError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
         fields.update(PRESETS[preset])
-    fields.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if preset is not None and PRESETS[preset].get("input_activations"):
+        for key in ("bits", "group_size", "sym", "desc_act"):
+            if key in given and given[key] != PRESETS[preset].get(key, False):
+                flag = key.replace("_", "-") if key != "sym" else ("sym" if given[key] else "asym")
+                value = "" if key in ("sym", "desc_act") else f" {given[key]}"
+                raise SchemeError(f"--preset {preset} quantizes activations and fixes its weights at 8 bits, "
+                                  f"symmetric, per channel; --{flag}{value} conflicts with it")
+    fields.update(given)
     if "skip" in fields:
         fields["skip"] = tuple(fields["skip"])
     try:

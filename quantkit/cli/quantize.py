@@ -34,7 +34,7 @@ def quantize(
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Split the weights into shards of at most this size (2GB, 500MB, ...), with an index.", rich_help_panel=MODEL)] = "2GB",
     force: in_panel(Force, MODEL) = False,
     trust_remote_code: in_panel(TrustRemoteCode, MODEL) = False,
-    preset: Annotated[Optional[str], typer.Option("--preset", help="w4g128, w4g64, w4g32, w3g64 or w8.", rich_help_panel=SCHEME)] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", help="w4g128, w4g64, w4g32, w3g64, w8; weights and activations in 8 bits (compressed-tensors, for vLLM): w8a8, w8a8-static, fp8-dynamic, fp8.", rich_help_panel=SCHEME)] = None,
     bits: Annotated[Optional[int], typer.Option("--bits", help="2, 3, 4 or 8.", rich_help_panel=SCHEME)] = None,
     group_size: Annotated[Optional[int], typer.Option("--group-size", help="Inputs per (scale, zero); -1 = per channel.", rich_help_panel=SCHEME)] = None,
     sym: Annotated[Optional[bool], typer.Option("--sym/--asym", help="Symmetric or asymmetric grid.", rich_help_panel=SCHEME)] = None,

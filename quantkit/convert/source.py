@@ -44,6 +44,10 @@ def format_of(qc: dict[str, Any] | None) -> str:
                                f"sources are: {', '.join(FORMAT_NAMES)}")
     if fmt.name == "gptq":
         return "gptq-v2" if qc.get("checkpoint_format") == "gptq_v2" else "gptq"
+    if fmt.name == "compressed-tensors" and qc.get("format") != "pack-quantized":
+        raise ModelSourceError(f"compressed-tensors {qc.get('format')} checkpoints (8-bit weights with quantized "
+                               f"activations, W8A8 / FP8) have no weight-only equivalent to convert to; serve them as "
+                               f"they are (vLLM, quantkit.load) or quantize the float model again")
     return fmt.name
 
 

@@ -48,6 +48,28 @@ def _float_bits(folder: Path) -> float | None:
     return sum(e.nbytes for e in entries) * 8 / n if n else None
 
 
+def _activation_tag(qc: dict[str, Any]) -> str:
+    """", A8 int8 per token" (or fp8, static per tensor) for a compressed-tensors config that quantizes activations:
+    what the row's quality figures include."""
+    for group in (qc.get("config_groups") or {}).values():
+        act = group.get("input_activations") if isinstance(group, dict) else None
+        if act:
+            number = "fp8" if act.get("type") == "float" else "int8"
+            how = "per token" if act.get("dynamic") else f"static per {act.get('strategy')}"
+            return f", A8 {number} {how}"
+    return ""
+
+
+def _activation_short(qc: dict[str, Any]) -> str:
+    """"W8A8 int8 dyn", "FP8 static", ... for a compressed-tensors config that quantizes activations, else ""."""
+    for group in (qc.get("config_groups") or {}).values():
+        act = group.get("input_activations") if isinstance(group, dict) else None
+        if act:
+            kind = "FP8" if act.get("type") == "float" else "W8A8 int8"
+            return f"{kind} {'dyn' if act.get('dynamic') else 'static'}"
+    return ""
+
+
 def describe(path: str) -> dict[str, Any]:
     """Method, format and size of a model path, from its files (no weights loaded)."""
     from quantkit.paths import folder_size
@@ -69,11 +91,16 @@ def describe(path: str) -> dict[str, Any]:
     if qc:
         row["format"] = qc.get("quant_method")
         row["method"] = qc.get("quant_method")
+        if qc.get("quant_method") == "compressed-tensors":
+            row["format"] = f"compressed-tensors {qc.get('format')}{_activation_tag(qc)}"
     prov = p / "quantkit.json"
     if prov.is_file():
         meta = json.loads(prov.read_text())
         row["method"] = meta.get("method", row["method"])
         row["scheme"] = meta.get("scheme")
+    short = _activation_short(qc) if qc and qc.get("quant_method") == "compressed-tensors" else ""
+    if short:
+        row["method"] = f"{row['method']} {short}"  # the method column says that activations are quantized
     if qc and qc.get("quant_method") == "bitsandbytes" and row["method"] == "int8":
         row["method"] = "int8 (bnb LLM.int8)"  # not quantkit's own 8-bit weights (rtn/gptq w8, cpu-int8 kernel)
     try:

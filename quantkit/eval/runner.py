@@ -235,6 +235,8 @@ class Run:
         try:
             row.update(describe(name))
             model = self.load(row, self.kernel)
+            if "float-quantized" in str(row.get("format")) and not set(row["kernels"] or {}) - {"dense", "reference"}:
+                row["method"] = f"{row['method']} (dequantized: no FP8 kernel here)"  # the table says how FP8 ran
             if self.speed is not None:
                 self.measure_speed(model, row)
             if set(row["kernels"] or {}) - {"reference", "dense"}:  # a fast kernel rounds differently

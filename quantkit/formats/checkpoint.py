@@ -93,6 +93,8 @@ def check_finite(tensors: dict[str, Tensor]) -> None:
 
 
 def check_finite_one(name: str, t: Tensor) -> None:
+    if t.is_floating_point() and t.dtype.itemsize == 1:
+        t = t.float()  # FP8 has no isfinite of its own
     if t.is_floating_point() and not torch.isfinite(t).all():
         raise CheckpointError(f"tensor {name} holds NaN or Inf; refusing to write a broken checkpoint")
 

@@ -1,4 +1,5 @@
-"""compressed-tensors `pack-quantized` format (what llm-compressor writes and vLLM loads), integer weights only.
+"""compressed-tensors checkpoints (what llm-compressor writes and vLLM loads): `pack-quantized` integer weights
+(below), and 8-bit weights with quantized activations, `int-quantized` / `float-quantized` (`quantkit.formats.ct_naive`).
 
 Tensors of one quantized Linear (out, in), n_groups = in / group_size (1 for per channel):
     weight_packed:     (out, in*bits/32)        int32, codes packed along the *input* dim
@@ -25,11 +26,13 @@ import torch
 from torch import Tensor
 
 from quantkit.errors import CheckpointError
+from quantkit.formats.ct_naive import CTNaiveLayout
 from quantkit.formats.packing import pack_rows, unpack_rows
 from quantkit.grid import QuantizedWeight, trivial_g_idx
-from quantkit.scheme import QuantScheme
+from quantkit.scheme import ActivationScheme, QuantScheme
 
 CT_FORMAT = "pack-quantized"
+NAIVE_FORMATS = {"int": "int-quantized", "float": "float-quantized"}
 
 
 class CTLayout:
@@ -92,9 +95,31 @@ def _weights_args(qc: dict[str, Any]) -> dict[str, Any]:
     if len(weights) != 1:
         raise CheckpointError(f"compressed-tensors config with {len(weights)} weight groups; quantkit reads exactly one")
     w = weights[0]
-    if w.get("type", "int") != "int" or (w.get("dynamic") not in (None, False)):
-        raise CheckpointError("compressed-tensors: only static integer weights are supported by quantkit.load")
+    if w.get("dynamic") not in (None, False):
+        raise CheckpointError("compressed-tensors: dynamic weight quantization is not supported by quantkit.load")
     return w
+
+
+def _args(strategy: str, number: str, dynamic: bool, observer: str | None) -> dict[str, Any]:
+    """One compressed-tensors QuantizationArgs as llm-compressor serializes it (8-bit, symmetric)."""
+    return {"num_bits": 8, "type": number, "symmetric": True, "group_size": None, "strategy": strategy,
+            "block_structure": None, "dynamic": dynamic, "actorder": None, "scale_dtype": None, "zp_dtype": None,
+            "observer": observer, "observer_kwargs": {}}
+
+
+def _activations(qc: dict[str, Any]) -> ActivationScheme | None:
+    groups = qc.get("config_groups") or {}
+    acts = [g.get("input_activations") for g in groups.values() if isinstance(g, dict) and g.get("input_activations")]
+    if not acts:
+        return None
+    a = acts[0]
+    if a.get("num_bits", 8) != 8 or not a.get("symmetric", True):
+        raise CheckpointError("compressed-tensors: quantkit reads symmetric 8-bit input activations only")
+    try:
+        return ActivationScheme(type=a.get("type", "int"), strategy=a.get("strategy") or "token",
+                                dynamic=a.get("dynamic") not in (False, None))
+    except ValueError as e:
+        raise CheckpointError(f"compressed-tensors input_activations: {str(e).splitlines()[0]}") from None
 
 
 def _ignore_to_skip(ignore: list[str]) -> tuple[str, ...]:
@@ -115,6 +140,8 @@ class CTFormat:
     name: ClassVar[str] = "compressed-tensors"
 
     def quantization_config(self, scheme: QuantScheme, extra: dict[str, Any]) -> dict[str, Any]:
+        if scheme.input_activations is not None or scheme.type != "int" or scheme.strategy is not None:
+            return self.naive_config(scheme, extra)
         strategy = "channel" if scheme.group_size == -1 else "group"
         weights = {
             "num_bits": scheme.bits,
@@ -140,11 +167,35 @@ class CTFormat:
             "sparsity_config": {},
         }
 
-    def matches(self, qc: dict[str, Any]) -> bool:
-        return qc.get("quant_method") == "compressed-tensors" and qc.get("format") == CT_FORMAT
+    def naive_config(self, scheme: QuantScheme, extra: dict[str, Any]) -> dict[str, Any]:
+        """int-quantized / float-quantized, with input_activations (and the kv_cache_scheme, if any)."""
+        act = scheme.input_activations
+        fmt = NAIVE_FORMATS[scheme.type]
+        group = {"targets": ["Linear"], "weights": _args(scheme.weight_strategy, scheme.type, False, "minmax"),
+                 "input_activations": None if act is None else
+                 _args(act.strategy, act.type, act.dynamic, None if act.dynamic else "static_minmax"),
+                 "output_activations": None, "format": fmt}
+        return {
+            "quant_method": "compressed-tensors",
+            "format": fmt,
+            "quantization_status": "compressed",
+            "config_groups": {"group_0": group},
+            "ignore": list(extra.get("ignore", ["lm_head"])),
+            "kv_cache_scheme": extra.get("kv_cache_scheme"),
+            "global_compression_ratio": None,
+            "sparsity_config": {},
+        }
 
-    def read(self, qc: dict[str, Any]) -> tuple[CTLayout, QuantScheme]:
+    def matches(self, qc: dict[str, Any]) -> bool:
+        return qc.get("quant_method") == "compressed-tensors" and qc.get("format") in (
+            CT_FORMAT, *NAIVE_FORMATS.values(), "naive-quantized")
+
+    def read(self, qc: dict[str, Any]) -> tuple[CTLayout | CTNaiveLayout, QuantScheme]:
+        if qc.get("format") != CT_FORMAT:
+            return self.read_naive(qc)
         w = _weights_args(qc)
+        if w.get("type", "int") != "int":
+            raise CheckpointError("compressed-tensors pack-quantized: only integer weights are supported by quantkit.load")
         strategy = w.get("strategy") or ("group" if w.get("group_size") else "channel")
         if strategy not in ("group", "channel"):
             raise CheckpointError(f"compressed-tensors weight strategy {strategy!r} is not supported; group or channel is")
@@ -156,6 +207,23 @@ class CTFormat:
         except ValueError as e:
             raise CheckpointError(f"malformed compressed-tensors quantization_config: {str(e).splitlines()[0]}") from None
         return CTLayout(sym=scheme.sym, g_idx=w.get("actorder") in ("group", "dynamic")), scheme
+
+    def read_naive(self, qc: dict[str, Any]) -> tuple[CTNaiveLayout, QuantScheme]:
+        w = _weights_args(qc)
+        number, strategy = w.get("type", "int"), w.get("strategy") or "channel"
+        if w.get("num_bits", 8) != 8 or not w.get("symmetric", True) or strategy not in ("channel", "tensor"):
+            raise CheckpointError(f"compressed-tensors {qc.get('format')}: quantkit reads symmetric 8-bit weights per "
+                                  f"channel or per tensor (got {w.get('num_bits')}-bit {strategy}, "
+                                  f"symmetric={w.get('symmetric')})")
+        act = _activations(qc)
+        try:
+            scheme = QuantScheme(bits=8, group_size=-1, sym=True, type=number,
+                                 strategy="tensor" if strategy == "tensor" else None, input_activations=act,
+                                 skip=_ignore_to_skip(qc.get("ignore") or []))
+        except ValueError as e:
+            raise CheckpointError(f"malformed compressed-tensors quantization_config: {str(e).splitlines()[0]}") from None
+        layout = CTNaiveLayout(number, per_tensor=strategy == "tensor", static_input=act is not None and not act.dynamic)
+        return layout, scheme
 
     def side_files(self, qc: dict[str, Any]) -> dict[str, dict[str, Any]]:
         return {}

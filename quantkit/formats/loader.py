@@ -102,7 +102,7 @@ def load_packed(folder: Path, qc: dict[str, Any], device: torch.device | str = "
             raise CheckpointError(f"{folder}: {name} is a {type(lin).__name__}, not a Linear")
         # placeholders on meta: load_state_dict(assign=True) puts the checkpoint's tensors in their place
         qlin = QuantLinear(lin.in_features, lin.out_features, scheme.bits, scheme.group_size, scheme.sym,
-                           layout, bias=f"{name}.bias" in tensors, device="meta")
+                           layout, bias=f"{name}.bias" in tensors, device="meta", act=scheme.input_activations)
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, qlin)
     expected = dict(model.state_dict())
@@ -111,7 +111,7 @@ def load_packed(folder: Path, qc: dict[str, Any], device: torch.device | str = "
             raise CheckpointError(f"{folder}: unexpected tensor {k} (not part of {type(model).__name__})")
         if tuple(t.shape) != tuple(expected[k].shape):
             raise CheckpointError(f"{folder}: tensor {k} has shape {tuple(t.shape)}, expected {tuple(expected[k].shape)}")
-        if t.is_floating_point() and not k.endswith((".scales", ".weight_scale")):
+        if t.is_floating_point() and t.dtype.itemsize > 1 and not k.endswith((".scales", ".weight_scale", ".input_scale")):
             tensors[k] = t.to(dtype)
     missing = set(expected) - set(tensors)
     model.load_state_dict(tensors, strict=False, assign=True)

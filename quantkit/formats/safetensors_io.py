@@ -39,7 +39,8 @@ from quantkit.paths import durable_replace
 # torch dtype -> (safetensors code, rank). The rank is the position in safetensors' Rust `Dtype` enum,
 # which orders a file's tensors (largest rank first, then by name).
 DTYPES: dict[torch.dtype, tuple[str, int]] = {
-    torch.bool: ("BOOL", 0), torch.uint8: ("U8", 4), torch.int8: ("I8", 5), torch.int16: ("I16", 9),
+    torch.bool: ("BOOL", 0), torch.uint8: ("U8", 4), torch.int8: ("I8", 5), torch.float8_e4m3fn: ("F8_E4M3", 7),
+    torch.int16: ("I16", 9),
     torch.float16: ("F16", 11), torch.bfloat16: ("BF16", 12), torch.int32: ("I32", 13), torch.float32: ("F32", 15),
     torch.float64: ("F64", 16), torch.int64: ("I64", 17),
 }

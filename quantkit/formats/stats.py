@@ -9,6 +9,9 @@ function covers every format quantkit writes or reads:
                     weights = prod(shape) from the quant_state blob
   bitsandbytes int8: X.weight (int8) + X.SCB + X.weight_format
                     weights = numel(X.weight)
+  compressed-tensors: X.weight_scale + X.weight (int8 / fp8, int-/float-quantized) or X.weight_packed
+                    (pack-quantized), + X.weight_zero_point, X.weight_g_idx, X.weight_shape, X.input_scale
+                    weights = numel(X.weight), or weight_packed bits / num_bits
 
 bits_per_weight = every stored bit of those tensors (codes, scales, zeros, g_idx,
 absmax, double-quant tables, state blobs) / number of quantized weights. Biases are
@@ -29,6 +32,15 @@ from quantkit.formats.safetensors_io import CODE_BYTES as DTYPE_BYTES  # safeten
 from quantkit.formats.safetensors_io import header, read_one
 from quantkit.models.sources import read_config
 PACKED_PARTS = (".qweight", ".qzeros", ".scales", ".g_idx")
+CT_PARTS = (".weight", ".weight_packed", ".weight_scale", ".weight_zero_point", ".weight_g_idx", ".weight_shape",
+            ".input_scale")
+
+
+def _ct_bits(qc: dict[str, Any]) -> int:
+    for group in (qc.get("config_groups") or {}).values():
+        if isinstance(group, dict) and group.get("weights"):
+            return int(group["weights"].get("num_bits", 8))
+    return 8
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,13 @@ def quantized_groups(entries: dict[str, TensorEntry], qc: dict[str, Any]) -> dic
             n = math.prod(shape) if shape else entries[mod + ".weight"].nbytes * 2  # 2 codes per byte
             parts = [k for k in entries if k == mod + ".weight" or k.startswith(mod + ".weight.")]
             groups[mod] = (n, parts)
+        elif name.endswith(".weight_scale") and qc.get("quant_method") == "compressed-tensors":
+            mod = name.removesuffix(".weight_scale")
+            parts = [mod + s for s in CT_PARTS if mod + s in entries]
+            if mod + ".weight_packed" in entries:
+                groups[mod] = (entries[mod + ".weight_packed"].nbytes * 8 // _ct_bits(qc), parts)
+            elif mod + ".weight" in entries:
+                groups[mod] = (entries[mod + ".weight"].numel, parts)
         elif name.endswith(".SCB"):
             mod = name.removesuffix(".SCB")
             weight = entries.get(mod + ".weight")

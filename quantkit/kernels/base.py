@@ -47,6 +47,8 @@ class LayerSpec:
     g_idx: GIdxKind
     device_type: str       # "cpu", "cuda", ...
     dtype: torch.dtype     # the activations' (model's) dtype
+    number: str = "int"    # the weights' number type: int codes or float (FP8 e4m3) values
+    activations: str = ""  # "" (weight-only) or the input quantization: "int-token", "float-tensor", ...
 
     @property
     def effective_group(self) -> int:
@@ -69,10 +71,10 @@ def act_order_perm(g_idx: Tensor) -> Tensor:
     return torch.argsort(g_idx.to(torch.int64), stable=True)
 
 
-def spec_of(qw: QuantizedWeight, device: torch.device | str, dtype: torch.dtype) -> LayerSpec:
+def spec_of(qw: QuantizedWeight, device: torch.device | str, dtype: torch.dtype, activations: str = "") -> LayerSpec:
     out_f, in_f = qw.shape
     return LayerSpec(out_f, in_f, qw.bits, qw.group_size, qw.sym, g_idx_kind(qw.g_idx, in_f, qw.group_size),
-                     torch.device(device).type, dtype)
+                     torch.device(device).type, dtype, "float" if qw.is_float else "int", activations)
 
 
 def grid_zero_floats(qw: QuantizedWeight, mid: int) -> tuple[Tensor, Tensor]:
@@ -94,10 +96,14 @@ class KernelLinear(QuantLinear, ABC):
     quantizes_activations: ClassVar[bool] = False  # rounds activations to int8 (a looser tolerance)
     cacheable: ClassVar[bool] = False        # its buffers (+ cached_attrs) rebuild it: the packed-weight cache may keep them
     cached_attrs: ClassVar[tuple[str, ...]] = ()  # plain-int attributes `pack` sets besides buffers
+    # serves layers whose checkpoint quantizes their input activations (W8A8, FP8); the others are weight-only
+    serves_activations: ClassVar[bool] = False
+    numbers: ClassVar[tuple[str, ...]] = ("int",)  # weight number types it serves
 
     def __init__(self, qw: QuantizedWeight, layout: Layout, device: torch.device | str, dtype: torch.dtype,
                  **pack_kw: Tensor):
         nn.Module.__init__(self)  # deliberately not QuantLinear.__init__: no checkpoint buffers
+        self.act = None  # set by attach_activations for W8A8 / FP8 layers
         out_f, in_f = qw.shape
         self.in_features, self.out_features = in_f, out_f
         self.bits, self.group_size, self.sym = qw.bits, qw.group_size, qw.sym
@@ -156,9 +162,20 @@ class KernelLinear(QuantLinear, ABC):
             return missing
         if spec.device_type not in cls.devices:
             return f"runs on {'/'.join(cls.devices)} only, the model is on {spec.device_type}"
+        if spec.number not in cls.numbers:
+            return f"serves {'/'.join(cls.numbers)} weights, the layer's are {spec.number} (FP8)"
+        if spec.activations and not cls.serves_activations:
+            return f"weight-only kernel: the layer quantizes its input activations ({spec.activations})"
         return cls.refusal(spec)
 
+    def attach_activations(self, mod: QuantLinear) -> None:
+        """Carry the reference module's activation scheme (and static input scale) over to this kernel."""
+        self.act = getattr(mod, "act", None)
+        if self.act is not None and not self.act.dynamic:
+            self.register_buffer("input_scale", mod.input_scale.to(self._device()))
+
     def forward(self, x: Tensor) -> Tensor:
+        x = self.quantize_input(x) if not self.serves_activations else x
         lead = x.shape[:-1]
         y = self.matmul(x.reshape(-1, self.in_features))  # (M, out)
         if self.bias is not None:
@@ -179,6 +196,7 @@ class KernelLinear(QuantLinear, ABC):
             raise ValueError(f"record of kernel {record['kernel']!r} given to {cls.kernel_name!r}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
+        self.act = None  # cached kernels are weight-only
         self.in_features, self.out_features = int(record["in_features"]), int(record["out_features"])
         self.bits, self.group_size, self.sym = int(record["bits"]), int(record["group_size"]), bool(record["sym"])
         self.layout, self.dtype = layout, dtype

@@ -20,6 +20,7 @@ from quantkit.kernels.base import KernelError, KernelLinear, LayerSpec, spec_of
 from quantkit.kernels.cpu import CpuDynQuant4, CpuInt4, CpuInt8, CpuInt8Grouped, Dense
 from quantkit.kernels.cuda import CudaTinygemm, GPTQModelExllamaV2, GPTQModelMarlin, GPTQModelTorch
 from quantkit.kernels.unpack import fast_quantized
+from quantkit.kernels.w8a8 import FP8ScaledMM, W8A8Int8
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ AUTO = "auto"
 
 KERNELS: dict[str, type[KernelLinear]] = {k.kernel_name: k for k in (
     CpuInt4, CpuInt8, CpuInt8Grouped, CpuDynQuant4, CudaTinygemm, GPTQModelMarlin, GPTQModelExllamaV2, GPTQModelTorch,
-    Dense)}
+    W8A8Int8, FP8ScaledMM, Dense)}
 
 
 def kernel_names() -> list[str]:
@@ -80,11 +81,15 @@ def apply_kernels(model: nn.Module, kernel: str = AUTO, dtype: torch.dtype | Non
         for name, mod in targets:
             qw = fast_quantized(mod, codes=False)  # the grid; codes unpacked (or not) by the chosen kernel
             device = _module_device(mod)
-            cls = select_kernel(spec_of(qw, device, dtype), kernel, layer=name)
+            act = getattr(mod, "act", None)
+            tag = "" if act is None else f"{act.type}-{act.strategy}"
+            cls = select_kernel(spec_of(qw, device, dtype, tag), kernel, layer=name)
             if cls is None:
                 continue
+            new = cls.from_module(mod, qw, device, dtype)
+            new.attach_activations(mod)
             parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, cls.from_module(mod, qw, device, dtype))
+            setattr(model.get_submodule(parent), leaf, new)
             del mod, qw  # the checkpoint buffers go with the reference module
     used = kernels_used(model)
     if used:

@@ -89,6 +89,10 @@ class MethodBase(ABC):
     replaces_weights: ClassVar[bool] = False
     card_tags: ClassVar[tuple[str, ...]] = ()
     Options: ClassVar[type[BaseModel]] = NoOptions
+    # writes weight-and-activation schemes (W8A8, FP8: compressed-tensors int-/float-quantized) as well
+    activation_schemes: ClassVar[bool] = False
+    # measures static activation scales (a calibrated method) for w8a8-static / fp8
+    static_activations: ClassVar[bool] = False
 
     def calib_dtype(self, job: QuantJob) -> str:
         """The dtype blocks compute in while calibrated (float32 unless the method has a policy)."""
@@ -103,6 +107,19 @@ class MethodBase(ABC):
         if self.uses_scheme and scheme.bits not in self.scheme_bits:
             raise SchemeError(f"{self.name} stores {', '.join(map(str, self.scheme_bits))}-bit weights, "
                               f"got --bits {scheme.bits}")
+        special = scheme.input_activations is not None or scheme.type != "int" or scheme.strategy is not None
+        if special and not self.activation_schemes:
+            raise SchemeError(f"{self.name} writes weight-only checkpoints; 8-bit activation and FP8 schemes "
+                              f"need --method rtn, gptq or smoothquant")
+        if scheme.activation_static and not self.static_activations:
+            raise SchemeError(f"{self.name} has no calibration data to measure static activation scales; use "
+                              f"--method gptq or smoothquant (or a dynamic preset: w8a8, fp8-dynamic)")
+
+    def output_format(self, scheme: QuantScheme) -> str:
+        """The checkpoint format a run with `scheme` writes: compressed-tensors for activation and FP8 schemes
+        (int-quantized / float-quantized, what vLLM serves), else the method's own."""
+        special = scheme.input_activations is not None or scheme.type != "int" or scheme.strategy is not None
+        return "compressed-tensors" if special else self.formats[0]
 
     @abstractmethod
     def quantize(self, job: QuantJob) -> Any:
@@ -176,7 +193,7 @@ class WeightOnlyMethod(MethodBase):
                  extra: dict[str, Any]) -> PackedArtifact:
         """The one artifact build of every weight-only run, in memory or offloaded."""
         return PackedArtifact(model=loaded.model, tokenizer=loaded.tokenizer, quantized=results, scheme=job.scheme,
-                              fmt=self.formats[0], method=self.name, save_dtype=job.save_dtype, extra=extra,
+                              fmt=self.output_format(job.scheme), method=self.name, save_dtype=job.save_dtype, extra=extra,
                               stored=job.work.stored() if job.work else None)
 
     @abstractmethod
@@ -188,7 +205,7 @@ class WeightOnlyMethod(MethodBase):
         """The job's work folder as `run_sequential`'s store: finished blocks packed in this method's format."""
         if job.work is None:
             return None
-        fmt = get_format(self.formats[0])
+        fmt = get_format(self.output_format(job.scheme))
         layout = fmt.read(fmt.quantization_config(job.scheme, self.describe(job).get("options", {})))[0]
         return job.work.blocks(spec.blocks, layout.pack, job.save_dtype)
 

@@ -64,3 +64,26 @@ class AWQGPTQ(ComposedMethod):
     Options: ClassVar[type[BaseModel]] = composed_options("AWQGPTQOptions", steps)
     tokenizes_first = True
     replaces_weights = True
+
+
+class SmoothQuant(ComposedMethod):
+    name = "smoothquant"
+    description = ("SmoothQuant: activation outliers moved into the weights by per-channel scales (alpha measured "
+                   "per block), then GPTQ rounding; for W8A8 / FP8 presets (compressed-tensors)")
+    steps = ("smooth", "gptq-rounding")
+    Options: ClassVar[type[BaseModel]] = composed_options("SmoothQuantOptions", steps)
+    tokenizes_first = True
+    replaces_weights = True
+    activation_schemes = True
+    static_activations = True
+
+
+class SmoothQuantRTN(ComposedMethod):
+    name = "smoothquant-rtn"
+    description = ("SmoothQuant's smoothing (alpha measured per layer), then round-to-nearest: the fast W8A8 / FP8 "
+                   "path (dynamic activation presets; compressed-tensors)")
+    steps = ("smooth", "rtn-rounding")
+    Options: ClassVar[type[BaseModel]] = composed_options("SmoothQuantRTNOptions", steps)
+    tokenizes_first = True
+    replaces_weights = True
+    activation_schemes = True

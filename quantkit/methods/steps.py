@@ -26,6 +26,8 @@ from quantkit.plan import BlockWork, Geometry, Settings
 STEPS: dict[str, str] = {
     "awq-scales": "quantkit.methods.awq.steps:SCALES",
     "gptq-rounding": "quantkit.methods.gptq.steps:ROUNDING",
+    "smooth": "quantkit.methods.smoothquant.steps:SMOOTH",
+    "rtn-rounding": "quantkit.methods.rtn.steps:ROUNDING",
 }
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from quantkit.grid import QuantizedWeight, fit_grid, rtn_quantize
+from quantkit.grid import FP8_DTYPE, QuantizedWeight, fit_grid, fp8_values, quantize_weight, weight_grid
 from quantkit.compute import one_cpu_thread
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,13 @@ class GPTQParams:
     damp_retries: int = 3
     damp_growth: float = 10.0
     group_aware: bool = False
+    number: str = "int"          # "float": FP8 e4m3 values on a per-channel (or per-tensor) scale
+    per_tensor: bool = False     # one scale (and zero) for the whole weight (group_size -1)
+
+    @property
+    def plain(self) -> bool:
+        """Integer groups or channels: the grid `fit_grid` fits per row."""
+        return self.number == "int" and not self.per_tensor
 
 
 @dataclass
@@ -76,6 +83,7 @@ class HessianAccumulator:
     def __init__(self, n_features: int, device: torch.device | str, tile: int = 256):
         self.sum = torch.zeros(n_features, n_features, dtype=torch.float32, device=device)
         self.tokens = 0
+        self.absmax = torch.zeros((), dtype=torch.float32, device=device)  # max |x|: static activation scales
         k = -(-n_features // tile) if n_features >= 2 * tile else 1
         self.bounds = [n_features * i // k for i in range(k + 1)]  # tile edges, (k + 1,)
 
@@ -88,6 +96,8 @@ class HessianAccumulator:
             for j in range(i, len(b) - 1):
                 self.sum[b[i]:b[i + 1], b[j]:b[j + 1]].addmm_(xi.t(), x2[:, b[j]:b[j + 1]])
         self.tokens += x2.shape[0]
+        if x2.numel():
+            torch.maximum(self.absmax, x2.abs().amax(), out=self.absmax)
 
     def hessian(self) -> Tensor:
         """H = 2 XᵀX / n, (in, in) float32. Consumes the running sum (no copy)."""
@@ -186,7 +196,7 @@ def _gptq_quantize(weight: Tensor, h: Tensor, p: GPTQParams, bias: Tensor | None
     # Static groups: grids fitted once on the (dead-zeroed) weight in natural column order.
     static = p.static_groups and p.group_size != -1
     if static or p.group_size == -1:
-        s_all, z_all = _group_params(w, p, gs)  # (out, G)
+        s_all, z_all = _group_params(w, p, gs) if p.plain else weight_grid(w, p.bits, p.sym, p.number, p.per_tensor)
 
     perm: Tensor | None = None
     gar = p.group_aware and not p.desc_act and p.group_size != -1
@@ -203,7 +213,7 @@ def _gptq_quantize(weight: Tensor, h: Tensor, p: GPTQParams, bias: Tensor | None
     if upper is None:
         log.warning("GPTQ: Cholesky failed even with damp %.3g for a (%d, %d) weight; using RTN for it",
                     damp, out_f, in_f)
-        qw = rtn_quantize(weight, p.bits, p.group_size, p.sym, bias)
+        qw = quantize_weight(weight, p.bits, p.group_size, p.sym, p.number, p.per_tensor, bias)
         return GPTQResult(qw, float("nan"), 0.0, True)
     del h
 
@@ -224,6 +234,7 @@ def _gptq_quantize(weight: Tensor, h: Tensor, p: GPTQParams, bias: Tensor | None
     loss = torch.zeros((), dtype=torch.float64, device=device)
     diag = upper.diagonal()
     bs = max(1, p.block_size)
+    fp8 = p.number == "float"
 
     for i1 in range(0, in_f, bs):
         i2 = min(i1 + bs, in_f)
@@ -240,7 +251,7 @@ def _gptq_quantize(weight: Tensor, h: Tensor, p: GPTQParams, bias: Tensor | None
                 zeros[g] = z.squeeze(-1)
             s, z = scales[g], zeros[g]
             col = blk[i]
-            c = torch.clamp(torch.round(col / s) + z, 0, maxq)  # (out,)
+            c = fp8_values(col, s) if fp8 else torch.clamp(torch.round(col / s) + z, 0, maxq)  # (out,)
             codes_t[j] = c
             e = err[i]
             torch.sub(col, s * (c - z), out=e)
@@ -264,7 +275,7 @@ def _gptq_quantize(weight: Tensor, h: Tensor, p: GPTQParams, bias: Tensor | None
     if p.group_size == -1:
         g_idx = torch.zeros(in_f, dtype=torch.long, device=device)
     qw = QuantizedWeight(
-        codes=codes.to(torch.uint8).contiguous(),
+        codes=codes.to(FP8_DTYPE if fp8 else torch.uint8).contiguous(),
         scales=scales.t().contiguous(),
         zeros=zeros.t().to(torch.uint8).contiguous(),
         g_idx=g_idx.to(torch.int32),

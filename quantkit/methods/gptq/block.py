@@ -26,7 +26,7 @@ from torch import nn
 from quantkit.calib.hooks import HookSet
 from quantkit.calib.pipeline import BlockCalib, StopForward
 from quantkit.calib.shortcut import Shortcut
-from quantkit.grid import QuantizedWeight, rtn_quantize
+from quantkit.grid import QuantizedWeight, quantize_weight
 from quantkit.methods.gptq.algorithm import GPTQParams, HessianAccumulator, gptq_quantize, split_rows
 from quantkit.models.arch import ArchSpec, block_stages, expert_of
 from quantkit.models.moe import ExpertCoverage
@@ -81,7 +81,8 @@ class Replay:
 def collect_hessians(calib: BlockCalib, groups: list[_Group], stop_after_last: bool = True,
                      replay: Replay | None = None, capture: str | None = None,
                      tokens: list[int] | None = None,
-                     shortcut: Shortcut | None = None) -> tuple[list[torch.Tensor], Replay | None]:
+                     shortcut: Shortcut | None = None,
+                     absmax: list[float] | None = None) -> tuple[list[torch.Tensor], Replay | None]:
     """One pass over the calibration batches; returns H (in, in) per group, and the capture.
 
     Only each group's first Linear is hooked: the others read the same tensor. The pass
@@ -93,6 +94,7 @@ def collect_hessians(calib: BlockCalib, groups: list[_Group], stop_after_last: b
     the router never chose) then gets an all-zero H instead of an error.
     `shortcut`: records the (single) group Linear's inputs, and checks on the first batch that its
     parent's output is that Linear's (the batch then runs on to the parent's end).
+    `absmax`: filled with the largest |x| each group's input reached (static activation scales).
     """
     accs = [HessianAccumulator(g.modules[0].in_features, calib.device) for g in groups]
     recorded: list[tuple[tuple, dict[str, Any]]] = []
@@ -132,6 +134,8 @@ def collect_hessians(calib: BlockCalib, groups: list[_Group], stop_after_last: b
                 except StopForward:
                     pass
     captured = Replay(calib.block.get_submodule(capture), recorded) if capture else None
+    if absmax is not None:
+        absmax[:] = [float(a.absmax) for a in accs]
     if tokens is not None:
         tokens[:] = [a.tokens for a in accs]
         return [a.hessian() if a.tokens else a.sum for a in accs], captured
@@ -160,7 +164,8 @@ def rtn_group(calib: BlockCalib, group: _Group, params: GPTQParams) -> dict[str,
     """Round-to-nearest for a group calibration could not serve (an MoE expert too few tokens reached)."""
     out = {}
     for name, mod in zip(group.names, group.modules, strict=True):
-        qw = rtn_quantize(calib.master(mod), params.bits, params.group_size, params.sym, mod.bias)
+        qw = quantize_weight(calib.master(mod), params.bits, params.group_size, params.sym, params.number,
+                             params.per_tensor, mod.bias)
         mod.weight.data.copy_(qw.dequantize(mod.weight.dtype))
         out[name] = qw.cpu()
     return out
@@ -183,13 +188,16 @@ def quantize_group(calib: BlockCalib, group: _Group, h: torch.Tensor, params: GP
 
 def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPTQParams,
                true_sequential: bool, replay: bool = True,
-               coverage: ExpertCoverage | None = None, shortcuts: bool = True) -> dict[str, QuantizedWeight]:
+               coverage: ExpertCoverage | None = None, shortcuts: bool = True,
+               input_qmax: float | None = None) -> dict[str, QuantizedWeight]:
     """Quantize one block's target Linears (`targets`: full names); returns relative name -> weight.
 
     `coverage`: MoE expert policy and record (default: routed, 16 tokens at least).
     `shortcuts`: once a submodule's last Linear is quantized (o_proj), later passes replace the submodule by
     that Linear on its recorded inputs (quantkit.calib.shortcut; checked exact on the first batch) and this
     function computes the next block's inputs itself. The codes are the same either way.
+    `input_qmax`: static activation scheme: each Linear records input_scale = max|x| / input_qmax (fp16-rounded)
+    of the inputs it saw (the quantized model's, in true-sequential order).
     """
     prefix = f"{spec.blocks}.{calib.index}."
     keep = {n.removeprefix(prefix) for n in targets if n.startswith(prefix)}
@@ -199,12 +207,17 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
         return results
     coverage = coverage or ExpertCoverage()
 
-    def finish(stage: list[_Group], hs: list[torch.Tensor], tokens: list[int]) -> None:
-        for g, h, n in zip(stage, hs, tokens, strict=True):
+    def finish(stage: list[_Group], hs: list[torch.Tensor], tokens: list[int], amax: list[float]) -> None:
+        for g, h, n, m in zip(stage, hs, tokens, amax, strict=True):
             if g.expert is not None and not coverage.enough(prefix + g.expert, n):
-                results.update(rtn_group(calib, g, params))
+                done = rtn_group(calib, g, params)
             else:
-                results.update(quantize_group(calib, g, h, params))
+                done = quantize_group(calib, g, h, params)
+            if input_qmax is not None:
+                scale = torch.tensor([max(m, 1e-6) / input_qmax], dtype=torch.float32).half().float()
+                for qw in done.values():
+                    qw.input_scale = scale.clone()
+            results.update(done)
 
     t0 = time.perf_counter()
     done: list[Shortcut] = []  # submodules whose last Linear is quantized: later passes skip them
@@ -215,14 +228,15 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
             for k, st in enumerate(stages):
                 nxt = replay_parent(st, stages[k + 1]) if replay and k + 1 < len(stages) else None
                 tokens: list[int] = []
+                amax: list[float] = []
                 sc = (Shortcut.find(calib, st[0].names)
                       if shortcuts and len(st) == 1 and st[0].expert is None else None)
                 with ExitStack() as stack:
                     for d in done:
                         stack.enter_context(d.standing_in())
                     hs, previous = collect_hessians(calib, st, replay=previous, capture=nxt, tokens=tokens,
-                                                    shortcut=sc)
-                finish(st, hs, tokens)
+                                                    shortcut=sc, absmax=amax)
+                finish(st, hs, tokens, amax)
                 del hs
                 if sc is not None and sc.valid:
                     done.append(sc)
@@ -232,8 +246,8 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
                         stack.enter_context(d.standing_in())
                     calib.next_inputs = calib.forward(keep_outputs=True)
         else:
-            tokens = []
-            hs, _ = collect_hessians(calib, groups, tokens=tokens)
-            finish(groups, hs, tokens)
+            tokens, amax = [], []
+            hs, _ = collect_hessians(calib, groups, tokens=tokens, absmax=amax)
+            finish(groups, hs, tokens, amax)
     log.info("gptq block %d: %d Linears in %.1fs", calib.index, len(results), time.perf_counter() - t0)
     return results

@@ -54,17 +54,23 @@ def gptq_params(job: QuantJob) -> GPTQParams:
     s, o = job.scheme, job.options
     return GPTQParams(bits=s.bits, group_size=s.group_size, sym=s.sym, desc_act=s.desc_act,
                       static_groups=s.static_groups, damp=o.damp, block_size=o.block_size,
-                      damp_retries=o.damp_retries, group_aware=o.act_group_aware)
+                      damp_retries=o.damp_retries, group_aware=o.act_group_aware, number=s.type,
+                      per_tensor=s.weight_strategy == "tensor")
+
+
+def input_qmax(job: QuantJob) -> float | None:
+    """The activation grid's half range when the scheme calibrates static input scales, else None."""
+    return job.scheme.input_activations.qmax if job.scheme.activation_static else None
 
 
 def gptq_step(job: QuantJob, spec: ArchSpec, coverage: ExpertCoverage) -> BlockStep:
     """GPTQ rounding of a block's targets (in true-sequential order unless the option says otherwise)."""
-    params, o = gptq_params(job), job.options
+    params, o, qmax = gptq_params(job), job.options, input_qmax(job)
 
     def step(calib: Any, targets: set[str]) -> dict[str, Any]:
         prefix = f"{spec.blocks}.{calib.index}."
         return gptq_block(calib, spec, {prefix + n for n in targets}, params, o.true_sequential,
-                          coverage=coverage, shortcuts=o.shortcuts)
+                          coverage=coverage, shortcuts=o.shortcuts, input_qmax=qmax)
 
     return step
 
@@ -73,6 +79,8 @@ class GPTQ(BlockwiseMethod):
     name = "gptq"
     description = "GPTQ: second-order error compensation with calibration data (Frantar et al. 2022)"
     formats = ("gptq",)
+    activation_schemes = True
+    static_activations = True
     Options: ClassVar[type[BaseModel]] = GPTQOptions
     tokenizes_first = True
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from quantkit.grid import QuantizedWeight, rtn_quantize
+from quantkit.grid import QuantizedWeight, quantize_weight
 from quantkit.methods.base import QuantJob, WeightOnlyMethod
 from quantkit.models.arch import ArchSpec
 
@@ -15,13 +15,15 @@ class RTN(WeightOnlyMethod):
     name = "rtn"
     description = "round-to-nearest on a min/max grid per group; instant, no data"
     formats = ("gptq",)
+    activation_schemes = True
 
     def quantize_model(self, model: nn.Module, tokenizer: Any, spec: ArchSpec, layers: dict[str, nn.Linear],
                        job: QuantJob) -> dict[str, QuantizedWeight]:
         s = job.scheme
         out = {}
         for i, (name, lin) in enumerate(layers.items()):
-            out[name] = rtn_quantize(lin.weight, s.bits, s.group_size, s.sym, lin.bias)
+            out[name] = quantize_weight(lin.weight, s.bits, s.group_size, s.sym, s.type, s.weight_strategy == "tensor",
+                                        lin.bias)
             if job.progress:
                 job.progress("layers", i + 1, len(layers))
         return out

@@ -1,0 +1,270 @@
+"""W8A8 / FP8 benchmark (not a test): quantkit's 8-bit weight-and-activation rows on a real model, under the peers'
+protocol (/work/shared/peers/README.md), with the W8A8 CPU kernel's speed against the fp32 base in the same run.
+
+Protocol: 64 calibration windows x 512 tokens of wiki-vital's calibration part (random.Random(0)); evaluation on the
+first 40 non-overlapping 512-token windows of the test text, KL(base || model) over the full vocabulary, top-1
+agreement, ppl = exp(mean NLL), fp32. Quality is scored on the checkpoint's exact maths: `quantkit.load(...,
+kernel="dense")`, whose Linears quantize their input activations exactly as the checkpoint says (per token, or with
+the calibrated static scale) before the dequantized weight multiplies them. Every quantization runs in its own
+subprocess (its wall time, CPU time and peak RSS are its own). Speed: one process loads the fp32 base and each
+checkpoint on its served kernels (`kernel="auto"`: w8a8-int8 for int8 rows, dense/dequantized for FP8 on a CPU) and
+times them interleaved, median of the repeats: prefill = tokens/s of one forward over a batch of prompts, decode =
+tokens/s of greedy generation with the KV cache, batch 1.
+
+    .venv/bin/python benchmarks/w8a8.py                                  # smollm2-135m, default rows
+    .venv/bin/python benchmarks/w8a8.py --rows w8a8-smoothquant,fp8dyn-rtn --model gemma3-270m
+
+Rows are PRESET-METHOD (see ROWS). The Markdown table goes to benchmarks/results/w8a8[-TAG].md, one JSON line per
+row and run to benchmarks/results/w8a8.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+log = logging.getLogger("bench.w8a8")
+
+ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {  # row -> (method, preset, options)
+    "w8a8-rtn": ("rtn", "w8a8", {}),
+    "w8a8-gptq": ("gptq", "w8a8", {}),
+    "w8a8-smoothquant": ("smoothquant", "w8a8", {}),
+    "w8a8-smoothquant-rtn": ("smoothquant-rtn", "w8a8", {}),
+    "fp8dyn-smoothquant-rtn": ("smoothquant-rtn", "fp8-dynamic", {}),
+    "w8a8static-smoothquant": ("smoothquant", "w8a8-static", {}),
+    "fp8dyn-rtn": ("rtn", "fp8-dynamic", {}),
+    "fp8dyn-gptq": ("gptq", "fp8-dynamic", {}),
+    "fp8-gptq": ("gptq", "fp8", {}),
+}
+DEFAULT_ROWS = "w8a8-smoothquant,w8a8-gptq,w8a8-rtn,fp8dyn-rtn,fp8dyn-gptq"
+# llm-compressor 0.14.0.1 and bitsandbytes, measured by the peers' run (/work/shared/peers/results.md), not here
+PEERS = [
+    {"row": "llmc SmoothQuant(0.8)+GPTQ W8A8", "library": "llm-compressor 0.14.0.1 (peers)", "quant_s": 196.2,
+     "peak_rss_mib": 2237, "size_bytes": 223.8e6, "ppl": 15.055, "kl": 0.0147, "top1": 93.89},
+    {"row": "llmc FP8_DYNAMIC", "library": "llm-compressor 0.14.0.1 (peers)", "quant_s": 0.4, "peak_rss_mib": 2089,
+     "size_bytes": 223.8e6, "ppl": 15.182, "kl": 0.0267, "top1": 91.30},
+    {"row": "bnb LLM.int8 (weights only)", "library": "bitsandbytes 0.50.2 (peers)", "quant_s": 5.7,
+     "peak_rss_mib": 1034, "size_bytes": 223.8e6, "ppl": 15.020, "kl": 0.0180, "top1": 92.97},
+]
+
+
+def _peak_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+# ------------------------------------------------------------------------------------------- children
+def child_quantize(a: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(a.threads)
+    t0 = time.perf_counter()
+    from quantkit.api import quantize
+
+    method, preset, options = ROWS[a.child]
+    summary = quantize(a.model, method, a.child_out, scheme=preset, options=options, device="cpu",
+                       calib={"dataset": "wiki-vital", "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": 0})
+    return {"quant_s": summary["quantize_seconds"], "process_s": time.perf_counter() - t0, "cpu_s": _cpu_s(),
+            "peak_rss_mib": _peak_mib(), "size_bytes": summary["size_bytes"]}
+
+
+def child_score(a: argparse.Namespace) -> dict[str, Any]:
+    """ppl, KL, top-1 of every checkpoint (comma list) against the base, all on the same windows, exact maths."""
+    import torch
+
+    torch.set_num_threads(a.threads)
+    import quantkit
+    from quantkit.calib.data import test_windows
+    from quantkit.eval.quality import evaluate
+    from quantkit.models.sources import load_model, resolve
+
+    base, tok = load_model(resolve(a.model), torch.float32)
+    windows = test_windows(tok, seqlen=512, max_windows=a.windows)
+    folders = [f for f in a.child_out.split(",") if f]
+    models = [base] + [quantkit.load(f, dtype=torch.float32, kernel="dense").eval() for f in folders]
+    q = evaluate(models, windows, base=base)
+    out = {"base": {"ppl": q[0].ppl}}
+    out.update({f: {"ppl": r.ppl, "kl": r.kl, "top1": r.top1} for f, r in zip(folders, q[1:])})
+    return out
+
+
+def _prefill(model, ids) -> float:
+    import torch
+
+    with torch.no_grad():
+        t = time.perf_counter()
+        model(ids, use_cache=False)
+        return ids.numel() / (time.perf_counter() - t)
+
+
+def _decode(model, prompt, new: int) -> float:
+    import torch
+
+    with torch.no_grad():
+        out = model(prompt, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        t = time.perf_counter()
+        for _ in range(new):
+            out = model(nxt, past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        return new / (time.perf_counter() - t)
+
+
+def child_speed(a: argparse.Namespace) -> dict[str, Any]:
+    """Prefill and decode tokens/s of the base and each checkpoint on its served kernels, interleaved."""
+    import torch
+
+    torch.set_num_threads(a.threads)
+    import quantkit
+    from quantkit.kernels import kernels_used
+    from quantkit.models.sources import load_model, resolve
+
+    base, _ = load_model(resolve(a.model), torch.float32)
+    names = ["base"] + [f for f in a.child_out.split(",") if f]
+    models = {"base": base.eval()}
+    kernels = {"base": "fp32"}
+    for f in names[1:]:
+        models[f] = quantkit.load(f, dtype=torch.float32, kernel="auto").eval()
+        kernels[f] = ",".join(sorted(kernels_used(models[f])))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 20000, (a.prefill_batch, a.prefill_len), generator=gen)
+    prompt = ids[:1, :64]
+    pre: dict[str, list[float]] = {n: [] for n in names}
+    dec: dict[str, list[float]] = {n: [] for n in names}
+    for n in names:  # warm-up
+        _prefill(models[n], ids[:, :32])
+        _decode(models[n], prompt, 4)
+    for _ in range(a.repeats):
+        for n in names:
+            pre[n].append(_prefill(models[n], ids))
+            dec[n].append(_decode(models[n], prompt, a.decode_tokens))
+    return {n: {"prefill_tps": statistics.median(pre[n]), "decode_tps": statistics.median(dec[n]),
+                "kernels": kernels[n]} for n in names}
+
+
+def spawn(args: list[str]) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, *args]
+    log.info("running %s", " ".join(cmd))
+    res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False, cwd=ROOT)
+    if res.returncode:
+        raise SystemExit(f"{' '.join(args[:2])} failed with exit code {res.returncode}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------------- table
+def markdown(rows: list[dict[str, Any]], base: dict[str, Any], a: argparse.Namespace, seconds: float) -> str:
+    lines = [
+        f"# W8A8 and FP8 on {a.model}: {a.nsamples} x {a.seqlen} calibration tokens (wiki-vital, seed 0)",
+        "",
+        f"Eval: first {a.windows} non-overlapping 512-token windows of wiki-vital's test text; KL(base || model) over "
+        f"the full vocabulary; fp32, {a.threads} threads, {platform.machine()} CPU; activations quantized as each "
+        f"checkpoint says (exact maths, dense kernel). Speed: `kernel=auto` (the kernels column), prefill = one forward "
+        f"over {a.prefill_batch} x {a.prefill_len} tokens, decode = greedy generation of {a.decode_tokens} tokens "
+        f"after a 64-token prompt, batch 1; median of {a.repeats} interleaved repeats; x base = ratio to the fp32 base "
+        f"in the same process. All quantkit rows ran in one `benchmarks/w8a8.py` run (total {seconds / 60:.1f} min) "
+        f"on a shared 2-core machine: compare times as ratios. Peer rows are the peers' figures "
+        f"(/work/shared/peers/results.md), not re-measured here.",
+        "",
+        f"Command: `.venv/bin/python benchmarks/w8a8.py --model {a.model} --rows {a.rows}`",
+        "",
+        "| row | library | quant s | quant CPU s | peak RSS MiB | ckpt MB | ppl | KL | top-1 % | kernels "
+        "| prefill tok/s (x base) | decode tok/s (x base) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        f"| fp32 base | - | - | - | - | - | {base['ppl']:.3f} | 0 | 100.00 | fp32 | {base['prefill_tps']:.0f} | "
+        f"{base['decode_tps']:.1f} |",
+    ]
+    for r in rows:
+        speed = (f"{r['kernels']} | {r['prefill_tps']:.0f} ({r['prefill_tps'] / base['prefill_tps']:.2f}x) | "
+                 f"{r['decode_tps']:.1f} ({r['decode_tps'] / base['decode_tps']:.2f}x)") if "kernels" in r else "- | - | -"
+        cpu = f"{r['cpu_s']:.0f}" if "cpu_s" in r else "-"
+        lines.append(f"| {r['row']} | {r['library']} | {r['quant_s']:.1f} | {cpu} | {r['peak_rss_mib']:.0f} | "
+                     f"{r['size_bytes'] / 1e6:.1f} | {r['ppl']:.3f} | {r['kl']:.4f} | {r['top1']:.2f} | {speed} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--rows", default=DEFAULT_ROWS)
+    ap.add_argument("--nsamples", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prefill-batch", type=int, default=4)
+    ap.add_argument("--prefill-len", type=int, default=128)
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--total-minutes", type=float, default=0.0, help="with --render: the run's total time")
+    ap.add_argument("--keep", type=Path, help="keep the checkpoints in this folder (default: a temporary one)")
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--render", metavar="WHEN", help="only rewrite the Markdown of the run stamped WHEN in w8a8.jsonl")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--child-kind", choices=["quantize", "score", "speed"], help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if a.child_kind:
+        fn = {"quantize": child_quantize, "score": child_score, "speed": child_speed}[a.child_kind]
+        print(json.dumps(fn(a)))
+        return
+    if a.render:
+        lines = [json.loads(x) for x in (RESULTS / "w8a8.jsonl").read_text().splitlines() if x.strip()]
+        run = [x for x in lines if x["when"] == a.render and x["model"] == a.model]
+        base = next(x for x in run if x["row"] == "fp32 base")
+        rows = [x for x in run if x["row"] != "fp32 base"]
+        text = markdown(rows + (PEERS if a.model == "smollm2-135m" else []), base, a, a.total_minutes * 60)
+        (RESULTS / f"w8a8{'-' + a.tag if a.tag else ''}.md").write_text(text)
+        print(text)
+        return
+    t0 = time.perf_counter()
+    common = ["--model", a.model, "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--windows",
+              str(a.windows), "--threads", str(a.threads), "--prefill-batch", str(a.prefill_batch), "--prefill-len",
+              str(a.prefill_len), "--decode-tokens", str(a.decode_tokens), "--repeats", str(a.repeats)]
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="quantkit-bench-w8a8-") as tmp:
+        work = a.keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        for row in [r for r in a.rows.split(",") if r]:
+            out = str(work / row)
+            r = spawn(["--child", row, "--child-kind", "quantize", "--child-out", out, *common])
+            rows.append({"row": row, "library": "quantkit", "out": out, **r})
+            log.info("%s: %s", row, rows[-1])
+        outs = ",".join(r["out"] for r in rows)
+        scores = spawn(["--child", "all", "--child-kind", "score", "--child-out", outs, *common])
+        speeds = spawn(["--child", "all", "--child-kind", "speed", "--child-out", outs, *common])
+    for r in rows:
+        r.update(scores[r["out"]])
+        r.update(speeds[r["out"]])
+    base = {**scores["base"], **speeds["base"]}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%d %H:%M")
+    with (RESULTS / "w8a8.jsonl").open("a") as fh:
+        fh.write(json.dumps({"when": stamp, "model": a.model, "row": "fp32 base", **base}) + "\n")
+        for r in rows:
+            fh.write(json.dumps({"when": stamp, "model": a.model, **{k: v for k, v in r.items() if k != "out"}}) + "\n")
+    text = markdown(rows + (PEERS if a.model == "smollm2-135m" else []), base, a, time.perf_counter() - t0)
+    (RESULTS / f"w8a8{'-' + a.tag if a.tag else ''}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

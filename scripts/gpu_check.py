@@ -60,14 +60,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def setup_logging(out: Path) -> None:
+def setup_logging(out: Path) -> list[logging.Handler]:
+    """INFO and above to stderr and to OUT/gpu-check.log; returns the handlers (main removes them at its end)."""
     out.mkdir(parents=True, exist_ok=True)
     fmt = logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s", "%H:%M:%S")
     root = logging.getLogger()
     root.setLevel(logging.INFO)
-    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(out / "gpu-check.log", mode="w")):
+    handlers = [logging.StreamHandler(sys.stderr), logging.FileHandler(out / "gpu-check.log", mode="w")]
+    for handler in handlers:
         handler.setFormatter(fmt)
         root.addHandler(handler)
+    return handlers
 
 
 def profile_for(args: argparse.Namespace) -> build.Profile:
@@ -219,7 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     work = (args.work or Path(os.environ.get("GPU_CHECK_WORK") or Path(tempfile.gettempdir()) / "quantkit-gpu-check"))
     work = work.resolve()
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    setup_logging(out)
+    handlers = setup_logging(out)
+    try:
+        return run(args, device, out, work, t_start)
+    finally:
+        for handler in handlers:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+
+
+def run(args: argparse.Namespace, device: torch.device, out: Path, work: Path, t_start: float) -> int:
     prof = profile_for(args)
     budget_s = args.budget if args.budget is not None else (300.0 if args.dry_run else 450.0)
     steps = Steps(Budget(budget_s), quantkit_cmd(), cli_env(work), work / "logs")

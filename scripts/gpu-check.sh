@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${GPU_CHECK_VENV:-.venv-gpucheck}
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1   # nothing is fetched, whatever the network
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TQDM_DISABLE=1  # nothing is fetched; no bars
 
 dry=0
 for a in "$@"; do [ "$a" = "--dry-run" ] && dry=1; done

@@ -70,6 +70,7 @@ def setup_logging(out: Path) -> list[logging.Handler]:
     for handler in handlers:
         handler.setFormatter(fmt)
         root.addHandler(handler)
+    logging.getLogger("quantkit").setLevel(logging.WARNING)  # the in-process loads' "kernels: ..." lines
     return handlers
 
 

@@ -2,7 +2,7 @@
 
 `check_kernels` walks `quantkit.kernels.KERNELS` (a kernel added to the registry later is checked with no
 edit here) over the Linear shapes of the models the run uses, the schemes below, the GPTQ and AWQ layouts
-and two activation dtypes, with the tolerances of tests/unit/test_kernels.py (one table for both).
+and the activation dtypes of `check_dtypes`, with the tolerances of tests/unit/test_kernels.py (one table for both).
 `logit_check` compares a checkpoint's logits on the served kernels (kernel="auto") with the reference module's.
 """
 
@@ -47,7 +47,8 @@ class KernelSummary:
 
 
 def check_dtypes(device: torch.device) -> tuple[torch.dtype, ...]:
-    return (torch.float16, torch.bfloat16) if device.type == "cuda" else (torch.float32, torch.bfloat16)
+    """The unit tests' float32 and bfloat16, and on CUDA float16 too (what eval runs there)."""
+    return (torch.float32, torch.float16, torch.bfloat16) if device.type == "cuda" else (torch.float32, torch.bfloat16)
 
 
 def _case_name(shape: tuple[int, int], scheme: tuple, layout, dtype: torch.dtype) -> str:
@@ -95,13 +96,13 @@ def check_kernels(shapes: list[tuple[int, int]], device: torch.device) -> list[K
 
 def _one_case(summary: KernelSummary, cls, ref: QuantLinear, layout, device: torch.device, dtype: torch.dtype,
               spec, xs: list[torch.Tensor], wants: list[torch.Tensor], case: str) -> None:
-    reason = cls.check(spec)
-    if reason is not None:
-        summary.refused += 1
-        summary.note = summary.note or f"refuses {case}: {reason}"
-        return
-    tol = tolerance(cls, dtype)
     try:
+        reason = cls.check(spec)
+        if reason is not None:
+            summary.refused += 1
+            summary.note = summary.note or f"refuses {case}: {reason}"
+            return
+        tol = tolerance(cls, dtype)
         mod = cls(ref.quantized(), layout, device, dtype)
         with torch.no_grad():
             for x, want in zip(xs, wants):

@@ -154,10 +154,12 @@ def check_kernels(steps: Steps, models: dict[str, tuple[Path, dict]], device: to
     return kernelcheck.summaries_json(summaries), shapes
 
 
-def check_model(steps: Steps, label: str, folder: Path, prof: build.Profile, corpus: Path, work: Path,
-                device: torch.device, eval_dtype: torch.dtype) -> list[dict]:
+def check_model(steps: Steps, label: str, folder: Path, config: dict, prof: build.Profile, corpus: Path,
+                work: Path, device: torch.device, eval_dtype: torch.dtype) -> list[dict]:
     """quantize x methods, one eval of the base and the checkpoints, the logit checks: this model's rows."""
     from gpucheck.kernelcheck import logit_check
+
+    preset = build.preset_for(build.linear_shapes(config), prof.preset)
 
     ckdir = work / "checkpoints" / label
     ckdir.mkdir(parents=True, exist_ok=True)
@@ -167,7 +169,7 @@ def check_model(steps: Steps, label: str, folder: Path, prof: build.Profile, cor
     for method in prof.methods:
         ck = ckdir / method
         quants[method] = steps.cli(f"{label} quantize {method}", [
-            "quantize", str(folder), "--method", method, "--preset", prof.preset, "--device", str(device),
+            "quantize", str(folder), "--method", method, "--preset", preset, "--device", str(device),
             *calib, "--out", str(ck), "--force", "--quiet", "--json", str(ckdir / f"{method}.json")],
             json_out=ckdir / f"{method}.json")
     made = [m for m in prof.methods if quants[m] is not None]
@@ -181,7 +183,7 @@ def check_model(steps: Steps, label: str, folder: Path, prof: build.Profile, cor
     evrows = {r["model"]: r for r in (ev or {}).get("rows", [])}
     rows = []
     base = evrows.get(str(folder))
-    rows.append(method_row(label, f"base ({str(eval_dtype).removeprefix('torch.')})", None, base, None,
+    rows.append(method_row(label, f"base ({str(eval_dtype).removeprefix('torch.')})", "—", None, base, None,
                            _row_failures(base, None, ev is not None)))
     for method in prof.methods:
         path = ckdir / method
@@ -192,7 +194,7 @@ def check_model(steps: Steps, label: str, folder: Path, prof: build.Profile, cor
         evrow = evrows.get(str(path))
         failed = [] if quants[method] is not None else ["quantize failed"]
         failed += _row_failures(evrow, logits, ev is not None and quants[method] is not None)
-        rows.append(method_row(label, method, quants[method], evrow, logits, failed))
+        rows.append(method_row(label, method, preset, quants[method], evrow, logits, failed))
     return rows
 
 
@@ -246,8 +248,8 @@ def run(args: argparse.Namespace, device: torch.device, out: Path, work: Path, t
 
     eval_dtype = resolve_dtype(None, device)
     rows = []
-    for label, (folder, _) in models.items():
-        rows += check_model(steps, label, folder, prof, corpus, work, device, eval_dtype)
+    for label, (folder, config) in models.items():
+        rows += check_model(steps, label, folder, config, prof, corpus, work, device, eval_dtype)
     row_failures = [f"{r['model']} {r['method']}: {'; '.join(r['failures'])}" for r in rows if r["failures"]]
     failures = steps.failures + steps.extra + row_failures
     from gpucheck.kernelcheck import SCHEMES, check_dtypes

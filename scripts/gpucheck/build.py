@@ -125,3 +125,13 @@ def linear_shapes(config: dict) -> list[tuple[int, int]]:
     shapes = [(heads * head_dim, hidden), (hidden, heads * head_dim), (kv * head_dim, hidden),
               (inter, hidden), (hidden, inter)]
     return list(dict.fromkeys(shapes))
+
+
+def preset_for(shapes: list[tuple[int, int]], preferred: str) -> str:
+    """`preferred` (w4gN) where N divides every Linear's inputs, else the largest of w4g128/64/32 that does
+    (smollm2-135m's 576-wide inputs take w4g64)."""
+    groups = [int(preferred.split("g")[1])] + [128, 64, 32]
+    group = next((g for g in groups if all(i % g == 0 for _, i in shapes)), None)
+    if group is None:
+        raise RuntimeError(f"no 4-bit group size of 128, 64 or 32 divides the inputs of {shapes}")
+    return f"w4g{group}"

@@ -11,7 +11,7 @@ from typing import Any
 
 SCHEMA = 1
 COLUMNS = [  # (key, header, format)
-    ("model", "model", "s"), ("method", "method", "s"), ("quantize_s", "quantize s", ".1f"),
+    ("model", "model", "s"), ("method", "method", "s"), ("scheme", "scheme", "s"), ("quantize_s", "quantize s", ".1f"),
     ("quantize_peak_mib", "quantize peak MiB", ".0f"), ("eval_peak_mib", "eval peak MiB", ".0f"),
     ("ppl", "ppl", ".3f"), ("kl", "KL", ".4f"), ("ttft_ms", "TTFT ms", ".1f"), ("tps", "TPS", ".1f"),
     ("throughput_tps", "batch tok/s", ".1f"), ("kernels", "kernel", "s"),
@@ -32,11 +32,11 @@ def kernels_cell(kernels: dict[str, int] | None) -> str:
     return ", ".join(f"{k} ×{v}" for k, v in sorted(kernels.items())) if kernels else "—"
 
 
-def method_row(model: str, method: str, quant: dict | None, evalrow: dict | None, logits: dict | None,
-               failed: list[str]) -> dict[str, Any]:
+def method_row(model: str, method: str, scheme: str, quant: dict | None, evalrow: dict | None,
+               logits: dict | None, failed: list[str]) -> dict[str, Any]:
     """One row of the table from a quantize --json summary, an eval --json row and a logit check."""
     ev = evalrow or {}
-    row = {"model": model, "method": method,
+    row = {"model": model, "method": method, "scheme": scheme,
            "quantize_s": quant.get("quantize_seconds") if quant else None,
            "quantize_peak_mib": mib(quant.get("peak_device_bytes")) if quant else None,
            "eval_peak_mib": mib(ev.get("peak_bytes")), "ppl": ev.get("ppl"), "kl": ev.get("kl"),
@@ -81,7 +81,7 @@ def markdown(result: dict[str, Any]) -> str:
         md_table(result["rows"], COLUMNS),
         "",
         f"Models: {', '.join(result['models'])}. Random weights, so ppl is near the vocabulary size and only the "
-        f"columns' presence and KL's smallness mean anything. {prof['preset']}; calibration {prof['nsamples']} × "
+        f"columns' presence and KL's smallness mean anything. Calibration {prof['nsamples']} × "
         f"{prof['seqlen']} tokens of the tree's Markdown; eval {prof['eval_windows']} windows of "
         f"{prof['eval_seqlen']} tokens in {result['eval_dtype']}, speed: prompt {prof['prompt_len']}, "
         f"{prof['gen_tokens']} new tokens, batch {prof['speed_batch']}, median of {prof['repeats']}. "

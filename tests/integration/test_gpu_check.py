@@ -69,7 +69,7 @@ def test_dry_run_on_cpu_runs_every_step(tmp_path):
         assert 0 <= row["kl"] < 1
         assert row["kernels"] == {"cpu-int4": 14}  # 2 blocks x 7 Linears, served by the fast kernel
         assert 0 < row["rel_dlogit"] < kernelcheck.FAST_LOGIT_TOL and row["max_abs_dlogit"] > 0
-        assert row["status"] == "ok"
+        assert row["status"] == "ok" and row["scheme"] == "w4g128"
 
     walked = {k["kernel"]: k for k in result["kernels"]}
     assert set(walked) == {name for name, cls in KERNELS.items() if "cpu" in cls.devices}
@@ -79,7 +79,7 @@ def test_dry_run_on_cpu_runs_every_step(tmp_path):
 
     md = (tmp_path / "out" / "gpu-check.md").read_text()
     assert md.startswith("# quantkit GPU check: PASS")
-    assert "| model | method | quantize s | quantize peak MiB |" in md
+    assert "| model | method | scheme | quantize s | quantize peak MiB |" in md
     assert "| llama-tiny | gptq |" in r.stdout  # the table is printed too
 
 
@@ -120,3 +120,7 @@ def test_linear_shapes_of_the_1b_profile():
 
     cfg = build.llama_config(build.GPU).to_dict()
     assert build.linear_shapes(cfg) == [(2048, 2048), (256, 2048), (5632, 2048), (2048, 5632)]
+    assert build.preset_for(build.linear_shapes(cfg), "w4g128") == "w4g128"
+    smollm2 = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3}
+    assert build.linear_shapes(smollm2) == [(576, 576), (192, 576), (1536, 576), (576, 1536)]
+    assert build.preset_for(build.linear_shapes(smollm2), "w4g128") == "w4g64"  # 128 does not divide 576

@@ -149,8 +149,8 @@ def check_kernels(steps: Steps, models: dict[str, tuple[Path, dict]], device: to
             steps.extra.append(f"kernel {s.kernel}: {len(s.failures)} case(s) off: {s.failures[0]}")
     fast = [s for s in summaries if s.kernel != "dense" and s.served]
     if summaries and not fast:
-        steps.extra.append(f"no fast kernel served any case on {device}: "
-                                    + "; ".join(f"{s.kernel}: {s.status} {s.note}" for s in summaries))
+        why = "; ".join(f"{s.kernel}: {s.status} {s.note}" for s in summaries)
+        steps.extra.append(f"no fast kernel served any case on {device}: {why}")
     return kernelcheck.summaries_json(summaries), shapes
 
 

@@ -30,7 +30,10 @@ log = logging.getLogger("gpucheck.kernels")
 SCHEMES = [(4, 128, False, False), (4, 64, False, False), (4, 64, True, False), (4, 64, False, True),
            (3, 64, False, False), (8, -1, False, False), (8, 64, False, False)]
 ROWS = (1, 33)                # activation rows: one decode token, and a prefill-sized odd batch
-FAST_LOGIT_TOL = 5e-2         # ||Δlogits|| / ||logits|| through a whole model on a bf16/fp16 kernel
+# ||Δlogits|| / ||logits|| through a whole model on a bf16/fp16 kernel: rounding compounds over the layers
+# (smollm2-135m RTN w4g64 on cpu-int4 measured 6.7e-2 on 16 tokens, 3.9e-2 in benchmarks/results/kernels.md),
+# a wrong packing gives about 1. The per-layer walk holds each kernel to its compute dtype's tight tolerance.
+FAST_LOGIT_TOL = 0.15
 EXACT_LOGIT_TOL = 1e-4        # reference or dense: the same maths
 
 

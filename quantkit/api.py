@@ -93,7 +93,7 @@ def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantSc
     Calibrated methods keep finished blocks in `OUT.partial/` until the save: `resume` None continues
     a matching one (a killed run), False deletes it and starts over.
     Before anything is loaded, the memory plan must fit (`quantkit.memcheck`; QUANTKIT_MEMORY_LIMIT).
-    Returns a summary: method, output path, scheme, timings and size on disk.
+    Returns a summary: method, output path, scheme, timings, size on disk and (on CUDA) peak device memory.
     """
     out = Path(out)
     check_output(out, force)  # fail before any expensive work
@@ -105,10 +105,14 @@ def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantSc
     work = WorkFolder(out, lambda: run_fingerprint(job, method), resume) if getattr(impl, "resumable", False) else None
     job.work = work
     torch.manual_seed(job.calib.seed)
+    on_cuda = job.device.type == "cuda"
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(job.device)
     t0 = time.perf_counter()
     try:
         artifact = impl.quantize(job)
         t_quant = time.perf_counter() - t0
+        peak_device = torch.cuda.max_memory_allocated(job.device) if on_cuda else None
         with atomic_dir(out, force=force) as tmp:
             artifact.save(tmp, shard_bytes)
     except BaseException as exc:
@@ -133,6 +137,7 @@ def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantSc
         "files": sorted(p.name for p in out.iterdir()),
         "resume": work.summary() if work is not None else None,
         "memory_plan_peak_bytes": memory.host if memory is not None else None,
+        "peak_device_bytes": peak_device,  # CUDA: torch.cuda.max_memory_allocated while quantizing; None on CPU
     }
     if "moe" in artifact.extra:  # MoE: calibration tokens per expert, and the experts that fell back to RTN
         summary["moe"] = artifact.extra["moe"]

@@ -41,7 +41,7 @@ llamacpp: setup
 
 # Optional: llama.cpp's llama-quantize / llama-imatrix / llama-perplexity (and ggml-ref-quant, ggml's own quantizer
 # on raw rows) in .llamacpp/bin, built from the llama-cpp-python sdist's vendored llama.cpp (about 15 minutes on
-# 2 cores): the judge of benchmarks/gguf.py and the reference of tests/unit/test_gguf_vs_ggml.py.
+# 2 cores): the judge of benchmarks/gguf_judge.py and the reference of tests/unit/test_gguf_vs_ggml.py.
 llamacpp-tools: setup
 	PYTHON=$(BIN)/python CMAKE_BUILD_PARALLEL_LEVEL=2 bash scripts/setup-llamacpp-tools.sh
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds llama.cpp's command-line tools (llama-quantize, llama-imatrix, llama-perplexity) into .llamacpp/bin
 # from the llama.cpp source that the llama-cpp-python sdist vendors, plus ggml-ref-quant (scripts/ggml-ref-quant.c:
-# ggml's own quantizer on raw rows, for the encoder comparison test). They are the judge of benchmarks/gguf.py;
+# ggml's own quantizer on raw rows, for the encoder comparison test). They are the judge of benchmarks/gguf_judge.py;
 # quantkit itself never needs them. About 15 minutes on 2 free cores (ggml-ref-quant comes first, in a few).
 # `--ref-only` builds ggml-ref-quant alone (ggml's base library: a few minutes), for CI's encoder comparison.
 # Idempotent: a second run only checks that the tools exist.

@@ -1,6 +1,6 @@
 """GGUF K-quant mixes: quantkit's files, plain and calibrated, against llama.cpp's own, judged by KL to the f32 model.
 
-    PYTHONPATH=. python benchmarks/gguf.py [--types q4_0,q4_k_m,q3_k_m,iq4_xs] [--judge auto|llamacpp|quantkit]
+    PYTHONPATH=. python benchmarks/gguf_judge.py [--types q4_0,q4_k_m,q3_k_m,iq4_xs] [--judge auto|llamacpp|quantkit]
 
 Text (llamacpp-judge.md's protocol): wiki-vital joined; test text = the last 200,000 characters, calibration
 text = the 300,000 characters before it. Files:
@@ -30,8 +30,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-# run as a script, this file's folder leads sys.path and its name would shadow the gguf package
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+sys.path.insert(0, str(ROOT))
 log = logging.getLogger("benchmarks.gguf")
 TOOLS = ROOT / ".llamacpp" / "bin"
 CTX, CHUNKS = 512, 40
@@ -211,7 +210,7 @@ def main() -> None:
 
     params = sum(int(t.n_elements) for t in GGUFReader(str(f32)).tensors)
     md = table(rows, files, params)
-    cmd = (f"PYTHONPATH=. python benchmarks/gguf.py --types {args.types} --judge {judge} --chunks {args.chunks} "
+    cmd = (f"PYTHONPATH=. python benchmarks/gguf_judge.py --types {args.types} --judge {judge} --chunks {args.chunks} "
            f"--calib-windows {args.calib_windows}")
     args.out.write_text(f"# GGUF mixes on {args.model}: judge {judge}\n\n`{cmd}`\n\n{md}\n")
     log.info("%s\n%s", args.out, md)

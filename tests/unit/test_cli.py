@@ -138,7 +138,7 @@ def test_eval_table_when_stdout_is_not_a_terminal(tiny_llama, tmp_path, text_fil
             str(text_file), "--seqlen", "64", "--max-windows", "2", "--keep-going")
     assert r.exit_code == 0, r.output
     lines = r.stdout.splitlines()
-    assert lines[0] == "| model | method | bits/w | size MB | mem MB | ppl | Δppl % | KL | top-1 % |"
+    assert lines[0] == "| model | method | bits/w | all bits/w | size MB | mem MB | ppl | Δppl % | KL | top-1 % |"
     assert lines[2].startswith("| llama (base) | float | 32.00 |") and "…" not in r.stdout and "┃" not in r.stdout
     assert lines[4].startswith("| empty | - | failed: ")
     reason = f"{tmp_path / 'empty'} has no config.json; is it a Hugging Face model folder?"

@@ -137,10 +137,11 @@ def test_resume_gives_the_same_checkpoint(tiny, text_file, tmp_path, monkeypatch
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
 
 
-def test_end_to_end_tuning_lowers_kl_and_keeps_codes(tiny):
+def _rtn_model_and_base(tiny):
+    """(base, model, its RTN w3g32 codes, calibration samples, KL(base || model) on them)."""
     from transformers import AutoModelForCausalLM
 
-    from quantkit.methods.signround.e2e import E2EParams, _kl, tune_end_to_end
+    from quantkit.methods.signround.e2e import _kl
 
     base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
@@ -155,6 +156,13 @@ def test_end_to_end_tuning_lowers_kl_and_keeps_codes(tiny):
         with torch.no_grad():
             return float(_kl(base(input_ids=samples).logits, model(input_ids=samples).logits))
 
+    return base, model, quantized, samples, kl
+
+
+def test_end_to_end_tuning_lowers_kl_and_keeps_codes(tiny):
+    from quantkit.methods.signround.e2e import E2EParams, tune_end_to_end
+
+    base, model, quantized, samples, kl = _rtn_model_and_base(tiny)
     before = kl()
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     out = tune_end_to_end(model, base, quantized, samples, E2EParams(steps=30, batch_size=4, lr=1e-2, norm_lr=1e-2))
@@ -167,23 +175,9 @@ def test_end_to_end_tuning_lowers_kl_and_keeps_codes(tiny):
 
 
 def test_end_to_end_rounding_starts_from_the_block_codes_and_lowers_kl(tiny):
-    from transformers import AutoModelForCausalLM
+    from quantkit.methods.signround.e2e import E2EParams, tune_end_to_end
 
-    from quantkit.methods.signround.e2e import E2EParams, _kl, tune_end_to_end
-
-    base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
-    quantized = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and ".layers." in name:
-            quantized[name] = rtn_quantize(mod.weight, 3, 32, False)
-            mod.weight.data.copy_(quantized[name].dequantize())
-    samples = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(0))
-
-    def kl():
-        with torch.no_grad():
-            return float(_kl(base(input_ids=samples).logits, model(input_ids=samples).logits))
-
+    base, model, quantized, samples, kl = _rtn_model_and_base(tiny)
     before = kl()
     # A vanishing step keeps every code: the tuned code starts exactly at the block stage's.
     still = tune_end_to_end(model, base, quantized, samples,

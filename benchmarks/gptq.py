@@ -24,27 +24,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from _proc import peak_mib, cpu_s  # benchmarks/_proc.py
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.tiny builds the offload demo's random models
 MODEL = "smollm2-135m"
 log = logging.getLogger("bench.gptq")
 
 
-def _peak_mib() -> float:
-    """This process's peak RSS: VmHWM on Linux (ru_maxrss would inherit the parent's peak through exec)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _cpu_s() -> float:
-    """CPU seconds of this process (user + system): comparable across runs on a busy machine."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def _rss_mib() -> float:
@@ -62,8 +51,8 @@ def child_quantkit(a: argparse.Namespace) -> dict:
     options = {"calib_dtype": a.calib_dtype} if a.method == "gptq" and a.calib_dtype else None
     s = quantize(MODEL, a.method, a.out, scheme=dict(PRESETS[a.preset]), device="cpu", force=True,
                  calib={"nsamples": a.nsamples, "seqlen": a.seqlen, "batch_size": 8}, options=options)
-    return {"quant_s": s["quantize_seconds"], "process_s": time.perf_counter() - t0, "peak_mib": _peak_mib(),
-            "cpu_s": _cpu_s()}
+    return {"quant_s": s["quantize_seconds"], "process_s": time.perf_counter() - t0, "peak_mib": peak_mib(),
+            "cpu_s": cpu_s()}
 
 
 def child_gptqmodel(a: argparse.Namespace) -> dict:
@@ -82,7 +71,7 @@ def child_gptqmodel(a: argparse.Namespace) -> dict:
     model.quantize(calib, batch_size=8)
     quant_s = time.perf_counter() - t1
     model.save(a.out)
-    return {"quant_s": quant_s, "process_s": time.perf_counter() - t0, "peak_mib": _peak_mib(), "cpu_s": _cpu_s()}
+    return {"quant_s": quant_s, "process_s": time.perf_counter() - t0, "peak_mib": peak_mib(), "cpu_s": cpu_s()}
 
 
 def child_offload(a: argparse.Namespace) -> dict:
@@ -101,7 +90,7 @@ def child_offload(a: argparse.Namespace) -> dict:
              calib={"dataset": str(text), "nsamples": 8, "seqlen": 128, "batch_size": 4},
              options={"offload": a.offload})
     block_mib = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / a.layers / 2**20
-    return {"before_mib": before, "peak_mib": _peak_mib(), "seconds": time.perf_counter() - t0,
+    return {"before_mib": before, "peak_mib": peak_mib(), "seconds": time.perf_counter() - t0,
             "block_mib": block_mib}
 
 

@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _proc import peak_mib, cpu_s  # benchmarks/_proc.py
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 AUTOROUND_PY = ROOT / ".venv-autoround" / "bin" / "python"
@@ -69,16 +71,8 @@ def parse_row(row: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
     return method, scheme, options
 
 
-def _peak_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 # ------------------------------------------------------------------------------------------- children
@@ -92,8 +86,8 @@ def child_quantkit(a: argparse.Namespace) -> dict[str, Any]:
     method, scheme, options = parse_row(a.child)
     summary = quantize(a.model, method, a.child_out, scheme=scheme, options=options, device="cpu",
                        calib={"dataset": "wiki-vital", "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": 0})
-    return {"quant_s": summary["quantize_seconds"], "process_s": time.perf_counter() - t0, "cpu_s": _cpu_s(),
-            "peak_rss_mib": _peak_mib(), "size_bytes": summary["size_bytes"]}
+    return {"quant_s": summary["quantize_seconds"], "process_s": time.perf_counter() - t0, "cpu_s": cpu_s(),
+            "peak_rss_mib": peak_mib(), "size_bytes": summary["size_bytes"]}
 
 
 def child_autoround(a: argparse.Namespace) -> dict[str, Any]:
@@ -123,7 +117,7 @@ def child_autoround(a: argparse.Namespace) -> dict[str, Any]:
     quant_s = time.perf_counter() - t_q
     folder = Path(saved[1] if isinstance(saved, tuple) else a.child_out)
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-    return {"quant_s": quant_s, "process_s": time.perf_counter() - t0, "cpu_s": _cpu_s(), "peak_rss_mib": _peak_mib(),
+    return {"quant_s": quant_s, "process_s": time.perf_counter() - t0, "cpu_s": cpu_s(), "peak_rss_mib": peak_mib(),
             "size_bytes": size, "folder": str(folder)}
 
 
@@ -159,8 +153,8 @@ def child_llamacpp(a: argparse.Namespace) -> dict[str, Any]:
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     quant_s = time.perf_counter() - t0
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {"quant_s": quant_s, "process_s": quant_s, "cpu_s": _cpu_s() + kids.ru_utime + kids.ru_stime,
-            "peak_rss_mib": max(_peak_mib(), kids.ru_maxrss / 1024), "size_bytes": out.stat().st_size,
+    return {"quant_s": quant_s, "process_s": quant_s, "cpu_s": cpu_s() + kids.ru_utime + kids.ru_stime,
+            "peak_rss_mib": max(peak_mib(), kids.ru_maxrss / 1024), "size_bytes": out.stat().st_size,
             "folder": str(out)}
 
 

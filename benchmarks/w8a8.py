@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _proc import peak_mib, cpu_s  # benchmarks/_proc.py
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 log = logging.getLogger("bench.w8a8")
@@ -60,16 +62,8 @@ PEERS = [
 ]
 
 
-def _peak_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 # ------------------------------------------------------------------------------------------- children
@@ -83,8 +77,8 @@ def child_quantize(a: argparse.Namespace) -> dict[str, Any]:
     method, preset, options = ROWS[a.child]
     summary = quantize(a.model, method, a.child_out, scheme=preset, options=options, device="cpu",
                        calib={"dataset": "wiki-vital", "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": 0})
-    return {"quant_s": summary["quantize_seconds"], "process_s": time.perf_counter() - t0, "cpu_s": _cpu_s(),
-            "peak_rss_mib": _peak_mib(), "size_bytes": summary["size_bytes"]}
+    return {"quant_s": summary["quantize_seconds"], "process_s": time.perf_counter() - t0, "cpu_s": cpu_s(),
+            "peak_rss_mib": peak_mib(), "size_bytes": summary["size_bytes"]}
 
 
 def child_score(a: argparse.Namespace) -> dict[str, Any]:

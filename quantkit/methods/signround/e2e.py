@@ -73,7 +73,7 @@ def tune_end_to_end(model: nn.Module, base: nn.Module, quantized: dict[str, Quan
     # Rounding tuned as well: code = clamp(round(W/s - W/s0 + t + d), -z, maxq - z), which is the block stage's
     # code t while s = s0 and d = 0; d in [-1/2, 1/2] moves by signed steps, as in the block stage.
     offsets = {n: torch.zeros_like(c, requires_grad=True) for n, c in codes.items()} if p.rounding_lr > 0 else {}
-    ratio = {n: base.get_submodule(n).weight.detach().to(dev).float() for n in offsets}
+    float_w = {n: base.get_submodule(n).weight.detach().to(dev).float() for n in offsets}
     lo = {n: -qw.zeros.to(dev).float() for n, qw in quantized.items() if n in offsets}  # (out, G)
     hi = {n: ((1 << qw.bits) - 1) + lo[n] for n, qw in quantized.items() if n in offsets}
 
@@ -85,7 +85,7 @@ def tune_end_to_end(model: nn.Module, base: nn.Module, quantized: dict[str, Quan
         """The code relative to the zero point: the block stage's while the rounding is not tuned."""
         if n not in offsets:
             return codes[n]
-        w = ratio[n]
+        w = float_w[n]
         x = w / sc - w / s0[n][:, gidx[n]] + codes[n] + offsets[n]
         q = torch.round(x) if final else x + (torch.round(x) - x).detach()
         return torch.minimum(torch.maximum(q, lo[n][:, gidx[n]]), hi[n][:, gidx[n]])

@@ -1,7 +1,11 @@
-"""Compute settings: intra-op threads for memory-bound loops, and whether a device has fast bf16."""
+"""Compute settings: intra-op threads for memory-bound loops, whether a device has fast bf16, and whether
+torch.compile can build kernels for it."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -46,3 +50,13 @@ def resolve_calib_dtype(option: str, device: torch.device | str) -> str:
     if option == "auto":
         return "bfloat16" if fast_bfloat16(device) else "float32"
     return option
+
+
+def can_compile(device: torch.device | str) -> bool:
+    """Whether torch.compile can build kernels for `device`: CUDA with Triton, or a CPU with a C++ compiler."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return importlib.util.find_spec("triton") is not None
+    if device.type != "cpu":
+        return False
+    return shutil.which(os.environ.get("CXX", "g++")) is not None

@@ -35,6 +35,8 @@ class SignRoundParams:
     tune_norms:  also tune the block's norm weights (float, stored as they are: the checkpoint stays standard).
     norm_lr:     Adam step size of the norm weights.
     autocast:    dtype the block computes in while tuning (bfloat16 on CPUs/GPUs that are fast at it), or None.
+    compile:     run the step's forward and backward through torch.compile (one graph serves every block of
+                 the same shape; the compiled maths is the same rounding, so `finalize` is unchanged).
     seed:        order of the windows.
     """
 
@@ -48,6 +50,7 @@ class SignRoundParams:
     tune_norms: bool = False
     norm_lr: float = 1e-3
     autocast: torch.dtype | None = None
+    compile: bool = False
     seed: int = 0
 
 
@@ -60,6 +63,20 @@ def block_norms(block: nn.Module) -> dict[str, nn.Parameter]:
 
 def _mse(out: Tensor, target: Tensor) -> Tensor:
     return (out.float() - target.float()).pow(2).mean()
+
+
+def block_loss(block: nn.Module, tensors: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]], grid: tuple[int, bool],
+               x: Tensor, target: Tensor, args: tuple, kwargs: dict[str, Any], autocast: torch.dtype | None) -> Tensor:
+    """The block's output error with every Linear at its fake-quantized weight: a pure function of tensors
+    (name -> (master, v, alpha, beta); the group size is in / alpha's columns), so that one compiled graph serves
+    every block of the same shape. `grid` is (bits, sym)."""
+    bits, sym = grid
+    weights = {f"{n}.weight": Rounding(w, v, a, b, bits, w.shape[1] // a.shape[1], sym).fake_weight()
+               for n, (w, v, a, b) in tensors.items()}
+    ctx = torch.autocast(x.device.type, dtype=autocast) if autocast is not None else nullcontext()
+    with ctx:
+        out = _first(functional_call(block, weights, (x, *args), kwargs))
+    return _mse(out, target)
 
 
 @torch.enable_grad()  # the block pipeline runs under no_grad
@@ -88,16 +105,15 @@ def tune_block(block: nn.Module, linears: dict[str, nn.Linear], masters: dict[st
     pos = 0
     best_loss, best = float("inf"), None
     first_loss = None
-    ctx = (lambda: torch.autocast(inputs.device.type, dtype=p.autocast)) if p.autocast else nullcontext
+    loss_fn = torch.compile(block_loss, dynamic=False) if p.compile else block_loss
+    tensors = {k: (s.weight, s.v, s.alpha, s.beta) for k, s in states.items()}
+    grid = (p.bits, p.sym)
     for step in range(p.iters):
         if pos + bs > n:
             order, pos = torch.randperm(n, generator=gen), 0
         idx = order[pos:pos + bs]
         pos += bs
-        weights = {f"{name}.weight": s.fake_weight() for name, s in states.items()}
-        with ctx():
-            out = _first(functional_call(block, weights, (inputs[idx], *args), kwargs))
-        loss = _mse(out, targets[idx])
+        loss = loss_fn(block, tensors, grid, inputs[idx], targets[idx], args, kwargs, p.autocast)
         value = float(loss.detach())
         first_loss = value if first_loss is None else first_loss
         if value < best_loss:  # AutoRound keeps the state of the best step's batch

@@ -16,7 +16,7 @@ from torch import Tensor
 from pydantic import BaseModel, ConfigDict, Field
 
 from quantkit.calib.pipeline import BlockCalib
-from quantkit.compute import resolve_calib_dtype
+from quantkit.compute import can_compile, resolve_calib_dtype
 from quantkit.errors import SchemeError
 from quantkit.grid import QuantizedWeight, rtn_quantize
 from quantkit.calib.pipeline import place_outside_blocks
@@ -47,6 +47,8 @@ class SignRoundOptions(BaseModel):
     norm_lr: float = Field(1e-3, gt=0, description="Adam step size of the norm weights")
     calib_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="dtype the block computes in while tuning; auto: bfloat16 where the device is fast at it")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the tuning step; auto: on for 32+ steps where a compiler is found")
     offload: Literal["none", "disk"] = Field("none", description="disk: load decoder blocks one at a time")
     moe_calibration: Literal["routed", "all"] = Field("routed", description="MoE experts: the router's tokens")
     moe_min_tokens: int = Field(16, ge=0, description="kept for the pipeline's coverage report")
@@ -63,11 +65,20 @@ def autocast_dtype(job: QuantJob) -> torch.dtype | None:
     return None if dt == "float32" else getattr(torch, dt)
 
 
+def use_compile(job: QuantJob) -> bool:
+    """`compile` resolved: a compile costs tens of seconds once, so auto turns it on for 32+ steps a block."""
+    o = job.options
+    if o.compile != "auto":
+        return o.compile == "on"
+    return o.iters >= 32 and can_compile(job.device)
+
+
 def signround_params(job: QuantJob) -> SignRoundParams:
     s, o = job.scheme, job.options
     return SignRoundParams(bits=s.bits, group_size=s.group_size, sym=s.sym, iters=o.iters, lr=o.lr,
                            batch_size=o.windows_per_step, clip_min=o.clip_min, tune_norms=o.tune_norms,
-                           norm_lr=o.norm_lr, autocast=autocast_dtype(job), seed=job.calib.seed)
+                           norm_lr=o.norm_lr, autocast=autocast_dtype(job), compile=use_compile(job),
+                           seed=job.calib.seed)
 
 
 def signround_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], p: SignRoundParams) -> dict[str, QuantizedWeight]:
@@ -144,6 +155,7 @@ class SignRound(BlockwiseMethod):
         opts = job.options.model_dump(mode="json")
         dt = autocast_dtype(job)
         opts["calib_dtype_used"] = "float32" if dt is None else str(dt).removeprefix("torch.")
+        opts["compile_used"] = use_compile(job)
         out: dict[str, Any] = {"options": opts, "calibration": job.calib.model_dump(mode="json")}
         if facts is not None and facts.samples_sha256:
             out["calibration"]["sha256"] = facts.samples_sha256

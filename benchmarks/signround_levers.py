@@ -19,6 +19,7 @@ from quantkit.calib.pipeline import capture_inputs, _first, place_outside_blocks
 from quantkit.eval.quality import evaluate
 from quantkit.grid import rtn_quantize
 from quantkit.methods.signround.block import SignRoundParams, tune_block
+from quantkit.methods.scaling import usable_mappings
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--bits", type=int, default=4); ap.add_argument("--gs", type=int, default=64)
@@ -34,6 +35,7 @@ ap.add_argument("--e2e-lr", type=float, default=1e-3); ap.add_argument("--e2e-bs
 ap.add_argument("--e2e-rounding-lr", type=float, default=0.0)
 ap.add_argument("--tag", default=""); ap.add_argument("--no-pre", action="store_true", help="skip scoring the block stage")
 ap.add_argument("--threads", type=int, default=2)
+ap.add_argument("--scale-lr", type=float, default=0.0); ap.add_argument("--compile", action="store_true"); ap.add_argument("--keep", default="best")
 a = ap.parse_args()
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 torch.manual_seed(0); torch.set_num_threads(a.threads)
@@ -47,7 +49,7 @@ inp = capture_inputs(model, spec, samples, a.bs, torch.device("cpu"))
 xq = torch.cat(inp.hidden); xf = xq.clone()
 p = SignRoundParams(bits=a.bits, group_size=a.gs, sym=a.sym, iters=a.iters, lr=a.lr, batch_size=a.bs,
                     tune_norms=a.norms, norm_lr=a.norm_lr, autocast=torch.bfloat16 if a.bf16 else None,
-                    clip_min=a.clip_min)
+                    clip_min=a.clip_min, compile=a.compile, keep=a.keep, scale_lr=a.scale_lr)
 qmodel = model  # quantized in place; base reloaded for eval
 nb = a.blocks or len(blocks)
 allq = {}
@@ -65,7 +67,8 @@ for i in range(nb):
             for n, m in lin.items():
                 m.weight.data.copy_(rtn_quantize(m.weight, a.bits, a.gs, a.sym).dequantize())
     else:
-        res = tune_block(blk, lin, masters, xf if a.fp_inputs else xq, yf, inp.args, kw, p)
+        maps = usable_mappings(blk, spec, set(lin)) if a.scale_lr else None
+        res = tune_block(blk, lin, masters, xf if a.fp_inputs else xq, yf, inp.args, kw, p, maps)
         allq.update({f"{spec.blocks}.{i}.{k}": v for k, v in res.items()})
     with torch.no_grad():
         xq = torch.cat([_first(blk(xq[j:j+a.bs], *inp.args, **kw)) for j in range(0, len(xq), a.bs)])

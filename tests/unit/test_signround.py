@@ -13,6 +13,8 @@ from quantkit.api import quantize
 from quantkit.grid import rtn_quantize
 from quantkit.methods.signround.algorithm import Rounding, linear_decay, sign_step_
 from quantkit.methods.signround.block import SignRoundParams, block_norms, tune_block
+from quantkit.methods.signround.transform import fold_scales, scaled, start_scales
+from quantkit.models.arch import AWQMapping
 from tests.tiny import llama_config, make_model
 
 
@@ -100,6 +102,59 @@ def test_tuning_lowers_the_block_error_against_rtn():
     assert set(block_norms(block)) == {"norm.weight"} and not block.norm.weight.requires_grad
 
 
+_MAPS = [AWQMapping(prev="norm", linears=("up",), inspect="up"), AWQMapping(prev="up", linears=("down",), inspect="down")]
+
+
+def test_equivalent_scales_are_exact_before_rounding():
+    """Scaled masters with the divided norm (and the divided previous Linear) compute what the block computed."""
+    import copy
+
+    torch.manual_seed(0)
+    block = _Block()
+    with torch.no_grad():
+        block.norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 8, 64)
+    with torch.no_grad():
+        y = block(x)
+    scales = start_scales(block, _MAPS, {"up", "down"})
+    assert [sc.prev for sc in scales] == ["norm", "up"]
+    with torch.no_grad():
+        for sc in scales:
+            sc.log_s.uniform_(-1, 1)
+        eff, extra = scaled(block, {"up": block.up.weight, "down": block.down.weight}, scales)
+        folded = copy.deepcopy(block)
+        fold_scales(folded, scales)
+        assert torch.allclose(folded.norm.weight, extra["norm.weight"])
+        folded.up.weight.copy_(eff["up"])
+        folded.down.weight.copy_(eff["down"])
+        assert torch.allclose(folded(x), y, atol=1e-5)
+    assert start_scales(block, _MAPS, {"down"}) == []  # `up` is not tuned: it could not take the division
+
+
+def test_tuning_with_equivalent_scales_stores_what_it_computes():
+    torch.manual_seed(0)
+    block = _Block()
+    x = torch.randn(16, 8, 64)
+    with torch.no_grad():
+        y = block(x)
+    masters = {n: m.weight.detach().clone() for n, m in (("up", block.up), ("down", block.down))}
+    import copy
+
+    rtn_block = copy.deepcopy(block)
+    with torch.no_grad():
+        for n in masters:
+            getattr(rtn_block, n).weight.copy_(rtn_quantize(masters[n], 3, 32, False).dequantize())
+        rtn_err = float((rtn_block(x) - y).pow(2).mean())
+    norm_before = block.norm.weight.detach().clone()
+    p = SignRoundParams(bits=3, group_size=32, iters=60, batch_size=4, scale_lr=0.02)
+    out = tune_block(block, {"up": block.up, "down": block.down}, masters, x, y, (), {}, p, _MAPS)
+    assert torch.equal(block.up.weight, out["up"].dequantize()) and torch.equal(block.down.weight, out["down"].dequantize())
+    assert not torch.equal(block.norm.weight, norm_before)  # the norm holds the folded division
+    with torch.no_grad():
+        err = float((block(x) - y).pow(2).mean())
+    assert err < 0.8 * rtn_err
+
+
 def test_method_checkpoint_is_deterministic_and_loads(tiny, text_file, tmp_path):
     opts = {"iters": 8, "calib_dtype": "float32"}
     for name in ("a", "b"):
@@ -165,7 +220,7 @@ def _rtn_model_and_base(tiny):
     """(base, model, its RTN w3g32 codes, calibration samples, KL(base || model) on them)."""
     from transformers import AutoModelForCausalLM
 
-    from quantkit.methods.signround.e2e import _kl
+    from quantkit.methods.signround.e2e import _kl_sum
 
     base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
@@ -178,9 +233,25 @@ def _rtn_model_and_base(tiny):
 
     def kl():
         with torch.no_grad():
-            return float(_kl(base(input_ids=samples).logits, model(input_ids=samples).logits))
+            t, q = base(input_ids=samples).logits, model(input_ids=samples).logits
+            return float(_kl_sum(t.flatten(0, 1), q.flatten(0, 1))) / t.shape[0] / t.shape[1]
 
     return base, model, quantized, samples, kl
+
+
+def test_chunked_kl_is_the_full_kl_and_its_gradient():
+    """Logits a chunk at a time (recomputed in the backward pass) give the full-vocabulary KL and its gradient."""
+    from quantkit.methods.signround.e2e import _kl_sum, chunked_kl
+
+    torch.manual_seed(0)
+    head_t, head_s = nn.Linear(16, 50, bias=False), nn.Linear(16, 50, bias=False)
+    ht, hs = torch.randn(2, 7, 16), torch.randn(2, 7, 16, requires_grad=True)
+    full = _kl_sum(head_t(ht).flatten(0, 1), head_s(hs).flatten(0, 1)) / 14
+    (g_full,) = torch.autograd.grad(full, hs)
+    chunked = chunked_kl(ht, hs, head_t, head_s, chunk=3)  # 14 tokens: chunks of 3, 3, 3, 3, 2
+    (g_chunk,) = torch.autograd.grad(chunked, hs)
+    assert torch.allclose(chunked, full, atol=1e-6) and torch.allclose(g_chunk, g_full, atol=1e-6)
+    assert head_t.weight.grad is None  # the teacher's logits carry no gradient
 
 
 def test_end_to_end_tuning_lowers_kl_and_keeps_codes(tiny):

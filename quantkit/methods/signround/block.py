@@ -20,6 +20,8 @@ from torch.func import functional_call
 from quantkit.calib.pipeline import _first
 from quantkit.grid import QuantizedWeight
 from quantkit.methods.signround.algorithm import Rounding, linear_decay, sign_step_
+from quantkit.methods.signround.transform import Scales, fold_scales, scaled, start_scales
+from quantkit.models.arch import AWQMapping
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,8 @@ class SignRoundParams:
     autocast:    dtype the block computes in while tuning (bfloat16 on CPUs/GPUs that are fast at it), or None.
     compile:     run the step's forward and backward through torch.compile (one graph serves every block of
                  the same shape; the compiled maths is the same rounding, so `finalize` is unchanged).
+    scale_lr:    Adam step size of learned equivalent scales (transform.py) on the block's mappings; 0: off.
+    keep:        "best": the state of the step with the lowest batch loss (AutoRound's rule); "last": the final state.
     seed:        order of the windows.
     """
 
@@ -51,6 +55,8 @@ class SignRoundParams:
     norm_lr: float = 1e-3
     autocast: torch.dtype | None = None
     compile: bool = False
+    keep: str = "best"
+    scale_lr: float = 0.0
     seed: int = 0
 
 
@@ -66,13 +72,17 @@ def _mse(out: Tensor, target: Tensor) -> Tensor:
 
 
 def block_loss(block: nn.Module, tensors: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]], grid: tuple[int, bool],
-               x: Tensor, target: Tensor, args: tuple, kwargs: dict[str, Any], autocast: torch.dtype | None) -> Tensor:
+               x: Tensor, target: Tensor, args: tuple, kwargs: dict[str, Any], autocast: torch.dtype | None,
+               scales: tuple[tuple, ...] = ()) -> Tensor:
     """The block's output error with every Linear at its fake-quantized weight: a pure function of tensors
     (name -> (master, v, alpha, beta); the group size is in / alpha's columns), so that one compiled graph serves
-    every block of the same shape. `grid` is (bits, sym)."""
+    every block of the same shape. `grid` is (bits, sym); `scales`: learned equivalent scales (transform.py), each
+    as the tuple of its fields (plain values, so that the compiled graph is shared across blocks)."""
     bits, sym = grid
-    weights = {f"{n}.weight": Rounding(w, v, a, b, bits, w.shape[1] // a.shape[1], sym).fake_weight()
+    masters, extra = scaled(block, {n: t[0] for n, t in tensors.items()}, [Scales(*t) for t in scales])
+    weights = {f"{n}.weight": Rounding(masters[n], v, a, b, bits, w.shape[1] // a.shape[1], sym).fake_weight()
                for n, (w, v, a, b) in tensors.items()}
+    weights.update(extra)
     ctx = torch.autocast(x.device.type, dtype=autocast) if autocast is not None else nullcontext()
     with ctx:
         out = _first(functional_call(block, weights, (x, *args), kwargs))
@@ -81,8 +91,12 @@ def block_loss(block: nn.Module, tensors: dict[str, tuple[Tensor, Tensor, Tensor
 
 @torch.enable_grad()  # the block pipeline runs under no_grad
 def tune_block(block: nn.Module, linears: dict[str, nn.Linear], masters: dict[str, Tensor], inputs: Tensor,
-               targets: Tensor, args: tuple, kwargs: dict[str, Any], p: SignRoundParams) -> dict[str, QuantizedWeight]:
+               targets: Tensor, args: tuple, kwargs: dict[str, Any], p: SignRoundParams,
+               mappings: list[AWQMapping] | None = None) -> dict[str, QuantizedWeight]:
     """Tune the rounding of `linears` (relative name -> Linear of `block`) and return their codes.
+
+    `mappings` (the architecture's usable ones for this block): where learned equivalent scales may fold,
+    used when `p.scale_lr` > 0; the tuned scales end folded into the block's norms and codes.
 
     inputs, targets: (N, T, hidden) on the block's device; `args`/`kwargs` are the block's other inputs
     for a batch of `p.batch_size` windows. On return every Linear holds its dequantized weight.
@@ -94,7 +108,10 @@ def tune_block(block: nn.Module, linears: dict[str, nn.Linear], masters: dict[st
             t.requires_grad_(True)
     norms = block_norms(block) if p.tune_norms else {}
     norm_start = {n: w.detach().clone() for n, w in norms.items()}
-    opt = torch.optim.Adam(list(norms.values()), lr=p.norm_lr) if norms else None
+    scales = start_scales(block, mappings or [], set(linears)) if p.scale_lr > 0 else []
+    groups = [{"params": list(norms.values()), "lr": p.norm_lr}] if norms else []
+    groups += [{"params": [sc.log_s for sc in scales], "lr": p.scale_lr}] if scales else []
+    opt = torch.optim.Adam(groups) if groups else None
     for w in norms.values():
         w.requires_grad_(True)
     lr = p.lr if p.lr is not None else 1.0 / p.iters
@@ -108,18 +125,19 @@ def tune_block(block: nn.Module, linears: dict[str, nn.Linear], masters: dict[st
     loss_fn = torch.compile(block_loss, dynamic=False) if p.compile else block_loss
     tensors = {k: (s.weight, s.v, s.alpha, s.beta) for k, s in states.items()}
     grid = (p.bits, p.sym)
+    scale_args = tuple((sc.prev, sc.linears, sc.prev_is_linear, sc.norm_offset, sc.log_s) for sc in scales)
     for step in range(p.iters):
         if pos + bs > n:
             order, pos = torch.randperm(n, generator=gen), 0
         idx = order[pos:pos + bs]
         pos += bs
-        loss = loss_fn(block, tensors, grid, inputs[idx], targets[idx], args, kwargs, p.autocast)
+        loss = loss_fn(block, tensors, grid, inputs[idx], targets[idx], args, kwargs, p.autocast, scale_args)
         value = float(loss.detach())
         first_loss = value if first_loss is None else first_loss
-        if value < best_loss:  # AutoRound keeps the state of the best step's batch
-            best_loss = value
+        improved, best_loss = value < best_loss, min(best_loss, value)
+        if improved and p.keep == "best":  # AutoRound keeps the state of the best step's batch
             best = ({k: s.snapshot() for k, s in states.items()},
-                    {k: w.detach().clone() for k, w in norms.items()})
+                    {k: w.detach().clone() for k, w in norms.items()}, [sc.log_s.detach().clone() for sc in scales])
         loss.backward()
         sign_step_([t for s in states.values() for t in s.params()], linear_decay(lr, step, p.iters))
         if opt is not None:
@@ -133,8 +151,16 @@ def tune_block(block: nn.Module, linears: dict[str, nn.Linear], masters: dict[st
         with torch.no_grad():
             for k, w in norms.items():
                 w.copy_(best[1][k])
+            for sc, t in zip(scales, best[2], strict=True):
+                sc.log_s.copy_(t)
     for w in norms.values():
         w.requires_grad_(False)
+    if scales:
+        with torch.no_grad():
+            eff, _ = scaled(block, {k: s.weight for k, s in states.items()}, scales)
+        for k, s in states.items():
+            s.weight = eff[k].detach()
+        fold_scales(block, scales)
     out: dict[str, QuantizedWeight] = {}
     with torch.no_grad():
         for name, lin in linears.items():
@@ -142,6 +168,7 @@ def tune_block(block: nn.Module, linears: dict[str, nn.Linear], masters: dict[st
             lin.weight.data.copy_(qw.dequantize(lin.weight.dtype))
             out[name] = qw
     moved = max((float((w - norm_start[k]).abs().max()) for k, w in norms.items()), default=0.0)
-    log.info("signround: %d Linears, loss %.4g -> best %.4g, norms moved %.3g, %.1fs", len(out), first_loss or 0.0,
-             best_loss, moved, time.perf_counter() - t0)
+    spread = max((float(sc.log_s.detach().abs().max()) for sc in scales), default=0.0)
+    log.info("signround: %d Linears, loss %.4g -> best %.4g, norms moved %.3g, |log s| max %.3g, %.1fs", len(out),
+             first_loss or 0.0, best_loss, moved, spread, time.perf_counter() - t0)
     return out

@@ -15,11 +15,13 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
 from quantkit.grid import QuantizedWeight
 from quantkit.methods.signround.algorithm import _ste_half, linear_decay, sign_step_
@@ -30,13 +32,15 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class E2EParams:
     """steps: optimizer steps (0: off); batch_size: windows per step; lr: Adam step of log-scales and norms;
-    rounding_lr: signed-gradient step of the rounding offsets (0: the codes stay as the blocks left them)."""
+    rounding_lr: signed-gradient step of the rounding offsets (0: the codes stay as the blocks left them);
+    logit_chunk: tokens whose logits are alive at once (the vocabulary makes them the largest tensors)."""
 
     steps: int = 32
     batch_size: int = 2
     lr: float = 1e-3
     norm_lr: float = 1e-3
     rounding_lr: float = 0.0
+    logit_chunk: int = 256
     autocast: torch.dtype | None = None
     seed: int = 0
 
@@ -47,11 +51,39 @@ def _norm_params(model: nn.Module) -> dict[str, nn.Parameter]:
             if p.ndim == 1 and id(p) not in linear and "norm" in n and n.endswith("weight")}
 
 
-def _kl(teacher: Tensor, student: Tensor) -> Tensor:
-    """Mean over tokens of KL(teacher || student), both (..., vocab) logits."""
+def _kl_sum(teacher: Tensor, student: Tensor) -> Tensor:
+    """Sum over tokens of KL(teacher || student), both (tokens, vocab) logits."""
     t = torch.log_softmax(teacher.float(), -1)
     s = torch.log_softmax(student.float(), -1)
-    return (t.exp() * (t - s)).sum(-1).mean()
+    return (t.exp() * (t - s)).sum()
+
+
+def _head(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    """The model's hidden state -> logits map: its output embedding, then its logit soft-capping if any."""
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+
+    def logits(h: Tensor) -> Tensor:
+        z = head(h)
+        return torch.tanh(z / cap) * cap if cap else z
+
+    return logits
+
+
+def chunked_kl(teacher_h: Tensor, student_h: Tensor, teacher_head: Callable[[Tensor], Tensor],
+               student_head: Callable[[Tensor], Tensor], chunk: int) -> Tensor:
+    """Mean over tokens of KL(teacher || student) from the final hidden states (..., hidden), `chunk` tokens of
+    logits at a time, each recomputed in the backward pass: memory holds one chunk's logits, not all of them."""
+    th, sh = teacher_h.reshape(-1, teacher_h.shape[-1]), student_h.reshape(-1, student_h.shape[-1])
+
+    def part(t: Tensor, s: Tensor) -> Tensor:
+        with torch.no_grad():
+            z = teacher_head(t)
+        return _kl_sum(z, student_head(s))
+
+    total = sum(checkpoint(part, th[i:i + chunk], sh[i:i + chunk], use_reentrant=False)
+                for i in range(0, th.shape[0], chunk))
+    return total / th.shape[0]
 
 
 @torch.enable_grad()
@@ -94,6 +126,10 @@ def tune_end_to_end(model: nn.Module, base: nn.Module, quantized: dict[str, Quan
         sc = _scale(n)
         return sc * _codes(n, sc)
 
+    prefix = f"{model.base_model_prefix}."
+    if not all(n.startswith(prefix) for n in quantized):
+        raise ValueError(f"end-to-end: quantized Linears outside the decoder ({model.base_model_prefix})")
+    t_head, s_head = _head(base), _head(model)
     norms = _norm_params(model)
     was = {n: w.requires_grad for n, w in norms.items()}
     for w in norms.values():
@@ -114,11 +150,11 @@ def tune_end_to_end(model: nn.Module, base: nn.Module, quantized: dict[str, Quan
         batch = samples[order[pos:pos + p.batch_size]].to(dev)
         pos += p.batch_size
         with torch.no_grad(), ctx():
-            teacher = base(input_ids=batch, use_cache=False).logits
-        weights = {f"{n}.weight": _weight(n) for n in quantized}
+            teacher = base.base_model(input_ids=batch, use_cache=False).last_hidden_state
+        weights = {f"{n.removeprefix(prefix)}.weight": _weight(n) for n in quantized}
         with ctx():
-            student = functional_call(model, weights, (), {"input_ids": batch, "use_cache": False}).logits
-        loss = _kl(teacher, student)
+            student = functional_call(model.base_model, weights, (), {"input_ids": batch, "use_cache": False})
+            loss = chunked_kl(teacher, student.last_hidden_state, t_head, s_head, p.logit_chunk)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -26,6 +26,7 @@ from quantkit.methods.signround.e2e import E2EParams, tune_end_to_end
 from quantkit.methods.signround.stored import stored_results
 from quantkit.models.sources import load_model
 from quantkit.methods.blockwise import BlockStep, BlockwiseMethod
+from quantkit.methods.scaling import usable_mappings
 from quantkit.methods.signround.block import SignRoundParams, tune_block
 from quantkit.methods.signround.memory import signround_block_memory
 from quantkit.models.arch import ArchSpec, block_linears
@@ -43,6 +44,8 @@ class SignRoundOptions(BaseModel):
     lr: float | None = Field(None, gt=0, description="step size of rounding and clipping; default 1 / iters")
     windows_per_step: int = Field(8, ge=1, description="calibration windows per tuning step")
     clip_min: float = Field(0.5, gt=0, le=1, description="how far clipping may shrink a group's range")
+    scale_lr: float = Field(0.0, ge=0, le=1, description="Adam step size of learned per-channel scales folded into "
+                                                         "the norms and codes (OmniQuant's LET); 0: off")
     tune_norms: bool = Field(True, description="also tune the norm weights (float; the checkpoint stays standard)")
     norm_lr: float = Field(1e-3, gt=0, description="Adam step size of the norm weights")
     calib_dtype: Literal["auto", "float32", "bfloat16"] = Field(
@@ -77,7 +80,7 @@ def signround_params(job: QuantJob) -> SignRoundParams:
     s, o = job.scheme, job.options
     return SignRoundParams(bits=s.bits, group_size=s.group_size, sym=s.sym, iters=o.iters, lr=o.lr,
                            batch_size=o.windows_per_step, clip_min=o.clip_min, tune_norms=o.tune_norms,
-                           norm_lr=o.norm_lr, autocast=autocast_dtype(job), compile=use_compile(job),
+                           norm_lr=o.norm_lr, autocast=autocast_dtype(job), compile=use_compile(job), scale_lr=o.scale_lr,
                            seed=job.calib.seed)
 
 
@@ -96,8 +99,9 @@ def signround_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], p: Sig
     dev = calib.device
     inputs = torch.cat(calib.inputs()).to(dev)
     target = torch.cat(calib.reference_outputs).to(dev)
+    mappings = usable_mappings(calib.block, spec, set(linears)) if p.scale_lr > 0 else None
     res = tune_block(calib.block, linears, masters, inputs, target, calib.args, calib.block_kwargs,
-                     SignRoundParams(**{**p.__dict__, "seed": p.seed + calib.index}))
+                     SignRoundParams(**{**p.__dict__, "seed": p.seed + calib.index}), mappings)
     return {n: q.to("cpu") for n, q in res.items()}
 
 

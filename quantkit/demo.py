@@ -29,9 +29,11 @@ ENTRIES: dict[str, tuple[str, str | None, dict | None, dict]] = {
     "gptq-w4g64": ("gptq", "w4g64", CALIB, {}),
     "gptq-w3g64": ("gptq", "w3g64", CALIB, {}),
     "awq-w4g64": ("awq", "w4g64", CALIB, {}),
+    "signround-w4g64": ("signround", "w4g64", CALIB, {}),  # AutoRound's algorithm, norms tuned too
     "nf4": ("nf4", None, None, {}),
     "rtn-w8": ("rtn", "w8", None, {}),  # quantkit's own 8-bit weights, served by the cpu-int8 kernel
     "int8": ("int8", None, None, {}),   # bitsandbytes LLM.int8 (8-bit weights and activations, fp16 outliers)
+    "w8a8": ("smoothquant-rtn", "w8a8", CALIB, {}),  # int8 weights and per-token int8 activations (vLLM's INT8)
 }
 
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import nullcontext
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 
 import torch
@@ -49,6 +49,23 @@ def _norm_params(model: nn.Module) -> dict[str, nn.Parameter]:
     linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
     return {n: p for n, p in model.named_parameters()
             if p.ndim == 1 and id(p) not in linear and "norm" in n and n.endswith("weight")}
+
+
+@contextmanager
+def only_grads(model: nn.Module, params: list[Tensor]) -> Iterator[None]:
+    """Within the block, of `model`'s parameters only `params` take gradients (the tied embedding / lm_head
+    would otherwise cost a vocabulary-sized weight gradient every step, accumulated for nothing); the
+    flags are restored on the way out, exceptions included."""
+    was = [(w, w.requires_grad) for w in model.parameters()]
+    try:
+        for w, _ in was:
+            w.requires_grad_(False)
+        for w in params:
+            w.requires_grad_(True)
+        yield
+    finally:
+        for w, flag in was:
+            w.requires_grad_(flag)
 
 
 def _kl_sum(teacher: Tensor, student: Tensor) -> Tensor:
@@ -131,9 +148,6 @@ def tune_end_to_end(model: nn.Module, base: nn.Module, quantized: dict[str, Quan
         raise ValueError(f"end-to-end: quantized Linears outside the decoder ({model.base_model_prefix})")
     t_head, s_head = _head(base), _head(model)
     norms = _norm_params(model)
-    was = {n: w.requires_grad for n, w in norms.items()}
-    for w in norms.values():
-        w.requires_grad_(True)
     groups = [{"params": list(logs.values()), "lr": p.lr}]
     if norms:
         groups.append({"params": list(norms.values()), "lr": p.norm_lr})
@@ -144,31 +158,30 @@ def tune_end_to_end(model: nn.Module, base: nn.Module, quantized: dict[str, Quan
     order, pos = torch.randperm(n, generator=gen), 0
     ctx = (lambda: torch.autocast(dev.type, dtype=p.autocast)) if p.autocast else nullcontext
     first = last = None
-    for step in range(p.steps):
-        if pos + p.batch_size > n:
-            order, pos = torch.randperm(n, generator=gen), 0
-        batch = samples[order[pos:pos + p.batch_size]].to(dev)
-        pos += p.batch_size
-        with torch.no_grad(), ctx():
-            teacher = base.base_model(input_ids=batch, use_cache=False).last_hidden_state
-        weights = {f"{n.removeprefix(prefix)}.weight": _weight(n) for n in quantized}
-        with ctx():
-            student = functional_call(model.base_model, weights, (), {"input_ids": batch, "use_cache": False})
-            loss = chunked_kl(teacher, student.last_hidden_state, t_head, s_head, p.logit_chunk)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if offsets:
-            sign_step_(list(offsets.values()), linear_decay(p.rounding_lr, step, p.steps))
-            with torch.no_grad():
-                for d in offsets.values():
-                    d.clamp_(-0.5, 0.5)
-        value = float(loss.detach())
-        first = value if first is None else first
-        last = value
-        decay.step()
-    for n, w in norms.items():
-        w.requires_grad_(was[n])
+    with only_grads(model, list(norms.values())):
+        for step in range(p.steps):
+            if pos + p.batch_size > n:
+                order, pos = torch.randperm(n, generator=gen), 0
+            batch = samples[order[pos:pos + p.batch_size]].to(dev)
+            pos += p.batch_size
+            with torch.no_grad(), ctx():
+                teacher = base.base_model(input_ids=batch, use_cache=False).last_hidden_state
+            weights = {f"{n.removeprefix(prefix)}.weight": _weight(n) for n in quantized}
+            with ctx():
+                student = functional_call(model.base_model, weights, (), {"input_ids": batch, "use_cache": False})
+                loss = chunked_kl(teacher, student.last_hidden_state, t_head, s_head, p.logit_chunk)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if offsets:
+                sign_step_(list(offsets.values()), linear_decay(p.rounding_lr, step, p.steps))
+                with torch.no_grad():
+                    for d in offsets.values():
+                        d.clamp_(-0.5, 0.5)
+            value = float(loss.detach())
+            first = value if first is None else first
+            last = value
+            decay.step()
     out = {}
     with torch.no_grad():
         for name, qw in quantized.items():

@@ -68,19 +68,20 @@ def autocast_dtype(job: QuantJob) -> torch.dtype | None:
     return None if dt == "float32" else getattr(torch, dt)
 
 
-def use_compile(job: QuantJob) -> bool:
-    """`compile` resolved: a compile costs tens of seconds once, so auto turns it on for 32+ steps a block."""
+def use_compile(job: QuantJob, spec: ArchSpec | None = None) -> bool:
+    """`compile` resolved: a compile costs tens of seconds once, so auto turns it on for 32+ steps a block, and
+    off for MoE blocks, whose routed token counts change shape every step (a recompile each time)."""
     o = job.options
     if o.compile != "auto":
         return o.compile == "on"
-    return o.iters >= 32 and can_compile(job.device)
+    return o.iters >= 32 and can_compile(job.device) and (spec is None or spec.moe is None)
 
 
-def signround_params(job: QuantJob) -> SignRoundParams:
+def signround_params(job: QuantJob, spec: ArchSpec | None = None) -> SignRoundParams:
     s, o = job.scheme, job.options
     return SignRoundParams(bits=s.bits, group_size=s.group_size, sym=s.sym, iters=o.iters, lr=o.lr,
                            batch_size=o.windows_per_step, clip_min=o.clip_min, tune_norms=o.tune_norms,
-                           norm_lr=o.norm_lr, autocast=autocast_dtype(job), compile=use_compile(job), scale_lr=o.scale_lr,
+                           norm_lr=o.norm_lr, autocast=autocast_dtype(job), compile=use_compile(job, spec), scale_lr=o.scale_lr,
                            seed=job.calib.seed)
 
 
@@ -126,7 +127,7 @@ class SignRound(BlockwiseMethod):
         return signround_block_memory(geometry, settings)
 
     def block_step(self, job: QuantJob, spec: ArchSpec, coverage: ExpertCoverage) -> BlockStep:
-        p = signround_params(job)
+        p = signround_params(job, spec)
         return lambda calib, targets: signround_block(calib, spec, targets, p)
 
     def quantize_loaded(self, loaded: Loaded, job: QuantJob, samples: Tensor | None, facts: RunFacts) -> dict[str, Any]:
@@ -163,4 +164,7 @@ class SignRound(BlockwiseMethod):
         out: dict[str, Any] = {"options": opts, "calibration": job.calib.model_dump(mode="json")}
         if facts is not None and facts.samples_sha256:
             out["calibration"]["sha256"] = facts.samples_sha256
-        return describe_moe(out, facts)
+        out = describe_moe(out, facts)
+        if "moe" in out and job.options.compile == "auto":
+            opts["compile_used"] = False  # auto is off for MoE blocks (use_compile)
+        return out

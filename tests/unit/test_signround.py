@@ -77,13 +77,19 @@ class _Block(nn.Module):
         return h + self.down(torch.relu(self.up(self.norm(h))))
 
 
-def test_tuning_lowers_the_block_error_against_rtn():
+def _block_and_target():
+    """A seeded block, 16 windows of 8 tokens, its float outputs, and its Linears' float weights."""
     torch.manual_seed(0)
     block = _Block()
     x = torch.randn(16, 8, 64)
     with torch.no_grad():
         y = block(x)
     masters = {n: m.weight.detach().clone() for n, m in (("up", block.up), ("down", block.down))}
+    return block, x, y, masters
+
+
+def test_tuning_lowers_the_block_error_against_rtn():
+    block, x, y, masters = _block_and_target()
 
     def err():
         with torch.no_grad():
@@ -132,12 +138,7 @@ def test_equivalent_scales_are_exact_before_rounding():
 
 
 def test_tuning_with_equivalent_scales_stores_what_it_computes():
-    torch.manual_seed(0)
-    block = _Block()
-    x = torch.randn(16, 8, 64)
-    with torch.no_grad():
-        y = block(x)
-    masters = {n: m.weight.detach().clone() for n, m in (("up", block.up), ("down", block.down))}
+    block, x, y, masters = _block_and_target()
     import copy
 
     rtn_block = copy.deepcopy(block)

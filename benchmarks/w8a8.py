@@ -49,7 +49,12 @@ ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {  # row -> (method, preset, 
     "fp8dyn-rtn": ("rtn", "fp8-dynamic", {}),
     "fp8dyn-gptq": ("gptq", "fp8-dynamic", {}),
     "fp8-gptq": ("gptq", "fp8", {}),
+    # ROW-kv: the same row with an FP8 KV cache (--kv-cache fp8: per-layer k/v scales calibrated on the quantized model)
+    "fp8dyn-rtn-kv": ("rtn", "fp8-dynamic", {}),
+    "w8a8-rtn-kv": ("rtn", "w8a8", {}),
+    "w8a8-smoothquant-rtn-kv": ("smoothquant-rtn", "w8a8", {}),
 }
+CONTEXT = 4096  # the KV table's memory: stored weights + KV cache at this many tokens (batch 1)
 DEFAULT_ROWS = "w8a8-smoothquant,w8a8-gptq,w8a8-rtn,fp8dyn-rtn,fp8dyn-gptq"
 # llm-compressor 0.14.0.1 and bitsandbytes, measured by the peers' run (/work/shared/peers/results.md), not here
 PEERS = [
@@ -74,8 +79,11 @@ def child_quantize(a: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     from quantkit.api import quantize
 
+    from quantkit.scheme import make_scheme
+
     method, preset, options = ROWS[a.child]
-    summary = quantize(a.model, method, a.child_out, scheme=preset, options=options, device="cpu",
+    scheme = make_scheme(preset, kv_cache="fp8" if a.child.endswith("-kv") else None)
+    summary = quantize(a.model, method, a.child_out, scheme=scheme, options=options, device="cpu",
                        calib={"dataset": "wiki-vital", "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": 0})
     return {"quant_s": summary["quantize_seconds"], "process_s": time.perf_counter() - t0, "cpu_s": cpu_s(),
             "peak_rss_mib": peak_mib(), "size_bytes": summary["size_bytes"]}
@@ -99,6 +107,27 @@ def child_score(a: argparse.Namespace) -> dict[str, Any]:
     out = {"base": {"ppl": q[0].ppl}}
     out.update({f: {"ppl": r.ppl, "kl": r.kl, "top1": r.top1} for f, r in zip(folders, q[1:])})
     return out
+
+
+def cache_figures(out: str) -> dict[str, Any]:
+    """KV-cache bytes per token (as an engine stores the cache: fp8 = 1 byte, else fp16) and the stored weights."""
+    sys.path.insert(0, str(ROOT))
+    from quantkit.eval.describe import kv_cache_bytes, tensor_bytes
+
+    cfg = json.loads((Path(out) / "config.json").read_text())
+    kv = kv_cache_bytes(cfg, cfg.get("quantization_config"))
+    weights = tensor_bytes(Path(out))
+    return {"kv_bytes_per_token": kv, "weights_bytes": weights, "context_bytes": weights + kv * CONTEXT}
+
+
+def same_weights(a: str, b: str) -> bool:
+    """Every tensor of `a` is in `b` with the same bytes (b may add the KV-cache scales)."""
+    from safetensors.torch import load_file
+
+    ta, tb = load_file(str(Path(a) / "model.safetensors")), load_file(str(Path(b) / "model.safetensors"))
+    extra = {k for k in tb if k.endswith((".k_scale", ".v_scale"))}
+    return set(tb) - extra == set(ta) and all(ta[k].dtype == tb[k].dtype and ta[k].view(-1).view(__import__("torch").uint8)
+                                              .equal(tb[k].view(-1).view(__import__("torch").uint8)) for k in ta)
 
 
 def _prefill(model, ids) -> float:
@@ -192,6 +221,29 @@ def markdown(rows: list[dict[str, Any]], base: dict[str, Any], a: argparse.Names
         cpu = f"{r['cpu_s']:.0f}" if "cpu_s" in r else "-"
         lines.append(f"| {r['row']} | {r['library']} | {r['quant_s']:.1f} | {cpu} | {r['peak_rss_mib']:.0f} | "
                      f"{r['size_bytes'] / 1e6:.1f} | {r['ppl']:.3f} | {r['kl']:.4f} | {r['top1']:.2f} | {speed} |")
+    kv_rows = [r for r in rows if r.get("kv_bytes_per_token") and r["row"].endswith("-kv")]
+    if kv_rows:
+        lines += ["", f"## KV cache: fp16 against FP8 on the same weights", "",
+                  f"Each `ROW-kv` checkpoint is `ROW` with `--kv-cache fp8` (its weight tensors byte-identical to "
+                  f"`ROW`'s, checked), scored with keys (after RoPE) and values fake-quantized to FP8 e4m3 with their "
+                  f"per-layer scales; `ROW` is scored with a float cache (fp16 in an engine). KV bytes/token = layers x "
+                  f"KV heads x head dim x 2 x bytes; memory at {CONTEXT} = stored weights + KV cache at {CONTEXT} "
+                  f"tokens, batch 1.", "",
+                  f"| checkpoint | cache | KV bytes/token | cache at {CONTEXT} MB | weights + cache MB | ppl | KL "
+                  f"| KL cost of the cache |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        by_name = {r["row"]: r for r in rows}
+        for r in kv_rows:
+            plain = by_name.get(r["row"].removesuffix("-kv"))
+            for x, cache in ((plain, "fp16"), (r, "fp8")):
+                if x is None:
+                    continue
+                cost = f"{r['kl'] - plain['kl']:+.4f}" if plain is not None and cache == "fp8" else "-"
+                same = "" if cache == "fp16" or x.get("same_weights") is None else \
+                    ("" if x["same_weights"] else " (weights differ!)")
+                lines.append(f"| {r['row'].removesuffix('-kv')}{same} | {cache} | {x['kv_bytes_per_token']} | "
+                             f"{x['kv_bytes_per_token'] * CONTEXT / 1e6:.1f} | {x['context_bytes'] / 1e6:.1f} | "
+                             f"{x['ppl']:.3f} | {x['kl']:.4f} | {cost} |")
     return "\n".join(lines) + "\n"
 
 
@@ -240,7 +292,10 @@ def main() -> None:
         for row in [r for r in a.rows.split(",") if r]:
             out = str(work / row)
             r = spawn(["--child", row, "--child-kind", "quantize", "--child-out", out, *common])
-            rows.append({"row": row, "library": "quantkit", "out": out, **r})
+            rows.append({"row": row, "library": "quantkit", "out": out, **r, **cache_figures(out)})
+            plain = work / row.removesuffix("-kv")
+            if row.endswith("-kv") and plain.is_dir():
+                rows[-1]["same_weights"] = same_weights(str(plain), out)
             log.info("%s: %s", row, rows[-1])
         outs = ",".join(r["out"] for r in rows)
         scores = spawn(["--child", "all", "--child-kind", "score", "--child-out", outs, *common])

@@ -207,7 +207,8 @@ def markdown(rows: list[dict[str, Any]], base: dict[str, Any], a: argparse.Names
         f"on a shared 2-core machine: compare times as ratios. Peer rows are the peers' figures "
         f"(/work/shared/peers/results.md), not re-measured here.",
         "",
-        f"Command: `.venv/bin/python benchmarks/w8a8.py --model {a.model} --rows {a.rows}`",
+        f"Command: `.venv/bin/python benchmarks/w8a8.py --model {a.model} --rows {a.rows} --nsamples {a.nsamples} "
+        f"--windows {a.windows}{' --no-speed' if a.no_speed else ''}`",
         "",
         "| row | library | quant s | quant CPU s | peak RSS MiB | ckpt MB | ppl | KL | top-1 % | kernels "
         "| prefill tok/s (x base) | decode tok/s (x base) |",
@@ -259,6 +260,7 @@ def main() -> None:
     ap.add_argument("--prefill-len", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-speed", action="store_true", help="skip the speed child (quality and cache rows only)")
     ap.add_argument("--total-minutes", type=float, default=0.0, help="with --render: the run's total time")
     ap.add_argument("--keep", type=Path, help="keep the checkpoints in this folder (default: a temporary one)")
     ap.add_argument("--tag", default="")
@@ -299,11 +301,11 @@ def main() -> None:
             log.info("%s: %s", row, rows[-1])
         outs = ",".join(r["out"] for r in rows)
         scores = spawn(["--child", "all", "--child-kind", "score", "--child-out", outs, *common])
-        speeds = spawn(["--child", "all", "--child-kind", "speed", "--child-out", outs, *common])
+        speeds = {} if a.no_speed else spawn(["--child", "all", "--child-kind", "speed", "--child-out", outs, *common])
     for r in rows:
         r.update(scores[r["out"]])
-        r.update(speeds[r["out"]])
-    base = {**scores["base"], **speeds["base"]}
+        r.update(speeds.get(r["out"], {}))
+    base = {**scores["base"], **speeds.get("base", {"prefill_tps": float("nan"), "decode_tps": float("nan")})}
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d %H:%M")
     with (RESULTS / "w8a8.jsonl").open("a") as fh:

@@ -194,18 +194,27 @@ def spawn(args: list[str]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------- table
+def peers(a: argparse.Namespace) -> bool:
+    """The peers' rows are comparable only under their protocol: SmolLM2, 40 test windows."""
+    return a.model == "smollm2-135m" and a.windows == 40
+
+
 def markdown(rows: list[dict[str, Any]], base: dict[str, Any], a: argparse.Namespace, seconds: float) -> str:
     lines = [
         f"# W8A8 and FP8 on {a.model}: {a.nsamples} x {a.seqlen} calibration tokens (wiki-vital, seed 0)",
         "",
         f"Eval: first {a.windows} non-overlapping 512-token windows of wiki-vital's test text; KL(base || model) over "
         f"the full vocabulary; fp32, {a.threads} threads, {platform.machine()} CPU; activations quantized as each "
-        f"checkpoint says (exact maths, dense kernel). Speed: `kernel=auto` (the kernels column), prefill = one forward "
-        f"over {a.prefill_batch} x {a.prefill_len} tokens, decode = greedy generation of {a.decode_tokens} tokens "
-        f"after a 64-token prompt, batch 1; median of {a.repeats} interleaved repeats; x base = ratio to the fp32 base "
-        f"in the same process. All quantkit rows ran in one `benchmarks/w8a8.py` run (total {seconds / 60:.1f} min) "
-        f"on a shared 2-core machine: compare times as ratios. Peer rows are the peers' figures "
-        f"(/work/shared/peers/results.md), not re-measured here.",
+        f"checkpoint says (exact maths, dense kernel). "
+        + ("Speed: not measured (--no-speed). " if a.no_speed else
+           f"Speed: `kernel=auto` (the kernels column), prefill = one forward "
+           f"over {a.prefill_batch} x {a.prefill_len} tokens, decode = greedy generation of {a.decode_tokens} tokens "
+           f"after a 64-token prompt, batch 1; median of {a.repeats} interleaved repeats; x base = ratio to the fp32 "
+           f"base in the same process. ")
+        + f"All quantkit rows ran in one `benchmarks/w8a8.py` run (total {seconds / 60:.1f} min) "
+        f"on a shared 2-core machine: compare times as ratios. "
+        + ("Peer rows are the peers' figures (/work/shared/peers/results.md), not re-measured here."
+           if peers(a) else "No peer rows: the peers scored 40 windows, not comparable."),
         "",
         f"Command: `.venv/bin/python benchmarks/w8a8.py --model {a.model} --rows {a.rows} --nsamples {a.nsamples} "
         f"--windows {a.windows}{' --no-speed' if a.no_speed else ''}`",
@@ -213,8 +222,8 @@ def markdown(rows: list[dict[str, Any]], base: dict[str, Any], a: argparse.Names
         "| row | library | quant s | quant CPU s | peak RSS MiB | ckpt MB | ppl | KL | top-1 % | kernels "
         "| prefill tok/s (x base) | decode tok/s (x base) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
-        f"| fp32 base | - | - | - | - | - | {base['ppl']:.3f} | 0 | 100.00 | fp32 | {base['prefill_tps']:.0f} | "
-        f"{base['decode_tps']:.1f} |",
+        f"| fp32 base | - | - | - | - | - | {base['ppl']:.3f} | 0 | 100.00 | fp32 | "
+        + (f"{base['prefill_tps']:.0f} | {base['decode_tps']:.1f} |" if base.get("prefill_tps") else "- | - |"),
     ]
     for r in rows:
         speed = (f"{r['kernels']} | {r['prefill_tps']:.0f} ({r['prefill_tps'] / base['prefill_tps']:.2f}x) | "
@@ -279,7 +288,7 @@ def main() -> None:
         run = [x for x in lines if x["when"] == a.render and x["model"] == a.model]
         base = next(x for x in run if x["row"] == "fp32 base")
         rows = [x for x in run if x["row"] != "fp32 base"]
-        text = markdown(rows + (PEERS if a.model == "smollm2-135m" else []), base, a, a.total_minutes * 60)
+        text = markdown(rows + (PEERS if peers(a) else []), base, a, a.total_minutes * 60)
         (RESULTS / f"w8a8{'-' + a.tag if a.tag else ''}.md").write_text(text)
         print(text)
         return
@@ -305,14 +314,14 @@ def main() -> None:
     for r in rows:
         r.update(scores[r["out"]])
         r.update(speeds.get(r["out"], {}))
-    base = {**scores["base"], **speeds.get("base", {"prefill_tps": float("nan"), "decode_tps": float("nan")})}
+    base = {**scores["base"], **speeds.get("base", {})}
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d %H:%M")
     with (RESULTS / "w8a8.jsonl").open("a") as fh:
         fh.write(json.dumps({"when": stamp, "model": a.model, "row": "fp32 base", **base}) + "\n")
         for r in rows:
             fh.write(json.dumps({"when": stamp, "model": a.model, **{k: v for k, v in r.items() if k != "out"}}) + "\n")
-    text = markdown(rows + (PEERS if a.model == "smollm2-135m" else []), base, a, time.perf_counter() - t0)
+    text = markdown(rows + (PEERS if peers(a) else []), base, a, time.perf_counter() - t0)
     (RESULTS / f"w8a8{'-' + a.tag if a.tag else ''}.md").write_text(text)
     print(text)
 

@@ -280,3 +280,29 @@ def test_cli_refuses_an_attention_it_cannot_hook(tiny_llama, tmp_path, monkeypat
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "cannot hook its keys and values" in lines[0], r.stderr
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- every dense architecture of the table
+
+
+@pytest.mark.parametrize("arch", ["Gemma3ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM", "OPTForCausalLM",
+                                  "MistralForCausalLM", "Gemma2ForCausalLM", "Qwen2ForCausalLM"])
+def test_every_table_architecture_is_hooked(arch, text_file, tmp_path):
+    """Sliding-window layers (Gemma), q/k norms (Qwen3, Gemma3), a fused qkv_proj (Phi-3) and no RoPE at all (OPT):
+    every decoder block's attention gets measured scales and computes with the FP8 cache after load."""
+    from tests.tiny import make_model
+    from tests.unit.test_arch import _config
+
+    src = make_model(tmp_path / "m", _config(arch))
+    api.quantize(str(src), "rtn", tmp_path / "q", scheme=make_scheme("w8a8", kv_cache="fp8"),
+                 calib=calib(text_file, n=2), device="cpu")
+    model = load(tmp_path / "q")
+    attn = attention_modules(model, get_blocks(model, get_arch(model)))
+    assert len(attn) == model.config.num_hidden_layers
+    assert all(float(m.k_scale) > 0 and float(m.v_scale) > 0 for m in attn.values())
+    ids = torch.randint(3, 320, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = model(ids).logits
+        model.config._attn_implementation = model.config._attn_implementation.removeprefix("quantkit-kv|")
+        b = model(ids).logits
+    assert not torch.equal(a, b)

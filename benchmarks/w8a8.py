@@ -49,7 +49,12 @@ ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {  # row -> (method, preset, 
     "fp8dyn-rtn": ("rtn", "fp8-dynamic", {}),
     "fp8dyn-gptq": ("gptq", "fp8-dynamic", {}),
     "fp8-gptq": ("gptq", "fp8", {}),
+    # ROW-kv: the same row with an FP8 KV cache (--kv-cache fp8: per-layer k/v scales calibrated on the quantized model)
+    "fp8dyn-rtn-kv": ("rtn", "fp8-dynamic", {}),
+    "w8a8-rtn-kv": ("rtn", "w8a8", {}),
+    "w8a8-smoothquant-rtn-kv": ("smoothquant-rtn", "w8a8", {}),
 }
+CONTEXT = 4096  # the KV table's memory: stored weights + KV cache at this many tokens (batch 1)
 DEFAULT_ROWS = "w8a8-smoothquant,w8a8-gptq,w8a8-rtn,fp8dyn-rtn,fp8dyn-gptq"
 # llm-compressor 0.14.0.1 and bitsandbytes, measured by the peers' run (/work/shared/peers/results.md), not here
 PEERS = [
@@ -74,8 +79,11 @@ def child_quantize(a: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     from quantkit.api import quantize
 
+    from quantkit.scheme import make_scheme
+
     method, preset, options = ROWS[a.child]
-    summary = quantize(a.model, method, a.child_out, scheme=preset, options=options, device="cpu",
+    scheme = make_scheme(preset, kv_cache="fp8" if a.child.endswith("-kv") else None)
+    summary = quantize(a.model, method, a.child_out, scheme=scheme, options=options, device="cpu",
                        calib={"dataset": "wiki-vital", "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": 0})
     return {"quant_s": summary["quantize_seconds"], "process_s": time.perf_counter() - t0, "cpu_s": cpu_s(),
             "peak_rss_mib": peak_mib(), "size_bytes": summary["size_bytes"]}
@@ -99,6 +107,27 @@ def child_score(a: argparse.Namespace) -> dict[str, Any]:
     out = {"base": {"ppl": q[0].ppl}}
     out.update({f: {"ppl": r.ppl, "kl": r.kl, "top1": r.top1} for f, r in zip(folders, q[1:])})
     return out
+
+
+def cache_figures(out: str) -> dict[str, Any]:
+    """KV-cache bytes per token (as an engine stores the cache: fp8 = 1 byte, else fp16) and the stored weights."""
+    sys.path.insert(0, str(ROOT))
+    from quantkit.eval.describe import kv_cache_bytes, tensor_bytes
+
+    cfg = json.loads((Path(out) / "config.json").read_text())
+    kv = kv_cache_bytes(cfg, cfg.get("quantization_config"))
+    weights = tensor_bytes(Path(out))
+    return {"kv_bytes_per_token": kv, "weights_bytes": weights, "context_bytes": weights + kv * CONTEXT}
+
+
+def same_weights(a: str, b: str) -> bool:
+    """Every tensor of `a` is in `b` with the same bytes (b may add the KV-cache scales)."""
+    from safetensors.torch import load_file
+
+    ta, tb = load_file(str(Path(a) / "model.safetensors")), load_file(str(Path(b) / "model.safetensors"))
+    extra = {k for k in tb if k.endswith((".k_scale", ".v_scale"))}
+    return set(tb) - extra == set(ta) and all(ta[k].dtype == tb[k].dtype and ta[k].view(-1).view(__import__("torch").uint8)
+                                              .equal(tb[k].view(-1).view(__import__("torch").uint8)) for k in ta)
 
 
 def _prefill(model, ids) -> float:
@@ -165,26 +194,36 @@ def spawn(args: list[str]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------- table
+def peers(a: argparse.Namespace) -> bool:
+    """The peers' rows are comparable only under their protocol: SmolLM2, 40 test windows."""
+    return a.model == "smollm2-135m" and a.windows == 40
+
+
 def markdown(rows: list[dict[str, Any]], base: dict[str, Any], a: argparse.Namespace, seconds: float) -> str:
     lines = [
         f"# W8A8 and FP8 on {a.model}: {a.nsamples} x {a.seqlen} calibration tokens (wiki-vital, seed 0)",
         "",
         f"Eval: first {a.windows} non-overlapping 512-token windows of wiki-vital's test text; KL(base || model) over "
         f"the full vocabulary; fp32, {a.threads} threads, {platform.machine()} CPU; activations quantized as each "
-        f"checkpoint says (exact maths, dense kernel). Speed: `kernel=auto` (the kernels column), prefill = one forward "
-        f"over {a.prefill_batch} x {a.prefill_len} tokens, decode = greedy generation of {a.decode_tokens} tokens "
-        f"after a 64-token prompt, batch 1; median of {a.repeats} interleaved repeats; x base = ratio to the fp32 base "
-        f"in the same process. All quantkit rows ran in one `benchmarks/w8a8.py` run (total {seconds / 60:.1f} min) "
-        f"on a shared 2-core machine: compare times as ratios. Peer rows are the peers' figures "
-        f"(/work/shared/peers/results.md), not re-measured here.",
+        f"checkpoint says (exact maths, dense kernel). "
+        + ("Speed: not measured (--no-speed). " if a.no_speed else
+           f"Speed: `kernel=auto` (the kernels column), prefill = one forward "
+           f"over {a.prefill_batch} x {a.prefill_len} tokens, decode = greedy generation of {a.decode_tokens} tokens "
+           f"after a 64-token prompt, batch 1; median of {a.repeats} interleaved repeats; x base = ratio to the fp32 "
+           f"base in the same process. ")
+        + f"All quantkit rows ran in one `benchmarks/w8a8.py` run (total {seconds / 60:.1f} min) "
+        f"on a shared 2-core machine: compare times as ratios. "
+        + ("Peer rows are the peers' figures (/work/shared/peers/results.md), not re-measured here."
+           if peers(a) else "No peer rows: the peers scored 40 windows, not comparable."),
         "",
-        f"Command: `.venv/bin/python benchmarks/w8a8.py --model {a.model} --rows {a.rows}`",
+        f"Command: `.venv/bin/python benchmarks/w8a8.py --model {a.model} --rows {a.rows} --nsamples {a.nsamples} "
+        f"--windows {a.windows}{' --no-speed' if a.no_speed else ''}`",
         "",
         "| row | library | quant s | quant CPU s | peak RSS MiB | ckpt MB | ppl | KL | top-1 % | kernels "
         "| prefill tok/s (x base) | decode tok/s (x base) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
-        f"| fp32 base | - | - | - | - | - | {base['ppl']:.3f} | 0 | 100.00 | fp32 | {base['prefill_tps']:.0f} | "
-        f"{base['decode_tps']:.1f} |",
+        f"| fp32 base | - | - | - | - | - | {base['ppl']:.3f} | 0 | 100.00 | fp32 | "
+        + (f"{base['prefill_tps']:.0f} | {base['decode_tps']:.1f} |" if base.get("prefill_tps") else "- | - |"),
     ]
     for r in rows:
         speed = (f"{r['kernels']} | {r['prefill_tps']:.0f} ({r['prefill_tps'] / base['prefill_tps']:.2f}x) | "
@@ -192,6 +231,29 @@ def markdown(rows: list[dict[str, Any]], base: dict[str, Any], a: argparse.Names
         cpu = f"{r['cpu_s']:.0f}" if "cpu_s" in r else "-"
         lines.append(f"| {r['row']} | {r['library']} | {r['quant_s']:.1f} | {cpu} | {r['peak_rss_mib']:.0f} | "
                      f"{r['size_bytes'] / 1e6:.1f} | {r['ppl']:.3f} | {r['kl']:.4f} | {r['top1']:.2f} | {speed} |")
+    kv_rows = [r for r in rows if r.get("kv_bytes_per_token") and r["row"].endswith("-kv")]
+    if kv_rows:
+        lines += ["", f"## KV cache: fp16 against FP8 on the same weights", "",
+                  f"Each `ROW-kv` checkpoint is `ROW` with `--kv-cache fp8` (its weight tensors byte-identical to "
+                  f"`ROW`'s, checked), scored with keys (after RoPE) and values fake-quantized to FP8 e4m3 with their "
+                  f"per-layer scales; `ROW` is scored with a float cache (fp16 in an engine). KV bytes/token = layers x "
+                  f"KV heads x head dim x 2 x bytes; memory at {CONTEXT} = stored weights + KV cache at {CONTEXT} "
+                  f"tokens, batch 1.", "",
+                  f"| checkpoint | cache | KV bytes/token | cache at {CONTEXT} MB | weights + cache MB | ppl | KL "
+                  f"| KL cost of the cache |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        by_name = {r["row"]: r for r in rows}
+        for r in kv_rows:
+            plain = by_name.get(r["row"].removesuffix("-kv"))
+            for x, cache in ((plain, "fp16"), (r, "fp8")):
+                if x is None:
+                    continue
+                cost = f"{r['kl'] - plain['kl']:+.4f}" if plain is not None and cache == "fp8" else "-"
+                same = "" if cache == "fp16" or x.get("same_weights") is None else \
+                    ("" if x["same_weights"] else " (weights differ!)")
+                lines.append(f"| {r['row'].removesuffix('-kv')}{same} | {cache} | {x['kv_bytes_per_token']} | "
+                             f"{x['kv_bytes_per_token'] * CONTEXT / 1e6:.1f} | {x['context_bytes'] / 1e6:.1f} | "
+                             f"{x['ppl']:.3f} | {x['kl']:.4f} | {cost} |")
     return "\n".join(lines) + "\n"
 
 
@@ -207,6 +269,7 @@ def main() -> None:
     ap.add_argument("--prefill-len", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-speed", action="store_true", help="skip the speed child (quality and cache rows only)")
     ap.add_argument("--total-minutes", type=float, default=0.0, help="with --render: the run's total time")
     ap.add_argument("--keep", type=Path, help="keep the checkpoints in this folder (default: a temporary one)")
     ap.add_argument("--tag", default="")
@@ -225,7 +288,7 @@ def main() -> None:
         run = [x for x in lines if x["when"] == a.render and x["model"] == a.model]
         base = next(x for x in run if x["row"] == "fp32 base")
         rows = [x for x in run if x["row"] != "fp32 base"]
-        text = markdown(rows + (PEERS if a.model == "smollm2-135m" else []), base, a, a.total_minutes * 60)
+        text = markdown(rows + (PEERS if peers(a) else []), base, a, a.total_minutes * 60)
         (RESULTS / f"w8a8{'-' + a.tag if a.tag else ''}.md").write_text(text)
         print(text)
         return
@@ -240,22 +303,25 @@ def main() -> None:
         for row in [r for r in a.rows.split(",") if r]:
             out = str(work / row)
             r = spawn(["--child", row, "--child-kind", "quantize", "--child-out", out, *common])
-            rows.append({"row": row, "library": "quantkit", "out": out, **r})
+            rows.append({"row": row, "library": "quantkit", "out": out, **r, **cache_figures(out)})
+            plain = work / row.removesuffix("-kv")
+            if row.endswith("-kv") and plain.is_dir():
+                rows[-1]["same_weights"] = same_weights(str(plain), out)
             log.info("%s: %s", row, rows[-1])
         outs = ",".join(r["out"] for r in rows)
         scores = spawn(["--child", "all", "--child-kind", "score", "--child-out", outs, *common])
-        speeds = spawn(["--child", "all", "--child-kind", "speed", "--child-out", outs, *common])
+        speeds = {} if a.no_speed else spawn(["--child", "all", "--child-kind", "speed", "--child-out", outs, *common])
     for r in rows:
         r.update(scores[r["out"]])
-        r.update(speeds[r["out"]])
-    base = {**scores["base"], **speeds["base"]}
+        r.update(speeds.get(r["out"], {}))
+    base = {**scores["base"], **speeds.get("base", {})}
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d %H:%M")
     with (RESULTS / "w8a8.jsonl").open("a") as fh:
         fh.write(json.dumps({"when": stamp, "model": a.model, "row": "fp32 base", **base}) + "\n")
         for r in rows:
             fh.write(json.dumps({"when": stamp, "model": a.model, **{k: v for k, v in r.items() if k != "out"}}) + "\n")
-    text = markdown(rows + (PEERS if a.model == "smollm2-135m" else []), base, a, time.perf_counter() - t0)
+    text = markdown(rows + (PEERS if peers(a) else []), base, a, time.perf_counter() - t0)
     (RESULTS / f"w8a8{'-' + a.tag if a.tag else ''}.md").write_text(text)
     print(text)
 

@@ -65,6 +65,10 @@ def make_job(model: str | Path, method: str, *, scheme: QuantScheme | str | dict
     )
     if job.source.is_quantized:
         raise QuantkitError(f"{model} is already quantized; give the float model it came from")
+    if job.scheme.kv_cache is not None:  # the format must carry it and the attention must be hookable
+        from quantkit.calib.kv import check_kv_job
+
+        check_kv_job(impl, job, method)
     return impl, job
 
 
@@ -111,6 +115,10 @@ def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantSc
     t0 = time.perf_counter()
     try:
         artifact = impl.quantize(job)
+        if job.scheme.kv_cache is not None:  # scales measured on the quantized model, before anything is written
+            from quantkit.calib.kv import calibrate_kv
+
+            artifact.kv_scales = calibrate_kv(artifact, job)
         t_quant = time.perf_counter() - t0
         peak_device = torch.cuda.max_memory_allocated(job.device) if on_cuda else None
         with atomic_dir(out, force=force) as tmp:

@@ -16,7 +16,7 @@ import fnmatch
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_serializer, model_validator
 
 from quantkit.errors import SchemeError, UnknownNameError
 
@@ -87,6 +87,8 @@ class QuantScheme(BaseModel):
     type:         the weights' number type: int (integer codes) or float (FP8 e4m3 values).
     strategy:     None (group or channel, from group_size) or "tensor" (one scale per weight; group_size -1).
     input_activations: None (weight-only) or how activations are quantized at run time.
+    kv_cache:     None (the engine's float cache) or "fp8": keys (after the rotary embedding) and values stored
+                  in FP8 e4m3 with one calibrated scale per layer each (compressed-tensors' kv_cache_scheme).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -100,6 +102,22 @@ class QuantScheme(BaseModel):
     type: Literal["int", "float"] = "int"
     strategy: Literal["tensor"] | None = None
     input_activations: ActivationScheme | None = None
+    kv_cache: Literal["fp8"] | None = None
+
+    @field_validator("kv_cache", mode="before")
+    @classmethod
+    def _kv_cache(cls, v: Any) -> Any:
+        if v is not None and v != "fp8":
+            raise ValueError(f"--kv-cache {v} is not a cache type quantkit writes; fp8 is (e4m3, one scale per layer)")
+        return v
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        """kv_cache appears only when set: schemes without it dump (and fingerprint) as before it existed."""
+        out = handler(self)
+        if out.get("kv_cache") is None:
+            out.pop("kv_cache", None)
+        return out
 
     @field_validator("group_size")
     @classmethod

@@ -27,6 +27,7 @@ def eval_cmd(
     gen_tokens: Annotated[int, typer.Option("--gen-tokens", min=2, help="New tokens per speed run.")] = 64,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Batch size of the throughput run.")] = 8,
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed runs after warm-up (the median is quoted).")] = 3,
+    context: Annotated[Optional[int], typer.Option("--context", min=1, help="Also report memory at this context length: stored weights + KV cache (KV bytes per token x N).")] = None,
     device: Device = "auto",
     kernel: Annotated[str, typer.Option("--kernel", help="Kernel that serves load, memory and speed: auto (fastest per layer), reference, or a name from quantkit.kernels (quality is always scored on the exact maths: the dense kernel, bit-identical to reference).")] = "auto",
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Reuse the base's results cached by content hash.")] = True,
@@ -57,7 +58,7 @@ def eval_cmd(
         result = evaluate_paths(paths, base=base, dataset=dataset, seqlen=seqlen, max_windows=max_windows or None,
                                 device=device, text_field=text_field, progress=bar, stride=stride, split=split,
                                 dtype=dtype, speed=speed_cfg, cache=cache, cache_budget_gb=cache_gb,
-                                kernel=kernel, on_row=row_printer(bar))
+                                kernel=kernel, on_row=row_printer(bar), context=context)
     emit_json(result, json_out)
     if markdown_out is not None:
         markdown_out.write_text(markdown(result))

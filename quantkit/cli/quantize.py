@@ -40,6 +40,7 @@ def quantize(
     sym: Annotated[Optional[bool], typer.Option("--sym/--asym", help="Symmetric or asymmetric grid.", rich_help_panel=SCHEME)] = None,
     desc_act: Annotated[Optional[bool], typer.Option("--desc-act/--no-desc-act", help="Act-order: quantize columns by decreasing activation (a g_idx in the checkpoint).", rich_help_panel=SCHEME)] = None,
     static_groups: Annotated[Optional[bool], typer.Option("--static-groups/--no-static-groups", help="Fit each group's grid once, before error feedback.", rich_help_panel=SCHEME)] = None,
+    kv_cache: Annotated[Optional[str], typer.Option("--kv-cache", help="fp8: also calibrate per-layer FP8 key/value scales for a quantized KV cache (compressed-tensors presets).", rich_help_panel=SCHEME)] = None,
     skip: Annotated[Optional[list[str]], typer.Option("--skip", help="Module name pattern to keep in full precision (repeatable).", rich_help_panel=SCHEME)] = None,
     dataset: in_panel(Dataset, CALIB) = "wiki-vital",
     text_field: in_panel(TextField, CALIB) = "text",
@@ -77,7 +78,7 @@ def quantize(
             raise QuantkitError(f"--{used[0].replace('_', '-')} does not apply to method {method} (its format is fixed)")
     from quantkit.scheme import make_scheme
 
-    scheme = make_scheme(preset or (None if bits else "w4g128"), skip=skip, **scheme_fields)
+    scheme = make_scheme(preset or (None if bits else "w4g128"), skip=skip, kv_cache=kv_cache, **scheme_fields)
     calib = dict(dataset=dataset, text_field=text_field, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size)
     if plan:  # config.json and safetensors headers only: nothing is loaded or written
         from quantkit.cli.plan import show_plan

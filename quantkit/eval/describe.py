@@ -70,8 +70,28 @@ def _activation_short(qc: dict[str, Any]) -> str:
     return ""
 
 
+def kv_cache_bytes(cfg: dict[str, Any], qc: dict[str, Any] | None) -> int | None:
+    """KV-cache bytes per token as an engine stores the cache: 1 byte a value for a quantized (FP8) cache, else 2
+    (fp16/bf16); layers x KV heads x head dim x 2 x bytes."""
+    from quantkit.models.kvcache import bytes_per_token
+
+    return bytes_per_token(cfg, 1 if qc and qc.get("kv_cache_scheme") else 2)
+
+
+def tensor_bytes(folder: Path) -> int | None:
+    """Bytes of every stored tensor (the weights an engine holds in memory), from the safetensors headers."""
+    from quantkit.formats.stats import tensor_entries
+
+    try:
+        return sum(e.nbytes for e in tensor_entries(folder).values())
+    except (QuantkitError, OSError, ValueError, KeyError) as e:
+        log.debug("no tensor sizes for %s: %s", folder, e)
+        return None
+
+
 def describe(path: str) -> dict[str, Any]:
-    """Method, format and size of a model path, from its files (no weights loaded)."""
+    """Method, format and size of a model path, from its files (no weights loaded); KV-cache bytes per token and
+    (`_tensor_bytes`, for the memory at a context) the stored tensors' bytes."""
     from quantkit.paths import folder_size
 
     src = resolve(path)
@@ -88,11 +108,15 @@ def describe(path: str) -> dict[str, Any]:
         return row
     cfg = json.loads((p / "config.json").read_text())
     qc = cfg.get("quantization_config")
+    row["kv_bytes_per_token"] = kv_cache_bytes(cfg, qc)
+    row["_tensor_bytes"] = tensor_bytes(p)
     if qc:
         row["format"] = qc.get("quant_method")
         row["method"] = qc.get("quant_method")
         if qc.get("quant_method") == "compressed-tensors":
             row["format"] = f"compressed-tensors {qc.get('format')}{_activation_tag(qc)}"
+            if qc.get("kv_cache_scheme"):
+                row["format"] += ", KV fp8 per tensor"
     prov = p / "quantkit.json"
     if prov.is_file():
         meta = json.loads(prov.read_text())
@@ -101,6 +125,8 @@ def describe(path: str) -> dict[str, Any]:
     short = _activation_short(qc) if qc and qc.get("quant_method") == "compressed-tensors" else ""
     if short:
         row["method"] = f"{row['method']} {short}"  # the method column says that activations are quantized
+    if qc and qc.get("kv_cache_scheme"):
+        row["method"] = f"{row['method']} KV-fp8"  # and that its cache is quantized (scored so)
     if qc and qc.get("quant_method") == "bitsandbytes" and row["method"] == "int8":
         row["method"] = "int8 (bnb LLM.int8)"  # not quantkit's own 8-bit weights (rtn/gptq w8, cpu-int8 kernel)
     try:

@@ -21,6 +21,8 @@ COLUMNS = [  # (key, header, format, needs speed)
     ("bits_per_weight_all", "all bits/w", "{:.2f}", False),
     ("size_bytes", "size MB", "{:.1f}", False),
     ("peak_bytes", "mem MB", "{:.0f}", False),
+    ("kv_bytes_per_token", "KV B/tok", "{:.0f}", False),
+    ("context_bytes", "mem@ctx MB", "{:.1f}", False),
     ("rel_speed", "speed ×", "{:.2f}", True),
     ("ttft_ms", "TTFT ms", "{:.1f}", True),
     ("tps", "TPS", "{:.1f}", True),
@@ -33,9 +35,18 @@ COLUMNS = [  # (key, header, format, needs speed)
 TEXT_KEYS = ("label", "method")
 
 
+def quantized_cache(result: dict[str, Any]) -> bool:
+    return any("KV fp8" in str(r.get("format")) for r in result["rows"])
+
+
 def columns(result: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+    """The columns the result has figures for: speed ones when speed was measured; KV bytes per token and mem@ctx
+    with a --context, KV bytes per token also when a row's cache is quantized (the JSON always has them)."""
     speed = result["protocol"].get("speed") is not None
-    return [c for c in COLUMNS if speed or not c[3]]
+    context = result["protocol"].get("context")
+    kv = bool(context) or quantized_cache(result)
+    return [c for c in COLUMNS if (speed or not c[3]) and (context or c[0] != "context_bytes")
+            and (kv or c[0] != "kv_bytes_per_token")]
 
 
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
@@ -44,7 +55,7 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
         v = row.get("model")
     if v is None:
         return "-"
-    if key in ("size_bytes", "peak_bytes"):
+    if key in ("size_bytes", "peak_bytes", "context_bytes"):
         v = v / MB
     return fmt.format(v)
 
@@ -58,6 +69,11 @@ def caption(result: dict[str, Any]) -> str:
             f"over the full vocabulary and top-1 agreement on the same tokens, scored on the checkpoint's exact "
             f"maths. mem = peak {'CUDA allocation' if str(p['device']).startswith('cuda') else 'RSS'} above the "
             f"pre-load level over load and {'generation' if p.get('speed') else 'one window'} on the served kernels.")
+    if p.get("context") or quantized_cache(result):
+        text += (" KV B/tok = KV-cache bytes per token, layers × KV heads × head dim × 2 × (1 byte for an FP8 cache, "
+                 "else 2); a KV-fp8 row is scored with its keys and values fake-quantized to FP8 with its scales.")
+    if p.get("context"):
+        text += f" mem@ctx = stored weights + KV cache at {p['context']} tokens (batch 1)."
     s = p.get("speed")
     if s:
         text += (f" Speed: greedy, KV cache, prompt {s['prompt_len']} tokens, {s['gen_tokens']} new tokens, "

@@ -42,13 +42,13 @@ from quantkit.models.sources import load_tokenizer, resolve
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 ROW_KEYS = (
     "model", "label", "method", "format", "scheme", "size_bytes", "bits_per_weight", "bits_per_weight_all", "is_base", "cached", "error",
     "ppl", "nll", "tokens", "kl", "kl_p99", "top1", "delta_ppl_pct",
     "load_seconds", "load_peak_bytes", "weights_bytes", "eval_seconds", "eval_tokens_per_s", "eval_peak_bytes",
     "ttft_ms", "tps", "throughput_tps", "rel_speed", "gen_peak_bytes", "peak_bytes", "attn_implementation",
-    "kernels", "scored_with",
+    "kernels", "scored_with", "kv_bytes_per_token", "context_bytes",
 )
 QUALITY_KEYS = ("ppl", "nll", "tokens", "kl", "kl_p99", "top1", "delta_ppl_pct", "eval_seconds", "eval_tokens_per_s",
                 "eval_peak_bytes")
@@ -259,9 +259,12 @@ class Run:
         return row
 
 
-def _finish(rows: list[dict[str, Any]]) -> None:
+def _finish(rows: list[dict[str, Any]], context: int | None) -> None:
     base = next((r for r in rows if r["is_base"] and r.get("ppl")), None)
     for r in rows:
+        weights = r.pop("_tensor_bytes", None)
+        if context is not None and weights is not None and r.get("kv_bytes_per_token") is not None:
+            r["context_bytes"] = weights + r["kv_bytes_per_token"] * context  # the article's memory: weights + cache
         r.pop("_baseline", None)
         r.pop("_score_peak", None)
         peaks = [r[k] for k in ("load_peak_bytes", "gen_peak_bytes" if r.get("gen_peak_bytes") is not None
@@ -280,15 +283,19 @@ def evaluate_paths(paths: list[str], base: str | None = None, dataset: str = "wi
                    progress: Progress | None = None, *, stride: int | None = None, split: str = "auto",
                    dtype: str | None = None, speed: SpeedConfig | None = None, cache: bool = True,
                    cache_budget_gb: float = 8.0, cache_root: Any = None, kernel: str = "auto",
-                   on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                   on_row: Callable[[dict[str, Any]], None] | None = None, context: int | None = None) -> dict[str, Any]:
     """Score `paths` (and `base`, marked and first) on the same windows; KL and top-1 against the base.
 
     seqlen None -> 2048 on CUDA, 512 on CPU; dtype None -> float16 on CUDA, float32 on CPU;
     max_windows None -> every window; speed None -> no speed measurement. `kernel` serves the
     quantized Linears in the speed pass ("auto": fastest per layer); quality uses the reference maths.
     `progress("checkpoints", i, n)` before each row (then its own stages); `on_row(row)` as each row is done
-    (before Δppl and relative speed, which need every row).
+    (before Δppl and relative speed, which need every row). `context` (tokens): each row's `context_bytes` is its
+    stored weights plus `kv_bytes_per_token` x context (KV-cache bytes per token: layers x KV heads x head dim x 2 x
+    1 byte for an FP8 cache, 2 otherwise).
     """
+    if context is not None and context < 1:
+        raise QuantkitError(f"--context {context}: give the context length in tokens (1 or more)")
     if not paths and base is None:
         raise QuantkitError("nothing to evaluate: give at least one model path (and optionally --base)")
     check_comparable(paths, base)  # a missing path or an incomparable base: one line, before anything loads
@@ -321,10 +328,10 @@ def evaluate_paths(paths: list[str], base: str | None = None, dataset: str = "wi
         run.base_model = None
         store.close()
         release(dev)
-    _finish(rows)
+    _finish(rows, context)
     proto = {**ev.describe(), "device": str(dev), "device_name": hardware.device_name(dev),
              "dtype": str(torch_dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
-             "torch": torch.__version__, "base_logprobs": run.strategy, "base_cached": run.cache_hit,
+             "torch": torch.__version__, "context": context, "base_logprobs": run.strategy, "base_cached": run.cache_hit,
              "speed": None if speed is None else {**speed.__dict__, "timer": "cuda events" if dev.type == "cuda"
                                                   else "perf_counter", "statistic": "median"}}
     return {"schema_version": SCHEMA_VERSION, "protocol": proto, "rows": rows}

@@ -121,6 +121,8 @@ class PackedArtifact:
     save_dtype: torch.dtype = torch.float16
     extra: dict[str, Any] = field(default_factory=dict)
     stored: StoredTensors | None = None  # blocks already written by the run (their tensors are not in `model`)
+    # a quantized KV cache (scheme.kv_cache): calibrated (k_scale, v_scale) per attention module, set before save
+    kv_scales: dict[str, tuple[Tensor, Tensor]] | None = None
 
     def entries(self) -> list[Entry]:
         """Every output tensor, in model order (embeddings, block 0, block 1, ..., head)."""
@@ -130,9 +132,25 @@ class PackedArtifact:
         entries += packed_entries(self.quantized, layout)
         if self.stored is not None:
             entries += self.stored.entries()
+        entries += self.kv_entries()
         # MoE: per-expert tensors under the hub's names (Mixtral: block_sparse_moe.experts.{e}.w1, ...)
         entries = [replace(e, name=name) for name, e in to_hub_names(self.model, {e.name: e for e in entries}).items()]
         return sorted(entries, key=lambda e: natural_key(e.name))
+
+    def kv_entries(self, required: bool = False) -> list[Entry]:
+        """`<attention>.k_scale` / `.v_scale` (shape (1,), the save dtype), as llm-compressor writes them."""
+        if self.scheme.kv_cache is None:
+            return []
+        if self.kv_scales is None:
+            if required:
+                raise CheckpointError("a quantized KV cache needs its calibrated scales before the checkpoint is written")
+            return []
+        out = []
+        for name, pair in self.kv_scales.items():
+            for key, t in zip(("k_scale", "v_scale"), pair):
+                out.append(Entry(f"{name}.{key}", self.save_dtype, (1,),
+                                 lambda t=t: t.detach().reshape(1).to(self.save_dtype).cpu().contiguous()))
+        return out
 
     def tensors(self) -> dict[str, Tensor]:
         """All output tensors in memory at once (small models and tests; `save` streams them)."""
@@ -144,6 +162,7 @@ class PackedArtifact:
     def save(self, folder: Path, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> None:
         """Write the checkpoint into `folder` (an empty temporary folder: `paths.atomic_dir`)."""
         folder = Path(folder)
+        self.kv_entries(required=True)
         files = write_shards(folder, self.entries(), max_shard_size, check=check_finite_one)
         if len(files) > 1:
             log.info("wrote %d weight shards of at most %d bytes", len(files), max_shard_size)

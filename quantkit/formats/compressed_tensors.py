@@ -29,6 +29,7 @@ from quantkit.errors import CheckpointError
 from quantkit.formats.ct_naive import CTNaiveLayout
 from quantkit.formats.packing import pack_rows, unpack_rows
 from quantkit.grid import QuantizedWeight, trivial_g_idx
+from quantkit.models.kvcache import KVCacheError, check_kv_cache_scheme, kv_cache_scheme
 from quantkit.scheme import ActivationScheme, QuantScheme
 
 CT_FORMAT = "pack-quantized"
@@ -122,6 +123,23 @@ def _activations(qc: dict[str, Any]) -> ActivationScheme | None:
         raise CheckpointError(f"compressed-tensors input_activations: {str(e).splitlines()[0]}") from None
 
 
+def _kv_args(scheme: QuantScheme) -> dict[str, Any] | None:
+    """kv_cache_scheme: FP8 keys and values with one static scale per layer (`quantkit.models.kvcache`)."""
+    return kv_cache_scheme() if scheme.kv_cache == "fp8" else None
+
+
+def _kv_cache(qc: dict[str, Any]) -> str | None:
+    """The scheme's kv_cache from a config's kv_cache_scheme (refused unless quantkit computes it)."""
+    args = qc.get("kv_cache_scheme")
+    if args is None:
+        return None
+    try:
+        check_kv_cache_scheme(args)
+    except KVCacheError as e:
+        raise CheckpointError(f"compressed-tensors {e}") from None
+    return "fp8"
+
+
 def _ignore_to_skip(ignore: list[str]) -> tuple[str, ...]:
     """compressed-tensors `ignore` ("lm_head", "re:.*gate$") -> quantkit fnmatch skip patterns."""
     out = []
@@ -162,7 +180,7 @@ class CTFormat:
             "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
                                           "output_activations": None, "format": CT_FORMAT}},
             "ignore": list(extra.get("ignore", ["lm_head"])),
-            "kv_cache_scheme": None,
+            "kv_cache_scheme": _kv_args(scheme),
             "global_compression_ratio": None,
             "sparsity_config": {},
         }
@@ -181,7 +199,7 @@ class CTFormat:
             "quantization_status": "compressed",
             "config_groups": {"group_0": group},
             "ignore": list(extra.get("ignore", ["lm_head"])),
-            "kv_cache_scheme": extra.get("kv_cache_scheme"),
+            "kv_cache_scheme": _kv_args(scheme),
             "global_compression_ratio": None,
             "sparsity_config": {},
         }
@@ -203,7 +221,7 @@ class CTFormat:
         try:
             scheme = QuantScheme(bits=w.get("num_bits", 8), group_size=group_size, sym=bool(w.get("symmetric", True)),
                                  desc_act=w.get("actorder") in ("group", "weight", True, "dynamic", "static"),
-                                 skip=_ignore_to_skip(qc.get("ignore") or []))
+                                 skip=_ignore_to_skip(qc.get("ignore") or []), kv_cache=_kv_cache(qc))
         except ValueError as e:
             raise CheckpointError(f"malformed compressed-tensors quantization_config: {str(e).splitlines()[0]}") from None
         return CTLayout(sym=scheme.sym, g_idx=w.get("actorder") in ("group", "dynamic")), scheme
@@ -219,7 +237,7 @@ class CTFormat:
         try:
             scheme = QuantScheme(bits=8, group_size=-1, sym=True, type=number,
                                  strategy="tensor" if strategy == "tensor" else None, input_activations=act,
-                                 skip=_ignore_to_skip(qc.get("ignore") or []))
+                                 skip=_ignore_to_skip(qc.get("ignore") or []), kv_cache=_kv_cache(qc))
         except ValueError as e:
             raise CheckpointError(f"malformed compressed-tensors quantization_config: {str(e).splitlines()[0]}") from None
         layout = CTNaiveLayout(number, per_tensor=strategy == "tensor", static_input=act is not None and not act.dynamic)

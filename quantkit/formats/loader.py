@@ -22,6 +22,8 @@ from quantkit.integrity import PICKLE_SUFFIXES, pickle_refusal
 from quantkit.formats.qlinear import QuantLinear
 from quantkit.formats.safetensors_io import load
 from quantkit.formats.specs import detect_format
+from quantkit.models.arch import find_arch, get_blocks
+from quantkit.models.kvcache import K_SCALE, V_SCALE, KVCacheError, attach, attention_modules
 from quantkit.models.moe import from_hub_names, swap_experts
 
 log = logging.getLogger(__name__)
@@ -53,13 +55,19 @@ def read_tensors(folder: Path, skip: Callable[[str], bool] | None = None) -> dic
     return out
 
 
-def _skeleton(folder: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
-    """The architecture with parameters on the meta device and real buffers (rotary tables)."""
+def skeleton(source: Path | Any, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    """The architecture with parameters on the meta device and real buffers (rotary tables); `source` is a
+    checkpoint folder or a transformers config."""
+    import copy
+
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if isinstance(source, Path):
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    else:
+        config = copy.deepcopy(source)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     # no_init_weights: the random init of meta parameters is skipped (every one is assigned from the
@@ -73,9 +81,7 @@ def load_packed(folder: Path, qc: dict[str, Any], device: torch.device | str = "
                 ready: dict[str, nn.Module] | None = None) -> nn.Module:
     """The checkpoint's model with reference QuantLinears, but for the Linears `ready` supplies already
     built ({module name: module}, from the packed-weight cache): their tensors are not read."""
-    fmt = detect_format(qc)
-    layout, scheme = fmt.read(qc)
-    model = _skeleton(folder, dtype, trust_remote_code)
+    model = skeleton(folder, dtype, trust_remote_code)
     swap_experts(model)  # MoE: per-expert Linears, as quantized; hub names (experts.{e}.w1, ...) -> module names
     ready = ready or {}
 
@@ -91,15 +97,33 @@ def load_packed(folder: Path, qc: dict[str, Any], device: torch.device | str = "
                                   f"({type(lin).__name__}); remove the packed-weight cache entry")
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, mod)
+    return assemble(model, tensors, qc, str(folder), dtype).to(device).eval()
+
+
+def packed_model(config: Any, tensors: dict[str, Tensor], qc: dict[str, Any], dtype: torch.dtype = torch.float32,
+                 trust_remote_code: bool = False) -> nn.Module:
+    """The model a checkpoint of `tensors` and `qc` loads as, built in memory (before it is written; a quantized
+    KV cache's scales are not measured yet, so its cache stays float)."""
+    model = skeleton(config, dtype, trust_remote_code)
+    swap_experts(model)
+    return assemble(model, from_hub_names(model, dict(tensors)), qc, "checkpoint", dtype, kv_scales=False).eval()
+
+
+def assemble(model: nn.Module, tensors: dict[str, Tensor], qc: dict[str, Any], where: str,
+             dtype: torch.dtype, kv_scales: bool = True) -> nn.Module:
+    """Put the checkpoint's tensors in the skeleton: QuantLinears where a Linear is quantized, KV-cache scales on
+    the attention modules (a quantized cache), every shape checked first."""
+    layout, scheme = detect_format(qc).read(qc)
+    kv = pop_kv_scales(tensors) if scheme.kv_cache and kv_scales else None
     marker = "." + getattr(layout, "marker", "qweight")  # compressed-tensors marks a quantized Linear by weight_packed
     quantized = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(marker)})
     for name in quantized:
         try:
             lin = model.get_submodule(name)
         except AttributeError:
-            raise CheckpointError(f"{folder}: quantized tensor {name}.qweight matches no module of the architecture") from None
+            raise CheckpointError(f"{where}: quantized tensor {name}.qweight matches no module of the architecture") from None
         if not isinstance(lin, nn.Linear):
-            raise CheckpointError(f"{folder}: {name} is a {type(lin).__name__}, not a Linear")
+            raise CheckpointError(f"{where}: {name} is a {type(lin).__name__}, not a Linear")
         # placeholders on meta: load_state_dict(assign=True) puts the checkpoint's tensors in their place
         qlin = QuantLinear(lin.in_features, lin.out_features, scheme.bits, scheme.group_size, scheme.sym,
                            layout, bias=f"{name}.bias" in tensors, device="meta", act=scheme.input_activations)
@@ -108,9 +132,9 @@ def load_packed(folder: Path, qc: dict[str, Any], device: torch.device | str = "
     expected = dict(model.state_dict())
     for k, t in tensors.items():
         if k not in expected:
-            raise CheckpointError(f"{folder}: unexpected tensor {k} (not part of {type(model).__name__})")
+            raise CheckpointError(f"{where}: unexpected tensor {k} (not part of {type(model).__name__})")
         if tuple(t.shape) != tuple(expected[k].shape):
-            raise CheckpointError(f"{folder}: tensor {k} has shape {tuple(t.shape)}, expected {tuple(expected[k].shape)}")
+            raise CheckpointError(f"{where}: tensor {k} has shape {tuple(t.shape)}, expected {tuple(expected[k].shape)}")
         if t.is_floating_point() and t.dtype.itemsize > 1 and not k.endswith((".scales", ".weight_scale", ".input_scale")):
             tensors[k] = t.to(dtype)
     missing = set(expected) - set(tensors)
@@ -118,5 +142,32 @@ def load_packed(folder: Path, qc: dict[str, Any], device: torch.device | str = "
     model.tie_weights()
     still = [k for k, t in model.state_dict().items() if t.is_meta] if missing else []
     if still:
-        raise CheckpointError(f"{folder}: missing tensors: {', '.join(sorted(still)[:5])}")
-    return model.to(device).eval()
+        raise CheckpointError(f"{where}: missing tensors: {', '.join(sorted(still)[:5])}")
+    if kv is not None:
+        attach_kv(model, kv, where)
+    return model
+
+
+def pop_kv_scales(tensors: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+    """Take the KV-cache scales (`<attention>.k_scale`, `<attention>.v_scale`) out of `tensors`, by attention module."""
+    names = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith((f".{K_SCALE}", f".{V_SCALE}"))})
+    out = {}
+    for name in names:
+        k, v = tensors.pop(f"{name}.{K_SCALE}", None), tensors.pop(f"{name}.{V_SCALE}", None)
+        if k is None or v is None or k.numel() != 1 or v.numel() != 1:
+            raise CheckpointError(f"KV-cache scales of {name}: need one {K_SCALE} and one {V_SCALE} value each")
+        out[name] = (k.float().reshape(1), v.float().reshape(1))
+    return out
+
+
+def attach_kv(model: nn.Module, scales: dict[str, tuple[Tensor, Tensor]], where: str) -> None:
+    """The quantized cache: each decoder block's attention gets its scales (every block must have them)."""
+    spec = find_arch(model)
+    if spec is not None:
+        attn = attention_modules(model, get_blocks(model, spec))
+    else:
+        attn = {name: model.get_submodule(name) for name in scales}
+    try:
+        attach(model, attn, scales)
+    except KVCacheError as e:
+        raise CheckpointError(f"{where}: {e}") from None

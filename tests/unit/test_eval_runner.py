@@ -16,11 +16,11 @@ PINNED_ROW_KEYS = (
     "ppl", "nll", "tokens", "kl", "kl_p99", "top1", "delta_ppl_pct",
     "load_seconds", "load_peak_bytes", "weights_bytes", "eval_seconds", "eval_tokens_per_s", "eval_peak_bytes",
     "ttft_ms", "tps", "throughput_tps", "rel_speed", "gen_peak_bytes", "peak_bytes", "attn_implementation",
-    "kernels", "scored_with",
+    "kernels", "scored_with", "kv_bytes_per_token", "context_bytes",
 )
 PINNED_PROTOCOL_KEYS = {
     "dataset", "text_field", "split", "split_text", "seqlen", "stride", "max_windows", "windows", "predicted_tokens",
-    "overlapping", "device", "device_name", "dtype", "threads", "torch", "base_logprobs", "base_cached", "speed",
+    "overlapping", "device", "device_name", "dtype", "threads", "torch", "context", "base_logprobs", "base_cached", "speed",
 }
 SPEED = SpeedConfig(prompt_len=16, gen_tokens=8, batch=4, repeats=2)
 
@@ -40,7 +40,7 @@ def result(tiny_llama, rtn, text_file, tmp_path_factory):
 
 
 def test_json_schema_is_pinned(result):
-    assert SCHEMA_VERSION == 5 and ROW_KEYS == PINNED_ROW_KEYS
+    assert SCHEMA_VERSION == 6 and ROW_KEYS == PINNED_ROW_KEYS
     assert set(result) == {"schema_version", "protocol", "rows"}
     assert set(result["protocol"]) == PINNED_PROTOCOL_KEYS
     assert set(result["protocol"]["speed"]) == {"prompt_len", "gen_tokens", "batch", "repeats", "warmup", "timer",

@@ -190,6 +190,7 @@ def quantize_gguf(model: str | Path, method: str, out: Path, *, gguf_type: str =
     if gguf_type not in MIXES:
         raise QuantkitError(f"--format gguf takes a quantized --type ({', '.join(MIXES)}), not {gguf_type!r}")
     impl, job = make_job(model, method, **job_args)
+    job.scheme = job.scheme.model_copy(update={"group_size": -1})  # the GGUF types fix the groups, any width fits
     if job.source.kind != "folder":
         raise QuantkitError(f"{model}: --format gguf reads a local HF folder or alias")
     types = plan_types(job.source.path, gguf_type, True, embed_type)

@@ -186,3 +186,16 @@ class BlockCodec:
         else:
             data = quantize_rows(x, self.qtype, qw)
         return BlockGrid(self.qtype, data, *grid_of(data, self.qtype))
+
+
+def encode_on_grid(values: np.ndarray, data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """Rows `values` (rows, n) re-encoded on the grids that `data` (rows, n / block * block bytes) holds: each
+    block keeps its header and takes the codes nearest to its values. For values that `data` decodes to, this
+    gives `data` back (up to the codes of zero-scale sub-blocks, which decode the same whatever they are)."""
+    blk, size = GGML_QUANT_SIZES[qtype]
+    out = np.empty_like(data)
+    for b in range(values.shape[1] // blk):
+        head = np.ascontiguousarray(data[:, b * size:(b + 1) * size])
+        grid = BlockGrid(qtype, head, *grid_of(head, qtype))
+        out[:, b * size:(b + 1) * size] = grid.pack(grid.round(slice(None), values[:, b * blk:(b + 1) * blk])[0])
+    return out

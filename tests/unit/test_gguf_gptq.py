@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from quantkit.cli.main import app
 from quantkit.convert.ggml_grid import GRID_TYPES, LEVELS, BlockCodec, encode_on_grid, grid_of
 from quantkit.convert.gguf_quant import dequantize_rows
-from quantkit.methods.gptq.algorithm import inverse_cholesky
+from quantkit.methods.gptq.algorithm import group_aware_order, inverse_cholesky
 from quantkit.methods.gptq.grid import gptq_on_grid
 
 Q = GGMLQuantizationType
@@ -76,6 +76,13 @@ def test_error_feedback_onto_the_grid(qtype):
     plain = gptq_on_grid(w, torch.eye(512), codec, imp)
     assert _out_err(w, res.values, h) < 0.9 * _out_err(w, plain.values, h)
     assert res.data.shape == plain.data.shape and res.data.dtype == np.uint8
+    # group-aware order (whole blocks by their largest H diagonal): natural-order bytes, on their grid, better
+    order = group_aware_order(h.diagonal(), codec.block)
+    gar = gptq_on_grid(w, inverse_cholesky(h[order][:, order], 0.01)[0], codec, imp, order=order)
+    assert not torch.equal(order, torch.arange(512))
+    assert np.array_equal(dequantize_rows(gar.data, qtype, 512), gar.values.numpy())
+    assert np.array_equal(encode_on_grid(gar.values.numpy(), gar.data, qtype), gar.data)
+    assert _out_err(w, gar.values, h) < 0.9 * _out_err(w, res.values, h)
 
 
 def test_error_feedback_is_deterministic_and_leaves_inputs():

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from quantkit.calib.pipeline import BlockCalib
 from quantkit.compute import one_cpu_thread
-from quantkit.methods.gptq.algorithm import GPTQParams, inverse_cholesky
+from quantkit.methods.gptq.algorithm import GPTQParams, group_aware_order, inverse_cholesky
 
 log = logging.getLogger(__name__)
 
@@ -38,26 +38,32 @@ class GridResult:
     loss: float         # Σ err² / 2, err = (w - q) / U[j, j] (as GPTQResult.loss)
 
 
-def gptq_on_grid(weight: Tensor, upper: Tensor, codec: Any, importance: np.ndarray, block_size: int = 128) -> GridResult:
+def gptq_on_grid(weight: Tensor, upper: Tensor, codec: Any, importance: np.ndarray, block_size: int = 128,
+                 order: Tensor | None = None) -> GridResult:
     """Round `weight` (out, in) onto `codec`'s blocks with error feedback through `upper` (in, in), the upper
-    Cholesky factor of the damped H⁻¹. `importance` (in,): the block search's weights. Inputs are not modified."""
+    Cholesky factor of the damped H⁻¹ (of H in `order`). `importance` (in,): the block search's weights.
+    `order` (in,): the processing order, a permutation that keeps each block's columns together (GAR,
+    `algorithm.group_aware_order`); the bytes and values come back in natural order. Inputs are not modified."""
     with one_cpu_thread(weight.device):
-        return _gptq_on_grid(weight, upper, codec, np.asarray(importance, np.float32), block_size)
+        return _gptq_on_grid(weight, upper, codec, np.asarray(importance, np.float32), block_size, order)
 
 
-def _gptq_on_grid(weight: Tensor, upper: Tensor, codec: Any, importance: np.ndarray, block_size: int) -> GridResult:
+def _gptq_on_grid(weight: Tensor, upper: Tensor, codec: Any, importance: np.ndarray, block_size: int,
+                  order: Tensor | None) -> GridResult:
     out_f, in_f = weight.shape
     blk = codec.block
     if in_f % blk:
         raise ValueError(f"{in_f} inputs do not split into {codec.name} blocks of {blk}")
     device = weight.device
-    wt = weight.detach().to(torch.float32).t().contiguous()     # (in, out): row j is input column j
+    perm = np.arange(in_f) if order is None else order.cpu().numpy()
+    w = weight.detach().to(torch.float32)
+    wt = (w if order is None else w[:, order.to(device)]).t().contiguous()  # (in, out): row j = j-th processed column
     values_t = torch.empty_like(wt)
     diag = upper.diagonal()
     bs = -(-max(1, block_size) // blk) * blk                    # lazy batches hold whole blocks
-    parts: list[tuple[Any, np.ndarray]] = []
+    parts: dict[int, tuple[Any, np.ndarray]] = {}               # natural block index -> (grid, codes)
     loss = 0.0
-    grid, codes = None, np.empty(0)
+    grid, codes, local = None, np.empty(0), np.arange(blk)
     for i1 in range(0, in_f, bs):
         i2 = min(i1 + bs, in_f)
         cols = wt[i1:i2]
@@ -66,13 +72,16 @@ def _gptq_on_grid(weight: Tensor, upper: Tensor, codec: Any, importance: np.ndar
         for i in range(i2 - i1):
             j = i1 + i
             k = j % blk
-            if k == 0:  # the block's grid, searched on its current (error-updated) weights
+            if k == 0:  # the block's grid, searched on its current (error-updated) weights in natural order
+                b = int(perm[j]) // blk
+                local = perm[j:j + blk] - b * blk               # natural position of each processed column
                 sigma2 = wt.square().mean(0).cpu().numpy()     # each row's mean x**2 (legacy types' weighting)
-                grid = codec.fit(wt[j:j + blk].t().cpu().numpy(), importance[j:j + blk], sigma2)
+                x = wt[j:j + blk][torch.from_numpy(np.argsort(local)).to(device)].t().cpu().numpy()
+                grid = codec.fit(x, importance[b * blk:(b + 1) * blk], sigma2)
                 codes = np.empty((out_f, blk), np.int64)
-                parts.append((grid, codes))
-            idx, val = grid.round(k, cols[i].cpu().numpy())
-            codes[:, k] = idx
+                parts[b] = (grid, codes)
+            idx, val = grid.round(int(local[k]), cols[i].cpu().numpy())
+            codes[:, local[k]] = idx
             q = torch.from_numpy(np.ascontiguousarray(val, np.float32)).to(device)
             values_t[j] = q
             e = err[i]
@@ -83,8 +92,9 @@ def _gptq_on_grid(weight: Tensor, upper: Tensor, codec: Any, importance: np.ndar
         if i2 < in_f:
             wt[i2:].addmm_(upper[i1:i2, i2:].t(), err, alpha=-1.0)
         loss += float(err.double().pow(2).sum()) / 2
-    data = np.concatenate([g.pack(c) for g, c in parts], axis=1)
-    return GridResult(data, values_t.t().contiguous(), loss)
+    data = np.concatenate([parts[b][0].pack(parts[b][1]) for b in range(in_f // blk)], axis=1)
+    values = values_t.t() if order is None else values_t.t()[:, torch.argsort(order.to(device))]
+    return GridResult(data, values.contiguous(), loss)
 
 
 def grid_group(codecs: dict[str, Any], prefix: str, params: GPTQParams):
@@ -103,20 +113,30 @@ def grid_group(codecs: dict[str, Any], prefix: str, params: GPTQParams):
         importance = (h.diagonal() / 2).cpu().numpy().astype(np.float32)   # mean x**2 per input
         if bool(dead.any()):
             h[dead, dead] = 1.0
-        upper, damp = inverse_cholesky(h, params.damp, params.damp_retries, params.damp_growth)
-        del h
-        if upper is None:
-            log.warning("GPTQ: Cholesky failed even with damp %.3g for %s; rounding without error feedback",
-                        damp, ",".join(group.names))
-            upper = torch.eye(dead.numel(), dtype=torch.float32, device=dead.device)
+        factors: dict[int, tuple[Tensor, Tensor | None, float]] = {}  # block width -> (U, order, damp)
+
+        def factor(blk: int) -> tuple[Tensor, Tensor | None, float]:
+            if blk not in factors:  # GAR: whole blocks by their largest H diagonal, columns inside by theirs
+                order = group_aware_order(h.diagonal(), blk) if params.group_aware else None
+                hp = h if order is None else h[order][:, order]
+                upper, damp = inverse_cholesky(hp, params.damp, params.damp_retries, params.damp_growth)
+                if upper is None:
+                    log.warning("GPTQ: Cholesky failed even with damp %.3g for %s; rounding without error feedback",
+                                damp, ",".join(group.names))
+                    upper = torch.eye(h.shape[0], dtype=torch.float32, device=h.device)
+                factors[blk] = (upper, order, damp)
+            return factors[blk]
+
         out = {}
         for name, mod in chosen:
+            codec = codecs[prefix + name]
+            upper, order, damp = factor(codec.block)
             w = calib.master(mod).to(torch.float32).clone()
             w[:, dead] = 0.0  # inputs calibration never reached: the weight there cannot matter
-            res = gptq_on_grid(w, upper, codecs[prefix + name], importance, params.block_size)
+            res = gptq_on_grid(w, upper, codec, importance, params.block_size, order)
             mod.weight.data.copy_(res.values.to(mod.weight.dtype))
             out[name] = res.data
-            log.debug("gptq %s onto %s: loss %.4g damp %.3g", name, codecs[prefix + name].name, res.loss, damp)
+            log.debug("gptq %s onto %s: loss %.4g damp %.3g", name, codec.name, res.loss, damp)
         return out
 
     return quantize

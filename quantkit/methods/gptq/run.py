@@ -128,7 +128,6 @@ class GPTQ(BlockwiseMethod):
         out: dict[str, Any] = {"options": opts, "calibration": job.calib.model_dump(mode="json")}
         if facts is not None and facts.samples_sha256:
             out["calibration"]["sha256"] = facts.samples_sha256
-        if job.target is not None:  # grid fitted per block on the error-updated weights, natural column order
+        if job.target is not None:  # each grid searched per block on the error-updated weights
             out["target"] = job.target.label
-            out["options"]["act_group_aware_used"] = False
         return describe_moe(out, facts)

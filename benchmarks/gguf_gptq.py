@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +47,14 @@ def gptq_file(model: str, out: Path, type_name: str, calib_txt: Path, windows: i
     cpu = time.process_time() - t
     log.info("wrote %s in %.0f CPU s", out.name, cpu)
     return out, cpu
+
+
+def importance(cache: Path, src: Path, tok, calib: str, windows: int) -> dict[str, np.ndarray]:
+    """quantkit's statistics for the -cal files, kept in the work folder (the slowest step on a loaded machine)."""
+    if not cache.exists():
+        np.savez(cache, **gj.quantkit_importance(src, tok, calib, windows))
+    with np.load(cache) as f:
+        return {k: f[k] for k in f.files}
 
 
 def ratios(rows: dict[str, dict], types: list[str]) -> list[str]:
@@ -86,7 +95,7 @@ def main() -> None:
     (args.work / "test.txt").write_text(test)
     types = args.types.split(",")
     f32 = gj.export(src, args.work / "f32.gguf", "f32")
-    imp = gj.quantkit_importance(src, tok, calib, args.calib_windows)
+    imp = importance(args.work / f"importance-{args.calib_windows}.npz", src, tok, calib, args.calib_windows)
     files: dict[str, Path] = {}
     cpu: dict[str, float] = {}
     for t in types:

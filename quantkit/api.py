@@ -90,8 +90,12 @@ def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantSc
              calib: CalibSpec | dict[str, Any] | None = None, options: dict[str, Any] | None = None,
              device: str | torch.device = "auto", save_dtype: str | torch.dtype = "float16", force: bool = False,
              trust_remote_code: bool = False, progress: Progress | None = None,
-             max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, resume: bool | None = None) -> dict[str, Any]:
+             max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, resume: bool | None = None,
+             fmt: str | None = None, gguf_type: str | None = None, embed_type: str | None = None) -> dict[str, Any]:
     """Quantize `model` with `method` and write a checkpoint folder at `out` (atomically).
+
+    `fmt="gguf"`: write one GGUF file at `out` instead, the method rounding onto each tensor's GGUF type in
+    the llama.cpp mix `gguf_type` (default q4_k_m); see `quantize_gguf`.
 
     `max_shard_size` ("2GB", "500MB" or bytes): larger outputs are split into shards with an index.
     Calibrated methods keep finished blocks in `OUT.partial/` until the save: `resume` None continues
@@ -100,6 +104,15 @@ def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantSc
     Returns a summary: method, output path, scheme, timings, size on disk and (on CUDA) peak device memory.
     """
     out = Path(out)
+    if fmt == "gguf":
+        return quantize_gguf(model, method, out, gguf_type=gguf_type or "q4_k_m", embed_type=embed_type,
+                             scheme=scheme, calib=calib, options=options, device=device, force=force,
+                             trust_remote_code=trust_remote_code, progress=progress)
+    if gguf_type is not None or embed_type is not None:
+        raise QuantkitError("--type and --embed-type go with --format gguf")
+    if fmt is not None and fmt != get_method(method).output_format(_scheme(scheme)):
+        raise QuantkitError(f"--format {fmt}: {method} writes {get_method(method).output_format(_scheme(scheme))}, "
+                            "or gguf where the method rounds onto GGUF's grid")
     check_output(out, force)  # fail before any expensive work
     shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     impl, job = make_job(model, method, scheme=scheme, calib=calib, options=options, device=device,
@@ -150,3 +163,61 @@ def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantSc
     if "moe" in artifact.extra:  # MoE: calibration tokens per expert, and the experts that fell back to RTN
         summary["moe"] = artifact.extra["moe"]
     return summary
+
+
+def quantize_gguf(model: str | Path, method: str, out: Path, *, gguf_type: str = "q4_k_m",
+                  embed_type: str | None = None, **job_args: Any) -> dict[str, Any]:
+    """Quantize `model` with a method that rounds onto a caller's grid, straight into a GGUF file at `out`.
+
+    Each Linear of the decoder blocks gets the type llama-quantize (with an imatrix) gives it in the mix
+    `gguf_type`, and the method rounds onto that type's blocks (`quantkit.convert.ggml_grid`); the rest of
+    the file (embedding, norms) is what `quantkit convert --to gguf` writes. No resume: the run is one pass.
+    """
+    import json
+
+    from quantkit.convert import gguf_provenance_path
+    from quantkit.convert.gguf_export import export_gguf, plan_types
+    from quantkit.convert.gguf_mix import MIXES
+    from quantkit.convert.ggml_grid import GRID_TYPES, BlockCodec
+    from quantkit.errors import OutputExistsError
+    from quantkit.formats.checkpoint import write_json
+    from quantkit.methods.base import GridTarget
+    from quantkit.registry import method_class, method_names
+    from quantkit.version import __version__
+
+    force = job_args.pop("force", False)
+    if out.suffix != ".gguf":
+        raise QuantkitError(f"GGUF output {out} must end in .gguf")
+    if out.exists() and (not force or not out.is_file()):
+        raise OutputExistsError(f"output {out} already exists{'' if out.is_file() else ' and is not a file'}; "
+                                "pass --force to overwrite a file")
+    if not getattr(method_class(method), "grid_rounding", False):
+        able = [m for m in method_names() if getattr(method_class(m), "grid_rounding", False)]
+        raise QuantkitError(f"--format gguf needs a method that rounds onto GGUF's grid ({', '.join(able)}); for "
+                            f"{method}: quantize to its own format, then `quantkit convert --to gguf`")
+    if gguf_type not in MIXES:
+        raise QuantkitError(f"--format gguf takes a quantized --type ({', '.join(MIXES)}), not {gguf_type!r}")
+    impl, job = make_job(model, method, **job_args)
+    job.scheme = job.scheme.model_copy(update={"group_size": -1})  # the GGUF types fix the groups, any width fits
+    if job.source.kind != "folder":
+        raise QuantkitError(f"{model}: --format gguf reads a local HF folder or alias")
+    types = plan_types(job.source.path, gguf_type, True, embed_type)
+    codecs = {n.removesuffix(".weight"): BlockCodec(q) for n, q in types.items()
+              if q in GRID_TYPES and n.endswith(".weight")}
+    job.target = GridTarget(codecs, f"gguf {gguf_type}")
+    memory = check_job(job, method, "offload" in impl.Options.model_fields, out)
+    torch.manual_seed(job.calib.seed)
+    t0 = time.perf_counter()
+    artifact = impl.quantize(job)
+    t_quant = time.perf_counter() - t0
+    head = {"quantkit_version": __version__, "quantized_from": str(model), "method": method,
+            "target": job.target.label, **artifact.extra}
+    facts = export_gguf(job.source.path, out, gguf_type, force=force, provenance=json.dumps(head, sort_keys=True),
+                        progress=job.progress, embed_type=embed_type, encoded=artifact.encoded)
+    write_json(gguf_provenance_path(out), {**head, **facts})
+    return {"method": method, "model": str(model), "out": str(out), "format": "gguf", "gguf_type": gguf_type,
+            "tensor_types": facts["tensor_types"], "grid_rounded": len(artifact.encoded),
+            "calibration": job.calib.model_dump(), "options": job.options.model_dump(mode="json"),
+            "device": str(job.device), "quantize_seconds": round(t_quant, 3),
+            "total_seconds": round(time.perf_counter() - t0, 3), "size_bytes": out.stat().st_size,
+            "files": [out.name], "memory_plan_peak_bytes": memory.host if memory is not None else None}

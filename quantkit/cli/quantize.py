@@ -42,6 +42,9 @@ def quantize(
     static_groups: Annotated[Optional[bool], typer.Option("--static-groups/--no-static-groups", help="Fit each group's grid once, before error feedback.", rich_help_panel=SCHEME)] = None,
     kv_cache: Annotated[Optional[str], typer.Option("--kv-cache", help="fp8: also calibrate per-layer FP8 key/value scales for a quantized KV cache (compressed-tensors presets).", rich_help_panel=SCHEME)] = None,
     skip: Annotated[Optional[list[str]], typer.Option("--skip", help="Module name pattern to keep in full precision (repeatable).", rich_help_panel=SCHEME)] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="gguf: write one llama.cpp file (OUT.gguf), the method rounding onto each tensor's GGUF type (methods with grid rounding).", rich_help_panel=SCHEME)] = None,
+    gguf_type: Annotated[Optional[str], typer.Option("--type", help="With --format gguf: the llama.cpp mix (q4_k_m, q4_0, iq4_xs, q3_k_m, ...; default q4_k_m).", rich_help_panel=SCHEME)] = None,
+    embed_type: Annotated[Optional[str], typer.Option("--embed-type", help="With --format gguf: token embedding / output type instead of llama.cpp's.", rich_help_panel=SCHEME)] = None,
     dataset: in_panel(Dataset, CALIB) = "wiki-vital",
     text_field: in_panel(TextField, CALIB) = "text",
     nsamples: Annotated[int, typer.Option("--nsamples", min=1, help="Calibration windows.", rich_help_panel=CALIB)] = 128,
@@ -72,6 +75,9 @@ def quantize(
     impl = get_method(method)
     options = method_options(impl, option or [], method_flag or [])
     scheme_fields = dict(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, static_groups=static_groups)
+    if fmt == "gguf" and (preset or any(scheme_fields[k] is not None for k in ("bits", "group_size", "sym", "static_groups"))):
+        raise QuantkitError("--preset, --bits, --group-size, --sym/--asym and --static-groups do not apply with "
+                            "--format gguf: --type picks each tensor's grid")
     if not getattr(impl, "uses_scheme", True):
         used = [k for k, v in scheme_fields.items() if v is not None] + (["preset"] if preset else [])
         if used:
@@ -89,8 +95,10 @@ def quantize(
     with progress_bar(not quiet, f"{method}") as bar:
         summary = api.quantize(model, method, out, scheme=scheme, calib=calib, options=options, device=device,
                                save_dtype=save_dtype, force=force, trust_remote_code=trust_remote_code, progress=bar,
-                               max_shard_size=max_shard_size, resume=resume)
-    recipe_flags.record_recipe(summary, save_dtype)  # quantkit_recipe.yaml: how to make this checkpoint again
+                               max_shard_size=max_shard_size, resume=resume, fmt=fmt, gguf_type=gguf_type,
+                               embed_type=embed_type)
+    if fmt != "gguf":
+        recipe_flags.record_recipe(summary, save_dtype)  # quantkit_recipe.yaml: how to make this checkpoint again
     emit_json(summary, json_out)
     if not quiet and json_out != "-":
         size = summary["size_bytes"] / 2**20

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_VERSION, MODEL_ARCH, MODEL_ARCH_NAMES, GGUFWriter, Metadata, TensorNameMap
+from gguf import (GGML_QUANT_VERSION, MODEL_ARCH, MODEL_ARCH_NAMES, GGMLQuantizationType, GGUFWriter, Metadata,
+                  TensorNameMap)
 from gguf.lazy import LazyNumpyTensor
 
 from quantkit.convert.gguf_mix import MIXES, MixPlanner
@@ -203,15 +204,38 @@ def _exact(ck: Checkpoint, type_name: str, stats: EncodeStats) -> bool:
     return ck.scheme is not None and not stats.requantized and type_name in TYPE_BITS
 
 
+def plan_types(src: str | Path, type_name: str, has_imatrix: bool = True,
+               embed_type: str | None = None) -> dict[str, GGMLQuantizationType]:
+    """{HF tensor name: the type `export_gguf` gives it} for `src` as `type_name` (checked as the export checks)."""
+    ck = open_checkpoint(src)
+    arch, _ = check_export(ck, type_name)
+    tensors = _named_tensors(ck, TensorNameMap(arch, int(ck.config["num_hidden_layers"])), MODEL_ARCH_NAMES[arch])
+    planner = _planner(type_name, tensors, ck.config, has_imatrix, embed_type)
+    if planner is None:
+        return {hf: _float_type(shape, GGUF_TYPES[type_name]) for hf, _, shape in tensors}
+    plan = planner.plan()
+    return {hf: plan[g] for hf, g, _ in tensors}
+
+
+def _given(data: np.ndarray, perm: torch.Tensor | None, shape: tuple[int, ...], qtype: Q, name: str):
+    """The producer of a tensor whose bytes were computed before the export (rows in HF order)."""
+    want = byte_shape(shape, qtype)[0]
+    if data.shape != want or data.dtype != np.uint8:
+        raise QuantkitError(f"{name}: encoded {data.dtype} {data.shape} is not {qtype.name} bytes of shape {want}")
+    return lambda: data[perm.numpy()] if perm is not None else data
+
+
 def export_gguf(src: str | Path, out: Path, type_name: str, force: bool = False, provenance: str = "{}",
                 progress: Progress | None = None, importance: dict[str, np.ndarray] | None = None,
-                embed_type: str | None = None) -> dict[str, Any]:
+                embed_type: str | None = None, encoded: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Write `src` (plain HF or packed folder) as a GGUF file at `out`; returns provenance facts.
 
     `progress("tensors", done, total)` as the writer encodes each tensor.
     `importance`: {llama.cpp tensor name: (in,) mean x**2 of its input} (llama.cpp's imatrix):
     every tensor it names is rounded with llama.cpp's importance-weighted search.
     `embed_type`: the token embedding's and output's type instead of llama.cpp's choice.
+    `encoded`: {HF Linear name: its bytes in the type `plan_types` gives it}, computed elsewhere (GPTQ on
+    the GGUF grid); the mix then follows llama.cpp's with-imatrix rules, as the bytes were calibrated.
     `provenance` (JSON text) is stored under the key quantkit.provenance.
     """
     ck = open_checkpoint(src)
@@ -225,7 +249,7 @@ def export_gguf(src: str | Path, out: Path, type_name: str, force: bool = False,
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
     tmap = TensorNameMap(arch, int(cfg["num_hidden_layers"]))
     tensors = _named_tensors(ck, tmap, MODEL_ARCH_NAMES[arch])
-    planner = _planner(type_name, tensors, cfg, importance is not None, embed_type)
+    planner = _planner(type_name, tensors, cfg, importance is not None or encoded is not None, embed_type)
     stats = EncodeStats()
     types: dict[str, str] = {}
     floats_quantized: list[str] = []  # a packed source's float tensors given a block type (lossy)
@@ -244,8 +268,11 @@ def export_gguf(src: str | Path, out: Path, type_name: str, force: bool = False,
                 floats_quantized.append(gname)
             imp = None if importance is None else importance.get(gname)
             bshape, bdtype = byte_shape(tuple(shape), ttype)
+            mod = hf_name.removesuffix(".weight")
+            run = (_given(encoded[mod], perm, tuple(shape), ttype, hf_name) if encoded and mod in encoded
+                   else _producer(ck, hf_name, ttype, perm, stats, imp))
             lazy = LazyNumpyTensor(meta=LazyNumpyTensor.meta_with_dtype_and_shape(bdtype, bshape),
-                                   func=_counted(_producer(ck, hf_name, ttype, perm, stats, imp), counter))
+                                   func=_counted(run, counter))
             writer.add_tensor(gname, lazy, raw_dtype=None if ttype in (Q.F32, Q.F16) else ttype)
             total += int(np.prod(shape))
             counter.total += 1
@@ -261,8 +288,10 @@ def export_gguf(src: str | Path, out: Path, type_name: str, force: bool = False,
         "requantized": len(stats.requantized),
         "exact": _exact(ck, type_name, stats),
         "tensor_types": _type_counts(types),
-        "calibrated": importance is not None,
+        "calibrated": importance is not None or bool(encoded),
     }
+    if encoded:
+        facts["encoded_elsewhere"] = len(encoded)
     if floats_quantized:
         facts["floats_quantized"] = floats_quantized
     if stats.requantized:

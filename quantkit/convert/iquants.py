@@ -127,10 +127,12 @@ def _row_sigma2(x: np.ndarray) -> np.ndarray:
     return ssum(np.ascontiguousarray(x.T) ** 2) / F(x.shape[1])
 
 
-def encode_legacy_weighted(x: np.ndarray, qw: np.ndarray, kind: str) -> np.ndarray:
-    """Rows x (rows, n) in q4_0 | q4_1 | q5_0 | q5_1 with importance weights qw (n,): (rows, n/32 * block bytes)."""
+def encode_legacy_weighted(x: np.ndarray, qw: np.ndarray, kind: str, row_sigma2: np.ndarray | None = None) -> np.ndarray:
+    """Rows x (rows, n) in q4_0 | q4_1 | q5_0 | q5_1 with importance weights qw (n,): (rows, n/32 * block bytes).
+
+    `row_sigma2` (rows,): the rows' mean x**2 when x is a slice of longer rows (default: x's own)."""
     rows, n = x.shape
-    sigma2 = np.repeat(_row_sigma2(x), n // 32)
+    sigma2 = np.repeat(_row_sigma2(x) if row_sigma2 is None else np.asarray(row_sigma2, F), n // 32)
     xs = np.ascontiguousarray(x.reshape(-1, 32).T)                 # (32, rows * n/32)
     w = importance(xs, np.tile(qw.reshape(-1, 32).T, (1, rows)), sigma2)
     bits = 5 if kind.startswith("q5") else 4

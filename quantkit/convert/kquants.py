@@ -259,12 +259,19 @@ def encode_q6_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     ls = np.minimum(127, nint(iscale[:, None] * sc)).astype(np.int8)
     dsub = d[:, None] * ls.astype(F)
     L = _requant(x, _unsub(L, nb) - 32, dsub, np.zeros_like(dsub), -32, 31) + 32
-    L = np.where(zero[:, None], 0, L).astype(np.uint8).reshape(nb, 2, 4, 32)   # [half, quarter, l]
-    ql = np.stack([L[:, :, 0] & 15 | (L[:, :, 2] & 15) << 4, L[:, :, 1] & 15 | (L[:, :, 3] & 15) << 4], axis=2)
-    qh = L[:, :, 0] >> 4 | (L[:, :, 1] >> 4) << 2 | (L[:, :, 2] >> 4) << 4 | (L[:, :, 3] >> 4) << 6
-    out = np.concatenate([ql.reshape(nb, 128), qh.reshape(nb, 64), ls.view(np.uint8), _f16_bytes(d)], axis=1)
+    L = np.where(zero[:, None], 0, L)
+    out = np.concatenate([pack_q6(L), ls.view(np.uint8), _f16_bytes(d)], axis=1)
     out[zero] = 0
     return out
+
+
+def pack_q6(L: np.ndarray) -> np.ndarray:
+    """(nb, 256) codes in [0, 64) -> Q6_K's ql[128] (low 4 bits) and qh[64] (high 2 bits), (nb, 192)."""
+    nb = L.shape[0]
+    L = L.astype(np.uint8).reshape(nb, 2, 4, 32)   # [half, quarter, l]
+    ql = np.stack([L[:, :, 0] & 15 | (L[:, :, 2] & 15) << 4, L[:, :, 1] & 15 | (L[:, :, 3] & 15) << 4], axis=2)
+    qh = L[:, :, 0] >> 4 | (L[:, :, 1] >> 4) << 2 | (L[:, :, 2] >> 4) << 4 | (L[:, :, 3] >> 4) << 6
+    return np.concatenate([ql.reshape(nb, 128), qh.reshape(nb, 64)], axis=1)
 
 
 def decode_q6_k(b: np.ndarray) -> np.ndarray:

@@ -53,6 +53,26 @@ class CalibSpec(BaseModel):
 
 
 @dataclass
+class GridTarget:
+    """A block format that a method rounds onto instead of its own grid, handed in by the caller (the API
+    builds GGUF's from quantkit.convert.ggml_grid). `codecs`: full Linear name -> codec, with `block` (inputs
+    per grid), `name`, and `fit(x (rows, block), importance (block,), row_sigma2 (rows,))` -> a grid with
+    `round(k, column)` -> (codes, values) and `pack(codes (rows, block))` -> the block's bytes (rows, bytes).
+    Linears without a codec stay float. `label`: what the record calls the target (e.g. "gguf q4_k_m")."""
+
+    codecs: dict[str, Any]
+    label: str
+
+
+@dataclass
+class EncodedArtifact:
+    """A run onto a `GridTarget`: each Linear's bytes (full name -> (out, row bytes) uint8), for the caller's writer."""
+
+    encoded: dict[str, Any]
+    extra: dict[str, Any]
+
+
+@dataclass
 class QuantJob:
     source: ModelSource
     scheme: QuantScheme
@@ -63,6 +83,7 @@ class QuantJob:
     trust_remote_code: bool = False
     progress: Progress | None = None
     work: WorkFolder | None = None  # the output's work folder (api.quantize): per-block results and resume
+    target: GridTarget | None = None  # round onto this block format (a method with grid_rounding)
 
 
 @dataclass
@@ -93,6 +114,8 @@ class MethodBase(ABC):
     activation_schemes: ClassVar[bool] = False
     # measures static activation scales (a calibrated method) for w8a8-static / fp8
     static_activations: ClassVar[bool] = False
+    # can round onto a caller's block format (QuantJob.target: GGUF's types) and return EncodedArtifact
+    grid_rounding: ClassVar[bool] = False
 
     def calib_dtype(self, job: QuantJob) -> str:
         """The dtype blocks compute in while calibrated (float32 unless the method has a policy)."""

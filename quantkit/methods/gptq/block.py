@@ -189,7 +189,7 @@ def quantize_group(calib: BlockCalib, group: _Group, h: torch.Tensor, params: GP
 def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPTQParams,
                true_sequential: bool, replay: bool = True,
                coverage: ExpertCoverage | None = None, shortcuts: bool = True,
-               input_qmax: float | None = None) -> dict[str, QuantizedWeight]:
+               input_qmax: float | None = None, quantize: Any = None) -> dict[str, Any]:
     """Quantize one block's target Linears (`targets`: full names); returns relative name -> weight.
 
     `coverage`: MoE expert policy and record (default: routed, 16 tokens at least).
@@ -198,6 +198,8 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
     function computes the next block's inputs itself. The codes are the same either way.
     `input_qmax`: static activation scheme: each Linear records input_scale = max|x| / input_qmax (fp16-rounded)
     of the inputs it saw (the quantized model's, in true-sequential order).
+    `quantize(calib, group, h)`: the group quantizer instead of `quantize_group` (e.g. onto GGUF's blocks,
+    `quantkit.methods.gptq.grid.grid_group`); it writes the group's quantized weights back as well.
     """
     prefix = f"{spec.blocks}.{calib.index}."
     keep = {n.removeprefix(prefix) for n in targets if n.startswith(prefix)}
@@ -211,6 +213,8 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
         for g, h, n, m in zip(stage, hs, tokens, amax, strict=True):
             if g.expert is not None and not coverage.enough(prefix + g.expert, n):
                 done = rtn_group(calib, g, params)
+            elif quantize is not None:
+                done = quantize(calib, g, h)
             else:
                 done = quantize_group(calib, g, h, params)
             if input_qmax is not None:

@@ -8,10 +8,12 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from quantkit.methods.base import QuantJob, RunFacts, describe_moe
+from quantkit.errors import SchemeError
+from quantkit.methods.base import EncodedArtifact, Loaded, QuantJob, RunFacts, describe_moe
 from quantkit.methods.blockwise import BlockStep, BlockwiseMethod
 from quantkit.methods.gptq.algorithm import GPTQParams
 from quantkit.methods.gptq.block import gptq_block
+from quantkit.methods.gptq.grid import grid_group
 from quantkit.methods.gptq.memory import gptq_block_memory
 from quantkit.models.arch import ArchSpec
 from quantkit.models.moe import ExpertCoverage
@@ -67,10 +69,13 @@ def gptq_step(job: QuantJob, spec: ArchSpec, coverage: ExpertCoverage) -> BlockS
     """GPTQ rounding of a block's targets (in true-sequential order unless the option says otherwise)."""
     params, o, qmax = gptq_params(job), job.options, input_qmax(job)
 
+    codecs = job.target.codecs if job.target is not None else None
+
     def step(calib: Any, targets: set[str]) -> dict[str, Any]:
         prefix = f"{spec.blocks}.{calib.index}."
+        onto = grid_group(codecs, prefix, params) if codecs is not None else None
         return gptq_block(calib, spec, {prefix + n for n in targets}, params, o.true_sequential,
-                          coverage=coverage, shortcuts=o.shortcuts, input_qmax=qmax)
+                          coverage=coverage, shortcuts=o.shortcuts, input_qmax=qmax, quantize=onto)
 
     return step
 
@@ -83,6 +88,25 @@ class GPTQ(BlockwiseMethod):
     static_activations = True
     Options: ClassVar[type[BaseModel]] = GPTQOptions
     tokenizes_first = True
+    grid_rounding = True
+
+    def prepare(self, job: QuantJob) -> QuantJob:
+        if job.target is None:
+            return super().prepare(job)
+        s = job.scheme
+        if s.input_activations is not None or s.type != "int" or s.strategy is not None:
+            raise SchemeError(f"{job.target.label} stores weights only; 8-bit activation and FP8 schemes do not apply")
+        if s.desc_act:
+            raise SchemeError(f"--desc-act does not apply to {job.target.label}: its blocks hold consecutive inputs")
+        return job
+
+    def block_store(self, job: QuantJob, spec: ArchSpec) -> Any:
+        return None if job.target is not None else super().block_store(job, spec)
+
+    def artifact(self, job: QuantJob, loaded: Loaded, results: dict[str, Any], extra: dict[str, Any]) -> Any:
+        if job.target is None:
+            return super().artifact(job, loaded, results, extra)
+        return EncodedArtifact(encoded=results, extra=extra)
 
     def calib_dtype(self, job: QuantJob) -> str:
         return calib_dtype(job)
@@ -104,4 +128,6 @@ class GPTQ(BlockwiseMethod):
         out: dict[str, Any] = {"options": opts, "calibration": job.calib.model_dump(mode="json")}
         if facts is not None and facts.samples_sha256:
             out["calibration"]["sha256"] = facts.samples_sha256
+        if job.target is not None:  # each grid searched per block on the error-updated weights
+            out["target"] = job.target.label
         return describe_moe(out, facts)

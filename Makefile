@@ -36,8 +36,18 @@ test-interop: setup
 
 # Optional: llama.cpp as a peer for benchmarks/kernels.py and a real client for GGUF output. Compiles
 # llama.cpp from source (about 15 minutes on 2 cores); never a dependency of quantkit itself.
+# Built once into a wheel under .llamacpp/wheels (a rerun only reinstalls it), without the mtmd (llava) library the
+# tests never load, and with GGML_NATIVE=OFF: ggml's x86-64-v3 build (AVX2/FMA/F16C), the same on every machine and
+# without ggml's AMX kernels, which segfault on quantized weights on this VM's Xeon (llama.cpp's own files too).
+# tests/unit/test_gguf_llamacpp.py runs quantkit's GGUF files in it; CI runs `make llamacpp`.
+LLAMACPP_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
+LLAMACPP_WHEELS = .llamacpp/wheels/0.3.36
 llamacpp: setup
-	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install -q -c constraints.txt llama-cpp-python==0.3.36
+	@if $(BIN)/python -c "import llama_cpp" 2>/dev/null; then echo "llama-cpp-python ready"; else \
+	  if ! ls $(LLAMACPP_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
+	    CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip wheel -q --no-deps --no-cache-dir \
+	      --no-binary llama-cpp-python -w $(LLAMACPP_WHEELS) llama-cpp-python==0.3.36 || exit 1; fi; \
+	  $(BIN)/pip install -q -c constraints.txt $(LLAMACPP_WHEELS)/llama_cpp_python-*.whl; fi
 
 # Optional: llama.cpp's llama-quantize / llama-imatrix / llama-perplexity (and ggml-ref-quant, ggml's own quantizer
 # on raw rows) in .llamacpp/bin, built from the llama-cpp-python sdist's vendored llama.cpp (about 15 minutes on

@@ -34,12 +34,13 @@ test-interop: setup
 	bash scripts/setup-interop.sh
 	GPTQMODEL_CPU_WORKERS=2 .venv-interop/bin/python -m pytest -q tests/interop
 
-# Optional: llama.cpp as a peer for benchmarks/kernels.py and a real client for GGUF output. Compiles
-# llama.cpp from source (about 15 minutes on 2 cores); never a dependency of quantkit itself.
-# Built once into a wheel under .llamacpp/wheels (a rerun only reinstalls it), without the mtmd (llava) library the
-# tests never load, and with GGML_NATIVE=OFF: ggml's x86-64-v3 build (AVX2/FMA/F16C), the same on every machine and
-# without ggml's AMX kernels, which segfault on quantized weights on this VM's Xeon (llama.cpp's own files too).
-# tests/unit/test_gguf_llamacpp.py runs quantkit's GGUF files in it; CI runs `make llamacpp`.
+# llama-cpp-python: a real client for GGUF output (tests/unit/test_gguf_llamacpp.py, run by CI) and llama.cpp as a
+# peer for benchmarks/kernels.py; never a dependency of quantkit itself. Compiled once from its sdist into a wheel
+# under .llamacpp/wheels (366 CPU-seconds measured: about 3 minutes on 2 free cores; a rerun only reinstalls it or
+# finds it installed), without the mtmd (llava) library nothing here loads, and with GGML_NATIVE=OFF: ggml's
+# x86-64-v3 build (AVX2/FMA/F16C), the same on every machine and without ggml's AMX kernels, which segfault on
+# quantized weights on this VM's Xeon (llama.cpp's own files too). For a native speed peer:
+# `make llamacpp LLAMACPP_CMAKE_ARGS=-DLLAVA_BUILD=OFF` in a venv without it.
 LLAMACPP_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
 LLAMACPP_WHEELS = .llamacpp/wheels/0.3.36
 llamacpp: setup

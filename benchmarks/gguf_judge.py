@@ -8,6 +8,7 @@ text = the 300,000 characters before it. Files:
 - qk-TYPE: quantkit's mix, uncalibrated; qk-TYPE-cal: with llama.cpp's importance-weighted rounding fed by
   quantkit's activation statistics (64 windows of 512 tokens from the calibration text, seed 0);
 - lc-TYPE / lc-TYPE-im: llama-quantize's, without / with an imatrix from llama-imatrix on the calibration text
+  (its first --imatrix-chunks 512-token chunks, 64 by default)
   (only when `make llamacpp-tools` has built the tools).
 Judges:
 - llamacpp: `llama-perplexity --kl-divergence` against the f32 file's logits, 512-token chunks, the first 40
@@ -207,10 +208,12 @@ def main() -> None:
     types = args.types.split(",")
     judge = ("llamacpp" if tools_ready() else "quantkit") if args.judge == "auto" else args.judge
     f32 = export(src, args.work / "f32.gguf", "f32")
-    imp = quantkit_importance(src, tok, calib, args.calib_windows)
+    imp = None
     files: dict[str, Path] = {}
     for t in types:
         files[f"qk-{t}"] = export(src, args.work / f"qk-{t}.gguf", t)
+        if imp is None and not (args.work / f"qk-{t}-cal.gguf").exists():
+            imp = quantkit_importance(src, tok, calib, args.calib_windows)
         files[f"qk-{t}-cal"] = export(src, args.work / f"qk-{t}-cal.gguf", t, importance=imp)
     if tools_ready():
         files.update(llamacpp_files(args.work, f32, args.work / "calib.txt", types, args.imatrix_chunks))

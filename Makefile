@@ -34,10 +34,21 @@ test-interop: setup
 	bash scripts/setup-interop.sh
 	GPTQMODEL_CPU_WORKERS=2 .venv-interop/bin/python -m pytest -q tests/interop
 
-# Optional: llama.cpp as a peer for benchmarks/kernels.py and a real client for GGUF output. Compiles
-# llama.cpp from source (about 15 minutes on 2 cores); never a dependency of quantkit itself.
+# llama-cpp-python: a real client for GGUF output (tests/unit/test_gguf_llamacpp.py, run by CI) and llama.cpp as a
+# peer for benchmarks/kernels.py; never a dependency of quantkit itself. Compiled once from its sdist into a wheel
+# under .llamacpp/wheels (366 CPU-seconds measured: about 3 minutes on 2 free cores; a rerun only reinstalls it or
+# finds it installed), without the mtmd (llava) library nothing here loads, and with GGML_NATIVE=OFF: ggml's
+# x86-64-v3 build (AVX2/FMA/F16C), the same on every machine and without ggml's AMX kernels, which segfault on
+# quantized weights on this VM's Xeon (llama.cpp's own files too). For a native speed peer:
+# `make llamacpp LLAMACPP_CMAKE_ARGS=-DLLAVA_BUILD=OFF` in a venv without it.
+LLAMACPP_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
+LLAMACPP_WHEELS = .llamacpp/wheels/0.3.36
 llamacpp: setup
-	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install -q -c constraints.txt llama-cpp-python==0.3.36
+	@if $(BIN)/python -c "import llama_cpp" 2>/dev/null; then echo "llama-cpp-python ready"; else \
+	  if ! ls $(LLAMACPP_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
+	    CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip wheel -q --no-deps --no-cache-dir \
+	      --no-binary llama-cpp-python -w $(LLAMACPP_WHEELS) llama-cpp-python==0.3.36 || exit 1; fi; \
+	  $(BIN)/pip install -q -c constraints.txt $(LLAMACPP_WHEELS)/llama_cpp_python-*.whl; fi
 
 # Optional: llama.cpp's llama-quantize / llama-imatrix / llama-perplexity (and ggml-ref-quant, ggml's own quantizer
 # on raw rows) in .llamacpp/bin, built from the llama-cpp-python sdist's vendored llama.cpp (about 15 minutes on

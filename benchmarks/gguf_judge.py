@@ -8,9 +8,12 @@ text = the 300,000 characters before it. Files:
 - qk-TYPE: quantkit's mix, uncalibrated; qk-TYPE-cal: with llama.cpp's importance-weighted rounding fed by
   quantkit's activation statistics (64 windows of 512 tokens from the calibration text, seed 0);
 - lc-TYPE / lc-TYPE-im: llama-quantize's, without / with an imatrix from llama-imatrix on the calibration text
+  (its first --imatrix-chunks 512-token chunks, 64 by default)
   (only when `make llamacpp-tools` has built the tools).
 Judges:
-- llamacpp: `llama-perplexity --kl-divergence` against the f32 file's logits, 512-token chunks, the first 40;
+- llamacpp: `llama-perplexity --kl-divergence` against the f32 file's logits, 512-token chunks, the first 40
+  (`--no-repack`: on a CPU with AMX, ggml's AMX weight buffers segfault on every quantized model in this VM,
+  llama.cpp's own files included; without the extra buffers the same types run through ggml-cpu's kernels);
 - quantkit: the same chunks and the same scored tokens (the second half of each chunk, as llama-perplexity
   scores them), every GGUF dequantized into the HF model and run by torch in fp32.
 Columns: bytes, bits per weight (file bytes * 8 / parameters), PPL, mean KLD(f32 || file), same top-1 %.
@@ -73,11 +76,11 @@ def run(cmd: list[str]) -> str:
     return res.stdout + res.stderr
 
 
-def llamacpp_files(work: Path, f32: Path, calib_txt: Path, types: list[str]) -> dict[str, Path]:
-    imat = work / "lc.imatrix.gguf"
+def llamacpp_files(work: Path, f32: Path, calib_txt: Path, types: list[str], chunks: int) -> dict[str, Path]:
+    imat = work / f"lc-{chunks}.imatrix.gguf"
     if not imat.exists():
         run([str(TOOLS / "llama-imatrix"), "-m", str(f32), "-f", str(calib_txt), "-c", str(CTX), "-t", "2",
-             "-o", str(imat)])
+             "--chunks", str(chunks), "-o", str(imat)])
     out = {}
     for t in types:
         for tag, extra in (("", []), ("-im", ["--imatrix", str(imat)])):
@@ -90,17 +93,19 @@ def llamacpp_files(work: Path, f32: Path, calib_txt: Path, types: list[str]) -> 
 
 def judge_llamacpp(work: Path, f32: Path, test_txt: Path, files: dict[str, Path], chunks: int) -> dict[str, dict]:
     base = work / f"f32-{chunks}.kld"
+    ppl = [str(TOOLS / "llama-perplexity"), "-c", str(CTX), "-t", "2", "--no-repack"]
     if not base.exists():
-        run([str(TOOLS / "llama-perplexity"), "-m", str(f32), "-f", str(test_txt), "-c", str(CTX), "--chunks",
-             str(chunks), "-t", "2", "--kl-divergence-base", str(base)])
+        tmp = base.with_suffix(".part")
+        run([*ppl, "-m", str(f32), "-f", str(test_txt), "--chunks", str(chunks), "--kl-divergence-base", str(tmp)])
+        tmp.rename(base)
     rows = {}
     for label, path in files.items():
-        text = run([str(TOOLS / "llama-perplexity"), "-m", str(path), "--kl-divergence-base", str(base),
-                    "--kl-divergence", "-t", "2"])
+        text = run([*ppl, "-m", str(path), "--kl-divergence-base", str(base), "--kl-divergence"])
         grab = {k: re.search(p, text) for k, p in (("ppl", r"Mean PPL\(Q\)\s*:\s*([\d.]+)"),
                                                     ("kld", r"Mean\s+KLD:\s*([\d.]+)"),
                                                     ("top", r"Same top p:\s*([\d.]+)"))}
         rows[label] = {k: float(m.group(1)) if m else float("nan") for k, m in grab.items()}
+        log.info("%s: %s", label, rows[label])
     return rows
 
 
@@ -166,6 +171,15 @@ def table(rows: dict[str, dict], files: dict[str, Path], params: int) -> str:
         size = files[label].stat().st_size
         lines.append(f"| {label} | {size} | {size * 8 / params:.3f} | {r['ppl']:.4f} | {r['kld']:.6f} | "
                      f"{r['top']:.3f} |")
+    pairs = [(t, f"qk-{t}{a}", f"lc-{t}{b}") for t in dict.fromkeys(k.split("-")[1] for k in rows)
+             for a, b in (("-cal", "-im"), ("", ""))]
+    pairs = [p for p in pairs if p[1] in rows and p[2] in rows]
+    if pairs:
+        lines += ["", "| type | quantkit / llama.cpp | KLD ratio | size ratio | PPL ratio |", "|---|---|---:|---:|---:|"]
+        for t, mine, theirs in pairs:
+            size = files[mine].stat().st_size / files[theirs].stat().st_size
+            lines.append(f"| {t} | {mine} / {theirs} | {rows[mine]['kld'] / rows[theirs]['kld']:.3f} | {size:.6f} | "
+                         f"{rows[mine]['ppl'] / rows[theirs]['ppl']:.4f} |")
     return "\n".join(lines)
 
 
@@ -176,8 +190,10 @@ def main() -> None:
     ap.add_argument("--judge", choices=("auto", "llamacpp", "quantkit"), default="auto")
     ap.add_argument("--chunks", type=int, default=CHUNKS, help="512-token test chunks scored (llama.cpp's --chunks)")
     ap.add_argument("--calib-windows", type=int, default=64, help="512-token windows for quantkit's statistics")
+    ap.add_argument("--imatrix-chunks", type=int, default=64, help="512-token chunks of the calibration text for "
+                    "llama-imatrix (its first ones; quantkit samples --calib-windows windows of the same text)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/quantkit-bench-gguf"))
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/gguf.md")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/gguf-judge.md")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(2)
@@ -192,13 +208,15 @@ def main() -> None:
     types = args.types.split(",")
     judge = ("llamacpp" if tools_ready() else "quantkit") if args.judge == "auto" else args.judge
     f32 = export(src, args.work / "f32.gguf", "f32")
-    imp = quantkit_importance(src, tok, calib, args.calib_windows)
+    imp = None
     files: dict[str, Path] = {}
     for t in types:
         files[f"qk-{t}"] = export(src, args.work / f"qk-{t}.gguf", t)
+        if imp is None and not (args.work / f"qk-{t}-cal.gguf").exists():
+            imp = quantkit_importance(src, tok, calib, args.calib_windows)
         files[f"qk-{t}-cal"] = export(src, args.work / f"qk-{t}-cal.gguf", t, importance=imp)
     if tools_ready():
-        files.update(llamacpp_files(args.work, f32, args.work / "calib.txt", types))
+        files.update(llamacpp_files(args.work, f32, args.work / "calib.txt", types, args.imatrix_chunks))
     files = dict(sorted(files.items(), key=lambda kv: (types.index(kv[0].split("-")[1]), kv[0])))
     if judge == "llamacpp":
         rows = judge_llamacpp(args.work, f32, args.work / "test.txt", files, args.chunks)
@@ -211,7 +229,7 @@ def main() -> None:
     params = sum(int(t.n_elements) for t in GGUFReader(str(f32)).tensors)
     md = table(rows, files, params)
     cmd = (f"PYTHONPATH=. python benchmarks/gguf_judge.py --types {args.types} --judge {judge} --chunks {args.chunks} "
-           f"--calib-windows {args.calib_windows}")
+           f"--calib-windows {args.calib_windows} --imatrix-chunks {args.imatrix_chunks}")
     args.out.write_text(f"# GGUF mixes on {args.model}: judge {judge}\n\n`{cmd}`\n\n{md}\n")
     log.info("%s\n%s", args.out, md)
 

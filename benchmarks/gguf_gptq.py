@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--judge", choices=("quantkit", "llamacpp", "both"), default="quantkit")
     ap.add_argument("--chunks", type=int, default=10)
     ap.add_argument("--calib-windows", type=int, default=64)
+    ap.add_argument("--imatrix-chunks", type=int, default=64, help="llama-imatrix chunks of 512 tokens")
     ap.add_argument("--work", type=Path, default=Path("/tmp/quantkit-bench-gguf-gptq"))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/gguf_gptq.md")
     args = ap.parse_args()
@@ -104,7 +105,7 @@ def main() -> None:
         files[f"qk-{t}-gptq"], cpu[t] = gptq_file(args.model, args.work / f"qk-{t}-gptq.gguf", t,
                                                   args.work / "calib.txt", args.calib_windows)
     if gj.tools_ready():
-        files.update(gj.llamacpp_files(args.work, f32, args.work / "calib.txt", types))
+        files.update(gj.llamacpp_files(args.work, f32, args.work / "calib.txt", types, args.imatrix_chunks))
     files = dict(sorted(files.items(), key=lambda kv: (types.index(kv[0].split("-")[1]), kv[0])))
     from gguf import GGUFReader
 

@@ -51,3 +51,16 @@ def make_model(folder: Path, config=None, seed: int = 0) -> Path:
 def write_text(path: Path) -> Path:
     path.write_text(TEXT)
     return path
+
+
+def assert_quantize_refused(model: Path, out: Path, args: list[str], needle: str) -> None:
+    """`quantkit quantize MODEL -o OUT ARGS` is refused: exit 2, one stderr line holding `needle`, no output."""
+    from typer.testing import CliRunner
+
+    from quantkit.cli.main import app
+
+    r = CliRunner().invoke(app, ["quantize", str(model), "-o", str(out), *args])
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+    assert not out.exists()

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from quantkit import api
 from quantkit.cli.main import app
+from tests.tiny import assert_quantize_refused
 from quantkit.grid import FP8_MAX
 from quantkit.loading import load
 from quantkit.models.arch import get_arch, get_blocks
@@ -261,11 +262,7 @@ def test_cli_round_trip(tiny_llama, text_file, tmp_path):
     (["--preset", "w8a8", "--kv-cache", "int8"], "--kv-cache int8 is not a cache type"),
 ])
 def test_cli_refusals_are_one_line(tiny_llama, tmp_path, args, needle):
-    r = runner.invoke(app, ["quantize", str(tiny_llama), "-o", str(tmp_path / "o"), *args])
-    assert r.exit_code == 2, r.output
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and needle in lines[0], r.stderr
-    assert not (tmp_path / "o").exists()
+    assert_quantize_refused(tiny_llama, tmp_path / "o", args, needle)
 
 
 def test_cli_refuses_an_attention_it_cannot_hook(tiny_llama, tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from quantkit import api
 from quantkit.cli.main import app
+from tests.tiny import assert_quantize_refused
 from quantkit.errors import SchemeError
 from quantkit.formats.qlinear import QuantLinear
 from quantkit.grid import FP8_DTYPE, FP8_MAX, int8_activations, quantize_activations, quantize_weight, rtn_quantize
@@ -200,11 +201,7 @@ runner = CliRunner()
     (["--preset", "w8a8-static", "-m", "rtn"], "static activation scales"),
 ])
 def test_cli_refusals_are_one_line(tiny_llama, tmp_path, args, needle):
-    r = runner.invoke(app, ["quantize", str(tiny_llama), "-o", str(tmp_path / "o"), *args])
-    assert r.exit_code == 2, r.output
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and needle in lines[0], r.stderr
-    assert not (tmp_path / "o").exists()
+    assert_quantize_refused(tiny_llama, tmp_path / "o", args, needle)
 
 
 def test_convert_refuses_activation_checkpoints(tiny_llama, tmp_path):

@@ -21,29 +21,18 @@ import argparse
 import json
 import logging
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _proc import peak_mib  # benchmarks/_proc.py
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.tiny builds the random models
 log = logging.getLogger("bench.big")
 MiB = 2**20
-
-
-def _peak_mib() -> float:
-    """This process's peak RSS. Linux: VmHWM of its own address space; ru_maxrss is not used there because
-    exec() carries the parent's high-water mark into it (a child of a big parent would report the parent's)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ----------------------------------------------------------------------------------------- children
@@ -60,9 +49,9 @@ def child_quantize(a: argparse.Namespace) -> dict:
         artifact = impl.quantize(job)
         with atomic_dir(Path(a.out), force=True) as tmp:
             artifact.save(tmp)
-        return {"seconds": time.perf_counter() - t0, "peak_mib": _peak_mib()}
+        return {"seconds": time.perf_counter() - t0, "peak_mib": peak_mib()}
     s = quantize(a.model, a.method, a.out, scheme=a.preset, calib=calib, options=opts, device="cpu", force=True)
-    return {"seconds": time.perf_counter() - t0, "quant_s": s["quantize_seconds"], "peak_mib": _peak_mib(),
+    return {"seconds": time.perf_counter() - t0, "quant_s": s["quantize_seconds"], "peak_mib": peak_mib(),
             "plan_mib": (s["memory_plan_peak_bytes"] or 0) / MiB, "bookkeeping_s": s["resume"]["bookkeeping_seconds"],
             "files": s["files"]}
 

@@ -51,6 +51,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "signround-nonorm": ("signround", {"tune_norms": False}),
     "signround-sym": ("signround", {}),
     "signround-e2e": ("signround", {"e2e_steps": 32}),
+    "signround-e2e-eager": ("signround", {"e2e_steps": 32, "compile": "off"}),
 }
 SYM_ROWS = {"signround-sym"}
 DEFAULT_ROWS = "signround-w4g64,signround-e2e-w4g64,signround-w3g64,signround-e2e-w3g64"

@@ -42,13 +42,22 @@ def _rss_mib() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+# quantkit GPTQ rows: label -> method options (gptq: the defaults)
+LIBRARY_OPTIONS: dict[str, dict[str, str]] = {
+    "gptq": {},
+    "gptq-fp32": {"calib_dtype": "float32", "hessian_products": "float32"},   # the default until session 9
+    "gptq-bf16": {"calib_dtype": "bfloat16"},
+    "gptq-bf16-fp32h": {"calib_dtype": "bfloat16", "hessian_products": "float32"},
+}
+
+
 # ----------------------------------------------------------------------------------------- children
 def child_quantkit(a: argparse.Namespace) -> dict:
     from quantkit.api import quantize
     from quantkit.scheme import PRESETS
 
     t0 = time.perf_counter()
-    options = {"calib_dtype": a.calib_dtype} if a.method == "gptq" and a.calib_dtype else None
+    options = json.loads(a.options) if a.method == "gptq" and a.options else None
     s = quantize(MODEL, a.method, a.out, scheme=dict(PRESETS[a.preset]), device="cpu", force=True,
                  calib={"nsamples": a.nsamples, "seqlen": a.seqlen, "batch_size": 8}, options=options)
     return {"quant_s": s["quantize_seconds"], "process_s": time.perf_counter() - t0, "peak_mib": peak_mib(),
@@ -147,7 +156,7 @@ def quality_runs(a: argparse.Namespace, tmp: Path) -> list[dict]:
     for preset in a.settings:
         # (label, python, child kind, method, extra child args)
         runs = [(lib, sys.executable, "quantkit", "rtn" if lib == "rtn" else "gptq",
-                 ["--calib-dtype", "bfloat16"] if lib == "gptq-bf16" else [])
+                 ["--options", json.dumps(LIBRARY_OPTIONS[lib])] if LIBRARY_OPTIONS.get(lib) else [])
                 for lib in a.libraries if lib != "gptqmodel"]
         if peer_py and "gptqmodel" in a.libraries:
             runs.append(("gptqmodel", peer_py, "gptqmodel", "gptq", []))
@@ -168,7 +177,7 @@ def quality_runs(a: argparse.Namespace, tmp: Path) -> list[dict]:
         import shutil
 
         for r in ok:
-            if r["library"] in ("rtn", "gptq", "gptq-bf16"):
+            if r["library"] != "gptqmodel":
                 shutil.copytree(r["out"], a.keep / f"{r['library']}-{r['setting']}", dirs_exist_ok=True)
     return rows
 
@@ -211,12 +220,13 @@ def markdown(a: argparse.Namespace, rows: list[dict], off: list[dict]) -> str:
     notes = []
     for preset in a.settings:
         rt, pm = by.get((preset, "rtn")), by.get((preset, "gptqmodel"))
-        for lib in ("gptq", "gptq-bf16"):
+        for lib in (k for k in LIBRARY_OPTIONS if k in a.libraries):
             g = by.get((preset, lib))
             if g and rt and "kl" in g:
                 notes.append(f"- {preset} {lib}: GPTQ/RTN KL {g['kl'] / rt['kl']:.3f}, ppl {g['ppl'] / rt['ppl']:.3f}")
             if g and pm and "ppl" in pm:
                 notes.append(f"- {preset} {lib}: quantkit/GPTQModel time {g['quant_s'] / pm['quant_s']:.3f}, "
+                             f"KL {g['kl'] / pm['kl']:.3f}, "
                              f"CPU s {g['cpu_s'] / pm['cpu_s']:.3f}, ppl {g['ppl'] / pm['ppl']:.3f}, "
                              f"peak RSS {g['peak_mib'] / pm['peak_mib']:.3f}")
     if notes:
@@ -239,9 +249,10 @@ def markdown(a: argparse.Namespace, rows: list[dict], off: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--settings", type=lambda s: s.split(","), default=["w4g64", "w3g64"])
-    ap.add_argument("--libraries", type=lambda s: s.split(","), default=["rtn", "gptq", "gptq-bf16", "gptqmodel"],
-                    help="rows: rtn, gptq (float32 calibration), gptq-bf16 (--calib-dtype bfloat16), gptqmodel")
-    ap.add_argument("--calib-dtype", help=argparse.SUPPRESS)
+    ap.add_argument("--libraries", type=lambda s: s.split(","), default=["rtn", "gptq", "gptq-fp32", "gptqmodel"],
+                    help="rows: rtn, gptqmodel, and quantkit GPTQ with its defaults (gptq) or with the options "
+                         "of LIBRARY_OPTIONS: " + ", ".join(k for k in LIBRARY_OPTIONS if k != "gptq"))
+    ap.add_argument("--options", help=argparse.SUPPRESS)
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=40)

@@ -68,6 +68,10 @@ def quantize_keep(folder: Path, method: str, out: Path, text: Path, bits: int = 
     from quantkit.scheme import make_scheme
 
     impl = get_method(method)
+    if "calib_dtype" in impl.Options.model_fields:
+        # the artifact's in-memory model holds the dequantized weights only when blocks compute in float32
+        # (a 16-bit block gets its float32 tensors back afterwards); the tests compare it with the checkpoint
+        options.setdefault("calib_dtype", "float32")
     job = QuantJob(source=resolve(folder), scheme=make_scheme(None, bits=bits, group_size=32),
                    options=impl.Options(**options),
                    calib=CalibSpec(dataset=str(text), nsamples=4, seqlen=32, batch_size=2),

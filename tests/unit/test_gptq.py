@@ -191,3 +191,31 @@ def test_inputs_are_not_modified_and_result_is_deterministic():
     b = gptq_quantize(w, h, GPTQParams(bits=4, group_size=32, desc_act=True)).weight
     assert torch.equal(w, w0) and torch.equal(h, h0)
     assert torch.equal(a.codes, b.codes) and torch.equal(a.g_idx, b.g_idx)
+
+
+def test_hessian_low_precision_products():
+    """16-bit tile products summed in float32: close to the float32 Hessian; float32 inputs are unaffected."""
+    torch.manual_seed(2)
+    x = (torch.randn(3, 200, 600) * torch.rand(600) * 4).to(torch.bfloat16)
+    ref, low = HessianAccumulator(600, "cpu"), HessianAccumulator(600, "cpu", tile=128, low_precision_products=True)
+    for b in x:
+        ref.add(b)
+        low.add(b)
+    h_ref, h_low = ref.hessian(), low.hessian()
+    assert h_low.dtype == torch.float32 and torch.equal(h_low, h_low.t())
+    rel = float((h_low - h_ref).norm() / h_ref.norm())
+    assert 0 < rel < 3e-3
+    f32 = HessianAccumulator(600, "cpu", low_precision_products=True)
+    for b in x:
+        f32.add(b.float())
+    assert torch.equal(f32.hessian(), h_ref)
+
+
+def test_hessian_absmax_only_when_tracked():
+    x = torch.tensor([[1.0, -7.5], [2.0, 3.0]])
+    acc = HessianAccumulator(2, "cpu")
+    acc.add(x)
+    assert acc.absmax is None
+    tracked = HessianAccumulator(2, "cpu", track_absmax=True)
+    tracked.add(x)
+    assert float(tracked.absmax) == 7.5

@@ -71,6 +71,9 @@ class GPTQResult:
     fallback: bool            # True when Cholesky kept failing and RTN was used
 
 
+LOW_PRECISION_TOKENS = 512  # tokens per 16-bit XᵀX product (HessianAccumulator)
+
+
 class HessianAccumulator:
     """Streams XᵀX over calibration batches in float32 (in place, addmm_ per batch).
 
@@ -80,24 +83,42 @@ class HessianAccumulator:
     lower triangle is mirrored once, in `hessian()`, so H is exactly symmetric.
     """
 
-    def __init__(self, n_features: int, device: torch.device | str, tile: int = 256):
+    def __init__(self, n_features: int, device: torch.device | str, tile: int = 256, track_absmax: bool = False,
+                 low_precision_products: bool = False):
         self.sum = torch.zeros(n_features, n_features, dtype=torch.float32, device=device)
         self.tokens = 0
-        self.absmax = torch.zeros((), dtype=torch.float32, device=device)  # max |x|: static activation scales
+        # max |x| (static activation scales), only when asked: it costs 5% of a bf16 GPTQ run
+        self.absmax = torch.zeros((), dtype=torch.float32, device=device) if track_absmax else None
+        self.low_precision_products = low_precision_products
         k = -(-n_features // tile) if n_features >= 2 * tile else 1
         self.bounds = [n_features * i // k for i in range(k + 1)]  # tile edges, (k + 1,)
 
     def add(self, x: Tensor) -> None:
-        """x: (..., in) activations of one batch; any float dtype."""
-        x2 = x.reshape(-1, x.shape[-1]).to(self.sum.device, torch.float32)  # (tokens, in)
+        """x: (..., in) activations of one batch; any float dtype.
+
+        With `low_precision_products` and a 16-bit x, each tile's product runs in x's dtype (exact
+        products, float32 accumulation inside the GEMM, the batch's tile rounded once to 16 bits) and is
+        summed in float32: 3-4x faster than float32 GEMMs on CPUs with AMX / AVX512-BF16 and on GPUs.
+        Otherwise x is converted to float32 first.
+        """
+        low = self.low_precision_products and x.dtype in (torch.bfloat16, torch.float16)
+        x2 = x.reshape(-1, x.shape[-1]).to(self.sum.device, x.dtype if low else torch.float32)  # (tokens, in)
         b = self.bounds
-        for i in range(len(b) - 1):
-            xi = x2[:, b[i]:b[i + 1]]
-            for j in range(i, len(b) - 1):
-                self.sum[b[i]:b[i + 1], b[j]:b[j + 1]].addmm_(xi.t(), x2[:, b[j]:b[j + 1]])
+        # 16-bit products LOW_PRECISION_TOKENS tokens at a time: each partial tile is rounded once, so the
+        # relative error of the sum falls with the number of parts (measured on SmolLM2: |ΔH|/|H| 6e-4 at 4096
+        # tokens a product, 2.4e-4 at 512; GPTQ's loss on the exact H then within ±1.2% of the float32 H's)
+        for part in (x2.split(LOW_PRECISION_TOKENS) if low else (x2,)):
+            for i in range(len(b) - 1):
+                xi = part[:, b[i]:b[i + 1]]
+                for j in range(i, len(b) - 1):
+                    tile = self.sum[b[i]:b[i + 1], b[j]:b[j + 1]]
+                    if low:
+                        tile.add_(torch.mm(xi.t(), part[:, b[j]:b[j + 1]]))
+                    else:
+                        tile.addmm_(xi.t(), part[:, b[j]:b[j + 1]])
         self.tokens += x2.shape[0]
-        if x2.numel():
-            torch.maximum(self.absmax, x2.abs().amax(), out=self.absmax)
+        if self.absmax is not None and x2.numel():
+            torch.maximum(self.absmax, x2.abs().amax().float(), out=self.absmax)
 
     def hessian(self) -> Tensor:
         """H = 2 XᵀX / n, (in, in) float32. Consumes the running sum (no copy)."""

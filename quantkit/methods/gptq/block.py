@@ -82,7 +82,8 @@ def collect_hessians(calib: BlockCalib, groups: list[_Group], stop_after_last: b
                      replay: Replay | None = None, capture: str | None = None,
                      tokens: list[int] | None = None,
                      shortcut: Shortcut | None = None,
-                     absmax: list[float] | None = None) -> tuple[list[torch.Tensor], Replay | None]:
+                     absmax: list[float] | None = None,
+                     low_precision_products: bool = False) -> tuple[list[torch.Tensor], Replay | None]:
     """One pass over the calibration batches; returns H (in, in) per group, and the capture.
 
     Only each group's first Linear is hooked: the others read the same tensor. The pass
@@ -95,8 +96,11 @@ def collect_hessians(calib: BlockCalib, groups: list[_Group], stop_after_last: b
     `shortcut`: records the (single) group Linear's inputs, and checks on the first batch that its
     parent's output is that Linear's (the batch then runs on to the parent's end).
     `absmax`: filled with the largest |x| each group's input reached (static activation scales).
+    `low_precision_products`: XᵀX tiles computed in the block's 16-bit compute dtype, summed in float32
+    (`HessianAccumulator`).
     """
-    accs = [HessianAccumulator(g.modules[0].in_features, calib.device) for g in groups]
+    accs = [HessianAccumulator(g.modules[0].in_features, calib.device, track_absmax=absmax is not None,
+                               low_precision_products=low_precision_products) for g in groups]
     recorded: list[tuple[tuple, dict[str, Any]]] = []
 
     def hook_for(k: int):
@@ -135,7 +139,7 @@ def collect_hessians(calib: BlockCalib, groups: list[_Group], stop_after_last: b
                     pass
     captured = Replay(calib.block.get_submodule(capture), recorded) if capture else None
     if absmax is not None:
-        absmax[:] = [float(a.absmax) for a in accs]
+        absmax[:] = [float(a.absmax) for a in accs if a.absmax is not None]
     if tokens is not None:
         tokens[:] = [a.tokens for a in accs]
         return [a.hessian() if a.tokens else a.sum for a in accs], captured
@@ -189,7 +193,8 @@ def quantize_group(calib: BlockCalib, group: _Group, h: torch.Tensor, params: GP
 def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPTQParams,
                true_sequential: bool, replay: bool = True,
                coverage: ExpertCoverage | None = None, shortcuts: bool = True,
-               input_qmax: float | None = None, quantize: Any = None) -> dict[str, Any]:
+               input_qmax: float | None = None, quantize: Any = None,
+               low_precision_products: bool = False) -> dict[str, Any]:
     """Quantize one block's target Linears (`targets`: full names); returns relative name -> weight.
 
     `coverage`: MoE expert policy and record (default: routed, 16 tokens at least).
@@ -198,6 +203,7 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
     function computes the next block's inputs itself. The codes are the same either way.
     `input_qmax`: static activation scheme: each Linear records input_scale = max|x| / input_qmax (fp16-rounded)
     of the inputs it saw (the quantized model's, in true-sequential order).
+    `low_precision_products`: Hessian products in the block's compute dtype (`collect_hessians`).
     `quantize(calib, group, h)`: the group quantizer instead of `quantize_group` (e.g. onto GGUF's blocks,
     `quantkit.methods.gptq.grid.grid_group`); it writes the group's quantized weights back as well.
     """
@@ -209,8 +215,8 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
         return results
     coverage = coverage or ExpertCoverage()
 
-    def finish(stage: list[_Group], hs: list[torch.Tensor], tokens: list[int], amax: list[float]) -> None:
-        for g, h, n, m in zip(stage, hs, tokens, amax, strict=True):
+    def finish(stage: list[_Group], hs: list[torch.Tensor], tokens: list[int], amax: list[float] | None) -> None:
+        for g, h, n, m in zip(stage, hs, tokens, amax or [0.0] * len(stage), strict=True):
             if g.expert is not None and not coverage.enough(prefix + g.expert, n):
                 done = rtn_group(calib, g, params)
             elif quantize is not None:
@@ -232,14 +238,15 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
             for k, st in enumerate(stages):
                 nxt = replay_parent(st, stages[k + 1]) if replay and k + 1 < len(stages) else None
                 tokens: list[int] = []
-                amax: list[float] = []
+                amax: list[float] | None = [] if input_qmax is not None else None
                 sc = (Shortcut.find(calib, st[0].names)
                       if shortcuts and len(st) == 1 and st[0].expert is None else None)
                 with ExitStack() as stack:
                     for d in done:
                         stack.enter_context(d.standing_in())
                     hs, previous = collect_hessians(calib, st, replay=previous, capture=nxt, tokens=tokens,
-                                                    shortcut=sc, absmax=amax)
+                                                    shortcut=sc, absmax=amax,
+                                                    low_precision_products=low_precision_products)
                 finish(st, hs, tokens, amax)
                 del hs
                 if sc is not None and sc.valid:
@@ -250,8 +257,9 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
                         stack.enter_context(d.standing_in())
                     calib.next_inputs = calib.forward(keep_outputs=True)
         else:
-            tokens, amax = [], []
-            hs, _ = collect_hessians(calib, groups, tokens=tokens, absmax=amax)
+            tokens, amax = [], ([] if input_qmax is not None else None)
+            hs, _ = collect_hessians(calib, groups, tokens=tokens, absmax=amax,
+                                     low_precision_products=low_precision_products)
             finish(groups, hs, tokens, amax)
     log.info("gptq block %d: %d Linears in %.1fs", calib.index, len(results), time.perf_counter() - t0)
     return results

@@ -18,5 +18,6 @@ def _record(options: BaseModel) -> dict[str, Any]:
 ROUNDING = Step(
     name="gptq-rounding",
     Options=option_subset("GPTQRoundingOptions", GPTQOptions,
-                          ("damp", "block_size", "true_sequential", "damp_retries", "act_group_aware", "shortcuts")),
+                          ("damp", "block_size", "true_sequential", "damp_retries", "act_group_aware", "shortcuts",
+                                    "hessian_products")),
     make=gptq_step, memory=gptq_block_memory, rounds=True, record=_record)

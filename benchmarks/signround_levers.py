@@ -35,11 +35,16 @@ ap.add_argument("--e2e-lr", type=float, default=1e-3); ap.add_argument("--e2e-bs
 ap.add_argument("--e2e-rounding-lr", type=float, default=0.0)
 ap.add_argument("--tag", default=""); ap.add_argument("--no-pre", action="store_true", help="skip scoring the block stage")
 ap.add_argument("--threads", type=int, default=2)
+ap.add_argument("--model", default="smollm2-135m")
+ap.add_argument("--emulate-casts", action="store_true", help="torch._inductor emulate_precision_casts (with --compile)")
 ap.add_argument("--scale-lr", type=float, default=0.0); ap.add_argument("--compile", action="store_true"); ap.add_argument("--keep", default="best")
 a = ap.parse_args()
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 torch.manual_seed(0); torch.set_num_threads(a.threads)
-src = resolve("smollm2-135m")
+src = resolve(a.model)
+if a.emulate_casts:
+    import torch._inductor.config as inductor_config
+    inductor_config.emulate_precision_casts = True
 model, tok = load_model(src, torch.float32)
 spec = get_arch(model)
 samples = calibration_samples(tok, "wiki-vital", a.nsamples, 512, 0)

@@ -212,7 +212,10 @@ def quantize_gguf(model: str | Path, method: str, out: Path, *, gguf_type: str =
     t_quant = time.perf_counter() - t0
     head = {"quantkit_version": __version__, "quantized_from": str(model), "method": method,
             "target": job.target.label, **artifact.extra}
-    facts = export_gguf(job.source.path, out, gguf_type, force=force, provenance=json.dumps(head, sort_keys=True),
+    # the file carries a short provenance (what made it), the sidecar the whole record (calibration, options):
+    # the calibrated file then stays no larger than llama.cpp's imatrix file of the same type
+    brief = {k: head[k] for k in ("quantkit_version", "method", "target")}
+    facts = export_gguf(job.source.path, out, gguf_type, force=force, provenance=json.dumps(brief, sort_keys=True),
                         progress=job.progress, embed_type=embed_type, encoded=artifact.encoded)
     write_json(gguf_provenance_path(out), {**head, **facts})
     return {"method": method, "model": str(model), "out": str(out), "format": "gguf", "gguf_type": gguf_type,

@@ -142,6 +142,9 @@ def test_cli_writes_the_mix_deterministically(wide, text_file, tmp_path):
     assert moved >= 10
     prov = json.loads((tmp_path / "a.gguf.quantkit_provenance.json").read_text())
     assert prov["method"] == "gptq" and prov["target"] == "gguf q4_k_m" and prov["calibrated"]
+    # the file itself carries only what made it (the sidecar has the calibration): no larger than a llama.cpp file
+    embedded = json.loads(str(bytes(GGUFReader(tmp_path / "a.gguf").fields["quantkit.provenance"].parts[-1]), "utf-8"))
+    assert embedded == {"method": "gptq", "quantkit_version": prov["quantkit_version"], "target": "gguf q4_k_m"}
 
 
 def test_cli_legacy_fallback_types(tiny_llama, text_file, tmp_path):

@@ -9,7 +9,7 @@ top-1 agreement, ppl; the float model is the base. Size: the checkpoint folder (
 over the quantized Linears and over every stored weight (`quantkit.formats.stats.checkpoint_stats`).
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/embedding.py --model smollm2-135m
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/embedding.py --model gemma3-270m --grids asym
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/embedding.py --model gemma3-270m --grids asym --windows 10
 
 Each run appends its rows to benchmarks/results/embedding.jsonl; benchmarks/results/embedding.md is rebuilt from
 the latest run of every model.
@@ -73,12 +73,13 @@ def markdown(runs: dict[str, list[dict[str, Any]]]) -> str:
              "RTN w4g64, compressed-tensors pack-quantized; the token embedding (tied lm_head) float16, int8 "
              "(symmetric, per row) or int4 (the scheme's g64 grid). `quantkit eval` protocol: first 40 "
              "non-overlapping 512-token windows of wiki-vital's test text, fp32, KL(base || model), top-1 vs the "
-             "float model. bits/w Linears: stored bits of the quantized Linears per weight; all: every stored "
+             "float model (fewer windows where a section says so). bits/w Linears: stored bits of the quantized Linears per weight; all: every stored "
              "bit per weight of the model (embedding, norms included). Made by `benchmarks/embedding.py` "
              "(see its docstring for the command); CPU, one thread.", ""]
     for model, rows in runs.items():
         r0 = rows[0]
-        lines += [f"## {model}", "", f"Base ppl {r0['base_ppl']:.3f}; {r0.get('host', '')}, {r0.get('date', '')}.", "",
+        lines += [f"## {model}", "", f"{r0['windows']} test windows of 512 tokens; base ppl {r0['base_ppl']:.3f}; "
+                  f"{r0.get('host', '')}, {r0.get('date', '')}.", "",
                   "| grid | embedding | KL | ppl | top-1 % | ckpt MB | bits/w Linears | bits/w all | bits/w embedding | KL vs fp16 emb |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         ref = {r["grid"]: r["kl"] for r in rows if r["embedding"] == "fp16"}
@@ -97,14 +98,17 @@ def main() -> None:
     ap.add_argument("--grids", default="asym,sym", help="comma list of asym, sym")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--render", action="store_true", help="only rebuild embedding.md from embedding.jsonl")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    rows = run(a.model, a.grids.split(","), a.windows, a.threads)
-    stamp = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.processor() or platform.machine()}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with (RESULTS / "embedding.jsonl").open("a") as f:
-        for r in rows:
-            f.write(json.dumps({**r, **stamp}) + "\n")
+    if not a.render:
+        rows = run(a.model, a.grids.split(","), a.windows, a.threads)
+        stamp = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                 "host": platform.processor() or platform.machine()}
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        with (RESULTS / "embedding.jsonl").open("a") as f:
+            for r in rows:
+                f.write(json.dumps({**r, **stamp}) + "\n")
     runs: dict[str, list[dict[str, Any]]] = {}
     for line in (RESULTS / "embedding.jsonl").read_text().splitlines():
         r = json.loads(line)

@@ -268,6 +268,7 @@ class WeightOnlyMethod(MethodBase):
     def artifact(self, job: QuantJob, loaded: Loaded, results: dict[str, QuantizedWeight],
                  extra: dict[str, Any]) -> PackedArtifact:
         """The one artifact build of every weight-only run, in memory or offloaded."""
+        self.check_format(job.scheme, job.fmt)  # a job built without api.quantize: an embedding needs its format
         return PackedArtifact(model=loaded.model, tokenizer=loaded.tokenizer, quantized=results, scheme=job.scheme,
                               fmt=self.job_format(job), method=self.name, save_dtype=job.save_dtype, extra=extra,
                               stored=job.work.stored() if job.work else None,

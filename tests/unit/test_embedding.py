@@ -162,3 +162,15 @@ def test_convert_refuses_a_quantized_embedding(outs, tmp_path):
         convert(outs["int8"], "gptq", tmp_path / "g")
     r = CliRunner().invoke(app, ["info", str(outs["int8"]), "--json", "-"])
     assert r.exit_code == 0 and json.loads(r.stdout)["embedding_bits_per_weight"] > 8
+
+
+def test_a_job_without_the_format_is_refused(tiny_llama):
+    """The library path (make_job + the method, no api.quantize) refuses too, rather than writing a GPTQ file."""
+    from quantkit.api import make_job
+    from quantkit.errors import SchemeError
+
+    impl, job = make_job(tiny_llama, "rtn", scheme={**W4, "embedding": "int8"}, device="cpu")
+    with pytest.raises(SchemeError, match="gptq checkpoints cannot hold a quantized embedding"):
+        impl.quantize(job)
+    job.fmt = "compressed-tensors"
+    assert set(impl.quantize(job).embeddings) == {"model.embed_tokens"}

@@ -57,7 +57,9 @@ def run(model: str, grids: list[str], windows: int, threads: int) -> list[dict[s
                 outs.append(str(out))
                 log.info("%s: %.1f MB, %.3f bits/w over all weights", out.name, rows[-1]["size_mb"], rows[-1]["bpw_all"])
         t0 = time.perf_counter()
-        result = evaluate_paths(outs, base=model, max_windows=windows, dtype="float32", cache=False, kernel="reference")
+        result = evaluate_paths(outs, base=model, max_windows=windows, dtype="float32", cache=False, kernel="reference",
+                                on_row=lambda r: log.info("%s: KL %s ppl %s top-1 %s", r["model"], r["kl"], r["ppl"],
+                                                          r["top1"]))
         log.info("scored %d checkpoints in %.0f s", len(outs), time.perf_counter() - t0)
     scored = [r for r in result["rows"] if not r["is_base"]]
     base = next(r for r in result["rows"] if r["is_base"])

@@ -110,13 +110,12 @@ def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantSc
                              trust_remote_code=trust_remote_code, progress=progress)
     if gguf_type is not None or embed_type is not None:
         raise QuantkitError("--type and --embed-type go with --format gguf")
-    if fmt is not None and fmt != get_method(method).output_format(_scheme(scheme)):
-        raise QuantkitError(f"--format {fmt}: {method} writes {get_method(method).output_format(_scheme(scheme))}, "
-                            "or gguf where the method rounds onto GGUF's grid")
+    written = get_method(method).check_format(_scheme(scheme), fmt)  # compressed-tensors for --embedding
     check_output(out, force)  # fail before any expensive work
     shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     impl, job = make_job(model, method, scheme=scheme, calib=calib, options=options, device=device,
                          save_dtype=save_dtype, trust_remote_code=trust_remote_code, progress=progress)
+    job.fmt = written if written != impl.output_format(job.scheme) else None
     opts = job.options
     memory = check_job(job, method, "offload" in impl.Options.model_fields, out)
     work = WorkFolder(out, lambda: run_fingerprint(job, method), resume) if getattr(impl, "resumable", False) else None
@@ -198,6 +197,8 @@ def quantize_gguf(model: str | Path, method: str, out: Path, *, gguf_type: str =
     if gguf_type not in MIXES:
         raise QuantkitError(f"--format gguf takes a quantized --type ({', '.join(MIXES)}), not {gguf_type!r}")
     impl, job = make_job(model, method, **job_args)
+    if job.scheme.embedding is not None:
+        raise QuantkitError("--embedding does not apply with --format gguf: --embed-type sets the embedding's type")
     job.scheme = job.scheme.model_copy(update={"group_size": -1})  # the GGUF types fix the groups, any width fits
     if job.source.kind != "folder":
         raise QuantkitError(f"{model}: --format gguf reads a local HF folder or alias")

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 from quantkit.errors import SchemeError, UnknownNameError
 
 DEFAULT_SKIP: tuple[str, ...] = ("lm_head", "*embed_tokens*", "*embed_positions*", "*wte*", "*wpe*")
+EMBEDDING_TYPES: tuple[str, ...] = ("int8", "int4")  # QuantScheme.embedding
 
 PRESETS: dict[str, dict[str, Any]] = {
     "w4g128": {"bits": 4, "group_size": 128},
@@ -89,6 +90,9 @@ class QuantScheme(BaseModel):
     input_activations: None (weight-only) or how activations are quantized at run time.
     kv_cache:     None (the engine's float cache) or "fp8": keys (after the rotary embedding) and values stored
                   in FP8 e4m3 with one calibrated scale per layer each (compressed-tensors' kv_cache_scheme).
+    embedding:    None (the token embedding stays float) or how it is stored, round-to-nearest, data-free: int8
+                  (symmetric, one scale per token row) or int4 (the scheme's group size and symmetry). A tied
+                  lm_head computes the logits with the same stored weight. compressed-tensors only.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -103,6 +107,14 @@ class QuantScheme(BaseModel):
     strategy: Literal["tensor"] | None = None
     input_activations: ActivationScheme | None = None
     kv_cache: Literal["fp8"] | None = None
+    embedding: Literal["int8", "int4"] | None = None
+
+    @field_validator("embedding", mode="before")
+    @classmethod
+    def _embedding(cls, v: Any) -> Any:
+        if v is not None and v not in EMBEDDING_TYPES:
+            raise ValueError(f"--embedding {v} is not an embedding type quantkit writes; use int8 or int4")
+        return v
 
     @field_validator("kv_cache", mode="before")
     @classmethod
@@ -113,10 +125,11 @@ class QuantScheme(BaseModel):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> dict[str, Any]:
-        """kv_cache appears only when set: schemes without it dump (and fingerprint) as before it existed."""
+        """kv_cache and embedding appear only when set: schemes without them dump (and fingerprint) as before."""
         out = handler(self)
-        if out.get("kv_cache") is None:
-            out.pop("kv_cache", None)
+        for key in ("kv_cache", "embedding"):
+            if out.get(key) is None:
+                out.pop(key, None)
         return out
 
     @field_validator("group_size")
@@ -142,12 +155,22 @@ class QuantScheme(BaseModel):
                                  "(bits 8, sym, group_size -1, no desc_act), as W8A8 kernels compute them")
             if act.type != self.type:
                 raise ValueError(f"{act.type} activations need {act.type} weights (got {self.type} weights)")
+        if self.embedding is not None and (act is not None or self.type != "int" or self.strategy is not None):
+            raise ValueError("a quantized embedding goes with weight-only integer schemes (compressed-tensors "
+                             "pack-quantized), not with 8-bit activation or FP8 presets")
         return self
 
     @property
     def weight_strategy(self) -> str:
         """compressed-tensors' name for the weight grid: group, channel or tensor."""
         return self.strategy or ("channel" if self.group_size == -1 else "group")
+
+    @property
+    def embedding_grid(self) -> tuple[int, int, bool] | None:
+        """(bits, group_size, sym) of the stored token embedding, or None (float)."""
+        if self.embedding is None:
+            return None
+        return (8, -1, True) if self.embedding == "int8" else (4, self.group_size, self.sym)
 
     @property
     def activation_static(self) -> bool:

@@ -60,4 +60,5 @@ def run_fingerprint(job: Any, method: str) -> dict[str, Any]:
         "calibration": job.calib.model_dump(mode="json"),  # dataset, nsamples, seqlen, seed, batch size
         "save_dtype": str(job.save_dtype).removeprefix("torch."),
         "device": job.device.type,
+        **({"format": job.fmt} if getattr(job, "fmt", None) else {}),  # blocks are stored in the format's layout
     }

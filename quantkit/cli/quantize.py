@@ -18,6 +18,7 @@ from quantkit.cli.options import (Dataset, Device, Force, JsonOut, OutDir, Quiet
 from quantkit.cli.ui import command_quiet, emit_json, progress_bar
 from quantkit.errors import QuantkitError
 from quantkit.registry import DEFAULT_METHOD
+from quantkit.scheme import EMBEDDING_TYPES
 
 MODEL, SCHEME, CALIB, RUN, METHOD = "Model and output", "Scheme", "Calibration", "Run control", "Method options"
 EPILOG = ("Method options: --opt KEY=VALUE, or --KEY VALUE (booleans: --KEY / --no-KEY), for the keys "
@@ -41,8 +42,9 @@ def quantize(
     desc_act: Annotated[Optional[bool], typer.Option("--desc-act/--no-desc-act", help="Act-order: quantize columns by decreasing activation (a g_idx in the checkpoint).", rich_help_panel=SCHEME)] = None,
     static_groups: Annotated[Optional[bool], typer.Option("--static-groups/--no-static-groups", help="Fit each group's grid once, before error feedback.", rich_help_panel=SCHEME)] = None,
     kv_cache: Annotated[Optional[str], typer.Option("--kv-cache", help="fp8: also calibrate per-layer FP8 key/value scales for a quantized KV cache (compressed-tensors presets).", rich_help_panel=SCHEME)] = None,
+    embedding: Annotated[Optional[str], typer.Option("--embedding", help=f"Store the token embedding (and a tied lm_head) quantized, round-to-nearest: {EMBEDDING_TYPES[0]} (per row) or {EMBEDDING_TYPES[1]} (the scheme's groups); with --format compressed-tensors.", rich_help_panel=SCHEME)] = None,
     skip: Annotated[Optional[list[str]], typer.Option("--skip", help="Module name pattern to keep in full precision (repeatable).", rich_help_panel=SCHEME)] = None,
-    fmt: Annotated[Optional[str], typer.Option("--format", help="gguf: write one llama.cpp file (OUT.gguf), the method rounding onto each tensor's GGUF type (methods with grid rounding).", rich_help_panel=SCHEME)] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="compressed-tensors: pack-quantized instead of the method's own format (methods listing it in `quantkit methods`); gguf: write one llama.cpp file (OUT.gguf), the method rounding onto each tensor's GGUF type (methods with grid rounding).", rich_help_panel=SCHEME)] = None,
     gguf_type: Annotated[Optional[str], typer.Option("--type", help="With --format gguf: the llama.cpp mix (q4_k_m, q4_0, iq4_xs, q3_k_m, ...; default q4_k_m).", rich_help_panel=SCHEME)] = None,
     embed_type: Annotated[Optional[str], typer.Option("--embed-type", help="With --format gguf: token embedding / output type instead of llama.cpp's.", rich_help_panel=SCHEME)] = None,
     dataset: in_panel(Dataset, CALIB) = "wiki-vital",
@@ -84,7 +86,8 @@ def quantize(
             raise QuantkitError(f"--{used[0].replace('_', '-')} does not apply to method {method} (its format is fixed)")
     from quantkit.scheme import make_scheme
 
-    scheme = make_scheme(preset or (None if bits else "w4g128"), skip=skip, kv_cache=kv_cache, **scheme_fields)
+    scheme = make_scheme(preset or (None if bits else "w4g128"), skip=skip, kv_cache=kv_cache, embedding=embedding,
+                         **scheme_fields)
     calib = dict(dataset=dataset, text_field=text_field, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size)
     if plan:  # config.json and safetensors headers only: nothing is loaded or written
         from quantkit.cli.plan import show_plan

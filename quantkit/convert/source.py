@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from quantkit.errors import CheckpointError, ModelSourceError
+from quantkit.formats.compressed_tensors import embedding_grid
 from quantkit.formats.layouts import Layout
 from quantkit.formats.loader import weight_files
 from quantkit.formats.specs import detect_format
@@ -114,6 +115,9 @@ def open_checkpoint(src: str | Path) -> Checkpoint:
     infos = scan(weight_files(folder))
     ck = Checkpoint(source, folder, config, fmt, infos)
     if fmt in PACKED:
+        if fmt == "compressed-tensors" and embedding_grid(qc) is not None:
+            raise CheckpointError(f"{folder}: its token embedding is stored quantized (an Embedding config group); "
+                                  "quantkit convert reads checkpoints with a float embedding only")
         spec = detect_format(qc)
         layout, scheme = spec.read(qc)
         ck.layout, ck.scheme = layout, scheme

@@ -50,6 +50,8 @@ def float_entries(model: nn.Module, skip_modules: set[str], dtype: torch.dtype,
     seen: set[tuple[int, tuple[int, ...]]] = set()
     for name, t in model.state_dict().items():
         if name.rsplit(".", 1)[0] in skip_modules or name.startswith(skip_prefixes):
+            if name.rsplit(".", 1)[0] in skip_modules and not t.is_meta:  # its tied aliases (lm_head) are not written
+                seen.add((t.data_ptr(), tuple(t.shape)))
             continue
         if t.is_meta:
             raise CheckpointError(f"tensor {name} was never loaded (meta); cannot write it")
@@ -123,13 +125,18 @@ class PackedArtifact:
     stored: StoredTensors | None = None  # blocks already written by the run (their tensors are not in `model`)
     # a quantized KV cache (scheme.kv_cache): calibrated (k_scale, v_scale) per attention module, set before save
     kv_scales: dict[str, tuple[Tensor, Tensor]] | None = None
+    # a quantized token embedding (scheme.embedding): module name -> its codes; a tied lm_head is not written
+    embeddings: dict[str, QuantizedWeight] = field(default_factory=dict)
 
     def entries(self) -> list[Entry]:
         """Every output tensor, in model order (embeddings, block 0, block 1, ..., head)."""
-        layout = get_format(self.fmt).read(self.quantization_config())[0]
+        qc = self.quantization_config()
+        layout = get_format(self.fmt).read(qc)[0]
         prefixes = self.stored.prefixes() if self.stored is not None else ()
-        entries = float_entries(self.model, set(self.quantized), self.save_dtype, prefixes)
+        entries = float_entries(self.model, set(self.quantized) | set(self.embeddings), self.save_dtype, prefixes)
         entries += packed_entries(self.quantized, layout)
+        if self.embeddings:
+            entries += packed_entries(self.embeddings, get_format(self.fmt).embedding_layout(qc))
         if self.stored is not None:
             entries += self.stored.entries()
         entries += self.kv_entries()
@@ -157,7 +164,11 @@ class PackedArtifact:
         return {e.name: e.load() for e in self.entries()}
 
     def quantization_config(self) -> dict[str, Any]:
-        return get_format(self.fmt).quantization_config(self.scheme, self.extra.get("options", {}))
+        extra = self.extra.get("options", {})
+        if self.embeddings:  # the other Embedding modules (positions) stay float: the `Embedding` group skips them
+            others = [n for n, m in self.model.named_modules() if isinstance(m, nn.Embedding) and n not in self.embeddings]
+            extra = {**extra, "ignore": ["lm_head", *others]}
+        return get_format(self.fmt).quantization_config(self.scheme, extra)
 
     def save(self, folder: Path, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> None:
         """Write the checkpoint into `folder` (an empty temporary folder: `paths.atomic_dir`)."""
@@ -181,6 +192,7 @@ class PackedArtifact:
             "format": self.fmt,
             "scheme": self.scheme.model_dump(mode="json"),
             "quantized_modules": len(self.quantized) + (self.stored.n_quantized if self.stored is not None else 0),
+            **({"quantized_embeddings": sorted(self.embeddings)} if self.embeddings else {}),
             **self.extra,
         })
 

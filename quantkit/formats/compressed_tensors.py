@@ -90,15 +90,56 @@ class CTLayout:
                                group_size=group_size, sym=sym)
 
 
+EMBEDDING_TARGET = "Embedding"  # the config group of a quantized token embedding, as llm-compressor writes it
+
+
+EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")  # token tables by name
+
+
+def is_embedding_name(module: str) -> bool:
+    """Is `module` a token embedding by its name (what a checkpoint's headers alone can tell)?"""
+    return module.rsplit(".", 1)[-1] in EMBEDDING_NAMES
+
+
+def _is_embedding_group(group: dict[str, Any]) -> bool:
+    return EMBEDDING_TARGET in (group.get("targets") or [])
+
+
 def _weights_args(qc: dict[str, Any]) -> dict[str, Any]:
+    """The weight args of the Linears' config group (an `Embedding` group is read by `embedding_grid`)."""
     groups = qc.get("config_groups") or {}
-    weights = [g.get("weights") for g in groups.values() if isinstance(g, dict) and g.get("weights")]
+    weights = [g.get("weights") for g in groups.values()
+               if isinstance(g, dict) and g.get("weights") and not _is_embedding_group(g)]
     if len(weights) != 1:
         raise CheckpointError(f"compressed-tensors config with {len(weights)} weight groups; quantkit reads exactly one")
     w = weights[0]
     if w.get("dynamic") not in (None, False):
         raise CheckpointError("compressed-tensors: dynamic weight quantization is not supported by quantkit.load")
     return w
+
+
+def embedding_grid(qc: dict[str, Any]) -> tuple[int, int, bool] | None:
+    """(bits, group_size, sym) of a quantized token embedding (a config group targeting `Embedding`), or None."""
+    groups = [g for g in (qc.get("config_groups") or {}).values() if isinstance(g, dict) and _is_embedding_group(g)]
+    if not groups:
+        return None
+    if len(groups) > 1 or qc.get("format") != CT_FORMAT:
+        raise CheckpointError("compressed-tensors: quantkit reads one pack-quantized Embedding group")
+    w = groups[0].get("weights") or {}
+    strategy = w.get("strategy") or ("group" if w.get("group_size") else "channel")
+    bits = w.get("num_bits", 8)
+    if w.get("type", "int") != "int" or strategy not in ("group", "channel") or bits not in (2, 3, 4, 8) \
+            or w.get("dynamic") not in (None, False) or groups[0].get("input_activations"):
+        raise CheckpointError(f"compressed-tensors Embedding group: quantkit reads integer weights in 2, 3, 4 or 8 bits "
+                              f"per group or channel (got {w.get('type')} {bits}-bit {strategy})")
+    return bits, -1 if strategy == "channel" else int(w["group_size"]), bool(w.get("symmetric", True))
+
+
+def _pack_args(bits: int, group_size: int, sym: bool, actorder: str | None) -> dict[str, Any]:
+    """pack-quantized weight args as llm-compressor serializes them."""
+    return {"num_bits": bits, "type": "int", "symmetric": sym, "group_size": None if group_size == -1 else group_size,
+            "strategy": "channel" if group_size == -1 else "group", "block_structure": None, "dynamic": False,
+            "actorder": actorder, "observer": "minmax", "observer_kwargs": {}}
 
 
 def _args(strategy: str, number: str, dynamic: bool, observer: str | None) -> dict[str, Any]:
@@ -160,25 +201,18 @@ class CTFormat:
     def quantization_config(self, scheme: QuantScheme, extra: dict[str, Any]) -> dict[str, Any]:
         if scheme.input_activations is not None or scheme.type != "int" or scheme.strategy is not None:
             return self.naive_config(scheme, extra)
-        strategy = "channel" if scheme.group_size == -1 else "group"
-        weights = {
-            "num_bits": scheme.bits,
-            "type": "int",
-            "symmetric": scheme.sym,
-            "group_size": None if scheme.group_size == -1 else scheme.group_size,
-            "strategy": strategy,
-            "block_structure": None,
-            "dynamic": False,
-            "actorder": "group" if extra.get("g_idx") else None,
-            "observer": "minmax",
-            "observer_kwargs": {},
-        }
+        weights = _pack_args(scheme.bits, scheme.group_size, scheme.sym,
+                             "group" if extra.get("g_idx", scheme.desc_act) else None)
+        groups = {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                              "output_activations": None, "format": CT_FORMAT}}
+        if scheme.embedding_grid is not None:  # a second group, as llm-compressor writes a quantized embedding
+            groups["group_1"] = {"targets": [EMBEDDING_TARGET], "weights": _pack_args(*scheme.embedding_grid, None),
+                                 "input_activations": None, "output_activations": None, "format": CT_FORMAT}
         return {
             "quant_method": "compressed-tensors",
             "format": CT_FORMAT,
             "quantization_status": "compressed",
-            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                                          "output_activations": None, "format": CT_FORMAT}},
+            "config_groups": groups,
             "ignore": list(extra.get("ignore", ["lm_head"])),
             "kv_cache_scheme": _kv_args(scheme),
             "global_compression_ratio": None,
@@ -218,10 +252,12 @@ class CTFormat:
         if strategy not in ("group", "channel"):
             raise CheckpointError(f"compressed-tensors weight strategy {strategy!r} is not supported; group or channel is")
         group_size = -1 if strategy == "channel" else int(w.get("group_size") or -1)
+        sym, emb = bool(w.get("symmetric", True)), embedding_grid(qc)
         try:
-            scheme = QuantScheme(bits=w.get("num_bits", 8), group_size=group_size, sym=bool(w.get("symmetric", True)),
+            scheme = QuantScheme(bits=w.get("num_bits", 8), group_size=group_size, sym=sym,
                                  desc_act=w.get("actorder") in ("group", "weight", True, "dynamic", "static"),
-                                 skip=_ignore_to_skip(qc.get("ignore") or []), kv_cache=_kv_cache(qc))
+                                 skip=_ignore_to_skip(qc.get("ignore") or []), kv_cache=_kv_cache(qc),
+                                 embedding={(8, -1, True): "int8", (4, group_size, sym): "int4"}.get(emb))
         except ValueError as e:
             raise CheckpointError(f"malformed compressed-tensors quantization_config: {str(e).splitlines()[0]}") from None
         return CTLayout(sym=scheme.sym, g_idx=w.get("actorder") in ("group", "dynamic")), scheme
@@ -242,6 +278,13 @@ class CTFormat:
             raise CheckpointError(f"malformed compressed-tensors quantization_config: {str(e).splitlines()[0]}") from None
         layout = CTNaiveLayout(number, per_tensor=strategy == "tensor", static_input=act is not None and not act.dynamic)
         return layout, scheme
+
+    def embedding_layout(self, qc: dict[str, Any]) -> CTLayout:
+        """The layout of the quantized token embedding's tensors (its rows are the Linear's outputs)."""
+        grid = embedding_grid(qc)
+        if grid is None:
+            raise CheckpointError("compressed-tensors config has no Embedding group")
+        return CTLayout(sym=grid[2])
 
     def side_files(self, qc: dict[str, Any]) -> dict[str, dict[str, Any]]:
         return {}

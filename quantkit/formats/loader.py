@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from quantkit.errors import CheckpointError
 from quantkit.integrity import PICKLE_SUFFIXES, pickle_refusal
+from quantkit.formats.compressed_tensors import CTLayout, embedding_grid
 from quantkit.formats.qlinear import QuantLinear
 from quantkit.formats.safetensors_io import load
 from quantkit.formats.specs import detect_format
@@ -117,7 +118,10 @@ def assemble(model: nn.Module, tensors: dict[str, Tensor], qc: dict[str, Any], w
     kv = pop_kv_scales(tensors) if scheme.kv_cache and kv_scales else None
     marker = "." + getattr(layout, "marker", "qweight")  # compressed-tensors marks a quantized Linear by weight_packed
     quantized = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(marker)})
-    for name in quantized:
+    embeddings = [n for n in quantized if isinstance(_module(model, n), nn.Embedding)]
+    if embeddings:
+        dequantize_embeddings(tensors, embeddings, qc, model, where)
+    for name in (n for n in quantized if n not in embeddings):
         try:
             lin = model.get_submodule(name)
         except AttributeError:
@@ -146,6 +150,34 @@ def assemble(model: nn.Module, tensors: dict[str, Tensor], qc: dict[str, Any], w
     if kv is not None:
         attach_kv(model, kv, where)
     return model
+
+
+def _module(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def dequantize_embeddings(tensors: dict[str, Tensor], names: list[str], qc: dict[str, Any], model: nn.Module,
+                          where: str) -> None:
+    """Quantized token embeddings (compressed-tensors' `Embedding` group) -> their float `weight` in `tensors`:
+    exactly the stored grid s * (q - z), computed in float32, which the lookup and a tied lm_head then use."""
+    grid = embedding_grid(qc)
+    if grid is None:
+        raise CheckpointError(f"{where}: {names[0]} is stored quantized but quantization_config has no Embedding group")
+    bits, group_size, sym = grid
+    layout = CTLayout(sym=sym)
+    for name in names:
+        vocab, hidden = model.get_submodule(name).weight.shape
+        parts = {}
+        for key, (shape, _) in layout.shapes(vocab, hidden, bits, group_size).items():
+            t = tensors.pop(f"{name}.{key}", None)
+            if t is None or tuple(t.shape) != tuple(shape):
+                got = "missing" if t is None else f"shape {tuple(t.shape)}"
+                raise CheckpointError(f"{where}: quantized embedding tensor {name}.{key}: {got}, expected {tuple(shape)}")
+            parts[key] = t
+        tensors[f"{name}.weight"] = layout.unpack(parts, bits, group_size, sym).dequantize(torch.float32)
 
 
 def pop_kv_scales(tensors: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:

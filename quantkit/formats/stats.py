@@ -27,6 +27,7 @@ from typing import Any
 
 from quantkit.errors import CheckpointError
 from quantkit.formats.bnb import QUANT_STATE, quant_state_info
+from quantkit.formats.compressed_tensors import EMBEDDING_TARGET, embedding_grid, is_embedding_name
 from quantkit.formats.loader import weight_files
 from quantkit.formats.safetensors_io import CODE_BYTES as DTYPE_BYTES  # safetensors dtype code -> bytes per element
 from quantkit.formats.safetensors_io import header, read_one
@@ -37,8 +38,9 @@ CT_PARTS = (".weight", ".weight_packed", ".weight_scale", ".weight_zero_point", 
 
 
 def _ct_bits(qc: dict[str, Any]) -> int:
+    """num_bits of the Linears' config group."""
     for group in (qc.get("config_groups") or {}).values():
-        if isinstance(group, dict) and group.get("weights"):
+        if isinstance(group, dict) and group.get("weights") and EMBEDDING_TARGET not in (group.get("targets") or []):
             return int(group["weights"].get("num_bits", 8))
     return 8
 
@@ -95,7 +97,9 @@ def quantized_groups(entries: dict[str, TensorEntry], qc: dict[str, Any]) -> dic
             mod = name.removesuffix(".weight_scale")
             parts = [mod + s for s in CT_PARTS if mod + s in entries]
             if mod + ".weight_packed" in entries:
-                groups[mod] = (entries[mod + ".weight_packed"].nbytes * 8 // _ct_bits(qc), parts)
+                emb = embedding_grid(qc) if is_embedding_name(mod) else None  # its own group's bits
+                bits = emb[0] if emb is not None else _ct_bits(qc)
+                groups[mod] = (entries[mod + ".weight_packed"].nbytes * 8 // bits, parts)
             elif mod + ".weight" in entries:
                 groups[mod] = (entries[mod + ".weight"].numel, parts)
         elif name.endswith(".SCB"):
@@ -116,9 +120,10 @@ def checkpoint_stats(folder: str | Path) -> dict[str, Any]:
 
     quant_method:       quantization_config.quant_method, or None for a float model
     bits_per_weight:    stored bits of the quantized Linears / their weight count (None if none)
+    embedding_bits_per_weight: the same for a quantized token embedding (compressed-tensors), else None
     bits_per_weight_all: stored bits of every tensor / every parameter (embeddings, norms and an fp16 lm_head
                         included: what the file costs per weight of the model)
-    quantized_params:   weights stored quantized
+    quantized_params:   weights stored quantized (a quantized embedding's included)
     total_params:       every parameter stored (quantized weights counted once, side tensors not)
     size_bytes:         all files of the folder
     tensor_count:       tensors in the safetensors files
@@ -129,17 +134,22 @@ def checkpoint_stats(folder: str | Path) -> dict[str, Any]:
     entries = tensor_entries(folder)
     groups = quantized_groups(entries, qc)
     claimed = {t for _, parts in groups.values() for t in parts}
-    n_quant = sum(n for n, _ in groups.values())
-    quant_bits = sum(entries[t].nbytes * 8 for t in claimed)
+    emb = {m for m in groups if qc.get("quant_method") == "compressed-tensors" and is_embedding_name(m)}
+    linear = {m: g for m, g in groups.items() if m not in emb}
+    n_quant = sum(n for n, _ in linear.values())
+    quant_bits = sum(entries[t].nbytes * 8 for _, parts in linear.values() for t in parts)
+    n_emb = sum(groups[m][0] for m in emb)
+    emb_bits = sum(entries[t].nbytes * 8 for m in emb for t in groups[m][1])
     plain = sum(e.numel for k, e in entries.items() if k not in claimed)
     all_bits = sum(e.nbytes * 8 for e in entries.values())
     return {
         "quant_method": qc.get("quant_method"),
         "bits_per_weight": quant_bits / n_quant if n_quant else None,
-        "bits_per_weight_all": all_bits / (plain + n_quant) if plain + n_quant else None,
-        "quantized_params": n_quant,
-        "total_params": plain + n_quant,
+        "bits_per_weight_all": all_bits / (plain + n_quant + n_emb) if plain + n_quant + n_emb else None,
+        "embedding_bits_per_weight": emb_bits / n_emb if n_emb else None,
+        "quantized_params": n_quant + n_emb,
+        "total_params": plain + n_quant + n_emb,
         "size_bytes": folder_bytes(folder),
         "tensor_count": len(entries),
-        "quantized_modules": len(groups),
+        "quantized_modules": len(linear),
     }

@@ -22,7 +22,7 @@ from quantkit.calib.pipeline import Progress
 from quantkit.errors import SchemeError
 from quantkit.formats.checkpoint import PackedArtifact
 from quantkit.formats.specs import get_format
-from quantkit.grid import QuantizedWeight
+from quantkit.grid import QuantizedWeight, quantize_weight
 from quantkit.models.arch import ArchSpec, block_linears, get_arch, get_blocks
 from quantkit.models.moe import ExpertCoverage, swap_experts
 from quantkit.models.sources import ModelSource, load_model
@@ -84,6 +84,7 @@ class QuantJob:
     progress: Progress | None = None
     work: WorkFolder | None = None  # the output's work folder (api.quantize): per-block results and resume
     target: GridTarget | None = None  # round onto this block format (a method with grid_rounding)
+    fmt: str | None = None  # the checkpoint format asked for (--format), when not the method's own
 
 
 @dataclass
@@ -144,6 +145,23 @@ class MethodBase(ABC):
         special = scheme.input_activations is not None or scheme.type != "int" or scheme.strategy is not None
         return "compressed-tensors" if special else self.formats[0]
 
+    def job_format(self, job: QuantJob) -> str:
+        """The format this job writes: the one asked for (one of the method's `formats`), else `output_format`."""
+        return job.fmt or self.output_format(job.scheme)
+
+    def check_format(self, scheme: QuantScheme, fmt: str | None) -> str:
+        """The format a run with `scheme` and `--format fmt` writes, or a one-line refusal."""
+        native = self.output_format(scheme)
+        if fmt is not None and fmt != native and (fmt not in self.formats or native != self.formats[0]):
+            raise SchemeError(f"--format {fmt}: {self.name} writes {', '.join(dict.fromkeys((native, *self.formats)))}, "
+                              "or gguf where the method rounds onto GGUF's grid")
+        out = fmt or native
+        if scheme.embedding is not None and out != "compressed-tensors":
+            hint = ("add --format compressed-tensors" if "compressed-tensors" in self.formats
+                    else "use --method rtn, gptq or signround with --format compressed-tensors")
+            raise SchemeError(f"--embedding {scheme.embedding}: {out} checkpoints cannot hold a quantized embedding; {hint}")
+        return out
+
     @abstractmethod
     def quantize(self, job: QuantJob) -> Any:
         """An artifact with `save(folder, max_shard_size)`."""
@@ -179,9 +197,44 @@ class Loaded:
             yield
 
 
+def input_embedding(model: nn.Module) -> tuple[str, nn.Embedding]:
+    """The token embedding's module name and module."""
+    emb = model.get_input_embeddings()
+    name = next((n for n, m in model.named_modules() if m is emb), None)
+    if name is None or not isinstance(emb, nn.Embedding):
+        raise SchemeError(f"--embedding: {type(model).__name__} has no nn.Embedding token embedding to quantize")
+    return name, emb
+
+
+def check_embedding(model: nn.Module, scheme: QuantScheme) -> None:
+    """Refuse an embedding grid that does not fit the table (vocab, hidden) before any work."""
+    if scheme.embedding_grid is None:
+        return
+    bits, group_size, sym = scheme.embedding_grid
+    name, emb = input_embedding(model)
+    vocab, hidden = emb.weight.shape
+    if hidden % 32 or (group_size > 0 and hidden % group_size):
+        raise SchemeError(f"--embedding {scheme.embedding}: hidden size {hidden} of {name} is not a multiple of "
+                          f"{max(32, group_size)}; use --embedding int8 (per row) or another --group-size")
+    if not sym and vocab * bits % 32:
+        raise SchemeError(f"--embedding {scheme.embedding}: the asymmetric zero points of {vocab} rows do not pack "
+                          "into int32; use --sym or --embedding int8")
+
+
+def quantize_embedding(model: nn.Module, scheme: QuantScheme) -> dict[str, QuantizedWeight]:
+    """The token embedding on the scheme's embedding grid, round-to-nearest (data-free), by module name."""
+    if scheme.embedding_grid is None:
+        return {}
+    check_embedding(model, scheme)
+    bits, group_size, sym = scheme.embedding_grid
+    name, emb = input_embedding(model)
+    return {name: quantize_weight(emb.weight, bits, group_size, sym)}
+
+
 def _checked(model: nn.Module, tokenizer: Any, spec: ArchSpec, scheme: QuantScheme) -> Loaded:
     layers = target_linears(model, spec, scheme)
     scheme.check_layers({n: (m.out_features, m.in_features) for n, m in layers.items()})
+    check_embedding(model, scheme)
     return Loaded(model, tokenizer, spec, layers)
 
 
@@ -215,9 +268,11 @@ class WeightOnlyMethod(MethodBase):
     def artifact(self, job: QuantJob, loaded: Loaded, results: dict[str, QuantizedWeight],
                  extra: dict[str, Any]) -> PackedArtifact:
         """The one artifact build of every weight-only run, in memory or offloaded."""
+        self.check_format(job.scheme, job.fmt)  # a job built without api.quantize: an embedding needs its format
         return PackedArtifact(model=loaded.model, tokenizer=loaded.tokenizer, quantized=results, scheme=job.scheme,
-                              fmt=self.output_format(job.scheme), method=self.name, save_dtype=job.save_dtype, extra=extra,
-                              stored=job.work.stored() if job.work else None)
+                              fmt=self.job_format(job), method=self.name, save_dtype=job.save_dtype, extra=extra,
+                              stored=job.work.stored() if job.work else None,
+                              embeddings=quantize_embedding(loaded.model, job.scheme))
 
     @abstractmethod
     def quantize_model(self, model: nn.Module, tokenizer: Any, spec: ArchSpec,
@@ -228,7 +283,7 @@ class WeightOnlyMethod(MethodBase):
         """The job's work folder as `run_sequential`'s store: finished blocks packed in this method's format."""
         if job.work is None:
             return None
-        fmt = get_format(self.output_format(job.scheme))
+        fmt = get_format(self.job_format(job))
         layout = fmt.read(fmt.quantization_config(job.scheme, self.describe(job).get("options", {})))[0]
         return job.work.blocks(spec.blocks, layout.pack, job.save_dtype)
 

@@ -47,7 +47,7 @@ def test_group_aware_flag_reaches_the_checkpoint_record(tiny, text_file, tmp_pat
 
 def test_registered_with_options():
     m = get_method("gptq")
-    assert m.name == "gptq" and m.needs_calibration and m.formats == ("gptq",)
+    assert m.name == "gptq" and m.needs_calibration and m.formats == ("gptq", "compressed-tensors")
     assert any(i.name == "gptq" for i in list_methods())
     o = m.Options()
     assert (o.damp, o.block_size, o.true_sequential, o.offload) == (0.01, 128, True, "none")

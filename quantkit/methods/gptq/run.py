@@ -87,7 +87,7 @@ def gptq_step(job: QuantJob, spec: ArchSpec, coverage: ExpertCoverage) -> BlockS
 class GPTQ(BlockwiseMethod):
     name = "gptq"
     description = "GPTQ: second-order error compensation with calibration data (Frantar et al. 2022)"
-    formats = ("gptq",)
+    formats = ("gptq", "compressed-tensors")
     activation_schemes = True
     static_activations = True
     Options: ClassVar[type[BaseModel]] = GPTQOptions

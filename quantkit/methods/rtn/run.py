@@ -14,7 +14,7 @@ from quantkit.models.arch import ArchSpec
 class RTN(WeightOnlyMethod):
     name = "rtn"
     description = "round-to-nearest on a min/max grid per group; instant, no data"
-    formats = ("gptq",)
+    formats = ("gptq", "compressed-tensors")
     activation_schemes = True
 
     def quantize_model(self, model: nn.Module, tokenizer: Any, spec: ArchSpec, layers: dict[str, nn.Linear],

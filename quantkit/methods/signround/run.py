@@ -109,7 +109,7 @@ def signround_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], p: Sig
 class SignRound(BlockwiseMethod):
     name = "signround"
     description = "SignRound: rounding, clipping and norms tuned per block against the float model (AutoRound's algorithm)"
-    formats = ("gptq",)
+    formats = ("gptq", "compressed-tensors")
     Options: ClassVar[type[BaseModel]] = SignRoundOptions
     tokenizes_first = True
     float_reference = True
@@ -137,7 +137,7 @@ class SignRound(BlockwiseMethod):
         if samples is None and loaded.tokenizer is not None:
             samples = self.calibration(loaded.tokenizer, job)
         results = super().quantize_loaded(loaded, job, samples, facts)
-        quantized = stored_results(loaded, job, results, self.formats[0], self.describe(job).get("options", {}))
+        quantized = stored_results(loaded, job, results, self.job_format(job), self.describe(job).get("options", {}))
         base, _ = load_model(job.source, torch.float32, job.trust_remote_code)
         place_outside_blocks(loaded.model, loaded.spec, job.device)
         loaded.model.to(job.device)

@@ -114,6 +114,9 @@ def open_checkpoint(src: str | Path) -> Checkpoint:
     infos = scan(weight_files(folder))
     ck = Checkpoint(source, folder, config, fmt, infos)
     if fmt in PACKED:
+        if qc.get("dynamic"):  # the streaming converters read one grid for every Linear
+            raise CheckpointError(f"{folder}: its Linears are stored on per-module grids (GPTQ `dynamic` config); "
+                                  "conversion reads one grid for all: quantize the float model to the target instead")
         spec = detect_format(qc)
         layout, scheme = spec.read(qc)
         ck.layout, ck.scheme = layout, scheme

@@ -152,3 +152,14 @@ def test_target_bpw_is_deterministic(tiny_llama, text_file, tmp_path):
 def test_bad_targets_are_one_line_and_exit_2(tiny_llama, text_file, tmp_path, args, needle):
     assert_quantize_refused(tiny_llama, tmp_path / "out", ["--dataset", str(text_file), "--nsamples", "4",
                                                            "--seqlen", "32", "--method", "gptq", *args], needle)
+
+
+def test_conversion_refuses_per_module_grids(tiny_llama, text_file, tmp_path):
+    from quantkit.convert import convert
+    from quantkit.errors import CheckpointError
+
+    out = tmp_path / "mixed"
+    quantize(tiny_llama, "rtn", out, scheme={"bits": 4, "group_size": 64, "overrides": OVERRIDES}, device="cpu")
+    with pytest.raises(CheckpointError, match="per-module grids"):
+        convert(out, "compressed-tensors", tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()

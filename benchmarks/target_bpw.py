@@ -4,16 +4,18 @@ Protocol: the fixed one of benchmarks/quality.py (64 calibration windows x 512 t
 first 40 non-overlapping 512-token test windows, KL(base || model) over the full vocabulary, top-1, ppl; fp32).
 Each quantization runs in its own subprocess; each checkpoint is scored by quality.py's own scoring child.
 
-Rows (in order, in one run):
-  uniform-w4g64          GPTQ w4g64 on every Linear; its stored bits per weight (Linears) is B
+Rows (B: the stored bits per weight of w4g64 on every Linear, computed from the shapes before any run):
+  uniform-w4g64          GPTQ w4g64 on every Linear (stores B bits per weight)
   target-B               --target-bpw B, the default grids (4- and 8-bit, per channel or g128/g64/g32: gptq_marlin's bits)
   target-B-w3            --target-bpw B, 3-bit grids allowed as well (w3g128, w3g64, w3g32)
   uniform-w4g32          GPTQ w4g32 on every Linear: the uniform grid next up in size
-  target-HIGH            --target-bpw HIGH (default 5.0)
+  target-high            --target-bpw HIGH (default 5.0)
 
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/target_bpw.py [--high 5.0] [--rows ...]
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/target_bpw.py [--high 5.0] [--rows uniform-w4g64,...]
 
-Writes benchmarks/results/target_bpw.md (and appends to benchmarks/results/target_bpw.jsonl).
+Quality numbers do not depend on the machine's load, so the rows may run in parallel processes (`--rows` each,
+`--tag` to keep their records apart) and be put in one table with `--merge TAG,TAG`.
+Appends to benchmarks/results/target_bpw.jsonl and writes benchmarks/results/target_bpw.md.
 """
 
 from __future__ import annotations
@@ -72,12 +74,16 @@ def markdown(rows: list[dict[str, Any]], base_ppl: float, a: argparse.Namespace,
         "",
         f"Eval: first {a.windows} non-overlapping 512-token windows of wiki-vital's test text; KL(base || model) over "
         f"the full vocabulary; fp32, {a.threads} thread(s), {platform.machine()} CPU, scored by benchmarks/quality.py's "
-        f"scoring child. All rows ran in one run (total {seconds / 60:.1f} min). bits/w: stored bits of the quantized "
+        f"scoring child. " + (f"Rows from the parallel runs tagged {a.merge} (the longest {seconds / 60:.1f} min): "
+        "compare quality, not times" if a.merge else f"All rows ran in one run (total {seconds / 60:.1f} min)") + ". bits/w: stored bits of the quantized "
         "Linears (codes, scales, zeros, g_idx) per weight, as `quantkit.formats.stats` counts them; all: every tensor "
         "per parameter.",
         "",
-        f"Command: `OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/target_bpw.py --high {a.high:g}"
-        + (f" --rows {a.rows}" if a.rows else "") + "`",
+        "Command: " + ("; ".join(f"`OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/target_bpw.py "
+                                 f"--high {a.high:g} --tag {t} --rows ...`" for t in a.merge.split(","))
+                       + f", then `benchmarks/target_bpw.py --merge {a.merge}`" if a.merge else
+                       f"`OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/target_bpw.py --high {a.high:g}"
+                       + (f" --rows {a.rows}" if a.rows else "") + "`"),
         "",
         "| row | grids | quant s | peak RSS MiB | ckpt MB | bits/w (Linears / all) | mix | ppl | KL | top-1 % |",
         "|---|---|---:|---:|---:|---:|---|---:|---:|---:|",
@@ -101,6 +107,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tag", default="", help="a parallel part: record its rows under this tag, write no table")
+    ap.add_argument("--merge", default="", help="comma list of tags: one table from their records")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -110,41 +118,78 @@ def main() -> None:
         return
     common = ["--model", a.model, "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen),
               "--windows", str(a.windows), "--threads", str(a.threads)]
-    wanted = set(a.rows.split(",")) if a.rows else None
+    if a.merge:
+        return merge(a)
+    b = uniform_bpw(a.model, 4, 64)
+    plan = {"uniform-w4g64": {"scheme": {"bits": 4, "group_size": 64}},
+            "target-B": {"scheme": {"bits": 4, "group_size": 64}, "target_bpw": b, "grids": GRIDS_48},
+            "target-B-w3": {"scheme": {"bits": 4, "group_size": 64}, "target_bpw": b, "grids": GRIDS_348},
+            "uniform-w4g32": {"scheme": {"bits": 4, "group_size": 32}},
+            "target-high": {"scheme": {"bits": 4, "group_size": 64}, "target_bpw": a.high, "grids": GRIDS_48}}
+    names = a.rows.split(",") if a.rows else list(plan)
+    unknown = [n for n in names if n not in plan]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; rows: {', '.join(plan)}")
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="quantkit-bench-tbpw-") as tmp:
-        def row(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        for name in names:
+            spec = plan[name]
             out = str(Path(tmp) / name)
             r = run([sys.executable, __file__, "--child", json.dumps(spec), "--child-out", out, *common])
             r.update(run([sys.executable, str(QUALITY), "--child", name, "--child-kind", "score",
                           "--child-out", out, *common])[out])
-            r.update(row=name, grids=spec.get("grids"))
+            label = name.replace("-B", f"-{b:.4f}").replace("-high", f"-{a.high:g}")
+            r.update(row=label, grids=spec.get("grids"), target_bpw=spec.get("target_bpw"))
             rows.append(r)
-            log.info("%s: %s", name, {k: v for k, v in r.items() if k != "allocation"})
-            return r
-
-        uniform = row("uniform-w4g64", {"scheme": {"bits": 4, "group_size": 64}})
-        b = uniform["bpw"]
-        plan = [(f"target-{b:.4f}", {"scheme": {"bits": 4, "group_size": 64}, "target_bpw": b, "grids": GRIDS_48}),
-                (f"target-{b:.4f}-w3", {"scheme": {"bits": 4, "group_size": 64}, "target_bpw": b, "grids": GRIDS_348}),
-                ("uniform-w4g32", {"scheme": {"bits": 4, "group_size": 32}}),
-                (f"target-{a.high:g}", {"scheme": {"bits": 4, "group_size": 64}, "target_bpw": a.high,
-                                        "grids": GRIDS_48})]
-        for name, spec in plan:
-            if wanted is None or name in wanted or name.rsplit("-", 1)[0] in wanted:
-                row(name, spec)
+            log.info("%s: %s", label, {k: v for k, v in r.items() if k != "allocation"})
         base = run([sys.executable, str(QUALITY), "--child", "base", "--child-kind", "score", "--child-out", "-",
                     *common])
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d %H:%M")
+    seconds = time.perf_counter() - t0
     with (RESULTS / "target_bpw.jsonl").open("a") as fh:
         for r in rows:
-            fh.write(json.dumps({"when": stamp, "model": a.model, "threads": a.threads, **r}) + "\n")
-    text = markdown(rows, base["base"]["ppl"], a, time.perf_counter() - t0)
+            fh.write(json.dumps({"when": stamp, "model": a.model, "threads": a.threads, "tag": a.tag,
+                                 "base_ppl": base["base"]["ppl"], "run_s": seconds, **r}) + "\n")
+    if not a.tag:
+        write_table(rows, base["base"]["ppl"], a, seconds)
+
+
+def uniform_bpw(model: str, bits: int, group_size: int) -> float:
+    """Stored bits per weight of every quantized Linear on one grid (what checkpoint_stats reports for it)."""
+    import torch
+    from quantkit.budget.run import quantized_linears
+    from quantkit.budget.sensitivity import stored_bits
+    from quantkit.models.sources import load_model, resolve
+    from quantkit.scheme import ModuleGrid, make_scheme
+
+    m, _ = load_model(resolve(model), torch.float32)
+    lins = quantized_linears(m, make_scheme(None, bits=bits, group_size=group_size))
+    grid = ModuleGrid(bits=bits, group_size=group_size)
+    bits_total = sum(stored_bits(x.out_features, x.in_features, grid) for x in lins.values())
+    return bits_total / sum(x.out_features * x.in_features for x in lins.values())
+
+
+def write_table(rows: list[dict[str, Any]], base_ppl: float, a: argparse.Namespace, seconds: float) -> None:
+    text = markdown(rows, base_ppl, a, seconds)
     (RESULTS / "target_bpw.md").write_text(text)
     print(text)
 
+
+def merge(a: argparse.Namespace) -> None:
+    """One table from the latest records of the tagged parallel runs (`--merge TAG,TAG`)."""
+    tags = a.merge.split(",")
+    recs = [json.loads(line) for line in (RESULTS / "target_bpw.jsonl").read_text().splitlines() if line.strip()]
+    rows: dict[str, dict[str, Any]] = {}
+    for r in recs:
+        if r.get("tag") in tags and r.get("model") == a.model:
+            rows[r["row"]] = r  # later records win
+    order = ["uniform-w4g64", "target-", "uniform-w4g32"]
+    ranked = sorted(rows.values(), key=lambda r: (next(k for k, p in enumerate(order) if r["row"].startswith(p)),
+                                                  r.get("target_bpw") or 0, r["row"]))
+    a.rows = ",".join(r["row"] for r in ranked)
+    write_table(ranked, ranked[0]["base_ppl"], a, max(r["run_s"] for r in ranked))
 
 if __name__ == "__main__":
     main()

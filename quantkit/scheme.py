@@ -157,6 +157,9 @@ class QuantScheme(BaseModel):
     def _group_size(cls, v: int) -> int:
         return _check_group_size(v)
 
+    def __hash__(self) -> int:  # the overrides are a dict: hash the canonical dump (equal schemes dump alike)
+        return hash(self.model_dump_json())
+
     @model_validator(mode="after")
     def _consistent(self) -> "QuantScheme":
         if self.type == "float" and (self.bits != 8 or not self.sym or self.group_size != -1 or self.desc_act):

@@ -163,3 +163,9 @@ def test_conversion_refuses_per_module_grids(tiny_llama, text_file, tmp_path):
     with pytest.raises(CheckpointError, match="per-module grids"):
         convert(out, "compressed-tensors", tmp_path / "ct")
     assert not (tmp_path / "ct").exists()
+
+
+def test_schemes_with_overrides_hash_by_value():
+    a = make_scheme("w4g64", overrides={"x": {"bits": 8, "group_size": 64}, "y": {"bits": 8, "group_size": 32}})
+    b = make_scheme("w4g64", overrides={"y": {"bits": 8, "group_size": 32}, "x": {"bits": 8, "group_size": 64}})
+    assert a == b and hash(a) == hash(b) and len({a, b, make_scheme("w4g64")}) == 2

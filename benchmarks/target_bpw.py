@@ -108,6 +108,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tag", default="", help="a parallel part: record its rows under this tag, write no table")
+    ap.add_argument("--skip-base", action="store_true", help="a parallel part that leaves the base's ppl to another")
     ap.add_argument("--merge", default="", help="comma list of tags: one table from their records")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -143,8 +144,8 @@ def main() -> None:
             r.update(row=label, grids=spec.get("grids"), target_bpw=spec.get("target_bpw"))
             rows.append(r)
             log.info("%s: %s", label, {k: v for k, v in r.items() if k != "allocation"})
-        base = run([sys.executable, str(QUALITY), "--child", "base", "--child-kind", "score", "--child-out", "-",
-                    *common])
+        base = {"base": {"ppl": None}} if a.skip_base else run(
+            [sys.executable, str(QUALITY), "--child", "base", "--child-kind", "score", "--child-out", "-", *common])
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d %H:%M")
     seconds = time.perf_counter() - t0
@@ -189,7 +190,8 @@ def merge(a: argparse.Namespace) -> None:
     ranked = sorted(rows.values(), key=lambda r: (next(k for k, p in enumerate(order) if r["row"].startswith(p)),
                                                   r.get("target_bpw") or 0, r["row"]))
     a.rows = ",".join(r["row"] for r in ranked)
-    write_table(ranked, ranked[0]["base_ppl"], a, max(r["run_s"] for r in ranked))
+    base_ppl = next(r["base_ppl"] for r in ranked if r.get("base_ppl") is not None)
+    write_table(ranked, base_ppl, a, max(r["run_s"] for r in ranked))
 
 if __name__ == "__main__":
     main()

@@ -68,6 +68,8 @@ def run(cmd: list[str]) -> dict[str, Any]:
 
 
 def markdown(rows: list[dict[str, Any]], base_ppl: float, a: argparse.Namespace, seconds: float) -> str:
+    proto = "".join(f" --{k} {v:g}" for k, v, d in (("nsamples", a.nsamples, 64), ("windows", a.windows, 40),
+                                                     ("high", a.high, 5.0)) if v != d)
     lines = [
         f"# Per-layer bit allocation (`--target-bpw`) on {a.model}: GPTQ, {a.nsamples} x {a.seqlen} calibration "
         "tokens (wiki-vital, seed 0)",
@@ -79,10 +81,10 @@ def markdown(rows: list[dict[str, Any]], base_ppl: float, a: argparse.Namespace,
         "Linears (codes, scales, zeros, g_idx) per weight, as `quantkit.formats.stats` counts them; all: every tensor "
         "per parameter.",
         "",
-        "Command: " + ("; ".join(f"`OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/target_bpw.py "
-                                 f"--high {a.high:g} --tag {t} --rows ...`" for t in a.merge.split(","))
-                       + f", then `benchmarks/target_bpw.py --merge {a.merge}`" if a.merge else
-                       f"`OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/target_bpw.py --high {a.high:g}"
+        "Command: " + ("; ".join(f"`OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/target_bpw.py{proto} "
+                                 f"--tag {t} --rows ...`" for t in a.merge.split(","))
+                       + f", then `benchmarks/target_bpw.py{proto} --merge {a.merge}`" if a.merge else
+                       f"`OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/target_bpw.py{proto}"
                        + (f" --rows {a.rows}" if a.rows else "") + "`"),
         "",
         "| row | grids | quant s | peak RSS MiB | ckpt MB | bits/w (Linears / all) | mix | ppl | KL | top-1 % |",

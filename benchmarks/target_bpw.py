@@ -7,6 +7,7 @@ Each quantization runs in its own subprocess; each checkpoint is scored by quali
 Rows (B: the stored bits per weight of w4g64 on every Linear, computed from the shapes before any run):
   uniform-w4g64          GPTQ w4g64 on every Linear (stores B bits per weight)
   target-B               --target-bpw B, the default grids (4- and 8-bit, per channel or g128/g64/g32: gptq_marlin's bits)
+  target-B-grouped       --target-bpw B, groups only (no per-channel grid)
   target-B-w3            --target-bpw B, 3-bit grids allowed as well (w3g128, w3g64, w3g32)
   uniform-w4g32          GPTQ w4g32 on every Linear: the uniform grid next up in size
   target-high            --target-bpw HIGH (default 5.0)
@@ -37,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 QUALITY = ROOT / "benchmarks" / "quality.py"
 GRIDS_48 = "w4,w4g128,w4g64,w4g32,w8,w8g128,w8g64,w8g32"
+GRIDS_GROUPED = "w4g128,w4g64,w4g32,w8g128,w8g64,w8g32"
 GRIDS_348 = "w3g128,w3g64,w3g32," + GRIDS_48
 log = logging.getLogger("bench.target_bpw")
 
@@ -126,6 +128,7 @@ def main() -> None:
     b = uniform_bpw(a.model, 4, 64)
     plan = {"uniform-w4g64": {"scheme": {"bits": 4, "group_size": 64}},
             "target-B": {"scheme": {"bits": 4, "group_size": 64}, "target_bpw": b, "grids": GRIDS_48},
+            "target-B-grouped": {"scheme": {"bits": 4, "group_size": 64}, "target_bpw": b, "grids": GRIDS_GROUPED},
             "target-B-w3": {"scheme": {"bits": 4, "group_size": 64}, "target_bpw": b, "grids": GRIDS_348},
             "uniform-w4g32": {"scheme": {"bits": 4, "group_size": 32}},
             "target-high": {"scheme": {"bits": 4, "group_size": 64}, "target_bpw": a.high, "grids": GRIDS_48}}

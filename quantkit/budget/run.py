@@ -24,7 +24,7 @@ from quantkit.calib.data import calibration_samples
 from quantkit.calib.sqsums import collect_imatrix
 from quantkit.errors import SchemeError
 from quantkit.models.arch import block_linears, get_arch, get_blocks
-from quantkit.models.sources import load_model, load_tokenizer
+from quantkit.models.sources import load_model
 from quantkit.scheme import ModuleGrid, QuantScheme
 
 log = logging.getLogger(__name__)

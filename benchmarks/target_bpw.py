@@ -131,6 +131,8 @@ def main() -> None:
             "target-B-grouped": {"scheme": {"bits": 4, "group_size": 64}, "target_bpw": b, "grids": GRIDS_GROUPED},
             "target-B-w3": {"scheme": {"bits": 4, "group_size": 64}, "target_bpw": b, "grids": GRIDS_348},
             "uniform-w4g32": {"scheme": {"bits": 4, "group_size": 32}},
+            "target-high-grouped": {"scheme": {"bits": 4, "group_size": 64}, "target_bpw": a.high,
+                                    "grids": GRIDS_GROUPED},
             "target-high": {"scheme": {"bits": 4, "group_size": 64}, "target_bpw": a.high, "grids": GRIDS_48}}
     names = a.rows.split(",") if a.rows else list(plan)
     unknown = [n for n in names if n not in plan]

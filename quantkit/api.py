@@ -96,7 +96,7 @@ def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantSc
     """Quantize `model` with `method` and write a checkpoint folder at `out` (atomically).
 
     `target_bpw`: choose each Linear's grid among `target_grids` ("w4g64,w8g128,...", default 4- and 8-bit
-    per channel or groups of 128/64/32) so the quantized Linears store at most that many bits per weight, by measured
+    in groups of 128/64/32) so the quantized Linears store at most that many bits per weight, by measured
     sensitivity (`quantkit.budget`); written as the GPTQ format's per-module `dynamic` config.
 
     `fmt="gguf"`: write one GGUF file at `out` instead, the method rounding onto each tensor's GGUF type in

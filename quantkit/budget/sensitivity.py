@@ -21,8 +21,10 @@ from quantkit.formats.layouts import GPTQLayout
 from quantkit.grid import quantize_weight
 from quantkit.scheme import ModuleGrid
 
-# 4- and 8-bit grids, per channel or groups of 128/64/32: what vLLM's GPTQ kernels (gptq_marlin: 4 and 8) and gptqmodel serve
-DEFAULT_GRIDS = "w4,w4g128,w4g64,w4g32,w8,w8g128,w8g64,w8g32"
+# 4- and 8-bit grids in groups of 128/64/32: what vLLM's GPTQ kernels (gptq_marlin: 4 and 8) and gptqmodel serve.
+# Per-channel grids (w4, w8) are opt-in: with them the allocation at w4g64's size lost (KL 1.30x uniform w4g64's;
+# without them 0.95x; benchmarks/results/target_bpw.md)
+DEFAULT_GRIDS = "w4g128,w4g64,w4g32,w8g128,w8g64,w8g32"
 _GRID = re.compile(r"w(\d+)(?:g(\d+))?")
 
 

@@ -91,8 +91,13 @@ def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantSc
              device: str | torch.device = "auto", save_dtype: str | torch.dtype = "float16", force: bool = False,
              trust_remote_code: bool = False, progress: Progress | None = None,
              max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, resume: bool | None = None,
-             fmt: str | None = None, gguf_type: str | None = None, embed_type: str | None = None) -> dict[str, Any]:
+             fmt: str | None = None, gguf_type: str | None = None, embed_type: str | None = None,
+             target_bpw: float | None = None, target_grids: str | None = None) -> dict[str, Any]:
     """Quantize `model` with `method` and write a checkpoint folder at `out` (atomically).
+
+    `target_bpw`: choose each Linear's grid among `target_grids` ("w4g64,w8g128,...", default 4- and 8-bit
+    in groups of 128/64/32) so the quantized Linears store at most that many bits per weight, by measured
+    sensitivity (`quantkit.budget`); written as the GPTQ format's per-module `dynamic` config.
 
     `fmt="gguf"`: write one GGUF file at `out` instead, the method rounding onto each tensor's GGUF type in
     the llama.cpp mix `gguf_type` (default q4_k_m); see `quantize_gguf`.
@@ -104,6 +109,13 @@ def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantSc
     Returns a summary: method, output path, scheme, timings, size on disk and (on CUDA) peak device memory.
     """
     out = Path(out)
+    if target_grids is not None and target_bpw is None:
+        raise QuantkitError("--target-grids goes with --target-bpw")
+    if target_bpw is not None and fmt == "gguf":
+        raise QuantkitError("--target-bpw writes per-module grids in the GPTQ format; --format gguf takes --type")
+    if target_bpw is not None and fmt not in (None, "gptq"):
+        raise QuantkitError(f"--target-bpw writes per-module grids in the GPTQ format (its dynamic config); "
+                            f"--format {fmt} holds one grid for every Linear")
     if fmt == "gguf":
         return quantize_gguf(model, method, out, gguf_type=gguf_type or "q4_k_m", embed_type=embed_type,
                              scheme=scheme, calib=calib, options=options, device=device, force=force,
@@ -116,6 +128,11 @@ def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantSc
     impl, job = make_job(model, method, scheme=scheme, calib=calib, options=options, device=device,
                          save_dtype=save_dtype, trust_remote_code=trust_remote_code, progress=progress)
     job.fmt = written if written != impl.output_format(job.scheme) else None
+    allocation, t_alloc = None, 0.0
+    if target_bpw is not None:
+        t_alloc = time.perf_counter()
+        allocation = _allocate(impl, job, method, target_bpw, target_grids)
+        t_alloc = time.perf_counter() - t_alloc
     opts = job.options
     memory = check_job(job, method, "offload" in impl.Options.model_fields, out)
     work = WorkFolder(out, lambda: run_fingerprint(job, method), resume) if getattr(impl, "resumable", False) else None
@@ -131,7 +148,9 @@ def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantSc
             from quantkit.calib.kv import calibrate_kv
 
             artifact.kv_scales = calibrate_kv(artifact, job)
-        t_quant = time.perf_counter() - t0
+        t_quant = time.perf_counter() - t0 + t_alloc
+        if allocation is not None:  # recorded in quantkit.json
+            artifact.extra["allocation"] = allocation
         peak_device = torch.cuda.max_memory_allocated(job.device) if on_cuda else None
         with atomic_dir(out, force=force) as tmp:
             artifact.save(tmp, shard_bytes)
@@ -161,7 +180,22 @@ def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantSc
     }
     if "moe" in artifact.extra:  # MoE: calibration tokens per expert, and the experts that fell back to RTN
         summary["moe"] = artifact.extra["moe"]
+    if allocation is not None:
+        summary["allocation"] = {**allocation, "seconds": round(t_alloc, 3)}
     return summary
+
+
+def _allocate(impl: Any, job: QuantJob, method: str, target_bpw: float, target_grids: str | None) -> dict[str, Any]:
+    """--target-bpw: give `job` a grid per Linear (its scheme's overrides); returns the allocation's record."""
+    from quantkit.budget.run import budget_scheme
+    from quantkit.registry import method_class, method_names
+
+    if not getattr(impl, "module_grids", False) or impl.output_format(job.scheme) != "gptq":
+        able = [m for m in method_names() if getattr(method_class(m), "module_grids", False)]
+        raise QuantkitError(f"--target-bpw: {method} quantizes every Linear on one grid; per-module grids "
+                            f"need {', '.join(able)} (integer weight-only schemes)")
+    job.scheme, record = budget_scheme(job, target_bpw, target_grids)
+    return record
 
 
 def quantize_gguf(model: str | Path, method: str, out: Path, *, gguf_type: str = "q4_k_m",

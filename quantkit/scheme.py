@@ -76,6 +76,32 @@ class ActivationScheme(BaseModel):
         return FP8_MAX if self.type == "float" else 127.5
 
 
+class ModuleGrid(BaseModel):
+    """One Linear's own integer grid (a per-module override of the scheme's bits and group size)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bits: Literal[2, 3, 4, 8]
+    group_size: int
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, v: int) -> int:
+        return _check_group_size(v)
+
+    @property
+    def label(self) -> str:
+        return f"w{self.bits}" + ("" if self.group_size == -1 else f"g{self.group_size}")
+
+
+def _check_group_size(v: int) -> int:
+    if v != -1 and v <= 0:
+        raise ValueError(f"group_size must be -1 (per channel) or positive, got {v}")
+    if v > 0 and v % 32:
+        raise ValueError(f"group_size must be a multiple of 32 (packing needs it), got {v}")
+    return v
+
+
 class QuantScheme(BaseModel):
     """Integer grid for the weights of every quantized Linear.
 
@@ -93,6 +119,8 @@ class QuantScheme(BaseModel):
     embedding:    None (the token embedding stays float) or how it is stored, round-to-nearest, data-free: int8
                   (symmetric, one scale per token row) or int4 (the scheme's group size and symmetry). A tied
                   lm_head computes the logits with the same stored weight. compressed-tensors only.
+    overrides:    {exact module name: ModuleGrid}: Linears quantized on their own (bits, group_size) instead of the
+                  scheme's (integer weight-only grids; the GPTQ format writes them as its `dynamic` config).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -116,6 +144,8 @@ class QuantScheme(BaseModel):
             raise ValueError(f"--embedding {v} is not an embedding type quantkit writes; use int8 or int4")
         return v
 
+    overrides: dict[str, ModuleGrid] = {}
+
     @field_validator("kv_cache", mode="before")
     @classmethod
     def _kv_cache(cls, v: Any) -> Any:
@@ -130,16 +160,19 @@ class QuantScheme(BaseModel):
         for key in ("kv_cache", "embedding"):
             if out.get(key) is None:
                 out.pop(key, None)
+        if not out.get("overrides"):  # likewise per-module grids
+            out.pop("overrides", None)
+        else:
+            out["overrides"] = dict(sorted(out["overrides"].items()))
         return out
 
     @field_validator("group_size")
     @classmethod
     def _group_size(cls, v: int) -> int:
-        if v != -1 and v <= 0:
-            raise ValueError(f"group_size must be -1 (per channel) or positive, got {v}")
-        if v > 0 and v % 32:
-            raise ValueError(f"group_size must be a multiple of 32 (packing needs it), got {v}")
-        return v
+        return _check_group_size(v)
+
+    def __hash__(self) -> int:  # the overrides are a dict: hash the canonical dump (equal schemes dump alike)
+        return hash(self.model_dump_json())
 
     @model_validator(mode="after")
     def _consistent(self) -> "QuantScheme":
@@ -158,6 +191,9 @@ class QuantScheme(BaseModel):
         if self.embedding is not None and (act is not None or self.type != "int" or self.strategy is not None):
             raise ValueError("a quantized embedding goes with weight-only integer schemes (compressed-tensors "
                              "pack-quantized), not with 8-bit activation or FP8 presets")
+        if self.overrides and (self.type != "int" or self.strategy is not None or act is not None):
+            raise ValueError("per-module grids are integer weight-only grids; FP8, per-tensor and activation "
+                             "schemes have none")
         return self
 
     @property
@@ -181,6 +217,10 @@ class QuantScheme(BaseModel):
     def maxq(self) -> int:
         return (1 << self.bits) - 1
 
+    def grid_of(self, name: str) -> ModuleGrid:
+        """The (bits, group_size) of the Linear `name` (full module name): its override, or the scheme's."""
+        return self.overrides.get(name) or ModuleGrid(bits=self.bits, group_size=self.group_size)
+
     def effective_group(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
 
@@ -190,8 +230,15 @@ class QuantScheme(BaseModel):
 
     def check_layers(self, shapes: Mapping[str, tuple[int, int]]) -> None:
         """Refuse a scheme that cannot apply: `shapes` maps Linear name -> (out_features, in_features)."""
+        unknown = sorted(set(self.overrides) - set(shapes))
+        if unknown:
+            raise SchemeError(f"per-module grid for {unknown[0]}: no such quantized Linear"
+                              + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
         for name, (out_f, in_f) in shapes.items():
-            if self.group_size > 0 and in_f % self.group_size:
+            gs = self.grid_of(name).group_size
+            if name in self.overrides and gs > 0 and in_f % gs:
+                raise SchemeError(f"per-module group_size {gs} does not divide in_features {in_f} of {name}")
+            if self.group_size > 0 and in_f % self.group_size and name not in self.overrides:
                 fits = [g for g in (128, 64, 32) if all(i % g == 0 for _, i in shapes.values())]
                 options = [str(g) for g in fits + [-1]]
                 hint = ", ".join(options[:-1]) + " or " + options[-1] if len(options) > 1 else options[0]

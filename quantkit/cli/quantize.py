@@ -47,6 +47,8 @@ def quantize(
     fmt: Annotated[Optional[str], typer.Option("--format", help="compressed-tensors: pack-quantized instead of the method's own format (methods listing it in `quantkit methods`); gguf: write one llama.cpp file (OUT.gguf), the method rounding onto each tensor's GGUF type (methods with grid rounding).", rich_help_panel=SCHEME)] = None,
     gguf_type: Annotated[Optional[str], typer.Option("--type", help="With --format gguf: the llama.cpp mix (q4_k_m, q4_0, iq4_xs, q3_k_m, ...; default q4_k_m).", rich_help_panel=SCHEME)] = None,
     embed_type: Annotated[Optional[str], typer.Option("--embed-type", help="With --format gguf: token embedding / output type instead of llama.cpp's.", rich_help_panel=SCHEME)] = None,
+    target_bpw: Annotated[Optional[float], typer.Option("--target-bpw", help="Size budget: choose each Linear's grid (GPTQ format's per-module `dynamic` config) so the quantized Linears store at most this many bits per weight, scales and zeros counted, by measured sensitivity.", rich_help_panel=SCHEME)] = None,
+    target_grids: Annotated[Optional[str], typer.Option("--target-grids", help="With --target-bpw: the candidate grids, e.g. w4g128,w4g64,w4g32,w8g128 (the default: 4- and 8-bit in groups of 128/64/32; add w4 or w8 for per-channel grids).", rich_help_panel=SCHEME)] = None,
     dataset: in_panel(Dataset, CALIB) = "wiki-vital",
     text_field: in_panel(TextField, CALIB) = "text",
     nsamples: Annotated[int, typer.Option("--nsamples", min=1, help="Calibration windows.", rich_help_panel=CALIB)] = 128,
@@ -99,8 +101,8 @@ def quantize(
         summary = api.quantize(model, method, out, scheme=scheme, calib=calib, options=options, device=device,
                                save_dtype=save_dtype, force=force, trust_remote_code=trust_remote_code, progress=bar,
                                max_shard_size=max_shard_size, resume=resume, fmt=fmt, gguf_type=gguf_type,
-                               embed_type=embed_type)
-    if fmt != "gguf":
+                               embed_type=embed_type, target_bpw=target_bpw, target_grids=target_grids)
+    if fmt != "gguf" and target_bpw is None:  # recipes have no --target-bpw yet: a uniform one would mislead
         recipe_flags.record_recipe(summary, save_dtype)  # quantkit_recipe.yaml: how to make this checkpoint again
     emit_json(summary, json_out)
     if not quiet and json_out != "-":

@@ -1,8 +1,7 @@
 """`--imatrix FILE`: llama.cpp's importance matrix from quantkit's calibration data and pipeline.
 
 For every Linear of every decoder block, the sum over calibration tokens of x**2 per input
-channel (x = the Linear's input), collected block by block with `run_sequential` (the
-pipeline GPTQ and AWQ calibrate with; the blocks are left unchanged). Written in llama.cpp's
+channel (x = the Linear's input; `quantkit.calib.sqsums`). Written in llama.cpp's
 GGUF imatrix format, keyed by llama.cpp tensor names:
     general.type = "imatrix", imatrix.datasets, imatrix.chunk_count, imatrix.chunk_size
     <name>.in_sum2  F32 (1, in)   sum of x**2        <name>.counts  F32 (1, 1)   tokens seen
@@ -21,53 +20,14 @@ from gguf import MODEL_ARCH_NAMES, GGUFWriter, TensorNameMap
 from torch import Tensor
 
 from quantkit.calib.data import calibration_samples
-from quantkit.calib.hooks import HookSet
-from quantkit.calib.pipeline import BlockCalib, run_sequential
+from quantkit.calib.sqsums import channel_sq_sums, collect_imatrix  # noqa: F401 - channel_sq_sums: re-exported
 from quantkit.convert.gguf_tensors import write_gguf
 from quantkit.errors import OutputExistsError, QuantkitError
 from quantkit.loading import load
-from quantkit.models.arch import get_arch
 from quantkit.models.sources import load_tokenizer, resolve
 from quantkit.paths import atomic_file
 
 log = logging.getLogger(__name__)
-
-
-def channel_sq_sums(x: Tensor) -> tuple[Tensor, int]:
-    """(..., in) activations -> ((in,) float64 sum of x**2 over all tokens, token count)."""
-    flat = x.reshape(-1, x.shape[-1]).double()
-    return (flat * flat).sum(0), flat.shape[0]
-
-
-@torch.no_grad()
-def collect_imatrix(model: torch.nn.Module, samples: Tensor, device: torch.device | str = "cpu",
-                    batch_size: int = 8) -> dict[str, tuple[Tensor, int]]:
-    """{full Linear name: (sum of x**2 per input channel, tokens)} over `samples` (n, T)."""
-    spec = get_arch(model)
-
-    def per_block(calib: BlockCalib) -> dict[str, Any]:
-        sums: dict[str, list[Any]] = {}
-        mods = {}
-        for name in spec.linears:
-            try:
-                mods[name] = calib.block.get_submodule(name)
-            except AttributeError:
-                continue
-
-        def record(name: str, x: Tensor) -> None:
-            s, n = channel_sq_sums(x)
-            acc = sums.setdefault(name, [torch.zeros_like(s), 0])
-            acc[0] += s
-            acc[1] += n
-
-        def install(hs: HookSet) -> None:
-            for name, mod in mods.items():
-                hs.inputs(mod, record, name)
-
-        calib.next_inputs = calib.forward(hooks=install, keep_outputs=True)  # one pass: stats and next inputs
-        return {k: (v[0].cpu(), v[1]) for k, v in sums.items()}
-
-    return run_sequential(model, spec, samples, per_block, device=torch.device(device), batch_size=batch_size)
 
 
 def imatrix_arrays(stats: dict[str, tuple[Tensor, int]], name_map: TensorNameMap) -> dict[str, np.ndarray]:

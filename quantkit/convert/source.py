@@ -118,6 +118,9 @@ def open_checkpoint(src: str | Path) -> Checkpoint:
         if fmt == "compressed-tensors" and embedding_grid(qc) is not None:
             raise CheckpointError(f"{folder}: its token embedding is stored quantized (an Embedding config group); "
                                   "quantkit convert reads checkpoints with a float embedding only")
+        if qc.get("dynamic"):  # the streaming converters read one grid for every Linear
+            raise CheckpointError(f"{folder}: its Linears are stored on per-module grids (GPTQ `dynamic` config); "
+                                  "conversion reads one grid for all: quantize the float model to the target instead")
         spec = detect_format(qc)
         layout, scheme = spec.read(qc)
         ck.layout, ck.scheme = layout, scheme

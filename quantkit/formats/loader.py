@@ -20,12 +20,14 @@ from torch import Tensor, nn
 from quantkit.errors import CheckpointError
 from quantkit.integrity import PICKLE_SUFFIXES, pickle_refusal
 from quantkit.formats.compressed_tensors import CTLayout, embedding_grid
+from quantkit.formats.dynamic import read_dynamic
 from quantkit.formats.qlinear import QuantLinear
 from quantkit.formats.safetensors_io import load
 from quantkit.formats.specs import detect_format
 from quantkit.models.arch import find_arch, get_blocks
 from quantkit.models.kvcache import K_SCALE, V_SCALE, KVCacheError, attach, attention_modules
 from quantkit.models.moe import from_hub_names, swap_experts
+from quantkit.scheme import ModuleGrid
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +123,11 @@ def assemble(model: nn.Module, tensors: dict[str, Tensor], qc: dict[str, Any], w
     embeddings = [n for n in quantized if isinstance(_module(model, n), nn.Embedding)]
     if embeddings:
         dequantize_embeddings(tensors, embeddings, qc, model, where)
+    grids = read_dynamic(qc, ModuleGrid(bits=scheme.bits, group_size=scheme.group_size))
     for name in (n for n in quantized if n not in embeddings):
+        grid = grids.grid(name)
+        if grid is None:
+            raise CheckpointError(f"{where}: {name} is stored quantized but the dynamic config leaves it unquantized")
         try:
             lin = model.get_submodule(name)
         except AttributeError:
@@ -129,7 +135,7 @@ def assemble(model: nn.Module, tensors: dict[str, Tensor], qc: dict[str, Any], w
         if not isinstance(lin, nn.Linear):
             raise CheckpointError(f"{where}: {name} is a {type(lin).__name__}, not a Linear")
         # placeholders on meta: load_state_dict(assign=True) puts the checkpoint's tensors in their place
-        qlin = QuantLinear(lin.in_features, lin.out_features, scheme.bits, scheme.group_size, scheme.sym,
+        qlin = QuantLinear(lin.in_features, lin.out_features, grid.bits, grid.group_size, scheme.sym,
                            layout, bias=f"{name}.bias" in tensors, device="meta", act=scheme.input_activations)
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, qlin)

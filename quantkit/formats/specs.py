@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Protocol
 from quantkit.errors import CheckpointError
 from quantkit.formats.awq import AWQFormat
 from quantkit.formats.compressed_tensors import CTFormat
+from quantkit.formats.dynamic import dynamic_config
 from quantkit.formats.layouts import GPTQLayout, Layout
 from quantkit.scheme import QuantScheme
 from quantkit.version import __version__
@@ -31,7 +32,7 @@ class GPTQFormat:
     name: ClassVar[str] = "gptq"
 
     def quantization_config(self, scheme: QuantScheme, extra: dict[str, Any]) -> dict[str, Any]:
-        return {
+        qc = {
             "quant_method": "gptq",
             "bits": scheme.bits,
             "group_size": scheme.group_size,
@@ -45,6 +46,10 @@ class GPTQFormat:
             "pack_dtype": "int32",
             "meta": {"quantizer": [f"quantkit:{__version__}"]},
         }
+        dynamic = dynamic_config(scheme)
+        if dynamic:  # per-module grids (GPTQModel's `dynamic`: gptqmodel, transformers and vLLM read it)
+            qc["dynamic"] = dynamic
+        return qc
 
     def matches(self, qc: dict[str, Any]) -> bool:
         return qc.get("quant_method") == "gptq"
@@ -64,7 +69,10 @@ class GPTQFormat:
         """AutoGPTQ also reads quantize_config.json."""
         keys = ("bits", "group_size", "desc_act", "sym", "static_groups", "true_sequential",
                 "damp_percent", "checkpoint_format", "quant_method")
-        return {"quantize_config.json": {k: qc[k] for k in keys}}
+        side = {k: qc[k] for k in keys}
+        if qc.get("dynamic"):  # gptqmodel reads this file before config.json
+            side["dynamic"] = qc["dynamic"]
+        return {"quantize_config.json": side}
 
 
 FORMATS: dict[str, Format] = {"gptq": GPTQFormat(), "awq": AWQFormat(), "compressed-tensors": CTFormat()}

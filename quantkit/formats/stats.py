@@ -28,10 +28,12 @@ from typing import Any
 from quantkit.errors import CheckpointError
 from quantkit.formats.bnb import QUANT_STATE, quant_state_info
 from quantkit.formats.compressed_tensors import EMBEDDING_TARGET, embedding_grid, is_embedding_name
+from quantkit.formats.dynamic import read_dynamic
 from quantkit.formats.loader import weight_files
 from quantkit.formats.safetensors_io import CODE_BYTES as DTYPE_BYTES  # safetensors dtype code -> bytes per element
 from quantkit.formats.safetensors_io import header, read_one
 from quantkit.models.sources import read_config
+from quantkit.scheme import ModuleGrid
 PACKED_PARTS = (".qweight", ".qzeros", ".scales", ".g_idx")
 CT_PARTS = (".weight", ".weight_packed", ".weight_scale", ".weight_zero_point", ".weight_g_idx", ".weight_shape",
             ".input_scale")
@@ -79,9 +81,13 @@ def quantized_groups(entries: dict[str, TensorEntry], qc: dict[str, Any]) -> dic
     """module name -> (number of quantized weights, names of the tensors that store them)."""
     groups: dict[str, tuple[int, list[str]]] = {}
     bits = qc.get("bits", qc.get("w_bit"))
+    dynamic = qc.get("dynamic") if isinstance(bits, int) and bits > 0 else None
+    grids = read_dynamic(qc, ModuleGrid(bits=bits, group_size=qc.get("group_size", -1))) if dynamic else None
     for name, e in entries.items():
         if name.endswith(".qweight"):
             mod = name.removesuffix(".qweight")
+            grid = grids.grid(mod) if grids is not None else None
+            bits = grid.bits if grid is not None else qc.get("bits", qc.get("w_bit"))  # per-module grids (GPTQ dynamic)
             if not isinstance(bits, int) or bits <= 0:
                 raise CheckpointError(f"{mod}.qweight is packed but quantization_config gives no integer 'bits'")
             parts = [mod + s for s in PACKED_PARTS if mod + s in entries]

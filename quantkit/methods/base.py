@@ -117,6 +117,8 @@ class MethodBase(ABC):
     static_activations: ClassVar[bool] = False
     # can round onto a caller's block format (QuantJob.target: GGUF's types) and return EncodedArtifact
     grid_rounding: ClassVar[bool] = False
+    # quantizes each Linear on its own grid where the scheme overrides it (QuantScheme.overrides)
+    module_grids: ClassVar[bool] = False
 
     def calib_dtype(self, job: QuantJob) -> str:
         """The dtype blocks compute in while calibrated (float32 unless the method has a policy)."""
@@ -131,6 +133,14 @@ class MethodBase(ABC):
         if self.uses_scheme and scheme.bits not in self.scheme_bits:
             raise SchemeError(f"{self.name} stores {', '.join(map(str, self.scheme_bits))}-bit weights, "
                               f"got --bits {scheme.bits}")
+        if scheme.overrides:
+            if not self.module_grids or self.output_format(scheme) != "gptq":
+                raise SchemeError(f"{self.name} quantizes every Linear on one grid; per-module grids "
+                                  f"(--target-bpw) need a method that writes them in the GPTQ format")
+            odd = sorted({g.bits for g in scheme.overrides.values()} - set(self.scheme_bits))
+            if odd:
+                raise SchemeError(f"{self.name} stores {', '.join(map(str, self.scheme_bits))}-bit weights, "
+                                  f"a per-module grid has {odd[0]} bits")
         special = scheme.input_activations is not None or scheme.type != "int" or scheme.strategy is not None
         if special and not self.activation_schemes:
             raise SchemeError(f"{self.name} writes weight-only checkpoints; 8-bit activation and FP8 schemes "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -164,10 +165,16 @@ def replay_parent(prev: _Group | list[_Group], nxt: _Group | list[_Group]) -> st
     return ".".join(common) or None
 
 
-def rtn_group(calib: BlockCalib, group: _Group, params: GPTQParams) -> dict[str, QuantizedWeight]:
+ParamsOf = Callable[[str], GPTQParams]  # relative Linear name -> its GPTQ parameters (per-module grids)
+
+
+def rtn_group(calib: BlockCalib, group: _Group, params: GPTQParams,
+              params_of: ParamsOf | None = None) -> dict[str, QuantizedWeight]:
     """Round-to-nearest for a group calibration could not serve (an MoE expert too few tokens reached)."""
     out = {}
     for name, mod in zip(group.names, group.modules, strict=True):
+        if params_of is not None:
+            params = params_of(name)
         qw = quantize_weight(calib.master(mod), params.bits, params.group_size, params.sym, params.number,
                              params.per_tensor, mod.bias)
         mod.weight.data.copy_(qw.dequantize(mod.weight.dtype))
@@ -175,8 +182,23 @@ def rtn_group(calib: BlockCalib, group: _Group, params: GPTQParams) -> dict[str,
     return out
 
 
-def quantize_group(calib: BlockCalib, group: _Group, h: torch.Tensor, params: GPTQParams) -> dict[str, QuantizedWeight]:
-    """GPTQ on the group's row-stacked weights; writes the dequantized weights back in place."""
+def quantize_group(calib: BlockCalib, group: _Group, h: torch.Tensor, params: GPTQParams,
+                   params_of: ParamsOf | None = None) -> dict[str, QuantizedWeight]:
+    """GPTQ on the group's row-stacked weights; writes the dequantized weights back in place.
+
+    `params_of`: the Linears' own grids; those of one grid are stacked together. GPTQ treats rows
+    independently given H, so splitting the stack by grid changes nothing but each part's grid."""
+    if params_of is not None:
+        by_grid: dict[GPTQParams, list[int]] = {}
+        for k, name in enumerate(group.names):
+            by_grid.setdefault(params_of(name), []).append(k)
+        if len(by_grid) > 1 or next(iter(by_grid)) != params:
+            out: dict[str, QuantizedWeight] = {}
+            for p, ks in by_grid.items():
+                part = _Group(tuple(group.names[k] for k in ks), tuple(group.modules[k] for k in ks),
+                              group.stage, group.expert)
+                out.update(quantize_group(calib, part, h, p))
+            return {n: out[n] for n in group.names}
     weights = [calib.master(m) for m in group.modules]
     stacked = torch.cat(weights, dim=0) if len(weights) > 1 else weights[0]
     res = gptq_quantize(stacked, h, params)
@@ -194,7 +216,8 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
                true_sequential: bool, replay: bool = True,
                coverage: ExpertCoverage | None = None, shortcuts: bool = True,
                input_qmax: float | None = None, quantize: Any = None,
-               low_precision_products: bool = False) -> dict[str, Any]:
+               low_precision_products: bool = False,
+               params_of: ParamsOf | None = None) -> dict[str, Any]:
     """Quantize one block's target Linears (`targets`: full names); returns relative name -> weight.
 
     `coverage`: MoE expert policy and record (default: routed, 16 tokens at least).
@@ -206,6 +229,7 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
     `low_precision_products`: Hessian products in the block's compute dtype (`collect_hessians`).
     `quantize(calib, group, h)`: the group quantizer instead of `quantize_group` (e.g. onto GGUF's blocks,
     `quantkit.methods.gptq.grid.grid_group`); it writes the group's quantized weights back as well.
+    `params_of`: each Linear's parameters (relative name), where the scheme gives Linears their own grids.
     """
     prefix = f"{spec.blocks}.{calib.index}."
     keep = {n.removeprefix(prefix) for n in targets if n.startswith(prefix)}
@@ -218,11 +242,11 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
     def finish(stage: list[_Group], hs: list[torch.Tensor], tokens: list[int], amax: list[float] | None) -> None:
         for g, h, n, m in zip(stage, hs, tokens, amax or [0.0] * len(stage), strict=True):
             if g.expert is not None and not coverage.enough(prefix + g.expert, n):
-                done = rtn_group(calib, g, params)
+                done = rtn_group(calib, g, params, params_of)
             elif quantize is not None:
                 done = quantize(calib, g, h)
             else:
-                done = quantize_group(calib, g, h, params)
+                done = quantize_group(calib, g, h, params, params_of)
             if input_qmax is not None:
                 scale = torch.tensor([max(m, 1e-6) / input_qmax], dtype=torch.float32).half().float()
                 for qw in done.values():

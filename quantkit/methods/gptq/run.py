@@ -4,6 +4,7 @@ pipeline (quantkit.methods.blockwise), with its options, calibration dtype polic
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -77,9 +78,15 @@ def gptq_step(job: QuantJob, spec: ArchSpec, coverage: ExpertCoverage) -> BlockS
     def step(calib: Any, targets: set[str]) -> dict[str, Any]:
         prefix = f"{spec.blocks}.{calib.index}."
         onto = grid_group(codecs, prefix, params) if codecs is not None else None
+        params_of = None
+        if job.scheme.overrides:
+            def params_of(name: str) -> GPTQParams:
+                g = job.scheme.grid_of(prefix + name)
+                return replace(params, bits=g.bits, group_size=g.group_size)
         return gptq_block(calib, spec, {prefix + n for n in targets}, params, o.true_sequential,
                           coverage=coverage, shortcuts=o.shortcuts, input_qmax=qmax, quantize=onto,
-                          low_precision_products=getattr(o, "hessian_products", "float32") == "compute")
+                          low_precision_products=getattr(o, "hessian_products", "float32") == "compute",
+                          params_of=params_of)
 
     return step
 
@@ -93,6 +100,7 @@ class GPTQ(BlockwiseMethod):
     Options: ClassVar[type[BaseModel]] = GPTQOptions
     tokenizes_first = True
     grid_rounding = True
+    module_grids = True
 
     def prepare(self, job: QuantJob) -> QuantJob:
         if job.target is None:
@@ -102,6 +110,8 @@ class GPTQ(BlockwiseMethod):
             raise SchemeError(f"{job.target.label} stores weights only; 8-bit activation and FP8 schemes do not apply")
         if s.desc_act:
             raise SchemeError(f"--desc-act does not apply to {job.target.label}: its blocks hold consecutive inputs")
+        if s.overrides:
+            raise SchemeError(f"{job.target.label} gives each tensor its type; per-module grids do not apply")
         return job
 
     def block_store(self, job: QuantJob, spec: ArchSpec) -> Any:

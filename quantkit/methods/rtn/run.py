@@ -16,13 +16,15 @@ class RTN(WeightOnlyMethod):
     description = "round-to-nearest on a min/max grid per group; instant, no data"
     formats = ("gptq", "compressed-tensors")
     activation_schemes = True
+    module_grids = True
 
     def quantize_model(self, model: nn.Module, tokenizer: Any, spec: ArchSpec, layers: dict[str, nn.Linear],
                        job: QuantJob) -> dict[str, QuantizedWeight]:
         s = job.scheme
         out = {}
         for i, (name, lin) in enumerate(layers.items()):
-            out[name] = quantize_weight(lin.weight, s.bits, s.group_size, s.sym, s.type, s.weight_strategy == "tensor",
+            g = s.grid_of(name)
+            out[name] = quantize_weight(lin.weight, g.bits, g.group_size, s.sym, s.type, s.weight_strategy == "tensor",
                                         lin.bias)
             if job.progress:
                 job.progress("layers", i + 1, len(layers))

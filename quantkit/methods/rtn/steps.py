@@ -27,7 +27,8 @@ def rtn_step(job: QuantJob, spec: ArchSpec, coverage: ExpertCoverage) -> BlockSt
         out = {}
         for name in sorted(targets):
             lin = calib.block.get_submodule(name)
-            qw = quantize_weight(calib.master(lin), s.bits, s.group_size, s.sym, s.type,
+            g = s.grid_of(f"{spec.blocks}.{calib.index}.{name}")
+            qw = quantize_weight(calib.master(lin), g.bits, g.group_size, s.sym, s.type,
                                  s.weight_strategy == "tensor", lin.bias)
             lin.weight.data = qw.dequantize(lin.weight.dtype)  # the block computes with its quantized weights
             out[name] = qw.cpu()

@@ -1,0 +1,1 @@
+"""Per-Linear bit allocation to a size budget (`--target-bpw`), chosen by measured sensitivity."""

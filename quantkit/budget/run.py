@@ -23,7 +23,7 @@ from quantkit.budget.sensitivity import DEFAULT_GRIDS, error_tables, parse_grids
 from quantkit.calib.data import calibration_samples
 from quantkit.calib.sqsums import collect_imatrix
 from quantkit.errors import SchemeError
-from quantkit.models.arch import block_linears, get_arch, get_blocks
+from quantkit.models.arch import blocks_linears, get_arch
 from quantkit.models.sources import load_model
 from quantkit.scheme import ModuleGrid, QuantScheme
 
@@ -32,14 +32,7 @@ log = logging.getLogger(__name__)
 
 def quantized_linears(model: torch.nn.Module, scheme: QuantScheme) -> dict[str, torch.nn.Linear]:
     """The decoder blocks' Linears the scheme quantizes, by full name."""
-    spec = get_arch(model)
-    out = {}
-    for i, block in enumerate(get_blocks(model, spec)):
-        for name, mod in block_linears(block, spec).items():
-            full = f"{spec.blocks}.{i}.{name}"
-            if not scheme.skips(full):
-                out[full] = mod
-    return out
+    return blocks_linears(model, get_arch(model), scheme.skips)
 
 
 def scheme_for(scheme: QuantScheme, grids: dict[str, ModuleGrid], weights: dict[str, int]) -> QuantScheme:

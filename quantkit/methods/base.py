@@ -23,7 +23,7 @@ from quantkit.errors import SchemeError
 from quantkit.formats.checkpoint import PackedArtifact
 from quantkit.formats.specs import get_format
 from quantkit.grid import QuantizedWeight, quantize_weight
-from quantkit.models.arch import ArchSpec, block_linears, get_arch, get_blocks
+from quantkit.models.arch import ArchSpec, blocks_linears, get_arch
 from quantkit.models.moe import ExpertCoverage, swap_experts
 from quantkit.models.sources import ModelSource, load_model
 from quantkit.plan import BlockWork, Geometry, Settings
@@ -179,13 +179,7 @@ class MethodBase(ABC):
 
 def target_linears(model: nn.Module, spec: ArchSpec, scheme: QuantScheme) -> dict[str, nn.Linear]:
     """Every Linear inside the decoder blocks that the scheme does not skip, by full name."""
-    out = {}
-    for i, block in enumerate(get_blocks(model, spec)):
-        for name, mod in block_linears(block, spec).items():
-            full = f"{spec.blocks}.{i}.{name}"
-            if not scheme.skips(full):
-                out[full] = mod
-    return out
+    return blocks_linears(model, spec, scheme.skips)
 
 
 @dataclass

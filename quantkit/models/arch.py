@@ -18,6 +18,7 @@ expand in place (one norm feeds every expert).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from torch import nn
@@ -233,6 +234,17 @@ def expert_of(spec: ArchSpec, name: str) -> str | None:
                 if m := re.fullmatch(re.escape(head) + r"(\d+)" + re.escape(tail), name):
                     return head + m.group(1)
     return None
+
+
+def blocks_linears(model: nn.Module, spec: ArchSpec, skips: Callable[[str], bool]) -> dict[str, nn.Linear]:
+    """Every Linear inside the decoder blocks whose full name `skips` does not refuse, by full name, in run order."""
+    out = {}
+    for i, block in enumerate(get_blocks(model, spec)):
+        for name, mod in block_linears(block, spec).items():
+            full = f"{spec.blocks}.{i}.{name}"
+            if not skips(full):
+                out[full] = mod
+    return out
 
 
 def block_linears(block: nn.Module, spec: ArchSpec) -> dict[str, nn.Linear]:

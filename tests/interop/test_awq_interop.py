@@ -13,11 +13,8 @@ import pytest
 import torch
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-try:
-    import gptqmodel  # noqa: F401  (transformers' AWQ integration builds its Linears from it)
-except Exception as e:  # not installed, or installed without a working backend
-    pytest.skip(f"gptqmodel is not importable here ({type(e).__name__}); run in .venv-interop",
-                allow_module_level=True)
+from tests.interop.needs import require  # noqa: E402
+require("gptqmodel")
 
 import quantkit
 from quantkit.api import quantize

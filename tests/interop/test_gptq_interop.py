@@ -13,12 +13,8 @@ import pytest
 import torch
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-try:
-    import gptqmodel  # noqa: F401  (transformers' GPTQ integration builds its QuantLinears from it)
-    import optimum  # noqa: F401
-except Exception as e:  # not installed, or installed without a working backend
-    pytest.skip(f"gptqmodel/optimum is not importable here ({type(e).__name__}); run in .venv-interop",
-                allow_module_level=True)
+from tests.interop.needs import require  # noqa: E402
+require("gptqmodel", "optimum")
 
 import quantkit
 from quantkit.api import quantize

@@ -20,11 +20,8 @@ import json
 import pytest
 import torch
 
-try:
-    import compressed_tensors  # noqa: F401
-except Exception as e:  # not installed
-    pytest.skip(f"compressed-tensors is not importable here ({type(e).__name__}); run in .venv-interop",
-                allow_module_level=True)
+from tests.interop.needs import require  # noqa: E402
+require("compressed_tensors")
 
 import quantkit
 from quantkit.api import quantize

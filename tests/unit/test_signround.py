@@ -310,6 +310,23 @@ def test_method_with_end_to_end_stage_is_deterministic_and_loads(tiny, text_file
     assert torch.isfinite(model(input_ids=torch.arange(1, 17).unsqueeze(0)).logits).all()
 
 
+def test_end_to_end_stage_in_compressed_tensors_keeps_the_linears_packed(tiny, text_file, tmp_path):
+    """The end-to-end stage reads the block stage back from the work folder in the output format's own layout."""
+    from safetensors.torch import load_file
+
+    opts = {"iters": 4, "calib_dtype": "float32", "e2e_steps": 2, "e2e_lr": 1e-2}
+    kw = dict(scheme={"bits": 4, "group_size": 32}, calib=_calib(text_file), options=opts, device="cpu")
+    quantize(tiny, "signround", tmp_path / "ct", fmt="compressed-tensors", **kw)
+    quantize(tiny, "signround", tmp_path / "gptq", **kw)
+    ct = load_file(str(tmp_path / "ct" / "model.safetensors"))
+    packed = [k for k in ct if k.endswith("weight_packed")]
+    assert packed and not any(k.endswith("proj.weight") for k in ct)
+    a, b = quantkit.load(tmp_path / "ct", kernel="reference"), quantkit.load(tmp_path / "gptq", kernel="reference")
+    ids = torch.arange(1, 17).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(a(input_ids=ids).logits, b(input_ids=ids).logits, rtol=0, atol=1e-4)
+
+
 def test_end_to_end_stage_refuses_disk_offload(tiny, text_file, tmp_path):
     from quantkit.errors import QuantkitError
 

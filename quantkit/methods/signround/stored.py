@@ -12,8 +12,6 @@ from quantkit.formats.specs import get_format
 from quantkit.grid import QuantizedWeight
 from quantkit.methods.base import Loaded, QuantJob
 
-PACKED = ("qweight", "qzeros", "scales", "g_idx", "bias")
-
 
 def stored_results(loaded: Loaded, job: QuantJob, results: dict[str, Any], fmt_name: str,
                    options: dict[str, Any]) -> dict[str, QuantizedWeight]:
@@ -28,7 +26,7 @@ def stored_results(loaded: Loaded, job: QuantJob, results: dict[str, Any], fmt_n
         params = dict(loaded.model.named_parameters())
         for e in store.entries():
             module, _, leaf = e.name.rpartition(".")
-            if module in loaded.layers and leaf in PACKED:
+            if module in loaded.layers and leaf != "weight":  # the format's packed tensors (any layout) and bias
                 packed[module][leaf] = e.load()
             elif e.name in params:
                 with torch.no_grad():

@@ -294,6 +294,14 @@ def _test_hook_kill(i: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _test_hook_interrupt(i: int) -> None:
+    """TEST HOOK (tests/faults/test_signals.py), inert unless QUANTKIT_TEST_SIGINT_AFTER_BLOCK is set: send this
+    process SIGINT once block k is stored, as a user's Ctrl-C would (deterministic, where a timed signal races)."""
+    at = os.environ.get("QUANTKIT_TEST_SIGINT_AFTER_BLOCK")
+    if at is not None and int(at) == i:
+        os.kill(os.getpid(), signal.SIGINT)
+
+
 def _saved_reference(store: BlockStore, start: int, store_device: torch.device | str) -> list[Tensor]:
     saved = store.saved_reference(start)
     if saved is None:
@@ -358,6 +366,7 @@ def run_sequential(model: nn.Module, spec: ArchSpec, samples: Tensor, quantize_b
             results.update(store.finished(i, block, done, inputs.hidden, last, reference=inputs.reference))
         else:
             results.update(store.finished(i, block, done, inputs.hidden, last))
+        _test_hook_interrupt(i)
         source.release(i, block)
         del block, calib, done
         release_heap()

@@ -111,11 +111,9 @@ def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantSc
     out = Path(out)
     if target_grids is not None and target_bpw is None:
         raise QuantkitError("--target-grids goes with --target-bpw")
-    if target_bpw is not None and fmt == "gguf":
-        raise QuantkitError("--target-bpw writes per-module grids in the GPTQ format; --format gguf takes --type")
     if target_bpw is not None and fmt not in (None, "gptq"):
-        raise QuantkitError(f"--target-bpw writes per-module grids in the GPTQ format (its dynamic config); "
-                            f"--format {fmt} holds one grid for every Linear")
+        raise QuantkitError(f"--target-bpw writes per-module grids as the GPTQ format's dynamic config; it does not "
+                            f"apply with --format {fmt}" + (" (--type picks each tensor's grid)" if fmt == "gguf" else ""))
     if fmt == "gguf":
         return quantize_gguf(model, method, out, gguf_type=gguf_type or "q4_k_m", embed_type=embed_type,
                              scheme=scheme, calib=calib, options=options, device=device, force=force,

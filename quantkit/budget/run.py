@@ -81,7 +81,7 @@ def budget_scheme(job: Any, target_bpw: float, grids_text: str | None = None) ->
         opts = [next((o for o in tables[n] if o.grid == g.label), None) for n in tables]
         if all(o is not None for o in opts):
             uniform[g.label] = sum(o.error for o in opts)
-    line = summary_line(alloc, target_bpw, {g: e for g, e in uniform.items()})
+    line = summary_line(alloc, target_bpw, uniform)
     log.info("%s in %.1fs", line, time.perf_counter() - t0)
     del model
     scheme = scheme_for(job.scheme, {n: by_label[g] for n, g in alloc.grids.items()}, weights)

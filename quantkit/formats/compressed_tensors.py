@@ -101,7 +101,8 @@ def is_embedding_name(module: str) -> bool:
     return module.rsplit(".", 1)[-1] in EMBEDDING_NAMES
 
 
-def _is_embedding_group(group: dict[str, Any]) -> bool:
+def is_embedding_group(group: dict[str, Any]) -> bool:
+    """Does this config group quantize the token embedding (targets `Embedding`), not the Linears?"""
     return EMBEDDING_TARGET in (group.get("targets") or [])
 
 
@@ -109,7 +110,7 @@ def _weights_args(qc: dict[str, Any]) -> dict[str, Any]:
     """The weight args of the Linears' config group (an `Embedding` group is read by `embedding_grid`)."""
     groups = qc.get("config_groups") or {}
     weights = [g.get("weights") for g in groups.values()
-               if isinstance(g, dict) and g.get("weights") and not _is_embedding_group(g)]
+               if isinstance(g, dict) and g.get("weights") and not is_embedding_group(g)]
     if len(weights) != 1:
         raise CheckpointError(f"compressed-tensors config with {len(weights)} weight groups; quantkit reads exactly one")
     w = weights[0]
@@ -120,7 +121,7 @@ def _weights_args(qc: dict[str, Any]) -> dict[str, Any]:
 
 def embedding_grid(qc: dict[str, Any]) -> tuple[int, int, bool] | None:
     """(bits, group_size, sym) of a quantized token embedding (a config group targeting `Embedding`), or None."""
-    groups = [g for g in (qc.get("config_groups") or {}).values() if isinstance(g, dict) and _is_embedding_group(g)]
+    groups = [g for g in (qc.get("config_groups") or {}).values() if isinstance(g, dict) and is_embedding_group(g)]
     if not groups:
         return None
     if len(groups) > 1 or qc.get("format") != CT_FORMAT:

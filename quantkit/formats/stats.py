@@ -27,7 +27,7 @@ from typing import Any
 
 from quantkit.errors import CheckpointError
 from quantkit.formats.bnb import QUANT_STATE, quant_state_info
-from quantkit.formats.compressed_tensors import EMBEDDING_TARGET, embedding_grid, is_embedding_name
+from quantkit.formats.compressed_tensors import embedding_grid, is_embedding_group, is_embedding_name
 from quantkit.formats.dynamic import read_dynamic
 from quantkit.formats.loader import weight_files
 from quantkit.formats.safetensors_io import CODE_BYTES as DTYPE_BYTES  # safetensors dtype code -> bytes per element
@@ -42,7 +42,7 @@ CT_PARTS = (".weight", ".weight_packed", ".weight_scale", ".weight_zero_point", 
 def _ct_bits(qc: dict[str, Any]) -> int:
     """num_bits of the Linears' config group."""
     for group in (qc.get("config_groups") or {}).values():
-        if isinstance(group, dict) and group.get("weights") and EMBEDDING_TARGET not in (group.get("targets") or []):
+        if isinstance(group, dict) and group.get("weights") and not is_embedding_group(group):
             return int(group["weights"].get("num_bits", 8))
     return 8
 
@@ -80,14 +80,14 @@ def _read(entry: TensorEntry, name: str):
 def quantized_groups(entries: dict[str, TensorEntry], qc: dict[str, Any]) -> dict[str, tuple[int, list[str]]]:
     """module name -> (number of quantized weights, names of the tensors that store them)."""
     groups: dict[str, tuple[int, list[str]]] = {}
-    bits = qc.get("bits", qc.get("w_bit"))
-    dynamic = qc.get("dynamic") if isinstance(bits, int) and bits > 0 else None
-    grids = read_dynamic(qc, ModuleGrid(bits=bits, group_size=qc.get("group_size", -1))) if dynamic else None
+    base_bits = qc.get("bits", qc.get("w_bit"))
+    grids = (read_dynamic(qc, ModuleGrid(bits=base_bits, group_size=qc.get("group_size", -1)))
+             if qc.get("dynamic") and isinstance(base_bits, int) and base_bits > 0 else None)  # GPTQ per-module grids
     for name, e in entries.items():
         if name.endswith(".qweight"):
             mod = name.removesuffix(".qweight")
             grid = grids.grid(mod) if grids is not None else None
-            bits = grid.bits if grid is not None else qc.get("bits", qc.get("w_bit"))  # per-module grids (GPTQ dynamic)
+            bits = grid.bits if grid is not None else base_bits
             if not isinstance(bits, int) or bits <= 0:
                 raise CheckpointError(f"{mod}.qweight is packed but quantization_config gives no integer 'bits'")
             parts = [mod + s for s in PACKED_PARTS if mod + s in entries]

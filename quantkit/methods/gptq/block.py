@@ -140,7 +140,7 @@ def collect_hessians(calib: BlockCalib, groups: list[_Group], stop_after_last: b
                     pass
     captured = Replay(calib.block.get_submodule(capture), recorded) if capture else None
     if absmax is not None:
-        absmax[:] = [float(a.absmax) for a in accs if a.absmax is not None]
+        absmax[:] = [float(a.absmax) for a in accs]
     if tokens is not None:
         tokens[:] = [a.tokens for a in accs]
         return [a.hessian() if a.tokens else a.sum for a in accs], captured

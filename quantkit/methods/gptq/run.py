@@ -85,7 +85,7 @@ def gptq_step(job: QuantJob, spec: ArchSpec, coverage: ExpertCoverage) -> BlockS
                 return replace(params, bits=g.bits, group_size=g.group_size)
         return gptq_block(calib, spec, {prefix + n for n in targets}, params, o.true_sequential,
                           coverage=coverage, shortcuts=o.shortcuts, input_qmax=qmax, quantize=onto,
-                          low_precision_products=getattr(o, "hessian_products", "float32") == "compute",
+                          low_precision_products=o.hessian_products == "compute",
                           params_of=params_of)
 
     return step

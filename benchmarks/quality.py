@@ -52,6 +52,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "signround-sym": ("signround", {}),
     "signround-e2e": ("signround", {"e2e_steps": 32}),
     "signround-e2e-eager": ("signround", {"e2e_steps": 32, "compile": "off"}),
+    "signround-e2e-mse": ("signround", {"e2e_steps": 32, "loss": "mse"}),
+    "signround-e2e-token": ("signround", {"e2e_steps": 32, "loss": "token"}),
 }
 SYM_ROWS = {"signround-sym"}
 DEFAULT_ROWS = "signround-w4g64,signround-e2e-w4g64,signround-w3g64,signround-e2e-w3g64"

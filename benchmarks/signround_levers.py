@@ -37,6 +37,9 @@ ap.add_argument("--tag", default=""); ap.add_argument("--no-pre", action="store_
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--model", default="smollm2-135m")
 ap.add_argument("--emulate-casts", action="store_true", help="torch._inductor emulate_precision_casts (with --compile)")
+ap.add_argument("--init", default="rtn", choices=["rtn", "clip", "gptq", "clip-gptq"], help="tuning start (methods/signround/init.py)")
+ap.add_argument("--loss", default="mse", choices=["mse", "token"])
+ap.add_argument("--stream-bf16", action="store_true", help="float reference and quantized stream under bf16 autocast")
 ap.add_argument("--scale-lr", type=float, default=0.0); ap.add_argument("--compile", action="store_true"); ap.add_argument("--keep", default="best")
 a = ap.parse_args()
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -54,7 +57,39 @@ inp = capture_inputs(model, spec, samples, a.bs, torch.device("cpu"))
 xq = torch.cat(inp.hidden); xf = xq.clone()
 p = SignRoundParams(bits=a.bits, group_size=a.gs, sym=a.sym, iters=a.iters, lr=a.lr, batch_size=a.bs,
                     tune_norms=a.norms, norm_lr=a.norm_lr, autocast=torch.bfloat16 if a.bf16 else None,
-                    clip_min=a.clip_min, compile=a.compile, keep=a.keep, scale_lr=a.scale_lr)
+                    clip_min=a.clip_min, compile=a.compile, keep=a.keep, loss=a.loss, scale_lr=a.scale_lr)
+def starts(blk, lin, masters, x, args, kw):
+    """(v, alpha, beta) per Linear from its inputs' XᵀX on the tuning inputs (--init)."""
+    from signround_init import search_clip, gptq_offsets
+    hs = {n: torch.zeros(m.in_features, m.in_features) for n, m in lin.items()}
+    cnt = {"n": 0}
+    def hook(n):
+        def f(_m, args_):
+            xx = args_[0].detach().reshape(-1, args_[0].shape[-1]).float()
+            hs[n].addmm_(xx.t(), xx)
+        return f
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in lin.items()]
+    try:
+        with torch.no_grad():
+            for j in range(0, len(x), a.bs):
+                blk(x[j:j + a.bs], *args, **kw)
+                cnt["n"] += x[j:j + a.bs].shape[0] * x.shape[1]
+    finally:
+        for hd in handles:
+            hd.remove()
+    out = {}
+    for n, m in lin.items():
+        h = hs[n] / cnt["n"]
+        w = masters[n].float()
+        g = w.shape[1] // a.gs
+        if "clip" in a.init:
+            al, be = search_clip(w, h.diagonal(), a.bits, a.gs, a.sym, a.clip_min)
+        else:
+            al, be = torch.ones(w.shape[0], g), torch.ones(w.shape[0], g)
+        v = gptq_offsets(w, h, al, be, a.bits, a.gs, a.sym) if "gptq" in a.init else torch.zeros_like(w)
+        out[n] = (v, al, be)
+    return out
+
 qmodel = model  # quantized in place; base reloaded for eval
 nb = a.blocks or len(blocks)
 allq = {}
@@ -65,7 +100,8 @@ for i in range(nb):
     lin = block_linears(blk, spec)
     masters = {n: m.weight.detach().clone() for n, m in lin.items()}
     kw = inp.kwargs_for(i)
-    with torch.no_grad():
+    ac = torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.stream_bf16)
+    with torch.no_grad(), ac:
         yf = torch.cat([_first(blk(xf[j:j+a.bs], *inp.args, **kw)) for j in range(0, len(xf), a.bs)])
     if a.rtn:
         with torch.no_grad():
@@ -73,9 +109,10 @@ for i in range(nb):
                 m.weight.data.copy_(rtn_quantize(m.weight, a.bits, a.gs, a.sym).dequantize())
     else:
         maps = usable_mappings(blk, spec, set(lin)) if a.scale_lr else None
-        res = tune_block(blk, lin, masters, xf if a.fp_inputs else xq, yf, inp.args, kw, p, maps)
+        start = starts(blk, lin, masters, xf if a.fp_inputs else xq, inp.args, kw) if a.init != "rtn" else None
+        res = tune_block(blk, lin, masters, xf if a.fp_inputs else xq, yf, inp.args, kw, p, maps, start)
         allq.update({f"{spec.blocks}.{i}.{k}": v for k, v in res.items()})
-    with torch.no_grad():
+    with torch.no_grad(), ac:
         xq = torch.cat([_first(blk(xq[j:j+a.bs], *inp.args, **kw)) for j in range(0, len(xq), a.bs)])
     xf = yf
 if a.save:

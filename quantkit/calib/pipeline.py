@@ -20,7 +20,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -178,8 +178,10 @@ class BlockCalib:
     """
 
     def __init__(self, index: int, block: nn.Module, inputs: BlockInputs, device: torch.device,
-                 dtype: torch.dtype | None = None, masters: dict[nn.Module, Tensor] | None = None):
+                 dtype: torch.dtype | None = None, masters: dict[nn.Module, Tensor] | None = None,
+                 autocast: torch.dtype | None = None):
         self.index, self.block, self.device, self.dtype = index, block, device, dtype
+        self.autocast = autocast  # the block's own passes (reference, outputs) run under this autocast dtype
         self._inputs = inputs
         self._masters = masters or {}
         self._args = _to(inputs.args, device, dtype)
@@ -220,10 +222,14 @@ class BlockCalib:
         if self.reference_inputs is None:
             return
         outs = []
-        for h in self.reference_inputs:
-            out = _first(self.block(h.to(self.device, self.dtype), *self._args, **self._kwargs))
-            outs.append(out.detach().to(self.store_device))
+        with self._autocast():
+            for h in self.reference_inputs:
+                out = _first(self.block(h.to(self.device, self.dtype), *self._args, **self._kwargs))
+                outs.append(out.detach().to(self.store_device))
         self.reference_outputs = outs
+
+    def _autocast(self) -> AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.autocast) if self.autocast is not None else nullcontext()
 
     def master(self, linear: nn.Module) -> Tensor:
         """The (out, in) weight to quantize: the float32 original when the block computes in a lower dtype."""
@@ -241,7 +247,7 @@ class BlockCalib:
         (then no output is kept for it).
         """
         outs: list[Tensor] = []
-        with HookSet() as hs:
+        with HookSet() as hs, self._autocast():
             if hooks is not None:
                 hooks(hs)
             for i, h in enumerate(self.batches()):
@@ -314,7 +320,7 @@ def run_sequential(model: nn.Module, spec: ArchSpec, samples: Tensor, quantize_b
                    device: torch.device, batch_size: int = 8, store_device: torch.device | str = "cpu",
                    blocks: BlockSource | None = None, progress: Progress | None = None,
                    store: BlockStore | None = None, compute_dtype: torch.dtype | None = None,
-                   reference: bool = False) -> dict[str, Any]:
+                   reference: bool = False, autocast: torch.dtype | None = None) -> dict[str, Any]:
     """Calibrate and quantize the model block by block. Returns {full module name: method result}.
 
     `quantize_block(calib)` must leave the block computing with its quantized weights
@@ -327,6 +333,8 @@ def run_sequential(model: nn.Module, spec: ArchSpec, samples: Tensor, quantize_b
     `reference`: also carry the float model's hidden states from block to block; each `BlockCalib` then
     holds the float block's inputs and outputs (`reference_inputs`, `reference_outputs`), computed before
     the method runs, and the store keeps them for a resume.
+    `autocast`: the pipeline's own passes through each block (float reference, outputs for the next block) run
+    under autocast to this dtype (a method that tunes under autocast: the stream it sees is the one it tuned on).
     """
     steady_heap()
     source = blocks or InMemoryBlocks(get_blocks(model, spec))
@@ -349,7 +357,7 @@ def run_sequential(model: nn.Module, spec: ArchSpec, samples: Tensor, quantize_b
         block = source.load(i, device)
         last = i == n - 1
         with computing_in(block, compute_dtype) as masters:
-            calib = BlockCalib(i, block, inputs, device, compute_dtype, masters)
+            calib = BlockCalib(i, block, inputs, device, compute_dtype, masters, autocast)
             if reference:
                 calib.run_reference()
             done = {f"{spec.blocks}.{i}.{name}": res for name, res in quantize_block(calib).items()}

@@ -121,8 +121,12 @@ class BlockwiseMethod(WeightOnlyMethod):
         results = run_sequential(loaded.model, spec, samples, per_block, device=job.device,
                                  batch_size=job.calib.batch_size, blocks=loaded.blocks, progress=job.progress,
                                  store=self.block_store(job, spec), compute_dtype=getattr(torch, self.calib_dtype(job)),
-                                 reference=self.float_reference)
+                                 reference=self.float_reference, autocast=self.stream_autocast(job))
         return self.finish(cov.absorb(results), job)
+
+    def stream_autocast(self, job: QuantJob) -> torch.dtype | None:
+        """Autocast dtype of the pipeline's own passes through each block (None: the blocks' dtype)."""
+        return None
 
     def finish(self, results: dict[str, Any], job: QuantJob) -> dict[str, QuantizedWeight]:
         """The quantized weights among a run's results (a method with side data takes it out here)."""

@@ -108,6 +108,53 @@ def test_tuning_lowers_the_block_error_against_rtn():
     assert set(block_norms(block)) == {"norm.weight"} and not block.norm.weight.requires_grad
 
 
+def test_token_loss_is_each_tokens_relative_error():
+    """"token": a token with a 100x larger residual (an attention sink) weighs no more than any other."""
+    from quantkit.methods.signround.block import _mse
+
+    torch.manual_seed(0)
+    target = torch.randn(2, 6, 16)
+    out = target + 0.1 * torch.randn(2, 6, 16)
+    per_token = ((out - target).pow(2).mean(-1) / target.pow(2).mean(-1)).mean()
+    assert torch.allclose(_mse(out, target, "token"), per_token)
+    big_t, big_o = target.clone(), out.clone()
+    big_t[:, 0] *= 100
+    big_o[:, 0] = big_t[:, 0] + 100 * (out[:, 0] - target[:, 0])  # the same relative error, 100x the size
+    assert torch.allclose(_mse(big_o, big_t, "token"), per_token)
+    assert _mse(big_o, big_t) > 100 * _mse(out, target)  # plain MSE: that token decides the loss
+
+
+def test_tuning_with_token_loss_lowers_the_block_error_against_rtn():
+    block, x, y, masters = _block_and_target()
+    rtn = {n: rtn_quantize(masters[n], 3, 32, False).dequantize() for n in masters}
+    with torch.no_grad():
+        block.up.weight.copy_(rtn["up"])
+        block.down.weight.copy_(rtn["down"])
+        rtn_err = float((block(x) - y).pow(2).mean())
+        block.up.weight.copy_(masters["up"])
+        block.down.weight.copy_(masters["down"])
+    p = SignRoundParams(bits=3, group_size=32, iters=60, batch_size=4, loss="token")
+    tune_block(block, {"up": block.up, "down": block.down}, masters, x, y, (), {}, p)
+    with torch.no_grad():
+        assert float((block(x) - y).pow(2).mean()) < 0.8 * rtn_err
+
+
+def test_tuning_starts_from_the_given_state():
+    """`start` (v, alpha, beta) replaces round-to-nearest: with no step taken, the codes are exactly its codes."""
+    block, x, y, masters = _block_and_target()
+    torch.manual_seed(1)
+    start = {}
+    for n, w in masters.items():
+        g = w.shape[1] // 32
+        start[n] = (torch.rand_like(w) - 0.5, torch.full((w.shape[0], g), 0.8), torch.full((w.shape[0], g), 0.9))
+    p = SignRoundParams(bits=3, group_size=32, iters=0, batch_size=4)
+    out = tune_block(block, {"up": block.up, "down": block.down}, masters, x, y, (), {}, p, start=start)
+    for n, (v, a, b) in start.items():
+        want = Rounding(masters[n].float(), v, a, b, 3, 32, False).finalize()
+        assert torch.equal(out[n].codes, want.codes) and torch.equal(out[n].scales, want.scales)
+        assert not torch.equal(want.codes, rtn_quantize(masters[n], 3, 32, False).codes)
+
+
 _MAPS = [AWQMapping(prev="norm", linears=("up",), inspect="up"), AWQMapping(prev="up", linears=("down",), inspect="down")]
 
 

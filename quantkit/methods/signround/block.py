@@ -40,6 +40,7 @@ class SignRoundParams:
     compile:     run the step's forward and backward through torch.compile (one graph serves every block of
                  the same shape; the compiled maths is the same rounding, so `finalize` is unchanged).
     scale_lr:    Adam step size of learned equivalent scales (transform.py) on the block's mappings; 0: off.
+    loss:        "mse" (AutoRound's) or "token": each token's error relative to its own mean square (`_mse`).
     keep:        "best": the state of the step with the lowest batch loss (AutoRound's rule); "last": the final state.
     seed:        order of the windows.
     """
@@ -57,6 +58,7 @@ class SignRoundParams:
     compile: bool = False
     keep: str = "best"
     scale_lr: float = 0.0
+    loss: str = "mse"
     seed: int = 0
 
 
@@ -67,13 +69,20 @@ def block_norms(block: nn.Module) -> dict[str, nn.Parameter]:
             if p.ndim == 1 and id(p) not in linear_params and n.endswith("weight") and "norm" in n}
 
 
-def _mse(out: Tensor, target: Tensor) -> Tensor:
-    return (out.float() - target.float()).pow(2).mean()
+def _mse(out: Tensor, target: Tensor, loss: str = "mse") -> Tensor:
+    """The block's output error. "mse": over every element. "token": each token's squared error relative to
+    its own mean square (what the next RMSNorm divides by), so that a few tokens with massive activations
+    (an attention sink's residual can carry 95% of a window's squared norm) do not decide the rounding alone."""
+    err = (out.float() - target.float()).pow(2)
+    if loss == "token":
+        t = target.float()
+        return (err.mean(-1) / t.pow(2).mean(-1).clamp(min=1e-12)).mean()
+    return err.mean()
 
 
 def block_loss(block: nn.Module, tensors: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]], grid: tuple[int, bool],
                x: Tensor, target: Tensor, args: tuple, kwargs: dict[str, Any], autocast: torch.dtype | None,
-               scales: tuple[tuple, ...] = ()) -> Tensor:
+               scales: tuple[tuple, ...] = (), loss: str = "mse") -> Tensor:
     """The block's output error with every Linear at its fake-quantized weight: a pure function of tensors
     (name -> (master, v, alpha, beta); the group size is in / alpha's columns), so that one compiled graph serves
     every block of the same shape. `grid` is (bits, sym); `scales`: learned equivalent scales (transform.py), each
@@ -86,13 +95,14 @@ def block_loss(block: nn.Module, tensors: dict[str, tuple[Tensor, Tensor, Tensor
     ctx = torch.autocast(x.device.type, dtype=autocast) if autocast is not None else nullcontext()
     with ctx:
         out = _first(functional_call(block, weights, (x, *args), kwargs))
-    return _mse(out, target)
+    return _mse(out, target, loss)
 
 
 @torch.enable_grad()  # the block pipeline runs under no_grad
 def tune_block(block: nn.Module, linears: dict[str, nn.Linear], masters: dict[str, Tensor], inputs: Tensor,
                targets: Tensor, args: tuple, kwargs: dict[str, Any], p: SignRoundParams,
-               mappings: list[AWQMapping] | None = None) -> dict[str, QuantizedWeight]:
+               mappings: list[AWQMapping] | None = None,
+               start: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None) -> dict[str, QuantizedWeight]:
     """Tune the rounding of `linears` (relative name -> Linear of `block`) and return their codes.
 
     `mappings` (the architecture's usable ones for this block): where learned equivalent scales may fold,
@@ -100,9 +110,14 @@ def tune_block(block: nn.Module, linears: dict[str, nn.Linear], masters: dict[st
 
     inputs, targets: (N, T, hidden) on the block's device; `args`/`kwargs` are the block's other inputs
     for a batch of `p.batch_size` windows. On return every Linear holds its dequantized weight.
+    `start`: relative name -> (v, alpha, beta) to start from instead of round-to-nearest (the `--init` lever
+    of benchmarks/signround_levers.py).
     """
     t0 = time.perf_counter()
     states = {n: Rounding.start(masters[n], p.bits, p.group_size, p.sym) for n in linears}
+    for n, (v, alpha, beta) in (start or {}).items():
+        st = states[n]
+        st.v, st.alpha, st.beta = (t.to(st.v.device, st.v.dtype).clone() for t in (v, alpha, beta))
     for s in states.values():
         for t in s.params():
             t.requires_grad_(True)
@@ -114,7 +129,7 @@ def tune_block(block: nn.Module, linears: dict[str, nn.Linear], masters: dict[st
     opt = torch.optim.Adam(groups) if groups else None
     for w in norms.values():
         w.requires_grad_(True)
-    lr = p.lr if p.lr is not None else 1.0 / p.iters
+    lr = p.lr if p.lr is not None else 1.0 / max(p.iters, 1)
     n = inputs.shape[0]
     bs = min(p.batch_size, n)
     gen = torch.Generator().manual_seed(p.seed)
@@ -131,7 +146,7 @@ def tune_block(block: nn.Module, linears: dict[str, nn.Linear], masters: dict[st
             order, pos = torch.randperm(n, generator=gen), 0
         idx = order[pos:pos + bs]
         pos += bs
-        loss = loss_fn(block, tensors, grid, inputs[idx], targets[idx], args, kwargs, p.autocast, scale_args)
+        loss = loss_fn(block, tensors, grid, inputs[idx], targets[idx], args, kwargs, p.autocast, scale_args, p.loss)
         value = float(loss.detach())
         first_loss = value if first_loss is None else first_loss
         improved, best_loss = value < best_loss, min(best_loss, value)

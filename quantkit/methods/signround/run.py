@@ -46,6 +46,8 @@ class SignRoundOptions(BaseModel):
     clip_min: float = Field(0.5, gt=0, le=1, description="how far clipping may shrink a group's range")
     scale_lr: float = Field(0.0, ge=0, le=1, description="Adam step size of learned per-channel scales folded into "
                                                          "the norms and codes (OmniQuant's LET); 0: off")
+    loss: Literal["mse", "token"] = Field("mse", description="block loss: mse over every element (AutoRound's), or "
+                                                         "token: each token's error relative to its own mean square")
     tune_norms: bool = Field(True, description="also tune the norm weights (float; the checkpoint stays standard)")
     norm_lr: float = Field(1e-3, gt=0, description="Adam step size of the norm weights")
     calib_dtype: Literal["auto", "float32", "bfloat16"] = Field(
@@ -82,7 +84,7 @@ def signround_params(job: QuantJob, spec: ArchSpec | None = None) -> SignRoundPa
     return SignRoundParams(bits=s.bits, group_size=s.group_size, sym=s.sym, iters=o.iters, lr=o.lr,
                            batch_size=o.windows_per_step, clip_min=o.clip_min, tune_norms=o.tune_norms,
                            norm_lr=o.norm_lr, autocast=autocast_dtype(job), compile=use_compile(job, spec), scale_lr=o.scale_lr,
-                           seed=job.calib.seed)
+                           loss=o.loss, seed=job.calib.seed)
 
 
 def signround_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], p: SignRoundParams) -> dict[str, QuantizedWeight]:
@@ -125,6 +127,11 @@ class SignRound(BlockwiseMethod):
     @classmethod
     def block_memory(cls, geometry: Geometry, settings: Settings) -> BlockWork:
         return signround_block_memory(geometry, settings)
+
+    def stream_autocast(self, job: QuantJob) -> torch.dtype | None:
+        # the float reference and the quantized stream in the dtype the tuning computes in (as AutoRound's amp):
+        # 3x faster passes (fp32 0.57 vs bf16 0.19 CPU s for 16 windows through a SmolLM2 block)
+        return autocast_dtype(job)
 
     def block_step(self, job: QuantJob, spec: ArchSpec, coverage: ExpertCoverage) -> BlockStep:
         p = signround_params(job, spec)

@@ -46,7 +46,7 @@ class SignRoundOptions(BaseModel):
     clip_min: float = Field(0.5, gt=0, le=1, description="how far clipping may shrink a group's range")
     scale_lr: float = Field(0.0, ge=0, le=1, description="Adam step size of learned per-channel scales folded into "
                                                          "the norms and codes (OmniQuant's LET); 0: off")
-    loss: Literal["mse", "token"] = Field("mse", description="block loss: mse over every element (AutoRound's), or "
+    loss: Literal["mse", "token"] = Field("token", description="block loss: mse over every element (AutoRound's), or "
                                                          "token: each token's error relative to its own mean square")
     tune_norms: bool = Field(True, description="also tune the norm weights (float; the checkpoint stays standard)")
     norm_lr: float = Field(1e-3, gt=0, description="Adam step size of the norm weights")

@@ -228,7 +228,8 @@ def main() -> None:
 
     params = sum(int(t.n_elements) for t in GGUFReader(str(f32)).tensors)
     md = table(rows, files, params)
-    cmd = (f"PYTHONPATH=. python benchmarks/gguf_judge.py --types {args.types} --judge {judge} --chunks {args.chunks} "
+    cmd = (f"PYTHONPATH=. python benchmarks/gguf_judge.py --model {args.model} --types {args.types} --judge {judge} "
+           f"--chunks {args.chunks} "
            f"--calib-windows {args.calib_windows} --imatrix-chunks {args.imatrix_chunks}")
     args.out.write_text(f"# GGUF mixes on {args.model}: judge {judge}\n\n`{cmd}`\n\n{md}\n")
     log.info("%s\n%s", args.out, md)

@@ -94,6 +94,26 @@ def test_f32_logits_match_transformers(gemma, tmp_path):
     assert np.abs(theirs - mine).max() < 5e-3 * np.abs(mine).max()
 
 
+def test_linear_rope_scaling_and_logit_softcap_match_transformers(tmp_path):
+    """Gemma 3 4B+ scale the global layers' rope linearly (llama.cpp: rope.scaling.*, sliding layers unscaled);
+    a final logit soft-cap is written when the config has one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.tiny import gemma3_config, make_gemma3
+
+    cfg = gemma3_config(final_logit_softcapping=2.0, rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})
+    src = make_gemma3(tmp_path / "g3", cfg, seed=1)
+    path = tmp_path / "g.gguf"
+    convert(src, "gguf", path, gguf_type="f32")
+    ids = [2] + AutoTokenizer.from_pretrained(src)(TEXT * 3, add_special_tokens=False)["input_ids"][:23]
+    theirs = llama_logits(path, ids)
+    mine = hf_logits(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval(), ids)
+    assert np.abs(mine).max() < 2.0  # the cap is active
+    assert np.abs(theirs - mine).max() < 5e-3 * np.abs(mine).max()
+
+
 def rms(a, b):
     return float(np.sqrt(((a - b) ** 2).mean()))
 
@@ -116,3 +136,4 @@ def test_quantized_logits_match_the_dequantized_model(gemma, tmp_path, gguf_type
         exact = hf_logits(AutoModelForCausalLM.from_pretrained(gemma, dtype=torch.float32).eval(), ids)
         assert rms(theirs, mine) < vs_quant_error * rms(mine, exact)
     assert (theirs.argmax(-1) == mine.argmax(-1)).mean() >= 0.9
+

@@ -110,14 +110,17 @@ def judge_llamacpp(work: Path, f32: Path, test_txt: Path, files: dict[str, Path]
 
 
 def gguf_into(model: torch.nn.Module, path: Path) -> None:
-    """Dequantize every tensor of `path` into `model` (an HF Llama of the same shape), undoing the q/k permutation."""
-    from gguf import MODEL_ARCH, GGUFReader, TensorNameMap
+    """Dequantize every tensor of `path` into `model` (the HF model it was exported from), undoing what the export
+    did to values: the q/k permutation (Llama), the norm shift (Gemma)."""
+    from gguf import GGUFReader, TensorNameMap
 
+    from quantkit.convert.gguf_arch import GGUF_ARCHS
     from quantkit.convert.gguf_quant import dequantize_rows
     from quantkit.convert.gguf_tensors import qk_permutation
 
     cfg = model.config
-    tmap = TensorNameMap(MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    spec = GGUF_ARCHS[cfg.architectures[0]]
+    tmap = TensorNameMap(spec.arch, cfg.num_hidden_layers)
     tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
     with torch.no_grad():
@@ -130,11 +133,13 @@ def gguf_into(model: torch.nn.Module, path: Path) -> None:
             t = tensors[gname]
             cols = p.shape[-1]
             w = torch.from_numpy(dequantize_rows(np.asarray(t.data), t.tensor_type, cols).reshape(p.shape).copy())
-            if ".q_proj." in name or ".k_proj." in name:
+            if spec.permute_qk and (".q_proj." in name or ".k_proj." in name):
                 perm = qk_permutation(p.shape[0], heads if ".q_proj." in name else kv)
                 back = torch.empty_like(w)
                 back[perm] = w
                 w = back
+            if p.dim() == 1 and name.endswith("norm.weight"):
+                w = w - spec.norm_shift
             p.copy_(w)
 
 
@@ -228,7 +233,8 @@ def main() -> None:
 
     params = sum(int(t.n_elements) for t in GGUFReader(str(f32)).tensors)
     md = table(rows, files, params)
-    cmd = (f"PYTHONPATH=. python benchmarks/gguf_judge.py --types {args.types} --judge {judge} --chunks {args.chunks} "
+    cmd = (f"PYTHONPATH=. python benchmarks/gguf_judge.py --model {args.model} --types {args.types} --judge {judge} "
+           f"--chunks {args.chunks} "
            f"--calib-windows {args.calib_windows} --imatrix-chunks {args.imatrix_chunks}")
     args.out.write_text(f"# GGUF mixes on {args.model}: judge {judge}\n\n`{cmd}`\n\n{md}\n")
     log.info("%s\n%s", args.out, md)

@@ -1,7 +1,8 @@
-"""GGUF export for the Llama family (Llama, Mistral, Qwen2; SmolLM2 is Llama), with llama.cpp's conventions.
+"""GGUF export for the Llama family (Llama, Mistral, Qwen2; SmolLM2 is Llama) and Gemma 3, with llama.cpp's conventions.
 
-Tensor names come from `gguf.TensorNameMap`; Llama/Mistral q/k rows get llama.cpp's rotary
-permutation; 1-D tensors stay F32. A quantized type is a llama.cpp mix (q4_0 ... q8_0, q4_k_m,
+What differs by architecture (gguf_arch.GGUF_ARCHS) is data: tensor names come from
+`gguf.TensorNameMap`; Llama/Mistral q/k rows get llama.cpp's rotary permutation; Gemma's norms
+are stored shifted by one; 1-D tensors stay F32. A quantized type is a llama.cpp mix (q4_0 ... q8_0, q4_k_m,
 iq4_xs ...): each tensor's type is the one llama-quantize would give it (gguf_mix.MixPlanner),
 token embeddings and output included unless `embed_type` overrides them. Every tensor is
 handed to the writer as a lazy array, so the file is written tensor by tensor: peak memory
@@ -18,10 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from gguf import (GGML_QUANT_VERSION, MODEL_ARCH, MODEL_ARCH_NAMES, GGMLQuantizationType, GGUFWriter, Metadata,
+from gguf import (GGML_QUANT_VERSION, MODEL_ARCH_NAMES, GGMLQuantizationType, GGUFWriter, Metadata,
                   TensorNameMap)
 from gguf.lazy import LazyNumpyTensor
 
+from quantkit.convert.gguf_arch import GGUF_ARCHS, ArchSpec
 from quantkit.convert.gguf_mix import MIXES, MixPlanner
 from quantkit.convert.gguf_tensors import (FILE_TYPES, GGUF_TYPES, TYPE_BITS, EncodeStats, Q, byte_shape,
                                            encode_weight, permute_rows, qk_permutation, write_gguf)
@@ -35,44 +37,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# HF architecture -> (llama.cpp architecture, apply the q/k rotary permutation)
-GGUF_ARCHS: dict[str, tuple[MODEL_ARCH, bool]] = {
-    "LlamaForCausalLM": (MODEL_ARCH.LLAMA, True),
-    "MistralForCausalLM": (MODEL_ARCH.LLAMA, True),
-    "Qwen2ForCausalLM": (MODEL_ARCH.QWEN2, False),
-}
 _BLOCK = re.compile(r"\.layers\.(\d+)\.")
 
 
-def _rope_theta(cfg: dict[str, Any]) -> float:
-    params = cfg.get("rope_parameters") or {}
-    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-
-
-def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
-    params = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-    kind = params.get("rope_type", params.get("type", "default"))
-    return None if kind in (None, "default") else params
-
-
-def add_hparams(w: GGUFWriter, cfg: dict[str, Any], type_name: str) -> None:
-    """The architecture keys llama.cpp reads for a Llama-style model, as its convert_hf_to_gguf.py writes them."""
-    heads = int(cfg["num_attention_heads"])
-    hidden = int(cfg["hidden_size"])
-    head_dim = int(cfg.get("head_dim") or hidden // heads)
-    w.add_context_length(int(cfg.get("max_position_embeddings", 2048)))
-    w.add_embedding_length(hidden)
-    w.add_block_count(int(cfg["num_hidden_layers"]))
-    w.add_feed_forward_length(int(cfg["intermediate_size"]))
-    w.add_head_count(heads)
-    w.add_head_count_kv(int(cfg.get("num_key_value_heads") or heads))
-    w.add_rope_freq_base(_rope_theta(cfg))
-    w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
-    w.add_rope_dimension_count(head_dim)
-    if cfg.get("head_dim") is not None or head_dim != hidden // heads:
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
-    w.add_vocab_size(int(cfg["vocab_size"]))
+def add_hparams(w: GGUFWriter, cfg: dict[str, Any], type_name: str, spec: ArchSpec) -> None:
+    """The architecture keys llama.cpp reads, as its convert_hf_to_gguf.py writes them for `spec`'s architecture."""
+    spec.hparams(w, cfg)
     w.add_file_type(int(FILE_TYPES[type_name] if type_name in FILE_TYPES else MIXES[type_name][0]))
     w.add_quantization_version(GGML_QUANT_VERSION)
 
@@ -101,7 +71,17 @@ def _logical_tensors(ck: Checkpoint) -> list[tuple[str, tuple[int, ...]]]:
     return sorted(out, key=lambda t: _order(t[0]))
 
 
-def check_export(ck: Checkpoint, type_name: str) -> tuple[MODEL_ARCH, bool]:
+def export_config(ck: Checkpoint, spec: ArchSpec) -> dict[str, Any]:
+    """The config the keys are written from: config.json, or (as the converter reads it) through transformers,
+    whose defaults fill what the file leaves out (layer_types, rope_parameters ...)."""
+    if not spec.normalized_config:
+        return ck.config
+    from transformers import AutoConfig
+
+    return {**ck.config, **AutoConfig.from_pretrained(ck.folder).to_dict()}
+
+
+def check_export(ck: Checkpoint, type_name: str) -> ArchSpec:
     if type_name not in GGUF_TYPES and type_name not in MIXES:
         names = list(GGUF_TYPES) + [m for m in MIXES if m not in GGUF_TYPES]
         raise UnknownNameError(f"unknown GGUF type {type_name!r}; choose one of: {', '.join(names)}")
@@ -113,14 +93,16 @@ def check_export(ck: Checkpoint, type_name: str) -> tuple[MODEL_ARCH, bool]:
         raise QuantkitError(f"a {ck.scheme.bits}-bit {ck.fmt} checkpoint cannot go to {type_name} without re-quantizing "
                             f"its calibrated grid to {TYPE_BITS[type_name]} bits; use --type f16 (dequantized) or "
                             "quantize the float model to the bit width you want")
-    if _rope_scaling(ck.config) is not None:
-        raise QuantkitError(f"GGUF export does not write rope scaling {_rope_scaling(ck.config)!r} yet; "
+    spec = GGUF_ARCHS[arch]
+    reasons = spec.checks(export_config(ck, spec))
+    if reasons:
+        raise QuantkitError(f"GGUF export of {arch} does not support {'; '.join(reasons)}; "
                             "closest: --to hf, then llama.cpp's convert_hf_to_gguf.py")
-    return GGUF_ARCHS[arch]
+    return spec
 
 
 def _producer(ck: Checkpoint, hf_name: str, qtype: Q, perm: torch.Tensor | None, stats: EncodeStats,
-              importance: np.ndarray | None):
+              importance: np.ndarray | None, shift: float = 0.0):
     def run() -> np.ndarray:
         mod = hf_name.rsplit(".", 1)[0]
         if hf_name.endswith(".weight") and mod in ck.linears:
@@ -130,15 +112,18 @@ def _producer(ck: Checkpoint, hf_name: str, qtype: Q, perm: torch.Tensor | None,
         else:
             w = ck.tensor(hf_name)  # kept in its dtype: encode_float converts chunk by chunk
             w = w[perm] if perm is not None else w
+            if shift:
+                w = w.float() + shift  # in float32, as transformers computes 1 + w
         return encode_weight(w, qtype, hf_name, stats, importance)
     return run
 
 
-def _named_tensors(ck: Checkpoint, tmap: TensorNameMap, arch_name: str) -> list[tuple[str, str, tuple[int, ...]]]:
+def _named_tensors(ck: Checkpoint, spec: ArchSpec) -> list[tuple[str, str, tuple[int, ...]]]:
     """(HF name, llama.cpp name, shape) of every tensor the file holds, in file order."""
+    tmap, arch_name = TensorNameMap(spec.arch, int(ck.config["num_hidden_layers"])), MODEL_ARCH_NAMES[spec.arch]
     out = []
     for hf_name, shape in _logical_tensors(ck):
-        if hf_name.endswith("rotary_emb.inv_freq"):
+        if hf_name.endswith(spec.skip):
             continue
         gname = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gname is None:
@@ -208,13 +193,17 @@ def plan_types(src: str | Path, type_name: str, has_imatrix: bool = True,
                embed_type: str | None = None) -> dict[str, GGMLQuantizationType]:
     """{HF tensor name: the type `export_gguf` gives it} for `src` as `type_name` (checked as the export checks)."""
     ck = open_checkpoint(src)
-    arch, _ = check_export(ck, type_name)
-    tensors = _named_tensors(ck, TensorNameMap(arch, int(ck.config["num_hidden_layers"])), MODEL_ARCH_NAMES[arch])
+    tensors = _named_tensors(ck, check_export(ck, type_name))
     planner = _planner(type_name, tensors, ck.config, has_imatrix, embed_type)
     if planner is None:
         return {hf: _float_type(shape, GGUF_TYPES[type_name]) for hf, _, shape in tensors}
     plan = planner.plan()
     return {hf: plan[g] for hf, g, _ in tensors}
+
+
+def _shift(spec: ArchSpec, hf_name: str, shape: tuple[int, ...]) -> float:
+    """What the converter adds to this tensor: `spec.norm_shift` on norm weights, else 0."""
+    return spec.norm_shift if len(shape) == 1 and hf_name.endswith("norm.weight") else 0.0
 
 
 def _given(data: np.ndarray, perm: torch.Tensor | None, shape: tuple[int, ...], qtype: Q, name: str):
@@ -239,28 +228,27 @@ def export_gguf(src: str | Path, out: Path, type_name: str, force: bool = False,
     `provenance` (JSON text) is stored under the key quantkit.provenance.
     """
     ck = open_checkpoint(src)
-    arch, permute = check_export(ck, type_name)
+    spec = check_export(ck, type_name)
     if out.exists() and not force:
         raise OutputExistsError(f"output {out} already exists; pass --force to overwrite it")
     if out.exists() and not out.is_file():
         raise QuantkitError(f"output {out} exists and is not a file; remove it or choose another path")
-    cfg = ck.config
+    cfg = export_config(ck, spec)
     heads = int(cfg["num_attention_heads"])
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
-    tmap = TensorNameMap(arch, int(cfg["num_hidden_layers"]))
-    tensors = _named_tensors(ck, tmap, MODEL_ARCH_NAMES[arch])
+    tensors = _named_tensors(ck, spec)
     planner = _planner(type_name, tensors, cfg, importance is not None or encoded is not None, embed_type)
     stats = EncodeStats()
     types: dict[str, str] = {}
     floats_quantized: list[str] = []  # a packed source's float tensors given a block type (lossy)
     with atomic_file(out) as tmp:
-        writer = GGUFWriter(tmp, MODEL_ARCH_NAMES[arch])
+        writer = GGUFWriter(tmp, MODEL_ARCH_NAMES[spec.arch])
         writer.add_type("model")
         total = 0
         counter = _Counter(progress)
         for hf_name, gname, shape in tensors:
             perm = None
-            if permute and re.search(r"\.(q_proj|k_proj)\.(weight|bias)$", hf_name):
+            if spec.permute_qk and re.search(r"\.(q_proj|k_proj)\.(weight|bias)$", hf_name):
                 perm = qk_permutation(shape[0], heads if ".q_proj." in hf_name else kv_heads)
             ttype = planner.type_of(gname, shape) if planner else _float_type(shape, GGUF_TYPES[type_name])
             types[gname] = ttype.name
@@ -270,20 +258,20 @@ def export_gguf(src: str | Path, out: Path, type_name: str, force: bool = False,
             bshape, bdtype = byte_shape(tuple(shape), ttype)
             mod = hf_name.removesuffix(".weight")
             run = (_given(encoded[mod], perm, tuple(shape), ttype, hf_name) if encoded and mod in encoded
-                   else _producer(ck, hf_name, ttype, perm, stats, imp))
+                   else _producer(ck, hf_name, ttype, perm, stats, imp, _shift(spec, hf_name, shape)))
             lazy = LazyNumpyTensor(meta=LazyNumpyTensor.meta_with_dtype_and_shape(bdtype, bshape),
                                    func=_counted(run, counter))
             writer.add_tensor(gname, lazy, raw_dtype=None if ttype in (Q.F32, Q.F16) else ttype)
             total += int(np.prod(shape))
             counter.total += 1
         Metadata.load(None, ck.folder, None, total).set_gguf_meta_model(writer)
-        add_hparams(writer, cfg, type_name)
+        add_hparams(writer, cfg, type_name, spec)
         add_tokenizer(writer, ck.folder, int(cfg["vocab_size"]))
         writer.add_string("quantkit.provenance", provenance)
         write_gguf(writer)
     facts: dict[str, Any] = {
         "gguf_type": type_name,
-        "architecture": MODEL_ARCH_NAMES[arch],
+        "architecture": MODEL_ARCH_NAMES[spec.arch],
         "grid_kept": len(stats.exact),
         "requantized": len(stats.requantized),
         "exact": _exact(ck, type_name, stats),

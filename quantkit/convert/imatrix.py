@@ -83,7 +83,7 @@ def compute_importance(src: str | Path, dataset: str = "wiki-vital", nsamples: i
     if samples is None:
         samples = calibration_samples(load_tokenizer(resolve(src)), dataset, nsamples, seqlen, seed)
     stats = collect_imatrix(model, samples, device)
-    return importance_from_stats(stats, TensorNameMap(GGUF_ARCHS[arch][0], model.config.num_hidden_layers))
+    return importance_from_stats(stats, TensorNameMap(GGUF_ARCHS[arch].arch, model.config.num_hidden_layers))
 
 
 def write_imatrix(src: str | Path, path: Path, dataset: str = "wiki-vital", nsamples: int = 32, seqlen: int = 512,
@@ -100,7 +100,7 @@ def write_imatrix(src: str | Path, path: Path, dataset: str = "wiki-vital", nsam
     tok = load_tokenizer(resolve(src))
     samples = calibration_samples(tok, dataset, nsamples, seqlen, seed)
     stats = collect_imatrix(model, samples, device)
-    gg_arch = GGUF_ARCHS[arch][0]
+    gg_arch = GGUF_ARCHS[arch].arch
     arrays = imatrix_arrays(stats, TensorNameMap(gg_arch, model.config.num_hidden_layers))
     with atomic_file(path) as tmp:
         w = GGUFWriter(tmp, MODEL_ARCH_NAMES[gg_arch])

@@ -64,7 +64,9 @@ ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {  # row -> (method, preset, 
 }
 LLMC_PY = ROOT / ".venv-llmc" / "bin" / "python"
 LLMC_SCRIPT = ROOT / "benchmarks" / "peers" / "llmc_w8a8.py"
-LLMC_ROWS = {"llmc-w8a8": "llm-compressor SmoothQuant(0.8)+GPTQ W8A8", "llmc-w8a8-gptq": "llm-compressor GPTQ W8A8",
+LLMC_ROWS = {"llmc-w8a8": "llm-compressor SmoothQuant(0.8)+GPTQ W8A8",
+             "llmc-w8a8-sqfix": "llm-compressor SmoothQuant(0.8, Gemma mappings)+GPTQ W8A8",
+             "llmc-w8a8-gptq": "llm-compressor GPTQ W8A8",
              "llmc-fp8dyn": "llm-compressor FP8_DYNAMIC"}
 CONTEXT = 4096  # the KV table's memory: stored weights + KV cache at this many tokens (batch 1)
 DEFAULT_ROWS = "w8a8-smoothquant,w8a8-gptq,w8a8-rtn,fp8dyn-rtn,fp8dyn-gptq"

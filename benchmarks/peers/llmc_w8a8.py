@@ -9,6 +9,11 @@ checkpoint is then scored by quantkit's own evaluator in benchmarks/w8a8.py, lik
 
 Rows (the peers' settings, /work/shared/peers/README.md):
     llmc-w8a8         SmoothQuantModifier(smoothing_strength=0.8) + GPTQModifier(scheme="W8A8"), ignore lm_head
+    llmc-w8a8-sqfix   as llmc-w8a8, with SmoothQuant's mappings given explicitly where the model has a
+                      pre_feedforward_layernorm (Gemma 2/3): input_layernorm -> q/k/v, pre_feedforward_layernorm ->
+                      gate/up. llm-compressor 0.14's registry maps Gemma3ForCausalLM to its Llama default, which
+                      smooths post_attention_layernorm (on Gemma, the attention output's norm, not the MLP input's)
+                      into gate/up: not an identity (benchmarks/peers/llmc_sq_identity.py)
     llmc-w8a8-gptq    GPTQModifier(scheme="W8A8") alone (no smoothing)
     llmc-fp8dyn       QuantizationModifier(scheme="FP8_DYNAMIC"), no calibration data
 
@@ -28,16 +33,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/_proc.py
 from _proc import cpu_s, peak_mib  # noqa: E402
 
-ROWS = ("llmc-w8a8", "llmc-w8a8-gptq", "llmc-fp8dyn")
+ROWS = ("llmc-w8a8", "llmc-w8a8-sqfix", "llmc-w8a8-gptq", "llmc-fp8dyn")
+PRE_FFN_MAPPINGS = [[["re:.*q_proj", "re:.*k_proj", "re:.*v_proj"], "re:.*input_layernorm"],
+                    [["re:.*gate_proj", "re:.*up_proj"], "re:.*pre_feedforward_layernorm"]]
 log = logging.getLogger("bench.llmc")
 
 
-def recipe(row: str) -> list:
+def recipe(row: str, model) -> list:
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
 
-    if row == "llmc-w8a8":
-        return [SmoothQuantModifier(smoothing_strength=0.8),
+    if row in ("llmc-w8a8", "llmc-w8a8-sqfix"):
+        pre_ffn = any(n.endswith("pre_feedforward_layernorm") for n, _ in model.named_modules())
+        mappings = PRE_FFN_MAPPINGS if row == "llmc-w8a8-sqfix" and pre_ffn else None
+        return [SmoothQuantModifier(smoothing_strength=0.8, mappings=mappings),
                 GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])]
     if row == "llmc-w8a8-gptq":
         return [GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])]
@@ -67,7 +76,7 @@ def run(a: argparse.Namespace) -> dict:
               "num_calibration_samples": a.nsamples, "max_seq_length": a.seqlen,
               "shuffle_calibration_samples": False}
     t_q = time.perf_counter()
-    oneshot(model=model, recipe=recipe(a.row), **kw)
+    oneshot(model=model, recipe=recipe(a.row, model), **kw)
     quant_s = time.perf_counter() - t_q
     out = Path(a.out)
     model.save_pretrained(str(out), save_compressed=True)

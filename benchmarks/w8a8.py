@@ -116,11 +116,15 @@ def child_score(a: argparse.Namespace) -> dict[str, Any]:
     base, tok = load_model(resolve(a.model), torch.float32)
     windows = test_windows(tok, seqlen=512, max_windows=a.windows)
     folders = [f for f in a.child_out.split(",") if f]
-    models = [base] + [quantkit.load(f, dtype=torch.float32, **({} if _is_bnb(f) else {"kernel": "dense"})).eval()
-                       for f in folders]
-    q = evaluate(models, windows, base=base)
-    out = {"base": {"ppl": q[0].ppl}}
-    out.update({f: {"ppl": r.ppl, "kl": r.kl, "top1": r.top1} for f, r in zip(folders, q[1:])})
+    out: dict[str, Any] = {}
+    for i in range(0, max(len(folders), 1), a.score_chunk):  # at most score_chunk checkpoints in memory at once
+        chunk = folders[i:i + a.score_chunk]
+        models = [base] + [quantkit.load(f, dtype=torch.float32, **({} if _is_bnb(f) else {"kernel": "dense"})).eval()
+                           for f in chunk]
+        q = evaluate(models, windows, base=base)
+        out["base"] = {"ppl": q[0].ppl}
+        out.update({f: {"ppl": r.ppl, "kl": r.kl, "top1": r.top1} for f, r in zip(chunk, q[1:])})
+        del models, q
     return out
 
 
@@ -265,7 +269,8 @@ def markdown(rows: list[dict[str, Any]], base: dict[str, Any], a: argparse.Names
         "",
         f"Command: `.venv/bin/python benchmarks/w8a8.py --model {a.model} --rows {a.rows} "
         + (f"--peers {a.peers} " if a.peers else "")
-        + f"--nsamples {a.nsamples} --windows {a.windows} --threads {a.threads}{' --no-speed' if a.no_speed else ''}`",
+        + f"--nsamples {a.nsamples} --windows {a.windows} --threads {a.threads}{' --no-speed' if a.no_speed else ''}"
+        + (f" --speed-rows {a.speed_rows} --repeats {a.repeats}" if a.speed_rows and not a.no_speed else "") + "`",
         "",
         "| row | library | quant s | quant CPU s | peak RSS MiB | ckpt MB | ppl | KL | top-1 % | kernels "
         "| prefill tok/s (x base) | decode tok/s (x base) |",
@@ -318,6 +323,8 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-speed", action="store_true", help="skip the speed child (quality and cache rows only)")
+    ap.add_argument("--score-chunk", type=int, default=5, help="checkpoints scored per base pass (memory)")
+    ap.add_argument("--speed-rows", default="", help="time only these rows (comma list; default: every row)")
     ap.add_argument("--total-minutes", type=float, default=0.0, help="with --render: the run's total time")
     ap.add_argument("--keep", type=Path, help="keep the checkpoints in this folder (default: a temporary one)")
     ap.add_argument("--tag", default="")
@@ -345,7 +352,7 @@ def main() -> None:
         print(text)
         return
     t0 = time.perf_counter()
-    common = ["--model", a.model, "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--windows",
+    common = ["--score-chunk", str(a.score_chunk), "--model", a.model, "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--windows",
               str(a.windows), "--threads", str(a.threads), "--prefill-batch", str(a.prefill_batch), "--prefill-len",
               str(a.prefill_len), "--decode-tokens", str(a.decode_tokens), "--repeats", str(a.repeats)]
     rows: list[dict[str, Any]] = []
@@ -363,7 +370,8 @@ def main() -> None:
             return
         outs = ",".join(r["out"] for r in rows)
         scores = spawn(["--child", "all", "--child-kind", "score", "--child-out", outs, *common])
-        speeds = {} if a.no_speed else spawn(["--child", "all", "--child-kind", "speed", "--child-out", outs, *common])
+        timed = ",".join(r["out"] for r in rows if not a.speed_rows or r["row"] in a.speed_rows.split(","))
+        speeds = {} if a.no_speed else spawn(["--child", "all", "--child-kind", "speed", "--child-out", timed, *common])
     for r in rows:
         r.update(scores[r["out"]])
         r.update(speeds.get(r["out"], {}))

@@ -123,9 +123,15 @@ def child_score(a: argparse.Namespace) -> dict[str, Any]:
                            for f in chunk]
         q = evaluate(models, windows, base=base)
         out["base"] = {"ppl": q[0].ppl}
-        out.update({f: {"ppl": r.ppl, "kl": r.kl, "top1": r.top1} for f, r in zip(chunk, q[1:])})
+        for f, r in zip(chunk, q[1:]):
+            out[f] = {"ppl": r.ppl, "kl": r.kl, "top1": r.top1}
+            score_file(a, f).write_text(json.dumps({**out[f], "base_ppl": q[0].ppl}))  # for --reuse
         del models, q
     return out
+
+
+def score_file(a: argparse.Namespace, folder: str) -> Path:
+    return Path(f"{folder}.score-{a.model}-w{a.windows}.json")
 
 
 def _is_bnb(folder: str) -> bool:
@@ -369,7 +375,13 @@ def main() -> None:
         if a.quantize_only:
             return
         outs = ",".join(r["out"] for r in rows)
-        scores = spawn(["--child", "all", "--child-kind", "score", "--child-out", outs, *common])
+        todo = ",".join(r["out"] for r in rows if not (a.reuse and score_file(a, r["out"]).is_file()))
+        scores = spawn(["--child", "all", "--child-kind", "score", "--child-out", todo, *common]) if todo else {}
+        for r in rows:  # scored before (--reuse), by an earlier or a parallel score child on the same windows
+            if r["out"] not in scores:
+                done = json.loads(score_file(a, r["out"]).read_text())
+                scores["base"] = {"ppl": done.pop("base_ppl")}
+                scores[r["out"]] = done
         timed = ",".join(r["out"] for r in rows if not a.speed_rows or r["row"] in a.speed_rows.split(","))
         speeds = {} if a.no_speed else spawn(["--child", "all", "--child-kind", "speed", "--child-out", timed, *common])
     for r in rows:

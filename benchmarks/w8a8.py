@@ -104,29 +104,25 @@ def child_quantize(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def child_score(a: argparse.Namespace) -> dict[str, Any]:
-    """ppl, KL, top-1 of every checkpoint (comma list) against the base, all on the same windows, exact maths."""
+    """ppl, KL, top-1 of every checkpoint (comma list) against the base, all on the same windows, by quantkit's own
+    evaluator (`quantkit eval`: exact maths, one checkpoint in memory at a time). The base's log-probs are spilled
+    (fp16) under --score-cache once and read back by every later score child of the same protocol, so several
+    children can score checkpoints side by side after one base pass (an empty --child-out runs only that pass)."""
     import torch
 
     torch.set_num_threads(a.threads)
-    import quantkit
-    from quantkit.calib.data import test_windows
-    from quantkit.eval.quality import evaluate
-    from quantkit.models.sources import load_model, resolve
+    from quantkit.eval.runner import evaluate_paths
 
-    base, tok = load_model(resolve(a.model), torch.float32)
-    windows = test_windows(tok, seqlen=512, max_windows=a.windows)
     folders = [f for f in a.child_out.split(",") if f]
-    out: dict[str, Any] = {}
-    for i in range(0, max(len(folders), 1), a.score_chunk):  # at most score_chunk checkpoints in memory at once
-        chunk = folders[i:i + a.score_chunk]
-        models = [base] + [quantkit.load(f, dtype=torch.float32, **({} if _is_bnb(f) else {"kernel": "dense"})).eval()
-                           for f in chunk]
-        q = evaluate(models, windows, base=base)
-        out["base"] = {"ppl": q[0].ppl}
-        for f, r in zip(chunk, q[1:]):
-            out[f] = {"ppl": r.ppl, "kl": r.kl, "top1": r.top1}
-            score_file(a, f).write_text(json.dumps({**out[f], "base_ppl": q[0].ppl}))  # for --reuse
-        del models, q
+    res = evaluate_paths(folders, base=a.model, seqlen=512, max_windows=a.windows, device="cpu", kernel="dense",
+                         cache_root=a.score_cache)
+    base, rows = res["rows"][0], res["rows"][1:]
+    out: dict[str, Any] = {"base": {"ppl": base["ppl"]}}
+    for f, r in zip(folders, rows):
+        if r.get("error"):
+            raise SystemExit(f"{f}: {r['error']}")
+        out[f] = {"ppl": r["ppl"], "kl": r["kl"], "top1": r["top1"], "scored_with": r.get("scored_with")}
+        score_file(a, f).write_text(json.dumps({**out[f], "base_ppl": base["ppl"]}))  # for --reuse
     return out
 
 
@@ -329,7 +325,7 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-speed", action="store_true", help="skip the speed child (quality and cache rows only)")
-    ap.add_argument("--score-chunk", type=int, default=5, help="checkpoints scored per base pass (memory)")
+    ap.add_argument("--score-cache", type=Path, help="where the base's log-probs are spilled (default: KEEP/eval-cache)")
     ap.add_argument("--speed-rows", default="", help="time only these rows (comma list; default: every row)")
     ap.add_argument("--total-minutes", type=float, default=0.0, help="with --render: the run's total time")
     ap.add_argument("--keep", type=Path, help="keep the checkpoints in this folder (default: a temporary one)")
@@ -358,7 +354,7 @@ def main() -> None:
         print(text)
         return
     t0 = time.perf_counter()
-    common = ["--score-chunk", str(a.score_chunk), "--model", a.model, "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--windows",
+    common = ["--model", a.model, "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--windows",
               str(a.windows), "--threads", str(a.threads), "--prefill-batch", str(a.prefill_batch), "--prefill-len",
               str(a.prefill_len), "--decode-tokens", str(a.decode_tokens), "--repeats", str(a.repeats)]
     rows: list[dict[str, Any]] = []
@@ -376,7 +372,8 @@ def main() -> None:
             return
         outs = ",".join(r["out"] for r in rows)
         todo = ",".join(r["out"] for r in rows if not (a.reuse and score_file(a, r["out"]).is_file()))
-        scores = spawn(["--child", "all", "--child-kind", "score", "--child-out", todo, *common]) if todo else {}
+        cache = ["--score-cache", str(a.score_cache or work / "eval-cache")]
+        scores = spawn(["--child", "all", "--child-kind", "score", "--child-out", todo, *cache, *common]) if todo else {}
         for r in rows:  # scored before (--reuse), by an earlier or a parallel score child on the same windows
             if r["out"] not in scores:
                 done = json.loads(score_file(a, r["out"]).read_text())

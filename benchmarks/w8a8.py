@@ -262,8 +262,10 @@ def markdown(rows: list[dict[str, Any]], base: dict[str, Any], a: argparse.Names
            f"over {a.prefill_batch} x {a.prefill_len} tokens, decode = greedy generation of {a.decode_tokens} tokens "
            f"after a 64-token prompt, batch 1; median of {a.repeats} interleaved repeats; x base = ratio to the fp32 "
            f"base in the same process. ")
-        + f"All rows ran in one `benchmarks/w8a8.py` run (total {seconds / 60:.1f} min) "
-        f"on a shared 2-core machine: compare times as ratios. "
+        + (f"Rows assembled with --reuse from checkpoints, figures and scores kept in {a.keep} (quantized and scored "
+           f"by earlier or parallel invocations, one thread each) " if a.reuse else
+           f"All rows ran in one `benchmarks/w8a8.py` run (total {seconds / 60:.1f} min) ")
+        + "on a shared 2-core machine: compare times as ratios (CPU seconds where the machine was loaded). "
         + ("Rows marked (peers) are the peers' figures (/work/shared/peers/results.md), not re-measured here. "
            if peers(a) else "")
         + ("llm-compressor rows: quantized by llm-compressor in .venv-llmc on the same calibration windows, scored "

@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.quantkit-installed
 
-.PHONY: setup demo test test-fast test-interop llamacpp llamacpp-tools ggml-ref clean
+.PHONY: setup demo test test-fast test-interop venv-llmc llamacpp llamacpp-tools ggml-ref clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ test-fast: setup
 test-interop: setup
 	bash scripts/setup-interop.sh
 	GPTQMODEL_CPU_WORKERS=2 .venv-interop/bin/python -m pytest -q tests/interop
+
+# llm-compressor 0.14.0.1 (--no-deps, beside torch 2.13.0, transformers 5.24.0, compressed-tensors 0.19.0) in .venv-llmc:
+# the side-by-side peer of benchmarks/w8a8.py --peers llmc-w8a8,llmc-fp8dyn; never a dependency of quantkit.
+venv-llmc:
+	bash scripts/setup-llmc.sh
 
 # llama-cpp-python: a real client for GGUF output (tests/unit/test_gguf_llamacpp.py, run by CI) and llama.cpp as a
 # peer for benchmarks/kernels.py; never a dependency of quantkit itself. Compiled once from its sdist into a wheel

@@ -13,6 +13,12 @@ tokens/s of greedy generation with the KV cache, batch 1.
 
     .venv/bin/python benchmarks/w8a8.py                                  # smollm2-135m, default rows
     .venv/bin/python benchmarks/w8a8.py --rows w8a8-smoothquant,fp8dyn-rtn --model gemma3-270m
+    .venv/bin/python benchmarks/w8a8.py --model gemma3-270m --peers llmc-w8a8,llmc-fp8dyn --threads 1
+
+`--peers`: llm-compressor's rows (benchmarks/peers/llmc_w8a8.py), each quantized in its own .venv-llmc process
+(`make venv-llmc`) on the same calibration windows, its compressed-tensors checkpoint then scored and timed by the
+same children as quantkit's rows. `--keep DIR --reuse`: a row whose checkpoint and figures are already in DIR is
+not quantized again (several invocations can share the quantize work, one scores them all).
 
 Rows are PRESET-METHOD (see ROWS). The Markdown table goes to benchmarks/results/w8a8[-TAG].md, one JSON line per
 row and run to benchmarks/results/w8a8.jsonl.
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import resource
 import statistics
@@ -53,7 +60,14 @@ ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {  # row -> (method, preset, 
     "fp8dyn-rtn-kv": ("rtn", "fp8-dynamic", {}),
     "w8a8-rtn-kv": ("rtn", "w8a8", {}),
     "w8a8-smoothquant-rtn-kv": ("smoothquant-rtn", "w8a8", {}),
+    "int8-bnb": ("int8", "", {}),  # bitsandbytes LLM.int8 (weights only, fp16 outliers): the method's own grid
 }
+LLMC_PY = ROOT / ".venv-llmc" / "bin" / "python"
+LLMC_SCRIPT = ROOT / "benchmarks" / "peers" / "llmc_w8a8.py"
+LLMC_ROWS = {"llmc-w8a8": "llm-compressor SmoothQuant(0.8)+GPTQ W8A8",
+             "llmc-w8a8-sqfix": "llm-compressor SmoothQuant(0.8, Gemma mappings)+GPTQ W8A8",
+             "llmc-w8a8-gptq": "llm-compressor GPTQ W8A8",
+             "llmc-fp8dyn": "llm-compressor FP8_DYNAMIC"}
 CONTEXT = 4096  # the KV table's memory: stored weights + KV cache at this many tokens (batch 1)
 DEFAULT_ROWS = "w8a8-smoothquant,w8a8-gptq,w8a8-rtn,fp8dyn-rtn,fp8dyn-gptq"
 # llm-compressor 0.14.0.1 and bitsandbytes, measured by the peers' run (/work/shared/peers/results.md), not here
@@ -82,7 +96,7 @@ def child_quantize(a: argparse.Namespace) -> dict[str, Any]:
     from quantkit.scheme import make_scheme
 
     method, preset, options = ROWS[a.child]
-    scheme = make_scheme(preset, kv_cache="fp8" if a.child.endswith("-kv") else None)
+    scheme = make_scheme(preset, kv_cache="fp8" if a.child.endswith("-kv") else None) if preset else None
     summary = quantize(a.model, method, a.child_out, scheme=scheme, options=options, device="cpu",
                        calib={"dataset": "wiki-vital", "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": 0})
     return {"quant_s": summary["quantize_seconds"], "process_s": time.perf_counter() - t0, "cpu_s": cpu_s(),
@@ -90,23 +104,35 @@ def child_quantize(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def child_score(a: argparse.Namespace) -> dict[str, Any]:
-    """ppl, KL, top-1 of every checkpoint (comma list) against the base, all on the same windows, exact maths."""
+    """ppl, KL, top-1 of every checkpoint (comma list) against the base, all on the same windows, by quantkit's own
+    evaluator (`quantkit eval`: exact maths, one checkpoint in memory at a time). The base's log-probs are spilled
+    (fp16) under --score-cache once and read back by every later score child of the same protocol, so several
+    children can score checkpoints side by side after one base pass (an empty --child-out runs only that pass)."""
     import torch
 
     torch.set_num_threads(a.threads)
-    import quantkit
-    from quantkit.calib.data import test_windows
-    from quantkit.eval.quality import evaluate
-    from quantkit.models.sources import load_model, resolve
+    from quantkit.eval.runner import evaluate_paths
 
-    base, tok = load_model(resolve(a.model), torch.float32)
-    windows = test_windows(tok, seqlen=512, max_windows=a.windows)
     folders = [f for f in a.child_out.split(",") if f]
-    models = [base] + [quantkit.load(f, dtype=torch.float32, kernel="dense").eval() for f in folders]
-    q = evaluate(models, windows, base=base)
-    out = {"base": {"ppl": q[0].ppl}}
-    out.update({f: {"ppl": r.ppl, "kl": r.kl, "top1": r.top1} for f, r in zip(folders, q[1:])})
+    res = evaluate_paths(folders, base=a.model, seqlen=512, max_windows=a.windows, device="cpu", kernel="dense",
+                         cache_root=a.score_cache)
+    base, rows = res["rows"][0], res["rows"][1:]
+    out: dict[str, Any] = {"base": {"ppl": base["ppl"]}}
+    for f, r in zip(folders, rows):
+        if r.get("error"):
+            raise SystemExit(f"{f}: {r['error']}")
+        out[f] = {"ppl": r["ppl"], "kl": r["kl"], "top1": r["top1"], "scored_with": r.get("scored_with")}
+        score_file(a, f).write_text(json.dumps({**out[f], "base_ppl": base["ppl"]}))  # for --reuse
     return out
+
+
+def score_file(a: argparse.Namespace, folder: str) -> Path:
+    return Path(f"{folder}.score-{a.model}-w{a.windows}.json")
+
+
+def _is_bnb(folder: str) -> bool:
+    qc = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config") or {}
+    return qc.get("quant_method") == "bitsandbytes"
 
 
 def cache_figures(out: str) -> dict[str, Any]:
@@ -166,7 +192,7 @@ def child_speed(a: argparse.Namespace) -> dict[str, Any]:
     models = {"base": base.eval()}
     kernels = {"base": "fp32"}
     for f in names[1:]:
-        models[f] = quantkit.load(f, dtype=torch.float32, kernel="auto").eval()
+        models[f] = quantkit.load(f, dtype=torch.float32, **({} if _is_bnb(f) else {"kernel": "auto"})).eval()
         kernels[f] = ",".join(sorted(kernels_used(models[f])))
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(100, 20000, (a.prefill_batch, a.prefill_len), generator=gen)
@@ -184,19 +210,44 @@ def child_speed(a: argparse.Namespace) -> dict[str, Any]:
                 "kernels": kernels[n]} for n in names}
 
 
-def spawn(args: list[str]) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, *args]
+def spawn(args: list[str], cmd: list[str] | None = None) -> dict[str, Any]:
+    cmd = cmd or [sys.executable, __file__, *args]
     log.info("running %s", " ".join(cmd))
-    res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False, cwd=ROOT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x)}
+    res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False, cwd=ROOT, env=env)
     if res.returncode:
         raise SystemExit(f"{' '.join(args[:2])} failed with exit code {res.returncode}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def quantize_row(a: argparse.Namespace, row: str, out: str, common: list[str]) -> dict[str, Any]:
+    """Quantize one row in its own process (llm-compressor's in .venv-llmc); with --reuse, read a finished one."""
+    done = Path(out + ".bench.json")
+    if a.reuse and done.is_file() and Path(out).is_dir():
+        log.info("%s: reusing %s", row, out)
+        return json.loads(done.read_text())
+    if row in LLMC_ROWS:
+        if not LLMC_PY.is_file():
+            raise SystemExit(f"--peers {row} needs {LLMC_PY}: run `make venv-llmc` first")
+        r = {"library": "llm-compressor 0.14.0.1", **spawn([], [str(LLMC_PY), str(LLMC_SCRIPT), "--row", row,
+             "--model", a.model, "--out", out, "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen),
+             "--threads", str(a.threads)])}
+    elif row in ROWS:
+        r = {"library": "quantkit", **spawn(["--child", row, "--child-kind", "quantize", "--child-out", out, *common])}
+    else:
+        raise SystemExit(f"unknown row {row}: one of {', '.join([*ROWS, *LLMC_ROWS])}")
+    done.write_text(json.dumps(r))
+    return r
+
+
 # --------------------------------------------------------------------------------------------- table
-def peers(a: argparse.Namespace) -> bool:
-    """The peers' rows are comparable only under their protocol: SmolLM2, 40 test windows."""
-    return a.model == "smollm2-135m" and a.windows == 40
+def peers(a: argparse.Namespace) -> list[dict[str, Any]]:
+    """The peers' figures (/work/shared/peers) are comparable only under their protocol: SmolLM2, 40 test windows.
+    A row measured in this run replaces the peers' figure of the same library."""
+    if a.model != "smollm2-135m" or a.windows != 40:
+        return []
+    live = {p for p in a.peers.split(",") if p}
+    return [p for p in PEERS if not (live and p["row"].startswith("llmc"))]
 
 
 def markdown(rows: list[dict[str, Any]], base: dict[str, Any], a: argparse.Namespace, seconds: float) -> str:
@@ -211,13 +262,19 @@ def markdown(rows: list[dict[str, Any]], base: dict[str, Any], a: argparse.Names
            f"over {a.prefill_batch} x {a.prefill_len} tokens, decode = greedy generation of {a.decode_tokens} tokens "
            f"after a 64-token prompt, batch 1; median of {a.repeats} interleaved repeats; x base = ratio to the fp32 "
            f"base in the same process. ")
-        + f"All quantkit rows ran in one `benchmarks/w8a8.py` run (total {seconds / 60:.1f} min) "
-        f"on a shared 2-core machine: compare times as ratios. "
-        + ("Peer rows are the peers' figures (/work/shared/peers/results.md), not re-measured here."
-           if peers(a) else "No peer rows: the peers scored 40 windows, not comparable."),
+        + (f"Rows assembled with --reuse from checkpoints, figures and scores kept in {a.keep} (quantized and scored "
+           f"by earlier or parallel invocations, one thread each) " if a.reuse else
+           f"All rows ran in one `benchmarks/w8a8.py` run (total {seconds / 60:.1f} min) ")
+        + "on a shared 2-core machine: compare times as ratios (CPU seconds where the machine was loaded). "
+        + ("Rows marked (peers) are the peers' figures (/work/shared/peers/results.md), not re-measured here. "
+           if peers(a) else "")
+        + ("llm-compressor rows: quantized by llm-compressor in .venv-llmc on the same calibration windows, scored "
+           "by the same evaluator." if a.peers else ""),
         "",
-        f"Command: `.venv/bin/python benchmarks/w8a8.py --model {a.model} --rows {a.rows} --nsamples {a.nsamples} "
-        f"--windows {a.windows}{' --no-speed' if a.no_speed else ''}`",
+        f"Command: `.venv/bin/python benchmarks/w8a8.py --model {a.model} --rows {a.rows} "
+        + (f"--peers {a.peers} " if a.peers else "")
+        + f"--nsamples {a.nsamples} --windows {a.windows} --threads {a.threads}{' --no-speed' if a.no_speed else ''}"
+        + (f" --speed-rows {a.speed_rows} --repeats {a.repeats}" if a.speed_rows and not a.no_speed else "") + "`",
         "",
         "| row | library | quant s | quant CPU s | peak RSS MiB | ckpt MB | ppl | KL | top-1 % | kernels "
         "| prefill tok/s (x base) | decode tok/s (x base) |",
@@ -229,7 +286,7 @@ def markdown(rows: list[dict[str, Any]], base: dict[str, Any], a: argparse.Names
         speed = (f"{r['kernels']} | {r['prefill_tps']:.0f} ({r['prefill_tps'] / base['prefill_tps']:.2f}x) | "
                  f"{r['decode_tps']:.1f} ({r['decode_tps'] / base['decode_tps']:.2f}x)") if "kernels" in r else "- | - | -"
         cpu = f"{r['cpu_s']:.0f}" if "cpu_s" in r else "-"
-        lines.append(f"| {r['row']} | {r['library']} | {r['quant_s']:.1f} | {cpu} | {r['peak_rss_mib']:.0f} | "
+        lines.append(f"| {LLMC_ROWS.get(r['row'], r['row'])} | {r['library']} | {r['quant_s']:.1f} | {cpu} | {r['peak_rss_mib']:.0f} | "
                      f"{r['size_bytes'] / 1e6:.1f} | {r['ppl']:.3f} | {r['kl']:.4f} | {r['top1']:.2f} | {speed} |")
     kv_rows = [r for r in rows if r.get("kv_bytes_per_token") and r["row"].endswith("-kv")]
     if kv_rows:
@@ -270,9 +327,15 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-speed", action="store_true", help="skip the speed child (quality and cache rows only)")
+    ap.add_argument("--score-cache", type=Path, help="where the base's log-probs are spilled (default: KEEP/eval-cache)")
+    ap.add_argument("--speed-rows", default="", help="time only these rows (comma list; default: every row)")
     ap.add_argument("--total-minutes", type=float, default=0.0, help="with --render: the run's total time")
     ap.add_argument("--keep", type=Path, help="keep the checkpoints in this folder (default: a temporary one)")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--peers", default="", help=f"comma list of llm-compressor rows ({', '.join(LLMC_ROWS)}); "
+                    "needs .venv-llmc (make venv-llmc)")
+    ap.add_argument("--reuse", action="store_true", help="with --keep: skip rows already quantized there")
+    ap.add_argument("--quantize-only", action="store_true", help="stop after the quantize children (for --reuse)")
     ap.add_argument("--render", metavar="WHEN", help="only rewrite the Markdown of the run stamped WHEN in w8a8.jsonl")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-kind", choices=["quantize", "score", "speed"], help=argparse.SUPPRESS)
@@ -288,7 +351,7 @@ def main() -> None:
         run = [x for x in lines if x["when"] == a.render and x["model"] == a.model]
         base = next(x for x in run if x["row"] == "fp32 base")
         rows = [x for x in run if x["row"] != "fp32 base"]
-        text = markdown(rows + (PEERS if peers(a) else []), base, a, a.total_minutes * 60)
+        text = markdown(rows + peers(a), base, a, a.total_minutes * 60)
         (RESULTS / f"w8a8{'-' + a.tag if a.tag else ''}.md").write_text(text)
         print(text)
         return
@@ -300,17 +363,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="quantkit-bench-w8a8-") as tmp:
         work = a.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        for row in [r for r in a.rows.split(",") if r]:
+        for row in [r for r in a.rows.split(",") if r] + [p for p in a.peers.split(",") if p]:
             out = str(work / row)
-            r = spawn(["--child", row, "--child-kind", "quantize", "--child-out", out, *common])
-            rows.append({"row": row, "library": "quantkit", "out": out, **r, **cache_figures(out)})
+            rows.append({"row": row, "out": out, **quantize_row(a, row, out, common), **cache_figures(out)})
             plain = work / row.removesuffix("-kv")
             if row.endswith("-kv") and plain.is_dir():
                 rows[-1]["same_weights"] = same_weights(str(plain), out)
             log.info("%s: %s", row, rows[-1])
+        if a.quantize_only:
+            return
         outs = ",".join(r["out"] for r in rows)
-        scores = spawn(["--child", "all", "--child-kind", "score", "--child-out", outs, *common])
-        speeds = {} if a.no_speed else spawn(["--child", "all", "--child-kind", "speed", "--child-out", outs, *common])
+        todo = ",".join(r["out"] for r in rows if not (a.reuse and score_file(a, r["out"]).is_file()))
+        cache = ["--score-cache", str(a.score_cache or work / "eval-cache")]
+        scores = spawn(["--child", "all", "--child-kind", "score", "--child-out", todo, *cache, *common]) if todo else {}
+        for r in rows:  # scored before (--reuse), by an earlier or a parallel score child on the same windows
+            if r["out"] not in scores:
+                done = json.loads(score_file(a, r["out"]).read_text())
+                scores["base"] = {"ppl": done.pop("base_ppl")}
+                scores[r["out"]] = done
+        timed = ",".join(r["out"] for r in rows if not a.speed_rows or r["row"] in a.speed_rows.split(","))
+        speeds = {} if a.no_speed else spawn(["--child", "all", "--child-kind", "speed", "--child-out", timed, *common])
     for r in rows:
         r.update(scores[r["out"]])
         r.update(speeds.get(r["out"], {}))
@@ -321,7 +393,7 @@ def main() -> None:
         fh.write(json.dumps({"when": stamp, "model": a.model, "row": "fp32 base", **base}) + "\n")
         for r in rows:
             fh.write(json.dumps({"when": stamp, "model": a.model, **{k: v for k, v in r.items() if k != "out"}}) + "\n")
-    text = markdown(rows + (PEERS if peers(a) else []), base, a, time.perf_counter() - t0)
+    text = markdown(rows + peers(a), base, a, time.perf_counter() - t0)
     (RESULTS / f"w8a8{'-' + a.tag if a.tag else ''}.md").write_text(text)
     print(text)
 

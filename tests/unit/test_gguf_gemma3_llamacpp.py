@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from quantkit.convert import convert
+from tests.llamacpp_client import llama_logits
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                                 reason="llama-cpp-python is not installed (make llamacpp)")
@@ -28,16 +29,6 @@ def gemma(tmp_path_factory):
     from tests.tiny import make_gemma3
 
     return make_gemma3(tmp_path_factory.mktemp("gemma3cpp") / "g3")
-
-
-def llama_logits(path, ids):
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(path), n_ctx=64, n_batch=64, logits_all=True, n_threads=2, verbose=False)
-    llm.eval(ids)
-    out = np.asarray(llm.scores[: len(ids)], dtype=np.float32)
-    llm.close()
-    return out
 
 
 def dequantized_model(src, path):

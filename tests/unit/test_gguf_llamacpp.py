@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from quantkit.convert import convert
+from tests.llamacpp_client import llama_logits
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                                 reason="llama-cpp-python is not installed (make llamacpp)")
@@ -36,16 +37,6 @@ def wide(tmp_path_factory):
 
     return make_model(tmp_path_factory.mktemp("wide") / "llama",
                       llama_config(hidden=256, inter=512, architectures=["LlamaForCausalLM"], head_dim=64))
-
-
-def llama_logits(path, ids):
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(path), n_ctx=64, n_batch=64, logits_all=True, n_threads=2, verbose=False)
-    llm.eval(ids)
-    out = np.asarray(llm.scores[: len(ids)], dtype=np.float32)
-    llm.close()
-    return out
 
 
 def quantkit_logits(path, ids):

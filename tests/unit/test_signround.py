@@ -317,6 +317,36 @@ def test_end_to_end_tuning_lowers_kl_and_keeps_codes(tiny):
     assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
 
 
+def test_end_to_end_in_bf16_with_compiled_kl_lowers_kl_and_keeps_codes(tiny):
+    """The fast path (weights built grouped in the autocast dtype, head weight cast once, compiled KL) tunes."""
+    from quantkit.methods.signround.e2e import E2EParams, tune_end_to_end
+
+    base, model, quantized, samples, kl = _rtn_model_and_base(tiny)
+    before = kl()
+    p = E2EParams(steps=30, batch_size=4, lr=1e-2, norm_lr=1e-2, autocast=torch.bfloat16, compile=True)
+    out = tune_end_to_end(model, base, quantized, samples, p)
+    assert kl() < 0.9 * before
+    for name, qw in out.items():
+        assert torch.equal(qw.codes, quantized[name].codes) and torch.equal(qw.zeros, quantized[name].zeros)
+        assert torch.equal(qw.scales, qw.scales.half().float())
+        assert torch.equal(model.get_submodule(name).weight, qw.dequantize())
+
+
+def test_end_to_end_head_holds_its_weight_in_the_autocast_dtype(tiny):
+    from transformers import AutoModelForCausalLM
+
+    from quantkit.methods.signround.e2e import _head
+
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    h = torch.randn(5, model.config.hidden_size)
+    w = model.get_output_embeddings().weight
+    assert torch.equal(_head(model)(h), h @ w.t())
+    z = _head(model, torch.bfloat16)(h)
+    assert z.dtype == torch.bfloat16 and torch.equal(z, h.bfloat16() @ w.bfloat16().t())
+    model.config.final_logit_softcapping = 2.0
+    assert float(_head(model)(h).abs().max()) < 2.0
+
+
 def test_end_to_end_rounding_starts_from_the_block_codes_and_lowers_kl(tiny):
     from quantkit.methods.signround.e2e import E2EParams, tune_end_to_end
 

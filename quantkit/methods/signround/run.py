@@ -150,7 +150,8 @@ class SignRound(BlockwiseMethod):
         loaded.model.to(job.device)
         base.to(job.device)
         p = E2EParams(steps=o.e2e_steps, batch_size=o.e2e_batch_size, lr=o.e2e_lr, norm_lr=o.e2e_lr,
-                      rounding_lr=o.e2e_rounding_lr, autocast=autocast_dtype(job), seed=job.calib.seed)
+                      rounding_lr=o.e2e_rounding_lr, autocast=autocast_dtype(job),
+                      compile=use_compile(job, loaded.spec), seed=job.calib.seed)
         out = tune_end_to_end(loaded.model, base, quantized, samples, p)
         loaded.model.to("cpu")
         del base

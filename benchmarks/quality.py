@@ -54,6 +54,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "signround-e2e-eager": ("signround", {"e2e_steps": 32, "compile": "off"}),
     "signround-e2e-mse": ("signround", {"e2e_steps": 32, "loss": "mse"}),
     "signround-e2e-token": ("signround", {"e2e_steps": 32, "loss": "token"}),
+    "signround-e2e-bs4": ("signround", {"e2e_steps": 32, "windows_per_step": 4}),
+    "signround-e2e-i30": ("signround", {"e2e_steps": 32, "iters": 30, "compile": "on"}),
+    "signround-e2e-bs4-i30": ("signround", {"e2e_steps": 32, "windows_per_step": 4, "iters": 30, "compile": "on"}),
+    "signround-e2e-i100": ("signround", {"e2e_steps": 32, "iters": 100}),
 }
 SYM_ROWS = {"signround-sym"}
 DEFAULT_ROWS = "signround-w4g64,signround-e2e-w4g64,signround-w3g64,signround-e2e-w3g64"

@@ -109,8 +109,8 @@ def child_autoround(a: argparse.Namespace) -> dict[str, Any]:
     from quantkit.calib.data import calibration_samples
     from quantkit.models.sources import resolve
 
-    parts = a.child.split("-")  # autoround-w4g64-i50
-    scheme, iters = SCHEMES[parts[1]], int(parts[2].removeprefix("i"))
+    parts = a.child.split("-")  # autoround-w4g64-i50[-asym]
+    scheme, iters, sym = SCHEMES[parts[1]], int(parts[2].removeprefix("i")), parts[-1] != "asym"
     path = resolve(a.model).path
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -118,7 +118,7 @@ def child_autoround(a: argparse.Namespace) -> dict[str, Any]:
     data = [{"input_ids": row.unsqueeze(0), "attention_mask": torch.ones_like(row).unsqueeze(0)} for row in ids]
     t_q = time.perf_counter()
     ar = AutoRound(model, tok, scheme="W4A16", bits=scheme["bits"], group_size=scheme["group_size"], dataset=data,
-                   iters=iters, nsamples=a.nsamples, seqlen=a.seqlen, batch_size=8, enable_torch_compile=False,
+                   iters=iters, nsamples=a.nsamples, seqlen=a.seqlen, batch_size=8, enable_torch_compile=False, sym=sym,
                    device_map="cpu")
     saved = ar.quantize_and_save(str(a.child_out), format="auto_round")  # (model, folder it chose inside out)
     quant_s = time.perf_counter() - t_q
@@ -295,7 +295,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--rows", default=DEFAULT_ROWS)
-    ap.add_argument("--peers", default=DEFAULT_PEERS, help="comma list of autoround-SETTING-iITERS (needs .venv-autoround) "
+    ap.add_argument("--peers", default=DEFAULT_PEERS, help="comma list of autoround-SETTING-iITERS[-asym] (needs .venv-autoround) "
                     "and llamacpp-TYPE[-im] (llama.cpp's tools in LLAMACPP_BIN; -im: with llama-imatrix)")
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)

@@ -410,3 +410,20 @@ def test_end_to_end_stage_refuses_disk_offload(tiny, text_file, tmp_path):
     with pytest.raises(QuantkitError, match="end-to-end"):
         quantize(tiny, "signround", tmp_path / "x", scheme={"bits": 4, "group_size": 32}, calib=_calib(text_file),
                  options={"iters": 2, "e2e_steps": 2, "offload": "disk"}, device="cpu")
+
+
+def test_compile_auto_turns_on_from_eight_steps_a_block(monkeypatch):
+    from quantkit.methods.base import QuantJob
+    from quantkit.methods.signround import run
+    from quantkit.models.sources import ModelSource
+    from quantkit.scheme import make_scheme
+
+    def job(**o):
+        return QuantJob(source=ModelSource("folder", "unused", "unused"), scheme=make_scheme("w4g64"),
+                        options=run.SignRoundOptions(**o))
+
+    monkeypatch.setattr(run, "can_compile", lambda device: True)
+    assert run.use_compile(job(iters=8)) and run.use_compile(job(iters=30))
+    assert not run.use_compile(job(iters=7)) and not run.use_compile(job(iters=30, compile="off"))
+    monkeypatch.setattr(run, "can_compile", lambda device: False)
+    assert not run.use_compile(job(iters=50)) and run.use_compile(job(iters=2, compile="on"))

@@ -58,8 +58,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "signround-e2e-i30": ("signround", {"e2e_steps": 32, "iters": 30, "compile": "on"}),
     "signround-e2e-bs4-i30": ("signround", {"e2e_steps": 32, "windows_per_step": 4, "iters": 30, "compile": "on"}),
     "signround-e2e-i100": ("signround", {"e2e_steps": 32, "iters": 100}),
+    "signround-e2e-sym": ("signround", {"e2e_steps": 32}),
 }
-SYM_ROWS = {"signround-sym"}
+SYM_ROWS = {"signround-sym", "signround-e2e-sym"}
 DEFAULT_ROWS = "signround-w4g64,signround-e2e-w4g64,signround-w3g64,signround-e2e-w3g64"
 DEFAULT_PEERS = "autoround-w4g64-i50,autoround-w3g64-i50"
 
@@ -203,6 +204,51 @@ def as_gptq_folder(folder: Path, tmp: Path) -> Path | None:
     return tmp
 
 
+def as_awq_folder(folder: Path, tmp: Path) -> Path | None:
+    """AutoRound's `auto_round:auto_awq` checkpoint (what its asymmetric grid packs to) seen as the AutoAWQ GEMM
+    checkpoint it is (qweight (in, out/8), qzeros (G, out/8), scales (G, out)): links and an AWQ
+    quantization_config, for quantkit's reference loader. None for any other packing."""
+    cfg = json.loads((folder / "config.json").read_text())
+    qc = cfg.get("quantization_config") or {}
+    if "auto" not in str(qc.get("quant_method", "")) or "awq" not in str(qc.get("packing_format", "")):
+        return None
+    tmp.mkdir(parents=True, exist_ok=True)
+    for f in folder.iterdir():
+        if f.name != "config.json" and not (tmp / f.name).exists():
+            (tmp / f.name).symlink_to(f.resolve())
+    cfg["quantization_config"] = {"quant_method": "awq", "bits": qc["bits"], "group_size": qc["group_size"],
+                                  "zero_point": not qc.get("sym", False), "version": "gemm"}
+    (tmp / "config.json").write_text(json.dumps(cfg))
+    return tmp
+
+
+def check_peer_view(model: Any, folder: str, base: Any) -> None:
+    """The GPTQ / AWQ view of an AutoRound folder dequantizes to AutoRound's own weights: checked on one Linear
+    against AutoRound's module where its loader reads the folder, else against the base's float weight (a wrong
+    layout is off by about 100%, a right 4-bit one by under 10%)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    peer = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cpu")
+    found = next(((n, m) for n, m in peer.named_modules() if hasattr(m, "qweight")), None)
+    name = found[0] if found else next(n for n, m in base.named_modules()
+                                       if isinstance(m, torch.nn.Linear) and ".layers." in n)
+    ours = model.get_submodule(name)
+    eye = torch.eye(ours.in_features, dtype=torch.float32)
+    with torch.no_grad():
+        w_ours = ours(eye).float().T
+        if found:  # AutoRound's loader computes in fp16 on CPU (Gemma 3 overflows there), hence the fp32 view
+            w_peer = found[1](eye.to(found[1].scales.dtype)).float().T
+            check, limit, what = float((w_peer - w_ours).abs().max() / w_ours.abs().max()), 1e-2, "AutoRound's module"
+        else:
+            w_base = base.get_submodule(name).weight.float()
+            check = float((w_ours - w_base).pow(2).mean().sqrt() / w_base.pow(2).mean().sqrt())
+            limit, what = 0.25, "the base weight (relative RMS; AutoRound's loader cannot read this folder)"
+    log.info("%s: %s against %s: %.2e", folder, name, what, check)
+    if check > limit:
+        raise SystemExit(f"{folder}: the dequantized view differs from {what} ({check:.2e})")
+
+
 def child_score(a: argparse.Namespace) -> dict[str, Any]:
     """Score checkpoints (a comma list of folders) against the base: ppl, KL, top-1."""
     import torch
@@ -218,30 +264,19 @@ def child_score(a: argparse.Namespace) -> dict[str, Any]:
         return {"base": {"ppl": evaluate([base], windows)[0].ppl}}
     out = {}
     for folder in a.child_out.split(","):
+        gptq = None
         if (Path(folder) / "quantkit.json").is_file() or folder.endswith(".gguf"):
             import quantkit
 
             model = quantkit.load(folder, dtype=torch.float32, kernel="reference")
-        elif (gptq := as_gptq_folder(Path(folder), Path(folder + "-as-gptq"))) is not None:
+        elif (gptq := as_gptq_folder(Path(folder), Path(folder + "-as-gptq"))
+              or as_awq_folder(Path(folder), Path(folder + "-as-awq"))) is not None:
             # AutoRound's loader computes in fp16 on this CPU, where Gemma 3's activations overflow (NaN): its
             # codes and scales are dequantized in fp32 instead, checked against its own module on one layer.
             import quantkit
-            from transformers import AutoModelForCausalLM
 
             model = quantkit.load(str(gptq), dtype=torch.float32, kernel="reference")
-            peer = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cpu")
-            name, mod = next((n, m) for n, m in peer.named_modules() if hasattr(m, "qweight"))
-            ours = model.get_submodule(name)
-            eye = torch.eye(ours.in_features, dtype=torch.float32)
-            with torch.no_grad():
-                w_peer = mod(eye.to(mod.scales.dtype)).float().T
-                w_ours = ours(eye).float().T
-            check = float((w_peer - w_ours).abs().max() / w_ours.abs().max())
-            log.info("%s: dequantized as GPTQ, %s max |diff| / max |w| = %.2e against AutoRound's module", folder,
-                     name, check)
-            if check > 1e-2:
-                raise SystemExit(f"{folder}: GPTQ view differs from AutoRound's own module ({check:.2e})")
-            del peer
+            check_peer_view(model, folder, base)
         else:  # a peer's checkpoint, through transformers (AutoRound's own loader in its venv)
             from transformers import AutoModelForCausalLM
 
@@ -249,7 +284,7 @@ def child_score(a: argparse.Namespace) -> dict[str, Any]:
         q = evaluate([model], windows, base=base)[0]
         from quantkit.eval.describe import describe
 
-        d = describe(folder)
+        d = describe(str(gptq or folder))
         out[folder] = {"ppl": q.ppl, "kl": q.kl, "top1": q.top1, "bpw": d.get("bits_per_weight"),
                        "bpw_all": d.get("bits_per_weight_all")}
         del model

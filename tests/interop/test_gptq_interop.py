@@ -29,12 +29,14 @@ CASES = {  # name -> scheme
     "signround-w4g32": {"bits": 4, "group_size": 32},
     "signround-w3g32-sym": {"bits": 3, "group_size": 32, "sym": True},
     "signround-w4g32-e2e-rounding": {"bits": 4, "group_size": 32},
+    "signround-w4g32-sym-e2e": {"bits": 4, "group_size": 32, "sym": True},
 }
 # cases made by another method than gptq, with its options (same GPTQ checkpoint format)
 METHODS = {
     "signround-w4g32": ("signround", {"iters": 4, "e2e_steps": 2}),
     "signround-w3g32-sym": ("signround", {"iters": 4, "tune_norms": False}),
     "signround-w4g32-e2e-rounding": ("signround", {"iters": 4, "e2e_steps": 3, "e2e_rounding_lr": 0.05}),
+    "signround-w4g32-sym-e2e": ("signround", {"iters": 4, "e2e_steps": 2}),  # negative scales where the extreme is > 0
 }
 
 

@@ -54,6 +54,21 @@ def test_symmetric_grid_reaches_every_level():
     assert int(qw.codes.min()) == 0 and int(qw.codes.max()) == 15 and int(qw.zeros[0, 0]) == 8
 
 
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_symmetric_grid_holds_the_extreme_of_either_sign_exactly(sign):
+    """The group's weight of largest magnitude maps to the lowest code whatever its sign (a negative scale when it
+    is positive), so it is never clipped to 7 steps, and all 16 levels stay reachable."""
+    w = (sign * torch.linspace(-0.9, 1.0, 64)).repeat(3, 1)
+    r = Rounding.start(w, 4, 64, sym=True)
+    qw = r.finalize()
+    deq = qw.dequantize()
+    assert torch.allclose(deq[:, -1], w[:, -1], rtol=1e-3)  # the extreme, exactly up to the fp16 scale
+    assert int(qw.codes.min()) == 0 and int(qw.codes.max()) == 15 and int(qw.zeros[0, 0]) == 8
+    assert (qw.scales < 0).all() == (sign > 0)
+    assert float((deq - w).abs().max()) <= float(qw.scales.abs().max()) / 2 + 1e-6  # nothing clipped
+    assert torch.equal(r.fake_weight(), deq)
+
+
 def test_gradients_flow_to_every_tuned_tensor():
     r = Rounding.start(torch.randn(8, 64), 3, 32, sym=False)
     for t in r.params():

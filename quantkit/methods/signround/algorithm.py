@@ -10,8 +10,10 @@ For every quantized Linear three tensors are tuned against the block's output:
     beta   (out, G)   shrinks the group's maximum      (both grids; in [clip_min, 1])
 
 Asymmetric:  s = (beta * max(W, 0) - alpha * min(W, 0)) / maxq,  z = clamp(round(-alpha * min / s), 1, maxq)
-Symmetric:   s = beta * max|W| / (maxq + 1) * 2, z = (maxq + 1) / 2: the largest magnitude maps to the
-             lowest code (-2^(b-1)), so every one of the 2^b levels is reachable (llama.cpp's Q4_0 grid).
+Symmetric:   s = -beta * m / 2^(b-1), z = 2^(b-1), where m is the group's weight of largest magnitude, with
+             its sign: m maps exactly to the lowest code (-2^(b-1)) whichever its sign, so every one of the
+             2^b levels is reachable and the extreme is never clipped (llama.cpp's Q4_0 grid, d = max / -8,
+             and AutoRound's). The scale is negative in groups whose extreme is positive.
 
 `s` is rounded to fp16 (what every checkpoint stores) and `z` to an integer, both with a straight-
 through gradient, so the weight being tuned is exactly the weight the checkpoint will hold: `finalize`
@@ -71,8 +73,9 @@ class Rounding:
         maxq = (1 << self.bits) - 1
         beta = self.beta.float().unsqueeze(-1)
         if self.sym:
-            amax = w.abs().amax(-1, keepdim=True)
-            scale = _ste_half((amax * beta * 2 / (maxq + 1)).clamp(min=_MIN_SCALE))
+            hi, lo = w.amax(-1, keepdim=True), w.amin(-1, keepdim=True)
+            mag = ((torch.maximum(hi, -lo) * beta * 2 / (maxq + 1)).clamp(min=_MIN_SCALE))
+            scale = _ste_half(torch.where(hi > -lo, -mag, mag))
             zero = torch.full_like(scale, (maxq + 1) // 2)
             return scale, zero, w
         wmin = w.amin(-1, keepdim=True).clamp(max=0) * self.alpha.float().unsqueeze(-1)

@@ -48,6 +48,11 @@ class E2EParams:
     seed: int = 0
 
 
+def _keep_off_zero(s: Tensor, eps: float = 1e-6) -> Tensor:
+    """A scale kept at least `eps` away from 0 on its own side (symmetric grids store negative scales)."""
+    return torch.where(s < 0, s.clamp(max=-eps), s.clamp(min=eps))
+
+
 def _norm_params(model: nn.Module) -> dict[str, nn.Parameter]:
     linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
     return {n: p for n, p in model.named_parameters()
@@ -140,7 +145,7 @@ def tune_end_to_end(model: nn.Module, base: nn.Module, quantized: dict[str, Quan
     hi = {n: ((1 << qw.bits) - 1) + lo[n] for n, qw in quantized.items() if n in offsets}
 
     def _scale(n: str) -> Tensor:
-        sc = (s0[n] * logs[n].exp()).clamp(min=1e-6)
+        sc = _keep_off_zero(s0[n] * logs[n].exp())
         return (_ste_half(sc) if offsets else sc)[:, gidx[n]]
 
     def _codes(n: str, sc: Tensor, final: bool = False) -> Tensor:
@@ -162,7 +167,7 @@ def tune_end_to_end(model: nn.Module, base: nn.Module, quantized: dict[str, Quan
     def _weight(n: str) -> Tensor:
         if n in grouped:
             g = grouped[n]
-            sc = (s0[n] * logs[n].exp()).clamp(min=1e-6).to(wdtype)
+            sc = _keep_off_zero(s0[n] * logs[n].exp()).to(wdtype)
             return (g * sc.unsqueeze(-1)).view(g.shape[0], -1)
         sc = _scale(n)
         return sc * _codes(n, sc)
@@ -210,7 +215,7 @@ def tune_end_to_end(model: nn.Module, base: nn.Module, quantized: dict[str, Quan
     out = {}
     with torch.no_grad():
         for name, qw in quantized.items():
-            scales = (s0[name] * logs[name].exp()).clamp(min=1e-6).half().float()
+            scales = _keep_off_zero(s0[name] * logs[name].exp()).half().float()
             if name in offsets:
                 rel = _codes(name, _scale(name), final=True)
                 qw = replace(qw, codes=(rel - lo[name][:, gidx[name]]).to(torch.uint8).cpu())

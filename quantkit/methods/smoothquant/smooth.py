@@ -148,7 +148,7 @@ def smooth_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], scheme: Q
     notes = []
     for m in mappings:
         site = sites[_input_site(m)]
-        weights = [block.get_submodule(n).weight for n in m.linears]
+        weights = [calib.master(block.get_submodule(n)) for n in m.linears]  # float32 (the block may compute in bf16)
         if cfg.alpha is not None:
             alpha: float | None = cfg.alpha
         else:
@@ -157,8 +157,8 @@ def smooth_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], scheme: Q
                          f"({errors[alpha]:.3g} vs {errors[None]:.3g})")
         chosen[m.prev] = alpha
         if alpha is not None:
-            s = smoothing_scale(site.amax.to(weights[0].device), weights, alpha).to(weights[0].dtype)
-            fold_scale(block, m.prev, m.linears, s, m.norm_offset, m.compensate)
+            s = smoothing_scale(site.amax.to(weights[0].device), weights, alpha)
+            calib.edit_float(lambda b, m=m, s=s: fold_scale(b, m.prev, m.linears, s, m.norm_offset, m.compensate))
     log.info("smooth block %d in %.1fs: %s", calib.index, time.perf_counter() - t0,
              "; ".join(notes) or f"alpha {cfg.alpha}")
     return chosen

@@ -95,3 +95,38 @@ def test_bf16_calibration_is_deterministic_and_close_to_float32(tiny_llama, text
         base = _model(tiny_llama)(ids).logits
         la, lf = (load(tmp_path / n)(ids).logits for n in "af")
     assert (la - base).norm() < 1.5 * (lf - base).norm()
+
+
+def test_collect_stops_each_batch_after_the_last_site(tiny_llama):
+    """The statistics pass stops a batch once every mapping's input is recorded: down_proj (after the last site,
+    its own input) never runs, and the maxima are those of the whole block's inputs."""
+    model = _model(tiny_llama)
+    spec = get_arch(model)
+    ids = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(0))
+    got = {}
+
+    def per_block(calib):
+        names = {n for n, m in calib.block.named_modules() if isinstance(m, torch.nn.Linear)}
+        mappings = sq.usable_mappings(calib.block, spec, names)
+        ran, full = [], {}
+        h = calib.block.mlp.down_proj.register_forward_hook(lambda *_: ran.append(1))
+        sites = sq.collect(calib, mappings, 64, 0)
+        h.remove()
+        assert ran == [] and set(sites) == {"self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj"}
+
+        def grab(name):
+            def pre(_m, args):
+                x = args[0].reshape(-1, args[0].shape[-1]).abs().amax(0)
+                full[name] = torch.maximum(full[name], x) if name in full else x
+            return pre
+
+        hs = [calib.block.get_submodule(n).register_forward_pre_hook(grab(n)) for n in sites]
+        calib.forward()
+        for h in hs:
+            h.remove()
+        got[calib.index] = all(torch.equal(sites[n].amax, full[n]) for n in sites)
+        assert sum(len(r) for r in sites["mlp.down_proj"].sample) > 0
+        return {}
+
+    run_sequential(model, spec, ids, per_block, device=torch.device("cpu"), batch_size=2)
+    assert got == {0: True, 1: True}

@@ -27,7 +27,8 @@ class SmoothOptions(BaseModel):
     calib_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="dtype the blocks compute in while calibrated (statistics, Hessians, the stream to the "
                             "next block; scales folded and weights rounded in float32); auto: bfloat16 where the "
-                            "device computes it fast (CUDA, AVX512-BF16/AMX CPUs)")
+                            "device computes it fast (CUDA, AVX512-BF16/AMX CPUs; SmolLM2 W8A8, 64 x 512 "
+                            "tokens, 1 AMX thread: 148 CPU s against 320 in float32)")
 
 
 def smooth_step(job: QuantJob, spec: ArchSpec, coverage: ExpertCoverage) -> BlockStep:

@@ -20,7 +20,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from quantkit.calib.heap import release_heap, steady_heap
 from quantkit.calib.hooks import HookSet
+from quantkit.calib.masters import computing_in, edit_originals
 from quantkit.models.arch import ArchSpec, get_blocks
 
 log = logging.getLogger(__name__)
@@ -155,18 +156,25 @@ def capture_inputs(model: nn.Module, spec: ArchSpec, samples: Tensor, batch_size
 
 
 def _capture_per_layer_kwargs(model, blocks, batch, device, store_device) -> list[dict[str, Any]]:
-    """One full forward of one batch, recording every block's kwargs (sliding/global masks and ropes)."""
+    """One forward of one batch as far as the last block's input, recording every block's kwargs (sliding/global
+    masks and ropes). It stops there: the head's logits of a whole batch (8 x 512 tokens x Gemma 3's 262k vocabulary
+    in float32: 4.3 GB) are never computed."""
     per_layer: list[dict[str, Any]] = [{} for _ in blocks]
 
     def recorder(i):
         def rec(_mod, args, kwargs):
             per_layer[i] = _to({k: v for k, v in kwargs.items() if k != "hidden_states"}, store_device)
+            if i == len(blocks) - 1:
+                raise _StopForward
         return rec
 
     with HookSet() as hooks:
         for i, b in enumerate(blocks):
             hooks.pre(b, recorder(i), with_kwargs=True)
-        model(input_ids=batch.to(device), use_cache=False)
+        try:
+            model(input_ids=batch.to(device), use_cache=False)
+        except _StopForward:
+            pass
     return per_layer
 
 
@@ -179,11 +187,12 @@ class BlockCalib:
 
     def __init__(self, index: int, block: nn.Module, inputs: BlockInputs, device: torch.device,
                  dtype: torch.dtype | None = None, masters: dict[nn.Module, Tensor] | None = None,
-                 autocast: torch.dtype | None = None):
+                 autocast: torch.dtype | None = None, originals: dict[str, Tensor] | None = None):
         self.index, self.block, self.device, self.dtype = index, block, device, dtype
         self.autocast = autocast  # the block's own passes (reference, outputs) run under this autocast dtype
         self._inputs = inputs
-        self._masters = masters or {}
+        self._masters = masters if masters is not None else {}
+        self._originals = originals if originals is not None else {}  # `computing_in`'s kept tensors, by name
         self._args = _to(inputs.args, device, dtype)
         self._kwargs = _to(inputs.kwargs_for(index), device, dtype)
         # A method that already ran the block and wants the next block calibrated on those outputs
@@ -235,6 +244,13 @@ class BlockCalib:
         """The (out, in) weight to quantize: the float32 original when the block computes in a lower dtype."""
         return self._masters.get(linear, linear.weight.detach())
 
+    def edit_float(self, edit: Callable[[nn.Module], None]) -> None:
+        """Apply `edit(block)`, which replaces parameter tensors (`p.data = ...`, e.g. a scale folded into a
+        norm and the Linears after it), to the block's float originals, exactly, and hand the results to the
+        computing block in its dtype (`quantkit.calib.masters.edit_originals`). Without a compute dtype it is
+        `edit(block)`."""
+        edit_originals(self.block, self._originals, self._masters, edit)
+
     @property
     def block_kwargs(self) -> dict[str, Any]:
         return self._kwargs
@@ -262,34 +278,6 @@ class BlockCalib:
 
 
 BlockFn = Callable[[BlockCalib], dict[str, Any]]
-
-
-@contextmanager
-def computing_in(block: nn.Module, dtype: torch.dtype | None) -> Iterator[dict[nn.Module, Tensor]]:
-    """Run `block` in `dtype` for the body, then give it back every parameter and buffer as it was.
-
-    Yields float32 copies of its Linears' weights (the masters quantization reads). Quantized
-    weights written into the block while it computes in `dtype` only calibrate what follows:
-    the method's results hold the codes, so the restore loses nothing.
-    """
-    tensors = {**dict(block.named_parameters()), **dict(block.named_buffers())}
-    if dtype is None or all(not t.is_floating_point() or t.dtype == dtype for t in tensors.values()):
-        yield {}
-        return
-    # The block's own tensors are kept, not copied: `.to(dtype)` gives the block new ones, so the originals
-    # are never written. (Cloning them cost one float32 copy per block that outlived the run, +14 MB RSS
-    # per smollm2 block: measured 1695 vs 1337 MiB peak.) A tensor already in `dtype` would be shared with
-    # the computing block, whose quantized writes would reach it: only those are copied.
-    kept = {k: t.detach().clone() if t.is_floating_point() and t.dtype == dtype else t.detach()
-            for k, t in tensors.items()}
-    masters = {m: kept[f"{name}.weight" if name else "weight"].float()  # no-op on float32 originals
-               for name, m in block.named_modules() if isinstance(m, nn.Linear)}
-    block.to(dtype)
-    try:
-        yield masters
-    finally:
-        for k, t in {**dict(block.named_parameters()), **dict(block.named_buffers())}.items():
-            t.data = kept[k]
 
 
 def _test_hook_kill(i: int) -> None:
@@ -356,8 +344,9 @@ def run_sequential(model: nn.Module, spec: ArchSpec, samples: Tensor, quantize_b
     for i in range(start, n):
         block = source.load(i, device)
         last = i == n - 1
-        with computing_in(block, compute_dtype) as masters:
-            calib = BlockCalib(i, block, inputs, device, compute_dtype, masters, autocast)
+        originals: dict[str, Tensor] = {}
+        with computing_in(block, compute_dtype, originals) as masters:
+            calib = BlockCalib(i, block, inputs, device, compute_dtype, masters, autocast, originals)
             if reference:
                 calib.run_reference()
             done = {f"{spec.blocks}.{i}.{name}": res for name, res in quantize_block(calib).items()}

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from quantkit.methods.base import QuantJob, RunFacts, describe_moe
 from quantkit.methods.blockwise import BlockStep, BlockwiseMethod, RunOptions
+from quantkit.methods.smoothquant.steps import smooth_calib_dtype
 from quantkit.methods.steps import compose_memory, get_step, merged_options
 from quantkit.models.arch import ArchSpec
 from quantkit.models.moe import ExpertCoverage
@@ -66,7 +67,19 @@ class AWQGPTQ(ComposedMethod):
     replaces_weights = True
 
 
-class SmoothQuant(ComposedMethod):
+class _Smoothing(ComposedMethod):
+    """A composition starting with SmoothQuant's smoothing: its blocks calibrate in the `calib_dtype` option's dtype."""
+
+    def calib_dtype(self, job: QuantJob) -> str:
+        return smooth_calib_dtype(job)
+
+    def describe(self, job: QuantJob, facts: RunFacts | None = None) -> dict[str, Any]:
+        out = super().describe(job, facts)
+        out["options"]["calib_dtype_used"] = smooth_calib_dtype(job)
+        return out
+
+
+class SmoothQuant(_Smoothing):
     name = "smoothquant"
     description = ("SmoothQuant: activation outliers moved into the weights by per-channel scales (alpha measured "
                    "per block), then GPTQ rounding; for W8A8 / FP8 presets (compressed-tensors)")
@@ -78,7 +91,7 @@ class SmoothQuant(ComposedMethod):
     static_activations = True
 
 
-class SmoothQuantRTN(ComposedMethod):
+class SmoothQuantRTN(_Smoothing):
     name = "smoothquant-rtn"
     description = ("SmoothQuant's smoothing (alpha measured per layer), then round-to-nearest: the fast W8A8 / FP8 "
                    "path (dynamic activation presets; compressed-tensors)")

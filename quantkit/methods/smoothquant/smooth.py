@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from quantkit.calib.hooks import HookSet
-from quantkit.calib.pipeline import BlockCalib
+from quantkit.calib.pipeline import BlockCalib, StopForward
 from quantkit.grid import quantize_activations, quantize_weight
 from quantkit.methods.scaling import fold_scale, usable_mappings
 from quantkit.models.arch import ArchSpec, AWQMapping
@@ -78,9 +78,12 @@ class Site:
 
 @torch.no_grad()
 def collect(calib: BlockCalib, mappings: list[AWQMapping], score_tokens: int, seed: int) -> dict[str, Site]:
-    """One float pass over the calibration batches: each mapping's input maxima and a seeded token subsample."""
+    """One pass over the calibration batches: each mapping's input maxima and a seeded token subsample. A batch
+    stops once every site's input is recorded (nothing after the last site is computed)."""
     sites: dict[str, Site] = {}
     per_batch = -(-score_tokens // max(calib.n_batches, 1))
+    names = {_input_site(m) for m in mappings}
+    seen: dict[int, set[str]] = {}
 
     def site_hook(name: str):
         def hook(_mod, args):
@@ -95,10 +98,14 @@ def collect(calib: BlockCalib, mappings: list[AWQMapping], score_tokens: int, se
                 sites[name].sample.append(row)
             else:
                 sites[name] = Site(m, [row])
+            done = seen.setdefault(calib.batch, set())
+            done.add(name)
+            if done == names:  # every site's input seen: the rest of the block (down_proj on) is not needed
+                raise StopForward
         return hook
 
     def install(hs: HookSet) -> None:
-        for site in {_input_site(m) for m in mappings}:
+        for site in sorted(names):
             hs.pre(calib.block.get_submodule(site), site_hook(site))
 
     calib.forward(hooks=install)
@@ -148,7 +155,7 @@ def smooth_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], scheme: Q
     notes = []
     for m in mappings:
         site = sites[_input_site(m)]
-        weights = [block.get_submodule(n).weight for n in m.linears]
+        weights = [calib.master(block.get_submodule(n)) for n in m.linears]  # float32 (the block may compute in bf16)
         if cfg.alpha is not None:
             alpha: float | None = cfg.alpha
         else:
@@ -157,8 +164,8 @@ def smooth_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], scheme: Q
                          f"({errors[alpha]:.3g} vs {errors[None]:.3g})")
         chosen[m.prev] = alpha
         if alpha is not None:
-            s = smoothing_scale(site.amax.to(weights[0].device), weights, alpha).to(weights[0].dtype)
-            fold_scale(block, m.prev, m.linears, s, m.norm_offset, m.compensate)
+            s = smoothing_scale(site.amax.to(weights[0].device), weights, alpha)
+            calib.edit_float(lambda b, m=m, s=s: fold_scale(b, m.prev, m.linears, s, m.norm_offset, m.compensate))
     log.info("smooth block %d in %.1fs: %s", calib.index, time.perf_counter() - t0,
              "; ".join(notes) or f"alpha {cfg.alpha}")
     return chosen

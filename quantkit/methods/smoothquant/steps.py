@@ -4,7 +4,7 @@ and the checkpoint needs no scales of its own."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,6 +24,12 @@ class SmoothOptions(BaseModel):
     alpha_grid: int = Field(7, ge=1, le=41, description="candidate alphas in [0.3, 0.9] (and no smoothing) per layer")
     score_tokens: int = Field(512, ge=16, le=1 << 20,
                               description="calibration tokens (seeded subsample) each mapping's alpha is scored on")
+    calib_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="dtype the blocks compute in while calibrated (statistics, Hessians, the stream to the "
+                            "next block; scales folded and weights rounded in float32); auto: bfloat16 where the "
+                            "device computes it fast (CUDA, AVX512-BF16/AMX CPUs; SmolLM2 W8A8, 64 x 512 "
+                            "tokens, 1 AMX thread: 148 CPU s against 320 in float32 at 0.97x the KL; Gemma 3 270M: 102 "
+                            "against 139 CPU s, but 1.39x the KL: float32 for the last bit of quality)")
 
 
 def smooth_step(job: QuantJob, spec: ArchSpec, coverage: ExpertCoverage) -> BlockStep:
@@ -46,6 +52,13 @@ def smooth_memory(g: Geometry, s: Settings) -> BlockWork:
     rows, in_f = max(g.groups, key=lambda ri: ri[0] * ri[1])
     score = (4 * rows * in_f + 3 * tokens * max(rows, in_f)) * F32
     return BlockWork(work=sample + score, forward=sample, detail="smoothing: token sample + scored weights")
+
+
+def smooth_calib_dtype(job: QuantJob) -> str:
+    """The dtype a smoothing composition's blocks compute in while calibrated: the option, auto resolved."""
+    from quantkit.compute import resolve_calib_dtype
+
+    return resolve_calib_dtype(job.options.calib_dtype, job.device)
 
 
 def _record(options: BaseModel) -> dict[str, Any]:

@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 log = logging.getLogger("benchmarks.gguf")
 TOOLS = ROOT / ".llamacpp" / "bin"
 CTX, CHUNKS = 512, 40
+THREADS = 2  # llama.cpp tools' -t and torch's threads; --threads sets it
 
 
 def texts() -> tuple[str, str]:
@@ -79,21 +80,21 @@ def run(cmd: list[str]) -> str:
 def llamacpp_files(work: Path, f32: Path, calib_txt: Path, types: list[str], chunks: int) -> dict[str, Path]:
     imat = work / f"lc-{chunks}.imatrix.gguf"
     if not imat.exists():
-        run([str(TOOLS / "llama-imatrix"), "-m", str(f32), "-f", str(calib_txt), "-c", str(CTX), "-t", "2",
-             "--chunks", str(chunks), "-o", str(imat)])
+        run([str(TOOLS / "llama-imatrix"), "-m", str(f32), "-f", str(calib_txt), "-c", str(CTX),
+             "-t", str(THREADS), "--chunks", str(chunks), "-o", str(imat)])
     out = {}
     for t in types:
         for tag, extra in (("", []), ("-im", ["--imatrix", str(imat)])):
             path = work / f"lc-{t}{tag}.gguf"
             if not path.exists():
-                run([str(TOOLS / "llama-quantize"), *extra, str(f32), str(path), t.upper(), "2"])
+                run([str(TOOLS / "llama-quantize"), *extra, str(f32), str(path), t.upper(), str(THREADS)])
             out[f"lc-{t}{tag}"] = path
     return out
 
 
 def judge_llamacpp(work: Path, f32: Path, test_txt: Path, files: dict[str, Path], chunks: int) -> dict[str, dict]:
     base = work / f"f32-{chunks}.kld"
-    ppl = [str(TOOLS / "llama-perplexity"), "-c", str(CTX), "-t", "2", "--no-repack"]
+    ppl = [str(TOOLS / "llama-perplexity"), "-c", str(CTX), "-t", str(THREADS), "--no-repack"]
     if not base.exists():
         tmp = base.with_suffix(".part")
         run([*ppl, "-m", str(f32), "-f", str(test_txt), "--chunks", str(chunks), "--kl-divergence-base", str(tmp)])
@@ -199,9 +200,12 @@ def main() -> None:
                     "llama-imatrix (its first ones; quantkit samples --calib-windows windows of the same text)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/quantkit-bench-gguf"))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/gguf-judge.md")
+    ap.add_argument("--threads", type=int, default=THREADS, help="threads for torch and llama.cpp's tools")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(2)
+    global THREADS
+    THREADS = args.threads
+    torch.set_num_threads(args.threads)
     from quantkit.models.sources import load_tokenizer, resolve
 
     src = Path(resolve(args.model).path)

@@ -190,6 +190,7 @@ def table(rows: dict[str, dict], files: dict[str, Path], params: int) -> str:
 
 
 def main() -> None:
+    global THREADS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--types", default="q4_0,q4_k_m,q3_k_m,iq4_xs")
@@ -203,7 +204,6 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=THREADS, help="threads for torch and llama.cpp's tools")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    global THREADS
     THREADS = args.threads
     torch.set_num_threads(args.threads)
     from quantkit.models.sources import load_tokenizer, resolve

@@ -118,7 +118,8 @@ def main() -> None:
     if args.judge in ("quantkit", "both"):
         from quantkit.calib.data import tokenize
 
-        rows = gj.judge_quantkit(src, tokenize(tok, test), files, args.chunks)
+        rows = gj.judge_quantkit(src, tokenize(tok, test), files, args.chunks,
+                                 args.work / f"judged-quantkit-{args.chunks}.json")
         parts += [f"## judge quantkit ({args.chunks} chunks of {gj.CTX})\n", gj.table(rows, files, params), "",
                   *ratios(rows, types), ""]
     if args.judge in ("llamacpp", "both"):

@@ -96,8 +96,9 @@ def llamacpp_files(work: Path, f32: Path, calib_txt: Path, types: list[str], chu
 
 def tensor_digest(path: Path) -> str:
     """sha256 of a GGUF's tensors (name, type, shape, bytes; in name order) and its hyperparameters (the
-    architecture's keys): files that differ only in other metadata (file type, imatrix keys, provenance) score the same under
-    either judge (llama-perplexity takes the test tokens from its base file, quantkit's judge from the text)."""
+    architecture's keys): files that differ only in other metadata (file type, imatrix keys, provenance) score
+    the same under either judge (llama-perplexity takes the test tokens from its base file, quantkit's judge from
+    the text)."""
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))

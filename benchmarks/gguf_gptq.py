@@ -81,9 +81,11 @@ def main() -> None:
     ap.add_argument("--imatrix-chunks", type=int, default=64, help="llama-imatrix chunks of 512 tokens")
     ap.add_argument("--work", type=Path, default=Path("/tmp/quantkit-bench-gguf-gptq"))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/gguf_gptq.md")
+    ap.add_argument("--threads", type=int, default=gj.THREADS, help="threads for torch and llama.cpp's tools")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(2)
+    gj.THREADS = args.threads
+    torch.set_num_threads(args.threads)
     if os.environ.get("LLAMACPP_BIN"):
         gj.TOOLS = Path(os.environ["LLAMACPP_BIN"])
     from quantkit.models.sources import load_tokenizer, resolve
@@ -116,7 +118,8 @@ def main() -> None:
     if args.judge in ("quantkit", "both"):
         from quantkit.calib.data import tokenize
 
-        rows = gj.judge_quantkit(src, tokenize(tok, test), files, args.chunks)
+        rows = gj.judge_quantkit(src, tokenize(tok, test), files, args.chunks,
+                                 args.work / f"judged-quantkit-{args.chunks}.json")
         parts += [f"## judge quantkit ({args.chunks} chunks of {gj.CTX})\n", gj.table(rows, files, params), "",
                   *ratios(rows, types), ""]
     if args.judge in ("llamacpp", "both"):

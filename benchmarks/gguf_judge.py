@@ -22,6 +22,8 @@ Columns: bytes, bits per weight (file bytes * 8 / parameters), PPL, mean KLD(f32
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import re
 import subprocess
@@ -37,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 log = logging.getLogger("benchmarks.gguf")
 TOOLS = ROOT / ".llamacpp" / "bin"
 CTX, CHUNKS = 512, 40
+THREADS = 2  # llama.cpp tools' -t and torch's threads; --threads sets it
 
 
 def texts() -> tuple[str, str]:
@@ -79,34 +82,89 @@ def run(cmd: list[str]) -> str:
 def llamacpp_files(work: Path, f32: Path, calib_txt: Path, types: list[str], chunks: int) -> dict[str, Path]:
     imat = work / f"lc-{chunks}.imatrix.gguf"
     if not imat.exists():
-        run([str(TOOLS / "llama-imatrix"), "-m", str(f32), "-f", str(calib_txt), "-c", str(CTX), "-t", "2",
-             "--chunks", str(chunks), "-o", str(imat)])
+        run([str(TOOLS / "llama-imatrix"), "-m", str(f32), "-f", str(calib_txt), "-c", str(CTX),
+             "-t", str(THREADS), "--chunks", str(chunks), "-o", str(imat)])
     out = {}
     for t in types:
         for tag, extra in (("", []), ("-im", ["--imatrix", str(imat)])):
             path = work / f"lc-{t}{tag}.gguf"
             if not path.exists():
-                run([str(TOOLS / "llama-quantize"), *extra, str(f32), str(path), t.upper(), "2"])
+                run([str(TOOLS / "llama-quantize"), *extra, str(f32), str(path), t.upper(), str(THREADS)])
             out[f"lc-{t}{tag}"] = path
     return out
 
 
+def tensor_digest(path: Path) -> str:
+    """sha256 of a GGUF's tensors (name, type, shape, bytes; in name order) and its hyperparameters (the
+    architecture's keys): files that differ only in other metadata (file type, imatrix keys, provenance) score
+    the same under either judge (llama-perplexity takes the test tokens from its base file, quantkit's judge from
+    the text)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    h = hashlib.sha256()
+    for name, field in sorted(reader.fields.items()):
+        if name.startswith(arch + ".") or name == "general.architecture":
+            for part in field.parts:
+                h.update(np.ascontiguousarray(part).view(np.uint8))
+    for t in sorted(reader.tensors, key=lambda t: t.name):  # llama-quantize writes another order
+        h.update(f"{t.name}:{t.tensor_type.name}:{list(t.shape)};".encode())
+        h.update(np.ascontiguousarray(t.data).view(np.uint8))
+    return h.hexdigest()[:20]
+
+
+def remembered_digest(path: Path) -> str:
+    """tensor_digest, remembered in `digests.json` beside the file by (name, size, mtime)."""
+    memo_path = path.parent / "digests.json"
+    memo = json.loads(memo_path.read_text()) if memo_path.exists() else {}
+    st = path.stat()
+    key = f"{path.name}:{st.st_size}:{st.st_mtime_ns}"
+    if key not in memo:
+        memo[key] = tensor_digest(path)
+        tmp = memo_path.with_suffix(".part")
+        tmp.write_text(json.dumps(memo, indent=1))
+        tmp.replace(memo_path)
+    return memo[key]
+
+
+def judged(cache: Path, files: dict[str, Path], score) -> dict[str, dict]:
+    """`score(path) -> row` once per distinct content (tensor_digest): byte-identical files (quantkit's and
+    llama.cpp's uncalibrated files; q2_k and q3_k_s where both mixes fall back alike) share one judged row.
+    Rows are kept in `cache` (JSON, digest -> row, written via a temporary name), so a rerun in the same work
+    folder, with the same judge and chunks, judges only files it has not seen."""
+    known = json.loads(cache.read_text()) if cache.exists() else {}
+    rows = {}
+    for label, path in files.items():
+        digest = remembered_digest(path)
+        if digest in known:
+            log.info("%s: tensors already judged (%s), row reused", label, digest)
+        else:
+            known[digest] = score(path)
+            tmp = cache.with_suffix(".part")
+            tmp.write_text(json.dumps(known, indent=1))
+            tmp.replace(cache)
+        rows[label] = dict(known[digest])
+        log.info("%s: %s", label, rows[label])
+    return rows
+
+
 def judge_llamacpp(work: Path, f32: Path, test_txt: Path, files: dict[str, Path], chunks: int) -> dict[str, dict]:
     base = work / f"f32-{chunks}.kld"
-    ppl = [str(TOOLS / "llama-perplexity"), "-c", str(CTX), "-t", "2", "--no-repack"]
+    ppl = [str(TOOLS / "llama-perplexity"), "-c", str(CTX), "-t", str(THREADS), "--no-repack"]
     if not base.exists():
         tmp = base.with_suffix(".part")
         run([*ppl, "-m", str(f32), "-f", str(test_txt), "--chunks", str(chunks), "--kl-divergence-base", str(tmp)])
         tmp.rename(base)
-    rows = {}
-    for label, path in files.items():
+
+    def score(path: Path) -> dict:
         text = run([*ppl, "-m", str(path), "--kl-divergence-base", str(base), "--kl-divergence"])
         grab = {k: re.search(p, text) for k, p in (("ppl", r"Mean PPL\(Q\)\s*:\s*([\d.]+)"),
                                                     ("kld", r"Mean\s+KLD:\s*([\d.]+)"),
                                                     ("top", r"Same top p:\s*([\d.]+)"))}
-        rows[label] = {k: float(m.group(1)) if m else float("nan") for k, m in grab.items()}
-        log.info("%s: %s", label, rows[label])
-    return rows
+        return {k: float(m.group(1)) if m else float("nan") for k, m in grab.items()}
+
+    return judged(work / f"judged-llamacpp-{chunks}.json", files, score)
 
 
 def gguf_into(model: torch.nn.Module, path: Path) -> None:
@@ -144,20 +202,23 @@ def gguf_into(model: torch.nn.Module, path: Path) -> None:
 
 
 @torch.no_grad()
-def judge_quantkit(src: Path, test_ids: list[int], files: dict[str, Path], n_chunks: int) -> dict[str, dict]:
+def judge_quantkit(src: Path, test_ids: list[int], files: dict[str, Path], n_chunks: int,
+                   cache: Path | None = None) -> dict[str, dict]:
     from quantkit.loading import load
 
-    model = load(src, device="cpu").float().eval()
     chunks = torch.tensor(test_ids[: n_chunks * CTX]).reshape(n_chunks, CTX)
     first = CTX // 2
-    base_lp = []
-    for c in chunks:
-        base_lp.append(torch.log_softmax(model(c[None]).logits[0, first:-1].float(), -1).to(torch.float16))
-    rows = {}
-    for label, path in files.items():
+    state: dict = {}  # the model and the f32 log-probs, made at the first file not in the cache
+
+    def score(path: Path) -> dict:
+        if not state:
+            state["model"] = model = load(src, device="cpu").float().eval()
+            state["base"] = [torch.log_softmax(model(c[None]).logits[0, first:-1].float(), -1).to(torch.float16)
+                             for c in chunks]
+        model = state["model"]
         gguf_into(model, path)
         nll = kld = same = n = 0.0
-        for c, blp in zip(chunks, base_lp):
+        for c, blp in zip(chunks, state["base"]):
             lp = torch.log_softmax(model(c[None]).logits[0, first:-1].float(), -1)
             b = blp.float()
             tgt = c[first + 1:]
@@ -165,9 +226,11 @@ def judge_quantkit(src: Path, test_ids: list[int], files: dict[str, Path], n_chu
             kld += float((b.exp() * (b - lp)).sum())
             same += float((lp.argmax(-1) == b.argmax(-1)).sum())
             n += len(tgt)
-        rows[label] = {"ppl": float(np.exp(nll / n)), "kld": kld / n, "top": 100 * same / n}
-        log.info("%s: %s", label, rows[label])
-    return rows
+        return {"ppl": float(np.exp(nll / n)), "kld": kld / n, "top": 100 * same / n}
+
+    if cache is None:
+        return {label: score(path) for label, path in files.items()}
+    return judged(cache, files, score)
 
 
 def table(rows: dict[str, dict], files: dict[str, Path], params: int) -> str:
@@ -189,6 +252,7 @@ def table(rows: dict[str, dict], files: dict[str, Path], params: int) -> str:
 
 
 def main() -> None:
+    global THREADS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--types", default="q4_0,q4_k_m,q3_k_m,iq4_xs")
@@ -199,9 +263,11 @@ def main() -> None:
                     "llama-imatrix (its first ones; quantkit samples --calib-windows windows of the same text)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/quantkit-bench-gguf"))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/gguf-judge.md")
+    ap.add_argument("--threads", type=int, default=THREADS, help="threads for torch and llama.cpp's tools")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(2)
+    THREADS = args.threads
+    torch.set_num_threads(args.threads)
     from quantkit.models.sources import load_tokenizer, resolve
 
     src = Path(resolve(args.model).path)
@@ -228,7 +294,8 @@ def main() -> None:
     else:
         from quantkit.calib.data import tokenize
 
-        rows = judge_quantkit(src, tokenize(tok, test), files, args.chunks)
+        rows = judge_quantkit(src, tokenize(tok, test), files, args.chunks,
+                              args.work / f"judged-quantkit-{args.chunks}.json")
     from gguf import GGUFReader
 
     params = sum(int(t.n_elements) for t in GGUFReader(str(f32)).tensors)

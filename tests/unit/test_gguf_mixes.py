@@ -53,6 +53,23 @@ def test_q4_k_m_on_a_576_wide_model_is_mostly_q5_0():
             assert plan[f"blk.{i}.{t}.weight"] == Q.Q5_0
 
 
+def test_q2_k_and_q3_k_s_plan_the_same_types_at_width_576():
+    # llama.cpp writes byte-identical tensors for both on SmolLM2 (benchmarks/results/gguf.md, session 11):
+    # every 576-wide Q2_K/Q3_K falls back to Q4_0, and ffn_down (rows of 1536) is Q3_K in both mixes
+    for im in (False, True):
+        q2 = MixPlanner("q2_k", smollm2_like(), 30, n_gqa=3, has_imatrix=im).plan()
+        q3s = MixPlanner("q3_k_s", smollm2_like(), 30, n_gqa=3, has_imatrix=im).plan()
+        assert q2 == q3s
+        assert {q2[f"blk.{i}.ffn_down.weight"] for i in range(30)} == {Q.Q3_K}
+        assert {q2[f"blk.{i}.{t}.weight"] for i in range(30)
+                for t in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up")} == {Q.Q4_0}
+        assert q2["token_embd.weight"] == Q.Q8_0
+    # at a width the K blocks divide, the two mixes differ (Q2_K against Q3_K for the base type)
+    wide = smollm2_like(n_layer=16, hidden=256, inter=512)
+    assert MixPlanner("q2_k", wide, 16, n_gqa=3).plan()["blk.5.attn_q.weight"] == Q.Q2_K
+    assert MixPlanner("q3_k_s", wide, 16, n_gqa=3).plan()["blk.5.attn_q.weight"] == Q.Q3_K
+
+
 def test_mix_rules_at_width_256():
     tensors = smollm2_like(n_layer=16, hidden=256, inter=512, tied=False)
     q3m = MixPlanner("q3_k_m", tensors, 16, n_gqa=1).plan()

@@ -45,8 +45,6 @@ class StopForward(Exception):
     """
 
 
-_StopForward = StopForward  # the capture pre-hook's name for it
-
 
 @dataclass
 class BlockInputs:
@@ -141,14 +139,14 @@ def capture_inputs(model: nn.Module, spec: ArchSpec, samples: Tensor, batch_size
         if not captured.kwargs:
             captured.args = _to(tuple(args[1:]), store_device)
             captured.kwargs = _to({k: v for k, v in kwargs.items() if k != "hidden_states"}, store_device)
-        raise _StopForward
+        raise StopForward
 
     with HookSet() as hooks:
         hooks.pre(blocks[0], grab, with_kwargs=True)
         for batch in samples.split(batch_size):
             try:
                 model(input_ids=batch.to(device), use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
     if spec.per_layer_kwargs:
         captured.per_layer = _capture_per_layer_kwargs(model, blocks, samples[:batch_size], device, store_device)
@@ -165,7 +163,7 @@ def _capture_per_layer_kwargs(model, blocks, batch, device, store_device) -> lis
         def rec(_mod, args, kwargs):
             per_layer[i] = _to({k: v for k, v in kwargs.items() if k != "hidden_states"}, store_device)
             if i == len(blocks) - 1:
-                raise _StopForward
+                raise StopForward
         return rec
 
     with HookSet() as hooks:
@@ -173,7 +171,7 @@ def _capture_per_layer_kwargs(model, blocks, batch, device, store_device) -> lis
             hooks.pre(b, recorder(i), with_kwargs=True)
         try:
             model(input_ids=batch.to(device), use_cache=False)
-        except _StopForward:
+        except StopForward:
             pass
     return per_layer
 

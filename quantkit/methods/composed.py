@@ -11,9 +11,9 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
+from quantkit.compute import resolve_calib_dtype
 from quantkit.methods.base import QuantJob, RunFacts, describe_moe
 from quantkit.methods.blockwise import BlockStep, BlockwiseMethod, RunOptions
-from quantkit.methods.smoothquant.steps import smooth_calib_dtype
 from quantkit.methods.steps import compose_memory, get_step, merged_options
 from quantkit.models.arch import ArchSpec
 from quantkit.models.moe import ExpertCoverage
@@ -71,11 +71,11 @@ class _Smoothing(ComposedMethod):
     """A composition starting with SmoothQuant's smoothing: its blocks calibrate in the `calib_dtype` option's dtype."""
 
     def calib_dtype(self, job: QuantJob) -> str:
-        return smooth_calib_dtype(job)
+        return resolve_calib_dtype(job.options.calib_dtype, job.device)
 
     def describe(self, job: QuantJob, facts: RunFacts | None = None) -> dict[str, Any]:
         out = super().describe(job, facts)
-        out["options"]["calib_dtype_used"] = smooth_calib_dtype(job)
+        out["options"]["calib_dtype_used"] = self.calib_dtype(job)
         return out
 
 

@@ -73,9 +73,9 @@ def _mse(out: Tensor, target: Tensor, loss: str = "mse") -> Tensor:
     """The block's output error. "mse": over every element. "token": each token's squared error relative to
     its own mean square (what the next RMSNorm divides by), so that a few tokens with massive activations
     (an attention sink's residual can carry 95% of a window's squared norm) do not decide the rounding alone."""
-    err = (out.float() - target.float()).pow(2)
+    t = target.float()
+    err = (out.float() - t).pow(2)
     if loss == "token":
-        t = target.float()
         return (err.mean(-1) / t.pow(2).mean(-1).clamp(min=1e-12)).mean()
     return err.mean()
 

@@ -144,8 +144,12 @@ def tune_end_to_end(model: nn.Module, base: nn.Module, quantized: dict[str, Quan
     lo = {n: -qw.zeros.to(dev).float() for n, qw in quantized.items() if n in offsets}  # (out, G)
     hi = {n: ((1 << qw.bits) - 1) + lo[n] for n, qw in quantized.items() if n in offsets}
 
+    def _tuned(n: str) -> Tensor:
+        """The tuned (out, G) scales."""
+        return _keep_off_zero(s0[n] * logs[n].exp())
+
     def _scale(n: str) -> Tensor:
-        sc = _keep_off_zero(s0[n] * logs[n].exp())
+        sc = _tuned(n)
         return (_ste_half(sc) if offsets else sc)[:, gidx[n]]
 
     def _codes(n: str, sc: Tensor, final: bool = False) -> Tensor:
@@ -167,7 +171,7 @@ def tune_end_to_end(model: nn.Module, base: nn.Module, quantized: dict[str, Quan
     def _weight(n: str) -> Tensor:
         if n in grouped:
             g = grouped[n]
-            sc = _keep_off_zero(s0[n] * logs[n].exp()).to(wdtype)
+            sc = _tuned(n).to(wdtype)
             return (g * sc.unsqueeze(-1)).view(g.shape[0], -1)
         sc = _scale(n)
         return sc * _codes(n, sc)
@@ -215,7 +219,7 @@ def tune_end_to_end(model: nn.Module, base: nn.Module, quantized: dict[str, Quan
     out = {}
     with torch.no_grad():
         for name, qw in quantized.items():
-            scales = _keep_off_zero(s0[name] * logs[name].exp()).half().float()
+            scales = _tuned(name).half().float()
             if name in offsets:
                 rel = _codes(name, _scale(name), final=True)
                 qw = replace(qw, codes=(rel - lo[name][:, gidx[name]]).to(torch.uint8).cpu())

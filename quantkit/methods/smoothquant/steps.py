@@ -54,13 +54,6 @@ def smooth_memory(g: Geometry, s: Settings) -> BlockWork:
     return BlockWork(work=sample + score, forward=sample, detail="smoothing: token sample + scored weights")
 
 
-def smooth_calib_dtype(job: QuantJob) -> str:
-    """The dtype a smoothing composition's blocks compute in while calibrated: the option, auto resolved."""
-    from quantkit.compute import resolve_calib_dtype
-
-    return resolve_calib_dtype(job.options.calib_dtype, job.device)
-
-
 def _record(options: BaseModel) -> dict[str, Any]:
     return {"smoothing": "smoothquant"}
 

@@ -45,6 +45,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "rtn": ("rtn", {}),
     "gptq": ("gptq", {}),
     "awq": ("awq", {}),
+    "rtn-sym": ("rtn", {}),
+    "gptq-sym": ("gptq", {}),
+    "awq-sym": ("awq", {}),
     "signround": ("signround", {}),
     "signround-i50": ("signround", {"iters": 50}),
     "signround-i200": ("signround", {"iters": 200}),
@@ -60,7 +63,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "signround-e2e-i100": ("signround", {"e2e_steps": 32, "iters": 100}),
     "signround-e2e-sym": ("signround", {"e2e_steps": 32}),
 }
-SYM_ROWS = {"signround-sym", "signround-e2e-sym"}
+SYM_ROWS = {"signround-sym", "signround-e2e-sym", "rtn-sym", "gptq-sym", "awq-sym"}
 DEFAULT_ROWS = "signround-w4g64,signround-e2e-w4g64,signround-w3g64,signround-e2e-w3g64"
 DEFAULT_PEERS = "autoround-w4g64-i50,autoround-w3g64-i50"
 

@@ -20,7 +20,8 @@ _MIN_SCALE = 1e-6  # stays a (subnormal) non-zero fp16 value
 def fit_grid(w: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
     """Min/max grid for each row of `w` (..., n): returns scale, zero of shape (..., 1), float32.
 
-    The range always contains 0 (as GPTQ does), so the zero point is on the grid.
+    The range always contains 0 (as GPTQ does), so the zero point is on the grid. Symmetric grids below 8 bits
+    give the scale the sign of the group's extreme (see below), so their scales may be negative.
     Asymmetric zeros are kept >= 1: the GPTQ v1 format stores zero-1 and cannot hold -1.
     """
     maxq = (1 << bits) - 1
@@ -28,10 +29,15 @@ def fit_grid(w: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
     xmin = w.amin(dim=-1, keepdim=True).clamp(max=0)
     xmax = w.amax(dim=-1, keepdim=True).clamp(min=0)
     if sym:
-        xmax = torch.maximum(-xmin, xmax)
-        scale = (2 * xmax / maxq).clamp(min=_MIN_SCALE).half().float()
-        zero = torch.full_like(scale, (maxq + 1) // 2)
-        return scale, zero
+        half = (maxq + 1) // 2
+        mag = torch.maximum(-xmin, xmax)
+        zero = torch.full_like(mag, half)
+        if bits >= 8:  # 127 or 128 steps: a gain of 1/255, not worth a negative scale in the int8 GEMM paths
+            return (2 * mag / maxq).clamp(min=_MIN_SCALE).half().float(), zero
+        # The extreme keeps its sign and lands on the lowest code, -2^(b-1) steps: all 2^b levels are used and
+        # the extreme is never clipped (llama.cpp's Q4_0, d = max / -8). The scale is negative where it is positive.
+        scale = (mag / half).clamp(min=_MIN_SCALE).half().float()
+        return torch.where(xmax > -xmin, -scale, scale), zero
     empty = (xmin == 0) & (xmax == 0)
     xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
     xmax = torch.where(empty, torch.ones_like(xmax), xmax)

@@ -121,12 +121,18 @@ class Rounding:
 
 
 @torch.no_grad()
-def sign_step_(params: list[Tensor], lr: float) -> None:
-    """Signed gradient descent: p -= lr * sign(grad); gradients are cleared."""
+def sign_step_(params: list[Tensor], lr: float, momenta: dict[int, Tensor] | None = None, beta: float = 0.0) -> None:
+    """Signed gradient descent: p -= lr * sign(grad); gradients are cleared. With `beta` > 0 (Signum), the sign is
+    taken of a running mean m = beta * m + (1 - beta) * grad, kept in `momenta` by parameter id."""
     for p in params:
-        if p.grad is not None:
-            p.sub_(torch.sign(p.grad), alpha=lr)
-            p.grad = None
+        if p.grad is None:
+            continue
+        g = p.grad
+        if beta > 0 and momenta is not None:
+            m = momenta.get(id(p))
+            g = momenta[id(p)] = g.clone() if m is None else m.mul_(beta).add_(g, alpha=1 - beta)
+        p.sub_(torch.sign(g), alpha=lr)
+        p.grad = None
 
 
 def linear_decay(lr: float, step: int, total: int) -> float:

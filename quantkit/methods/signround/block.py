@@ -42,6 +42,7 @@ class SignRoundParams:
     scale_lr:    Adam step size of learned equivalent scales (transform.py) on the block's mappings; 0: off.
     loss:        "mse" (AutoRound's) or "token": each token's error relative to its own mean square (`_mse`).
     keep:        "best": the state of the step with the lowest batch loss (AutoRound's rule); "last": the final state.
+    momentum:    signed steps along a running mean of the gradients (Signum) instead of the last one; 0: off.
     seed:        order of the windows.
     """
 
@@ -59,6 +60,7 @@ class SignRoundParams:
     keep: str = "best"
     scale_lr: float = 0.0
     loss: str = "mse"
+    momentum: float = 0.0
     seed: int = 0
 
 
@@ -137,6 +139,7 @@ def tune_block(block: nn.Module, linears: dict[str, nn.Linear], masters: dict[st
     pos = 0
     best_loss, best = float("inf"), None
     first_loss = None
+    momenta: dict[int, Tensor] = {}
     loss_fn = torch.compile(block_loss, dynamic=False) if p.compile else block_loss
     tensors = {k: (s.weight, s.v, s.alpha, s.beta) for k, s in states.items()}
     grid = (p.bits, p.sym)
@@ -154,7 +157,8 @@ def tune_block(block: nn.Module, linears: dict[str, nn.Linear], masters: dict[st
             best = ({k: s.snapshot() for k, s in states.items()},
                     {k: w.detach().clone() for k, w in norms.items()}, [sc.log_s.detach().clone() for sc in scales])
         loss.backward()
-        sign_step_([t for s in states.values() for t in s.params()], linear_decay(lr, step, p.iters))
+        sign_step_([t for s in states.values() for t in s.params()], linear_decay(lr, step, p.iters), momenta,
+                   p.momentum)
         if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)

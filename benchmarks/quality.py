@@ -62,8 +62,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "signround-e2e-bs4-i30": ("signround", {"e2e_steps": 32, "windows_per_step": 4, "iters": 30, "compile": "on"}),
     "signround-e2e-i100": ("signround", {"e2e_steps": 32, "iters": 100}),
     "signround-e2e-sym": ("signround", {"e2e_steps": 32}),
+    "signround-e2e-c256b12": ("signround", {"e2e_steps": 32, "window_tokens": 256, "windows_per_step": 12}),
+    "signround-e2e-sym-c256b12": ("signround", {"e2e_steps": 32, "window_tokens": 256, "windows_per_step": 12}),
 }
-SYM_ROWS = {"signround-sym", "signround-e2e-sym", "rtn-sym", "gptq-sym", "awq-sym"}
+SYM_ROWS = {"signround-sym", "signround-e2e-sym", "signround-e2e-sym-c256b12", "rtn-sym", "gptq-sym", "awq-sym"}
 DEFAULT_ROWS = "signround-w4g64,signround-e2e-w4g64,signround-w3g64,signround-e2e-w3g64"
 DEFAULT_PEERS = "autoround-w4g64-i50,autoround-w3g64-i50"
 

@@ -33,6 +33,7 @@ ap.add_argument("--fp-inputs", action="store_true"); ap.add_argument("--e2e", ty
 ap.add_argument("--save"); ap.add_argument("--load")
 ap.add_argument("--e2e-lr", type=float, default=1e-3); ap.add_argument("--e2e-bs", type=int, default=2); ap.add_argument("--e2e-norm-lr", type=float, default=1e-3)
 ap.add_argument("--e2e-rounding-lr", type=float, default=0.0)
+ap.add_argument("--e2e-compile", action="store_true", help="the end-to-end KL through torch.compile (the method's default)")
 ap.add_argument("--tag", default=""); ap.add_argument("--no-pre", action="store_true", help="skip scoring the block stage")
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--model", default="smollm2-135m")
@@ -125,7 +126,7 @@ if a.e2e and not a.no_pre:
     open(OUT, "a").write(json.dumps(res0) + "\n")
 if a.e2e:
     from quantkit.methods.signround.e2e import E2EParams, tune_end_to_end
-    tune_end_to_end(model, base, allq, samples, E2EParams(steps=a.e2e, batch_size=a.e2e_bs, lr=a.e2e_lr, norm_lr=a.e2e_norm_lr, rounding_lr=a.e2e_rounding_lr,
+    tune_end_to_end(model, base, allq, samples, E2EParams(steps=a.e2e, batch_size=a.e2e_bs, lr=a.e2e_lr, norm_lr=a.e2e_norm_lr, rounding_lr=a.e2e_rounding_lr, compile=a.e2e_compile,
                     autocast=torch.bfloat16 if a.bf16 else None))
 qs = time.perf_counter() - t0
 logging.info("quantized in %.1f s", qs)

@@ -16,6 +16,7 @@ from torch import Tensor
 from pydantic import BaseModel, ConfigDict, Field
 
 from quantkit.calib.pipeline import BlockCalib
+from quantkit.calib.prefix import prefix_inputs
 from quantkit.compute import can_compile, resolve_calib_dtype
 from quantkit.errors import SchemeError
 from quantkit.grid import QuantizedWeight, rtn_quantize
@@ -43,6 +44,8 @@ class SignRoundOptions(BaseModel):
     iters: int = Field(50, ge=0, le=100_000, description="signed-gradient steps per block (0: RTN)")
     lr: float | None = Field(None, gt=0, description="step size of rounding and clipping; default 1 / iters")
     windows_per_step: int = Field(8, ge=1, description="calibration windows per tuning step")
+    window_tokens: int = Field(0, ge=0, description="tune on the first N positions of each window (a causal block "
+                                                    "gives them exactly; 0: whole windows)")
     clip_min: float = Field(0.5, gt=0, le=1, description="how far clipping may shrink a group's range")
     scale_lr: float = Field(0.0, ge=0, le=1, description="Adam step size of learned per-channel scales folded into "
                                                          "the norms and codes (OmniQuant's LET); 0: off")
@@ -88,8 +91,10 @@ def signround_params(job: QuantJob, spec: ArchSpec | None = None) -> SignRoundPa
                            loss=o.loss, seed=job.calib.seed)
 
 
-def signround_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], p: SignRoundParams) -> dict[str, QuantizedWeight]:
-    """Tune one block's target Linears (relative names); returns their codes (the block keeps the dequantized weights)."""
+def signround_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], p: SignRoundParams,
+                    window_tokens: int = 0) -> dict[str, QuantizedWeight]:
+    """Tune one block's target Linears (relative names); returns their codes (the block keeps the dequantized weights).
+    `window_tokens`: tune on that prefix of each window (`quantkit.calib.prefix`; 0: whole windows)."""
     linears = {n: m for n, m in block_linears(calib.block, spec).items() if n in targets}
     if not linears:
         return {}
@@ -104,7 +109,12 @@ def signround_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], p: Sig
     inputs = torch.cat(calib.inputs()).to(dev)
     target = torch.cat(calib.reference_outputs).to(dev)
     mappings = usable_mappings(calib.block, spec, set(linears)) if p.scale_lr > 0 else None
-    res = tune_block(calib.block, linears, masters, inputs, target, calib.args, calib.block_kwargs,
+    args, kwargs = calib.args, calib.block_kwargs
+    cut = prefix_inputs(calib.block, inputs, args, kwargs, window_tokens) if window_tokens else None
+    if cut is not None:
+        args, kwargs = cut
+        inputs, target = inputs[:, :window_tokens].contiguous(), target[:, :window_tokens].contiguous()
+    res = tune_block(calib.block, linears, masters, inputs, target, args, kwargs,
                      SignRoundParams(**{**p.__dict__, "seed": p.seed + calib.index}), mappings)
     return {n: q.to("cpu") for n, q in res.items()}
 
@@ -136,7 +146,7 @@ class SignRound(BlockwiseMethod):
 
     def block_step(self, job: QuantJob, spec: ArchSpec, coverage: ExpertCoverage) -> BlockStep:
         p = signround_params(job, spec)
-        return lambda calib, targets: signround_block(calib, spec, targets, p)
+        return lambda calib, targets: signround_block(calib, spec, targets, p, job.options.window_tokens)
 
     def quantize_loaded(self, loaded: Loaded, job: QuantJob, samples: Tensor | None, facts: RunFacts) -> dict[str, Any]:
         o = job.options

@@ -1,4 +1,6 @@
-"""The first positions of each calibration window, as a decoder block sees them.
+"""A decoder block's other inputs (rotary tables, position ids, masks) for windows of another shape than the ones
+they were captured with: the first positions of each window (`prefix_inputs`), or another number of windows a
+batch (`batch_inputs`).
 
 A causal block's outputs at positions 0..n-1 depend only on its inputs at those positions, so a window cut to its
 first n tokens gives exactly the outputs the whole window gives there. Tuning on such prefixes costs n/T of the
@@ -48,6 +50,29 @@ def _mask_batch(x: Any) -> int:
     if isinstance(x, dict):
         return max((_mask_batch(y) for y in x.values()), default=1)
     return 1
+
+
+def _one_mask(x: Any, b: int) -> Any:
+    if torch.is_tensor(x):
+        if x.ndim != 4 or x.shape[0] in (1, b):
+            return x
+        if not bool((x == x[:1]).all()):
+            raise ValueError(f"the block's attention masks differ between the {x.shape[0]} windows of a batch")
+        return x[:1]
+    if isinstance(x, tuple):
+        return tuple(_one_mask(y, b) for y in x)
+    if isinstance(x, list):
+        return [_one_mask(y, b) for y in x]
+    if isinstance(x, dict):
+        return {k: _one_mask(v, b) for k, v in x.items()}
+    return x
+
+
+def batch_inputs(args: tuple, kwargs: dict[str, Any], b: int) -> tuple[tuple, dict[str, Any]]:
+    """The block's other inputs for batches of `b` windows: an attention mask (batch, 1, T, T) captured for another
+    batch size becomes one mask that broadcasts (calibration windows are unpadded, so every window's mask is the
+    same; masks that differ raise ValueError)."""
+    return _one_mask(args, b), _one_mask(kwargs, b)
 
 
 def cut_inputs(args: tuple, kwargs: dict[str, Any], seqlen: int, n: int) -> tuple[tuple, dict[str, Any]]:

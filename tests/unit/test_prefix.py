@@ -9,7 +9,7 @@ from torch import nn
 
 from quantkit.api import quantize
 from quantkit.calib.pipeline import _first, capture_inputs
-from quantkit.calib.prefix import cut_inputs, prefix_inputs
+from quantkit.calib.prefix import batch_inputs, cut_inputs, prefix_inputs
 from quantkit.models.arch import get_arch, get_blocks
 from quantkit.models.sources import load_model, resolve
 from tests.tiny import gemma3_config, llama_config, make_gemma3, make_model
@@ -82,3 +82,26 @@ def test_signround_on_window_prefixes_is_deterministic(tiny, text_file, tmp_path
     a = (tmp_path / "a" / "model.safetensors").read_bytes()
     assert a == (tmp_path / "b" / "model.safetensors").read_bytes()
     assert a != (tmp_path / "whole" / "model.safetensors").read_bytes()  # the prefix was what it tuned on
+
+
+def test_batch_inputs_turn_a_captured_mask_into_one_that_broadcasts():
+    mask = torch.zeros(2, 1, 6, 6).masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
+    _, out = batch_inputs((), {"attention_mask": mask, "pos": torch.zeros(1, 6, 4)}, 3)
+    assert out["attention_mask"].shape == (1, 1, 6, 6) and torch.equal(out["attention_mask"][0], mask[0])
+    _, same = batch_inputs((), {"attention_mask": mask}, 2)
+    assert same["attention_mask"] is mask
+    mask[1, 0, 0, 0] = float("-inf")
+    with pytest.raises(ValueError, match="differ"):
+        batch_inputs((), {"attention_mask": mask}, 3)
+
+
+def test_signround_with_a_sliding_window_mask_tunes_other_batch_sizes_and_prefixes(text_file, tmp_path):
+    """Gemma 3 with a sliding window shorter than the windows: its blocks get real masks, captured for the
+    pipeline's batch of 2; tuning steps of 3 windows, whole or cut to 16 tokens, run on them."""
+    model = make_gemma3(tmp_path / "g", gemma3_config(layers=2, hidden=64, inter=128, sliding_window=8))
+    for wt in (0, 16):
+        quantize(model, "signround", tmp_path / f"o{wt}", scheme={"bits": 4, "group_size": 32}, device="cpu",
+                 calib={"dataset": str(text_file), "nsamples": 6, "seqlen": 32, "batch_size": 2},
+                 options={"iters": 3, "calib_dtype": "float32", "compile": "off", "windows_per_step": 3,
+                          "window_tokens": wt})
+        assert (tmp_path / f"o{wt}" / "model.safetensors").stat().st_size > 0

@@ -16,7 +16,7 @@ from torch import Tensor
 from pydantic import BaseModel, ConfigDict, Field
 
 from quantkit.calib.pipeline import BlockCalib
-from quantkit.calib.prefix import prefix_inputs
+from quantkit.calib.prefix import batch_inputs, prefix_inputs
 from quantkit.compute import can_compile, resolve_calib_dtype
 from quantkit.errors import SchemeError
 from quantkit.grid import QuantizedWeight, rtn_quantize
@@ -109,7 +109,7 @@ def signround_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], p: Sig
     inputs = torch.cat(calib.inputs()).to(dev)
     target = torch.cat(calib.reference_outputs).to(dev)
     mappings = usable_mappings(calib.block, spec, set(linears)) if p.scale_lr > 0 else None
-    args, kwargs = calib.args, calib.block_kwargs
+    args, kwargs = batch_inputs(calib.args, calib.block_kwargs, min(p.batch_size, inputs.shape[0]))
     cut = prefix_inputs(calib.block, inputs, args, kwargs, window_tokens) if window_tokens else None
     if cut is not None:
         args, kwargs = cut

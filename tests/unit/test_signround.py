@@ -302,19 +302,26 @@ def _rtn_model_and_base(tiny):
     return base, model, quantized, samples, kl
 
 
-def test_chunked_kl_is_the_full_kl_and_its_gradient():
-    """Logits a chunk at a time (recomputed in the backward pass) give the full-vocabulary KL and its gradient."""
-    from quantkit.methods.signround.e2e import _kl_sum, chunked_kl
+@pytest.mark.parametrize("cap", [None, 3.0])
+def test_chunked_kl_is_the_full_kl_and_its_gradient(cap):
+    """Logits a chunk at a time, the gradient computed in the forward pass, give the full-vocabulary KL and the
+    gradient autograd gives, with and without Gemma's logit soft-cap."""
+    from quantkit.methods.signround.e2e import Head, _kl_sum, chunked_kl
 
     torch.manual_seed(0)
-    head_t, head_s = nn.Linear(16, 50, bias=False), nn.Linear(16, 50, bias=False)
+    wt, ws = torch.randn(50, 16), torch.randn(50, 16)
+    head_t, head_s = Head(wt, None, cap), Head(ws, None, cap)
     ht, hs = torch.randn(2, 7, 16), torch.randn(2, 7, 16, requires_grad=True)
-    full = _kl_sum(head_t(ht).flatten(0, 1), head_s(hs).flatten(0, 1)) / 14
+
+    def logits(w, h):
+        z = h @ w.t()
+        return torch.tanh(z / cap) * cap if cap else z
+
+    full = _kl_sum(logits(wt, ht).flatten(0, 1), logits(ws, hs).flatten(0, 1)) / 14
     (g_full,) = torch.autograd.grad(full, hs)
     chunked = chunked_kl(ht, hs, head_t, head_s, chunk=3)  # 14 tokens: chunks of 3, 3, 3, 3, 2
-    (g_chunk,) = torch.autograd.grad(chunked, hs)
-    assert torch.allclose(chunked, full, atol=1e-6) and torch.allclose(g_chunk, g_full, atol=1e-6)
-    assert head_t.weight.grad is None  # the teacher's logits carry no gradient
+    (g_chunk,) = torch.autograd.grad(2 * chunked, hs)  # the upstream gradient is applied
+    assert torch.allclose(chunked, full, atol=1e-6) and torch.allclose(g_chunk, 2 * g_full, atol=1e-6)
 
 
 def test_end_to_end_tuning_lowers_kl_and_keeps_codes(tiny):

@@ -22,7 +22,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.func import functional_call
-from torch.utils.checkpoint import checkpoint
 
 from quantkit.grid import QuantizedWeight
 from quantkit.methods.signround.algorithm import _ste_half, linear_decay, sign_step_
@@ -83,42 +82,81 @@ def _kl_sum(teacher: Tensor, student: Tensor) -> Tensor:
     return (t.exp() * (t - s)).sum()
 
 
-def _head(model: nn.Module, dtype: torch.dtype | None = None) -> Callable[[Tensor], Tensor]:
+def _kl_sum_and_grad(teacher: Tensor, student: Tensor) -> tuple[Tensor, Tensor]:
+    """`_kl_sum` and its gradient in the student's logits, softmax(student) - softmax(teacher), in float32."""
+    t = torch.log_softmax(teacher.float(), -1)
+    s = torch.log_softmax(student.float(), -1)
+    pt = t.exp()
+    return (pt * (t - s)).sum(), s.exp() - pt
+
+
+@dataclass(frozen=True)
+class Head:
+    """A frozen output layer: logits = cap * tanh((h W^T + b) / cap) (no soft-cap when cap is None)."""
+
+    weight: Tensor
+    bias: Tensor | None
+    cap: float | None
+
+    def __call__(self, h: Tensor) -> Tensor:
+        z = F.linear(h.to(self.weight.dtype), self.weight, self.bias)
+        return torch.tanh(z / self.cap) * self.cap if self.cap else z
+
+    def input_grad(self, grad_z: Tensor, z: Tensor) -> Tensor:
+        """d(loss)/dh from d(loss)/d(logits) `grad_z` at the logits `z` this head gave."""
+        if self.cap:
+            grad_z = grad_z * (1 - (z.float() / self.cap).pow(2))
+        return grad_z.to(self.weight.dtype) @ self.weight
+
+
+def _head(model: nn.Module, dtype: torch.dtype | None = None) -> Head:
     """The model's hidden state -> logits map: its output embedding, then its logit soft-capping if any.
 
     `dtype`: the autocast dtype, in which the (frozen) output weight is held once, rather than cast afresh for
     every chunk of logits (a vocabulary-sized copy, 13 times a step)."""
     head = model.get_output_embeddings()
-    cap = getattr(model.config, "final_logit_softcapping", None)
     w = head.weight.detach()
     b = None if getattr(head, "bias", None) is None else head.bias.detach()
     if dtype is not None:
         w = w.to(dtype)
         b = None if b is None else b.to(dtype)
-
-    def logits(h: Tensor) -> Tensor:
-        z = F.linear(h.to(w.dtype), w, b)
-        return torch.tanh(z / cap) * cap if cap else z
-
-    return logits
+    return Head(w, b, getattr(model.config, "final_logit_softcapping", None))
 
 
-def chunked_kl(teacher_h: Tensor, student_h: Tensor, teacher_head: Callable[[Tensor], Tensor],
-               student_head: Callable[[Tensor], Tensor], chunk: int,
-               kl_sum: Callable[[Tensor, Tensor], Tensor] = _kl_sum) -> Tensor:
-    """Mean over tokens of KL(teacher || student) from the final hidden states (..., hidden), `chunk` tokens of
-    logits at a time, each recomputed in the backward pass: memory holds one chunk's logits, not all of them.
-    `kl_sum`: `_kl_sum` or a compiled copy of it."""
-    th, sh = teacher_h.reshape(-1, teacher_h.shape[-1]), student_h.reshape(-1, student_h.shape[-1])
+class _ChunkedKL(torch.autograd.Function):
+    """Mean KL over tokens, with its gradient in the student's hidden states computed in the forward pass, a chunk of
+    logits at a time: per chunk three vocabulary-sized products (the two heads' logits and the gradient's
+    product), against five when the chunk is recomputed for autograd, and one pass of softmaxes."""
 
-    def part(t: Tensor, s: Tensor) -> Tensor:
+    @staticmethod
+    def forward(ctx, student_h: Tensor, teacher_h: Tensor, teacher_head: Head, student_head: Head, chunk: int,
+                kl_and_grad: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]) -> Tensor:
+        n = student_h.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=student_h.device)
+        grads = []
         with torch.no_grad():
-            z = teacher_head(t)
-        return kl_sum(z, student_head(s))
+            for i in range(0, n, chunk):
+                zs = student_head(student_h[i:i + chunk])
+                kl, gz = kl_and_grad(teacher_head(teacher_h[i:i + chunk]), zs)
+                total += kl
+                grads.append(student_head.input_grad(gz, zs))
+        ctx.save_for_backward(torch.cat(grads).to(student_h.dtype))
+        ctx.n = n
+        return total / n
 
-    total = sum(checkpoint(part, th[i:i + chunk], sh[i:i + chunk], use_reentrant=False)
-                for i in range(0, th.shape[0], chunk))
-    return total / th.shape[0]
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * (grad_out / ctx.n).to(grad_h.dtype), None, None, None, None, None
+
+
+def chunked_kl(teacher_h: Tensor, student_h: Tensor, teacher_head: Head, student_head: Head, chunk: int,
+               kl_and_grad: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] = _kl_sum_and_grad) -> Tensor:
+    """Mean over tokens of KL(teacher || student) from the final hidden states (..., hidden), `chunk` tokens of
+    logits at a time: memory holds one chunk's logits, not all of them. Differentiable in `student_h` only (both
+    heads are frozen). `kl_and_grad`: `_kl_sum_and_grad` or a compiled copy of it."""
+    th, sh = teacher_h.reshape(-1, teacher_h.shape[-1]), student_h.reshape(-1, student_h.shape[-1])
+    return _ChunkedKL.apply(sh, th.detach(), teacher_head, student_head, chunk, kl_and_grad)
 
 
 @torch.enable_grad()
@@ -180,7 +218,7 @@ def tune_end_to_end(model: nn.Module, base: nn.Module, quantized: dict[str, Quan
     if not all(n.startswith(prefix) for n in quantized):
         raise ValueError(f"end-to-end: quantized Linears outside the decoder ({model.base_model_prefix})")
     t_head, s_head = _head(base, p.autocast), _head(model, p.autocast)
-    kl_sum = torch.compile(_kl_sum, dynamic=False) if p.compile else _kl_sum
+    kl_sum = torch.compile(_kl_sum_and_grad, dynamic=False) if p.compile else _kl_sum_and_grad
     norms = _norm_params(model)
     groups = [{"params": list(logs.values()), "lr": p.lr}]
     if norms:

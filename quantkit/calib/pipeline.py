@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from quantkit.calib.heap import release_heap, steady_heap
 from quantkit.calib.hooks import HookSet
 from quantkit.calib.masters import computing_in, edit_originals
+from quantkit.compute import map_tensors
 from quantkit.models.arch import ArchSpec, get_blocks
 
 log = logging.getLogger(__name__)
@@ -93,15 +94,8 @@ class InMemoryBlocks:
 
 def _to(obj: Any, device: torch.device | str, dtype: torch.dtype | None = None) -> Any:
     """`obj` (tensors, possibly nested in tuples, lists, dicts) on `device`; floating tensors cast to `dtype`."""
-    if isinstance(obj, Tensor):
-        return obj.to(device, dtype) if dtype is not None and obj.is_floating_point() else obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_to(o, device, dtype) for o in obj)
-    if isinstance(obj, list):
-        return [_to(o, device, dtype) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _to(v, device, dtype) for k, v in obj.items()}
-    return obj
+    return map_tensors(obj, lambda t: t.to(device, dtype) if dtype is not None and t.is_floating_point()
+                       else t.to(device))
 
 
 def _first(out: Any) -> Tensor:

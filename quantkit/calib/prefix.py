@@ -13,12 +13,14 @@ is not causal, or an input whose layout the rule misreads, is tuned on whole win
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from quantkit.calib.pipeline import _first
+from quantkit.compute import iter_tensors, map_tensors
 
 log = logging.getLogger(__name__)
 
@@ -26,58 +28,40 @@ log = logging.getLogger(__name__)
 _TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
 
 
-def _cut(x: Any, seqlen: int, n: int) -> Any:
-    if torch.is_tensor(x):
+def _cut(seqlen: int, n: int) -> Callable[[Tensor], Tensor]:
+    def cut(x: Tensor) -> Tensor:
         for dim in range(x.ndim):
             if x.shape[dim] == seqlen and (dim > 0 or x.ndim == 1):
                 x = x.narrow(dim, 0, n)
         return x
-    if isinstance(x, tuple):
-        return tuple(_cut(y, seqlen, n) for y in x)
-    if isinstance(x, list):
-        return [_cut(y, seqlen, n) for y in x]
-    if isinstance(x, dict):
-        return {k: _cut(v, seqlen, n) for k, v in x.items()}
-    return x
+    return cut
 
 
 def _mask_batch(x: Any) -> int:
     """The batch an attention mask among the inputs was built for (masks are (batch, 1, T, T)), else 1."""
-    if torch.is_tensor(x):
-        return x.shape[0] if x.ndim == 4 else 1
-    if isinstance(x, (tuple, list)):
-        return max((_mask_batch(y) for y in x), default=1)
-    if isinstance(x, dict):
-        return max((_mask_batch(y) for y in x.values()), default=1)
-    return 1
+    return max((t.shape[0] for t in iter_tensors(x) if t.ndim == 4), default=1)
 
 
-def _one_mask(x: Any, b: int) -> Any:
-    if torch.is_tensor(x):
+def _one_mask(b: int) -> Callable[[Tensor], Tensor]:
+    def one(x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[0] in (1, b):
             return x
         if not bool((x == x[:1]).all()):
             raise ValueError(f"the block's attention masks differ between the {x.shape[0]} windows of a batch")
         return x[:1]
-    if isinstance(x, tuple):
-        return tuple(_one_mask(y, b) for y in x)
-    if isinstance(x, list):
-        return [_one_mask(y, b) for y in x]
-    if isinstance(x, dict):
-        return {k: _one_mask(v, b) for k, v in x.items()}
-    return x
+    return one
 
 
 def batch_inputs(args: tuple, kwargs: dict[str, Any], b: int) -> tuple[tuple, dict[str, Any]]:
     """The block's other inputs for batches of `b` windows: an attention mask (batch, 1, T, T) captured for another
     batch size becomes one mask that broadcasts (calibration windows are unpadded, so every window's mask is the
     same; masks that differ raise ValueError)."""
-    return _one_mask(args, b), _one_mask(kwargs, b)
+    return map_tensors(args, _one_mask(b)), map_tensors(kwargs, _one_mask(b))
 
 
 def cut_inputs(args: tuple, kwargs: dict[str, Any], seqlen: int, n: int) -> tuple[tuple, dict[str, Any]]:
     """The block's other inputs for windows of `n` tokens instead of `seqlen`."""
-    return _cut(args, seqlen, n), _cut(kwargs, seqlen, n)
+    return map_tensors(args, _cut(seqlen, n)), map_tensors(kwargs, _cut(seqlen, n))
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from quantkit.calib.hooks import HookSet
 from quantkit.calib.pipeline import BlockCalib, StopForward
+from quantkit.compute import map_tensors
 from quantkit.methods.awq.search import _CHUNK_ELEMENTS, AWQConfig, group_view
 
 log = logging.getLogger(__name__)
@@ -135,15 +136,7 @@ def site_hook(stats: SiteStats, group_size: int, per_batch: int, seed: int, full
 
 def _select(obj, rows: slice, batch: int):
     """Sequences `rows` of a batch of module inputs: tensors whose dim 0 is the batch size are cut."""
-    if isinstance(obj, Tensor):
-        return obj[rows].clone() if obj.dim() >= 2 and obj.shape[0] == batch else obj
-    if isinstance(obj, tuple):
-        return tuple(_select(o, rows, batch) for o in obj)
-    if isinstance(obj, list):
-        return [_select(o, rows, batch) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _select(v, rows, batch) for k, v in obj.items()}
-    return obj
+    return map_tensors(obj, lambda t: t[rows].clone() if t.dim() >= 2 and t.shape[0] == batch else t)
 
 
 def call_recorder(calls: list[tuple[tuple, dict]], max_tokens: int) -> Callable:

@@ -14,8 +14,9 @@ weights W * s, and inputs x / s quantized as the scheme's activations say: per t
 static scale the calibration maxima give) against their float output x W^T. The smallest mean squared error
 wins, so smoothing is never chosen where it does not lower the measured error. A fixed α (the `smooth_alpha`
 option) skips the search. Int8 W8A8 candidates are scored on the codes' exact integer product (`torch._int_mm`,
-as the W8A8 kernel computes it): half the search's CPU time on Gemma 3 270M, the same choices. (Scoring the whole block per candidate cost ~95 s a block on SmolLM2 on the shared
-2-core machine; the Linears' own outputs on 512 tokens cost about a second a block.)
+as the W8A8 kernel computes it): half the search's CPU time on Gemma 3 270M, the same choices. (Scoring the
+whole block per candidate cost ~95 s a block on SmolLM2 on the shared 2-core machine; the Linears' own outputs on
+512 tokens cost about a second a block.)
 """
 
 from __future__ import annotations

@@ -241,8 +241,9 @@ def _checked(model: nn.Module, tokenizer: Any, spec: ArchSpec, scheme: QuantSche
     return Loaded(model, tokenizer, spec, layers)
 
 
-def load_in_memory(job: QuantJob) -> Loaded:
-    model, tok = load_model(job.source, torch.float32, job.trust_remote_code)
+def load_in_memory(job: QuantJob, tokenizer: Any = None) -> Loaded:
+    """The whole model in memory; `tokenizer`: the source's, when the caller already loaded it."""
+    model, tok = load_model(job.source, torch.float32, job.trust_remote_code, tokenizer)
     spec = get_arch(model)
     swap_experts(model, spec)  # MoE: fused 3-D experts -> per-expert Linears (a no-op for dense models)
     return _checked(model, tok, spec, job.scheme)

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -231,15 +232,17 @@ def _load_tokenizer(path: str, trust_remote_code: bool):
                                f"; its tokenizer files are damaged: re-download or re-export them") from None
 
 
-def load_model(src: ModelSource, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """(model in eval mode on CPU, tokenizer) for a float source."""
+def load_model(src: ModelSource, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+               tokenizer: Any = None):
+    """(model in eval mode on CPU, tokenizer) for a float source; `tokenizer`: the source's, already loaded (Gemma
+    3's takes ~4 CPU s to read: a calibrated run that tokenized first hands its own on)."""
     from transformers import AutoModelForCausalLM
 
     if src.kind == "gguf":
         model, tok = _load_gguf(Path(src.path), dtype)
     else:
         try:
-            tok = _load_tokenizer(src.path, trust_remote_code)
+            tok = tokenizer if tokenizer is not None else _load_tokenizer(src.path, trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, trust_remote_code=trust_remote_code)
         except OSError as e:
             if src.kind == "hub":

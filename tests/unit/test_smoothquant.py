@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from quantkit import api
 from quantkit.calib.pipeline import run_sequential
 from quantkit.cli.main import app
+from quantkit.grid import quantize_activations, quantize_weight
 from quantkit.loading import load
 from quantkit.methods.composed import SmoothQuant
 from quantkit.methods.smoothquant import smooth as sq
@@ -132,3 +133,28 @@ def test_smoothquant_rtn_refuses_static_presets(tiny_llama, tmp_path):
     r = CliRunner().invoke(app, ["quantize", str(tiny_llama), "-o", str(tmp_path / "o"), "-m", "smoothquant-rtn",
                                  "--preset", "fp8"])
     assert r.exit_code == 2 and "static activation scales" in r.stderr
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w8a8-static"])
+def test_alpha_scores_on_the_int8_product_match_the_float_product(preset):
+    """The α search scores W8A8 candidates on the int8 codes' exact integer product (`torch._int_mm`); the error
+    equals the float32 product of the dequantized operands to float32 rounding, for every candidate."""
+    scheme = make_scheme(preset)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 64, generator=g) * torch.rand(64, generator=g).mul(6).exp()  # outlier channels
+    w = torch.randn(48, 64, generator=g) * 0.05
+    amax, ref = x.abs().amax(0), x @ w.t()
+    assert sq._integer_product(x, w, scheme)
+    for alpha in (None, 0.3, 0.6, 0.9):
+        s = None if alpha is None else sq.smoothing_scale(amax, [w], alpha)
+        fast = sq.simulated_error(x, amax, w, ref, s, scheme)
+        xs, ws, am = (x, w, amax) if s is None else (x / s, w * s, amax / s)
+        qw = quantize_weight(ws, 8, -1, True)
+        act = scheme.input_activations
+        static = None if act.dynamic else (am.max() / act.qmax).clamp(min=1e-8).reshape(1)
+        slow = float((quantize_activations(xs, "int", static) @ qw.dequantize().t() - ref).pow(2).mean())
+        assert fast == pytest.approx(slow, rel=1e-5)
+    # not an int8 product (FP8, or a width the int8 GEMM does not take): the float path, unchanged
+    assert not sq._integer_product(x, w, make_scheme("fp8-dynamic"))
+    assert not sq._integer_product(x[:, :60], w[:, :60], scheme)
+    assert not sq._integer_product(x, w[:44], scheme)

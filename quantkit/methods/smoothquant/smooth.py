@@ -13,8 +13,10 @@ subsample of the calibration tokens that reach it: the mapping's Linears simulat
 weights W * s, and inputs x / s quantized as the scheme's activations say: per token, or per tensor with the
 static scale the calibration maxima give) against their float output x W^T. The smallest mean squared error
 wins, so smoothing is never chosen where it does not lower the measured error. A fixed α (the `smooth_alpha`
-option) skips the search. (Scoring the whole block per candidate cost ~95 s a block on SmolLM2 on the shared
-2-core machine; the Linears' own outputs on 512 tokens cost about a second a block.)
+option) skips the search. Int8 W8A8 candidates are scored on the codes' exact integer product (`torch._int_mm`,
+as the W8A8 kernel computes it): half the search's CPU time on Gemma 3 270M, the same choices. (Scoring the
+whole block per candidate cost ~95 s a block on SmolLM2 on the shared 2-core machine; the Linears' own outputs on
+512 tokens cost about a second a block.)
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch import Tensor
 
 from quantkit.calib.hooks import HookSet
 from quantkit.calib.pipeline import BlockCalib, StopForward
-from quantkit.grid import quantize_activations, quantize_weight
+from quantkit.grid import QuantizedWeight, int8_activations, quantize_activations, quantize_weight
 from quantkit.methods.scaling import fold_scale, usable_mappings
 from quantkit.models.arch import ArchSpec, AWQMapping
 from quantkit.scheme import QuantScheme
@@ -120,10 +122,33 @@ def simulated_error(x: Tensor, amax: Tensor, w: Tensor, ref: Tensor, s: Tensor |
         x, w, amax = x / s, w * s, amax.float() / s
     qw = quantize_weight(w, scheme.bits, scheme.group_size, scheme.sym, scheme.type, scheme.weight_strategy == "tensor")
     act = scheme.input_activations
+    static = None
+    if act is not None and not act.dynamic:
+        static = (amax.max() / act.qmax).clamp(min=1e-8).reshape(1)
+    if _integer_product(x, w, scheme):
+        return _int8_error(x, qw, static, ref)
     if act is not None:
-        static = None if act.dynamic else (amax.max() / act.qmax).clamp(min=1e-8).reshape(1)
         x = quantize_activations(x, act.type, static)
     return float((x @ qw.dequantize().t() - ref).pow(2).mean())
+
+
+def _integer_product(x: Tensor, w: Tensor, scheme: QuantScheme) -> bool:
+    """Whether the simulated product can run as W8A8's own int8 GEMM: symmetric int8 weights per channel, int8
+    activations, a CPU (`torch._int_mm`; widths multiples of 8)."""
+    act = scheme.input_activations
+    return (x.device.type == "cpu" and hasattr(torch, "_int_mm") and act is not None and act.type == "int"
+            and scheme.type == "int" and scheme.bits == 8 and scheme.sym and scheme.group_size == -1
+            and scheme.weight_strategy != "tensor" and x.shape[1] % 8 == 0 and w.shape[0] % 8 == 0)
+
+
+def _int8_error(x: Tensor, qw: QuantizedWeight, static: Tensor | None, ref: Tensor) -> float:
+    """`simulated_error`'s product on the int8 codes: acc = q_x q_w^T exactly in int32 (`torch._int_mm`), then the
+    token and channel scales, as the W8A8 kernel computes it (Gemma 3 270M, 512 tokens: 2-5x faster than the
+    float32 product of the dequantized operands, which agrees to float32 rounding)."""
+    q, sx = int8_activations(x, static)                                  # (n, C) int8, (n, 1) float32
+    wq = (qw.codes ^ 0x80).view(torch.int8)                              # codes - 128: symmetric int8 values
+    acc = torch._int_mm(q, wq.t())                                       # (n, rows) int32
+    return float(acc.float().mul_(sx).mul_(qw.scales[:, 0].float()).sub_(ref).pow_(2).mean())
 
 
 @torch.no_grad()

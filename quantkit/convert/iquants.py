@@ -23,12 +23,34 @@ KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53,
 _KV = KVALUES.astype(F)
 
 
+# llama.cpp's best_index_int8 takes the lower neighbour lo of x when x - lo < hi - x in float32, which for a float32 x
+# holds exactly when x < (lo + hi) / 2 (tests/unit/test_iq4_lookup.py checks each midpoint and its neighbours). Every
+# midpoint of KVALUES is a multiple of 1/2, so the index is a table look-up on floor(2x) (2x is exact in float32).
+_CELL_LO, _CELL_HI = -256, 256                                      # floor(2x) clipped here: beyond both midpoints
+_MID2 = (KVALUES[:-1].astype(np.int32) + KVALUES[1:].astype(np.int32))  # 2 * midpoints, integers
+_INDEX = np.searchsorted(_MID2, np.arange(_CELL_LO, _CELL_HI + 1), side="right").astype(np.uint8)
+_VALUE = _KV[_INDEX]
+
+
+def _cells(v: np.ndarray) -> np.ndarray:
+    """floor(2v) - _CELL_LO as table indices; NaN lands on the top cell (index 15, as llama.cpp's search gives)."""
+    with np.errstate(over="ignore"):                                # 2x past float32's range: inf, still ordered
+        c = np.multiply(v, F(2), dtype=F, casting="no")             # float32 only: the midpoint rule is float32's
+    np.fmin(c, F(_CELL_HI), out=c)                                  # fmin/fmax take the number over NaN
+    np.fmax(c, F(_CELL_LO), out=c)
+    np.floor(c, out=c)
+    c -= F(_CELL_LO)                                                # integers up to 512: exact
+    return c.astype(np.intp)
+
+
 def best_index(v: np.ndarray) -> np.ndarray:
-    """Index of the nearest KVALUES entry (llama.cpp's best_index_int8: a tie goes to the upper one)."""
-    mu = np.clip(np.searchsorted(_KV, v, side="right"), 1, 15)
-    lower = (v - _KV[mu - 1]) < (_KV[mu] - v)
-    idx = np.where(lower, mu - 1, mu)
-    return np.where(v <= _KV[0], 0, np.where(v >= _KV[15], 15, idx)).astype(np.uint8)
+    """Index of the nearest KVALUES entry of float32 v (llama.cpp's best_index_int8: a tie goes to the upper one)."""
+    return _INDEX[_cells(v)]
+
+
+def _nearest_value(v: np.ndarray) -> np.ndarray:
+    """KVALUES[best_index(v)] as float32, in one look-up."""
+    return _VALUE[_cells(v)]
 
 
 def _nl_scales(xs: np.ndarray, w: np.ndarray, ntry: int = 7) -> np.ndarray:
@@ -38,7 +60,7 @@ def _nl_scales(xs: np.ndarray, w: np.ndarray, ntry: int = 7) -> np.ndarray:
     mx = np.where(zero, F(1), mx)
 
     def sums(idv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        q = _KV[best_index(idv * xs)]
+        q = _nearest_value(idv * xs)
         wq = w * q
         return ssum(wq * xs), ssum(wq * q)
 

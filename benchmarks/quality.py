@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from _proc import peak_mib, cpu_s  # benchmarks/_proc.py
+from quality_rows import SCHEMES, SYM_ROWS, VARIANTS  # benchmarks/quality_rows.py
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -39,37 +40,6 @@ AUTOROUND_PY = ROOT / ".venv-autoround" / "bin" / "python"
 LLAMACPP_BIN = Path(os.environ.get("LLAMACPP_BIN", ROOT / ".llamacpp" / "build" / "bin"))
 log = logging.getLogger("bench.quality")
 
-SCHEMES = {"w4g64": {"bits": 4, "group_size": 64}, "w3g64": {"bits": 3, "group_size": 64}}
-# row -> (method, options); the setting (w4g64 / w3g64) is the row name's second part
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "rtn": ("rtn", {}),
-    "gptq": ("gptq", {}),
-    "awq": ("awq", {}),
-    "rtn-sym": ("rtn", {}),
-    "gptq-sym": ("gptq", {}),
-    "awq-sym": ("awq", {}),
-    "signround": ("signround", {}),
-    "signround-i50": ("signround", {"iters": 50}),
-    "signround-i200": ("signround", {"iters": 200}),
-    "signround-nonorm": ("signround", {"tune_norms": False}),
-    "signround-sym": ("signround", {}),
-    "signround-e2e": ("signround", {"e2e_steps": 32}),
-    "signround-e2e-eager": ("signround", {"e2e_steps": 32, "compile": "off"}),
-    "signround-e2e-mse": ("signround", {"e2e_steps": 32, "loss": "mse"}),
-    "signround-e2e-token": ("signround", {"e2e_steps": 32, "loss": "token"}),
-    "signround-e2e-bs4": ("signround", {"e2e_steps": 32, "windows_per_step": 4}),
-    "signround-e2e-i30": ("signround", {"e2e_steps": 32, "iters": 30, "compile": "on"}),
-    "signround-e2e-bs4-i30": ("signround", {"e2e_steps": 32, "windows_per_step": 4, "iters": 30, "compile": "on"}),
-    "signround-e2e-i100": ("signround", {"e2e_steps": 32, "iters": 100}),
-    "signround-e2e-sym": ("signround", {"e2e_steps": 32}),
-    "signround-e2e-c256b12": ("signround", {"e2e_steps": 32, "window_tokens": 256, "windows_per_step": 12}),
-    "signround-e2e-i100-c256b12": ("signround", {"e2e_steps": 32, "iters": 100, "window_tokens": 256,
-                                                 "windows_per_step": 12}),
-    "signround-e2e-eb4": ("signround", {"e2e_steps": 32, "e2e_batch_size": 4}),
-    "signround-e2e-eb4-bs6": ("signround", {"e2e_steps": 32, "e2e_batch_size": 4, "windows_per_step": 6}),
-    "signround-e2e-sym-c256b12": ("signround", {"e2e_steps": 32, "window_tokens": 256, "windows_per_step": 12}),
-}
-SYM_ROWS = {"signround-sym", "signround-e2e-sym", "signround-e2e-sym-c256b12", "rtn-sym", "gptq-sym", "awq-sym"}
 DEFAULT_ROWS = "signround-w4g64,signround-e2e-w4g64,signround-w3g64,signround-e2e-w3g64"
 DEFAULT_PEERS = "autoround-w4g64-i50,autoround-w3g64-i50"
 

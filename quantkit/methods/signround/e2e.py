@@ -123,6 +123,15 @@ def _head(model: nn.Module, dtype: torch.dtype | None = None) -> Head:
     return Head(w, b, getattr(model.config, "final_logit_softcapping", None))
 
 
+def _same_head(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two models' output layers compute the same logits (same weight, bias and soft-cap)."""
+    ha, hb = a.get_output_embeddings(), b.get_output_embeddings()
+    ba, bb = getattr(ha, "bias", None), getattr(hb, "bias", None)
+    return (getattr(a.config, "final_logit_softcapping", None) == getattr(b.config, "final_logit_softcapping", None)
+            and torch.equal(ha.weight, hb.weight) and (ba is None) == (bb is None)
+            and (ba is None or torch.equal(ba, bb)))
+
+
 class _ChunkedKL(torch.autograd.Function):
     """Mean KL over tokens, with its gradient in the student's hidden states computed in the forward pass, a chunk of
     logits at a time: per chunk three vocabulary-sized products (the two heads' logits and the gradient's
@@ -217,7 +226,9 @@ def tune_end_to_end(model: nn.Module, base: nn.Module, quantized: dict[str, Quan
     prefix = f"{model.base_model_prefix}."
     if not all(n.startswith(prefix) for n in quantized):
         raise ValueError(f"end-to-end: quantized Linears outside the decoder ({model.base_model_prefix})")
-    t_head, s_head = _head(base, p.autocast), _head(model, p.autocast)
+    t_head = _head(base, p.autocast)
+    # the usual case (the head is not quantized): one low-precision copy of it, not two
+    s_head = t_head if _same_head(base, model) else _head(model, p.autocast)
     kl_sum = torch.compile(_kl_sum_and_grad, dynamic=False) if p.compile else _kl_sum_and_grad
     norms = _norm_params(model)
     groups = [{"params": list(logs.values()), "lr": p.lr}]

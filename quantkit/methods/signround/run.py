@@ -156,7 +156,7 @@ class SignRound(BlockwiseMethod):
             samples = self.calibration(loaded.tokenizer, job)
         results = super().quantize_loaded(loaded, job, samples, facts)
         quantized = stored_results(loaded, job, results, self.job_format(job), self.describe(job).get("options", {}))
-        base, _ = load_model(job.source, torch.float32, job.trust_remote_code)
+        base, _ = load_model(job.source, torch.float32, job.trust_remote_code, loaded.tokenizer)  # not read again
         place_outside_blocks(loaded.model, loaded.spec, job.device)
         loaded.model.to(job.device)
         base.to(job.device)

@@ -1,0 +1,35 @@
+"""The rows `benchmarks/quality.py` can run: a setting (w4g64 / w3g64) and a variant (method and options).
+Rows whose variant is in SYM_ROWS use the symmetric grid."""
+from typing import Any
+
+SCHEMES = {"w4g64": {"bits": 4, "group_size": 64}, "w3g64": {"bits": 3, "group_size": 64}}
+# row -> (method, options); the setting (w4g64 / w3g64) is the row name's second part
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "rtn": ("rtn", {}),
+    "gptq": ("gptq", {}),
+    "awq": ("awq", {}),
+    "rtn-sym": ("rtn", {}),
+    "gptq-sym": ("gptq", {}),
+    "awq-sym": ("awq", {}),
+    "signround": ("signround", {}),
+    "signround-i50": ("signround", {"iters": 50}),
+    "signround-i200": ("signround", {"iters": 200}),
+    "signround-nonorm": ("signround", {"tune_norms": False}),
+    "signround-sym": ("signround", {}),
+    "signround-e2e": ("signround", {"e2e_steps": 32}),
+    "signround-e2e-eager": ("signround", {"e2e_steps": 32, "compile": "off"}),
+    "signround-e2e-mse": ("signround", {"e2e_steps": 32, "loss": "mse"}),
+    "signround-e2e-token": ("signround", {"e2e_steps": 32, "loss": "token"}),
+    "signround-e2e-bs4": ("signround", {"e2e_steps": 32, "windows_per_step": 4}),
+    "signround-e2e-i30": ("signround", {"e2e_steps": 32, "iters": 30, "compile": "on"}),
+    "signround-e2e-bs4-i30": ("signround", {"e2e_steps": 32, "windows_per_step": 4, "iters": 30, "compile": "on"}),
+    "signround-e2e-i100": ("signround", {"e2e_steps": 32, "iters": 100}),
+    "signround-e2e-sym": ("signround", {"e2e_steps": 32}),
+    "signround-e2e-c256b12": ("signround", {"e2e_steps": 32, "window_tokens": 256, "windows_per_step": 12}),
+    "signround-e2e-i100-c256b12": ("signround", {"e2e_steps": 32, "iters": 100, "window_tokens": 256,
+                                                 "windows_per_step": 12}),
+    "signround-e2e-eb4": ("signround", {"e2e_steps": 32, "e2e_batch_size": 4}),
+    "signround-e2e-eb4-bs6": ("signround", {"e2e_steps": 32, "e2e_batch_size": 4, "windows_per_step": 6}),
+    "signround-e2e-sym-c256b12": ("signround", {"e2e_steps": 32, "window_tokens": 256, "windows_per_step": 12}),
+}
+SYM_ROWS = {"signround-sym", "signround-e2e-sym", "signround-e2e-sym-c256b12", "rtn-sym", "gptq-sym", "awq-sym"}

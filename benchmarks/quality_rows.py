@@ -30,6 +30,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                                                  "windows_per_step": 12}),
     "signround-e2e-eb4": ("signround", {"e2e_steps": 32, "e2e_batch_size": 4}),
     "signround-e2e-eb4-bs6": ("signround", {"e2e_steps": 32, "e2e_batch_size": 4, "windows_per_step": 6}),
+    "signround-e2e-eb4-let": ("signround", {"e2e_steps": 32, "e2e_batch_size": 4, "scale_lr": 0.01}),
+    "signround-e2e-eb4-i100": ("signround", {"e2e_steps": 32, "e2e_batch_size": 4, "iters": 100}),
     "signround-e2e-sym-c256b12": ("signround", {"e2e_steps": 32, "window_tokens": 256, "windows_per_step": 12}),
 }
 SYM_ROWS = {"signround-sym", "signround-e2e-sym", "signround-e2e-sym-c256b12", "rtn-sym", "gptq-sym", "awq-sym"}

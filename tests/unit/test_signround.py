@@ -339,6 +339,32 @@ def test_end_to_end_tuning_lowers_kl_and_keeps_codes(tiny):
     assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
 
 
+def test_end_to_end_from_a_prebuilt_teacher_equals_the_float_model(tiny):
+    """The teacher's hidden states, computed once (the float model then freed), give the same tuning as the float
+    model run every step; two passes over the windows (batch 4 x 4 steps on 8 windows) run it once a window."""
+    import copy
+
+    from quantkit.methods.signround.e2e import E2EParams, teacher_of, tune_end_to_end
+
+    base, model, quantized, samples, _ = _rtn_model_and_base(tiny)
+    twin = copy.deepcopy(model)
+    p = E2EParams(steps=4, batch_size=4, lr=1e-2, norm_lr=1e-2)
+    calls = []
+    hook = base.model.register_forward_hook(lambda m, a, o: calls.append(1))
+    try:
+        teacher = teacher_of(base, twin, samples, p)
+    finally:
+        hook.remove()
+    assert teacher.hidden.shape[:2] == samples.shape and teacher.same_head
+    assert len(calls) == -(-samples.shape[0] // p.batch_size)
+    a = tune_end_to_end(model, base, quantized, samples, p)
+    b = tune_end_to_end(twin, teacher, quantized, samples, p)
+    for name in a:
+        assert torch.equal(a[name].scales, b[name].scales)
+    for (n, x), (_, y) in zip(model.named_parameters(), twin.named_parameters()):
+        assert torch.equal(x, y), n
+
+
 def test_end_to_end_in_bf16_with_compiled_kl_lowers_kl_and_keeps_codes(tiny):
     """The fast path (weights built grouped in the autocast dtype, head weight cast once, compiled KL) tunes."""
     from quantkit.methods.signround.e2e import E2EParams, tune_end_to_end

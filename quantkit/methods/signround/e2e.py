@@ -7,7 +7,8 @@ checkpoint is tuned here on the whole model at once (EfficientQAT's E2E-QP stage
     norms   the decoder blocks' and the final norm's weights
 
 The loss is KL(base || quantized) over the full vocabulary on the calibration windows, the same quantity the
-evaluator reports. The teacher's logits come from the float model, run beside it without gradients.
+evaluator reports. The teacher's final hidden states come from the float model, computed once before the tuning
+(`teacher_of`), so the float model is freed before the tuning loop.
 """
 
 from __future__ import annotations
@@ -168,10 +169,38 @@ def chunked_kl(teacher_h: Tensor, student_h: Tensor, teacher_head: Head, student
     return _ChunkedKL.apply(sh, th.detach(), teacher_head, student_head, chunk, kl_and_grad)
 
 
+@dataclass(frozen=True)
+class Teacher:
+    """The float model's side of the end-to-end loss, computed once: its final hidden states on every calibration
+    window (N, T, hidden; in the autocast dtype: 38 MB for SmolLM2's 64 x 512 windows) and its output layer.
+    Once it is built the float model can be freed: the tuning loop holds two models' worth of weights no longer,
+    and a window seen twice (batch 4 x 32 steps is two passes over 64 windows) is not run through it twice.
+    `same_head`: the student's output layer computes the same logits, so one low-precision copy serves both."""
+
+    hidden: Tensor
+    head: Head
+    same_head: bool
+
+
+@torch.no_grad()
+def teacher_of(base: nn.Module, student: nn.Module, samples: Tensor, p: E2EParams) -> Teacher:
+    """`Teacher` of `base` on `samples` (N, T token ids), `p.batch_size` windows a pass, under `p.autocast`."""
+    dev = next(base.parameters()).device
+    ctx = (lambda: torch.autocast(dev.type, dtype=p.autocast)) if p.autocast else nullcontext
+    outs = []
+    for i in range(0, samples.shape[0], p.batch_size):
+        with ctx():
+            h = base.base_model(input_ids=samples[i:i + p.batch_size].to(dev), use_cache=False).last_hidden_state
+        outs.append(h.to(p.autocast or h.dtype))
+    return Teacher(torch.cat(outs), _head(base, p.autocast), _same_head(base, student))
+
+
 @torch.enable_grad()
-def tune_end_to_end(model: nn.Module, base: nn.Module, quantized: dict[str, QuantizedWeight], samples: Tensor,
+def tune_end_to_end(model: nn.Module, base: nn.Module | Teacher, quantized: dict[str, QuantizedWeight], samples: Tensor,
                     p: E2EParams) -> dict[str, QuantizedWeight]:
     """Tune the scales of `quantized` (full Linear name -> codes, as `model` holds them) and the norms of `model`.
+
+    `base`: the float model, or its `Teacher` on `samples` (built by `teacher_of`, so the caller can free it first).
 
     `model` computes with the dequantized weights of `quantized` on entry and with the tuned ones on return.
     Returns the codes (tuned too when `p.rounding_lr` > 0) with the tuned scales (exactly representable in fp16).
@@ -226,9 +255,10 @@ def tune_end_to_end(model: nn.Module, base: nn.Module, quantized: dict[str, Quan
     prefix = f"{model.base_model_prefix}."
     if not all(n.startswith(prefix) for n in quantized):
         raise ValueError(f"end-to-end: quantized Linears outside the decoder ({model.base_model_prefix})")
-    t_head = _head(base, p.autocast)
+    teacher = base if isinstance(base, Teacher) else teacher_of(base, model, samples, p)
+    t_head = teacher.head
     # the usual case (the head is not quantized): one low-precision copy of it, not two
-    s_head = t_head if _same_head(base, model) else _head(model, p.autocast)
+    s_head = t_head if teacher.same_head else _head(model, p.autocast)
     kl_sum = torch.compile(_kl_sum_and_grad, dynamic=False) if p.compile else _kl_sum_and_grad
     norms = _norm_params(model)
     groups = [{"params": list(logs.values()), "lr": p.lr}]
@@ -245,14 +275,14 @@ def tune_end_to_end(model: nn.Module, base: nn.Module, quantized: dict[str, Quan
         for step in range(p.steps):
             if pos + p.batch_size > n:
                 order, pos = torch.randperm(n, generator=gen), 0
-            batch = samples[order[pos:pos + p.batch_size]].to(dev)
+            picked = order[pos:pos + p.batch_size]
+            batch = samples[picked].to(dev)
             pos += p.batch_size
-            with torch.no_grad(), ctx():
-                teacher = base.base_model(input_ids=batch, use_cache=False).last_hidden_state
             weights = {f"{n.removeprefix(prefix)}.weight": _weight(n) for n in quantized}
             with ctx():
                 student = functional_call(model.base_model, weights, (), {"input_ids": batch, "use_cache": False})
-                loss = chunked_kl(teacher, student.last_hidden_state, t_head, s_head, p.logit_chunk, kl_sum)
+                loss = chunked_kl(teacher.hidden[picked].to(dev), student.last_hidden_state, t_head, s_head,
+                                  p.logit_chunk, kl_sum)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

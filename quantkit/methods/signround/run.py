@@ -23,7 +23,7 @@ from quantkit.grid import QuantizedWeight, rtn_quantize
 from quantkit.calib.pipeline import place_outside_blocks
 from quantkit.formats.checkpoint import PackedArtifact
 from quantkit.methods.base import Loaded, QuantJob, RunFacts, describe_moe
-from quantkit.methods.signround.e2e import E2EParams, tune_end_to_end
+from quantkit.methods.signround.e2e import E2EParams, teacher_of, tune_end_to_end
 from quantkit.methods.signround.stored import stored_results
 from quantkit.models.sources import load_model
 from quantkit.methods.blockwise import BlockStep, BlockwiseMethod
@@ -156,16 +156,16 @@ class SignRound(BlockwiseMethod):
             samples = self.calibration(loaded.tokenizer, job)
         results = super().quantize_loaded(loaded, job, samples, facts)
         quantized = stored_results(loaded, job, results, self.job_format(job), self.describe(job).get("options", {}))
-        base, _ = load_model(job.source, torch.float32, job.trust_remote_code, loaded.tokenizer)  # not read again
         place_outside_blocks(loaded.model, loaded.spec, job.device)
         loaded.model.to(job.device)
-        base.to(job.device)
         p = E2EParams(steps=o.e2e_steps, batch_size=o.e2e_batch_size, lr=o.e2e_lr, norm_lr=o.e2e_lr,
                       rounding_lr=o.e2e_rounding_lr, autocast=autocast_dtype(job),
                       compile=use_compile(job, loaded.spec), seed=job.calib.seed)
-        out = tune_end_to_end(loaded.model, base, quantized, samples, p)
+        base, _ = load_model(job.source, torch.float32, job.trust_remote_code, loaded.tokenizer)  # not read again
+        teacher = teacher_of(base.to(job.device), loaded.model, samples, p)
+        del base  # the teacher's hidden states and head are all the tuning reads of it
+        out = tune_end_to_end(loaded.model, teacher, quantized, samples, p)
         loaded.model.to("cpu")
-        del base
         return {n: q.to("cpu") for n, q in out.items()}
 
     def artifact(self, job: QuantJob, loaded: Loaded, results: dict[str, QuantizedWeight],

@@ -114,6 +114,8 @@ def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantSc
     if target_bpw is not None and fmt not in (None, "gptq"):
         raise QuantkitError(f"--target-bpw writes per-module grids as the GPTQ format's dynamic config; it does not "
                             f"apply with --format {fmt}" + (" (--type picks each tensor's grid)" if fmt == "gguf" else ""))
+    if fmt == "gguf" and scheme is not None and _scheme(scheme).rotation is not None:
+        raise QuantkitError("--rotate does not apply with --format gguf yet (the rotated model's untied output head)")
     if fmt == "gguf":
         return quantize_gguf(model, method, out, gguf_type=gguf_type or "q4_k_m", embed_type=embed_type,
                              scheme=scheme, calib=calib, options=options, device=device, force=force,

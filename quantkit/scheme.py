@@ -119,6 +119,8 @@ class QuantScheme(BaseModel):
     embedding:    None (the token embedding stays float) or how it is stored, round-to-nearest, data-free: int8
                   (symmetric, one scale per token row) or int4 (the scheme's group size and symmetry). A tied
                   lm_head computes the logits with the same stored weight. compressed-tensors only.
+    rotation:     None, or a rotation of the residual stream fused into the weights before quantization
+                  (quantkit.models.rotation: "hadamard" or "random"); the output head is then stored untied.
     overrides:    {exact module name: ModuleGrid}: Linears quantized on their own (bits, group_size) instead of the
                   scheme's (integer weight-only grids; the GPTQ format writes them as its `dynamic` config).
     """
@@ -136,6 +138,14 @@ class QuantScheme(BaseModel):
     input_activations: ActivationScheme | None = None
     kv_cache: Literal["fp8"] | None = None
     embedding: Literal["int8", "int4"] | None = None
+    rotation: Literal["hadamard", "random"] | None = None
+
+    @field_validator("rotation", mode="before")
+    @classmethod
+    def _rotation(cls, v: Any) -> Any:
+        if v is not None and v not in ("hadamard", "random"):
+            raise ValueError(f"--rotate {v} is not a rotation quantkit applies; use hadamard or random")
+        return v
 
     @field_validator("embedding", mode="before")
     @classmethod
@@ -155,9 +165,9 @@ class QuantScheme(BaseModel):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> dict[str, Any]:
-        """kv_cache and embedding appear only when set: schemes without them dump (and fingerprint) as before."""
+        """kv_cache, embedding and rotation appear only when set: schemes without them dump (and fingerprint) as before."""
         out = handler(self)
-        for key in ("kv_cache", "embedding"):
+        for key in ("kv_cache", "embedding", "rotation"):
             if out.get(key) is None:
                 out.pop(key, None)
         if not out.get("overrides"):  # likewise per-module grids

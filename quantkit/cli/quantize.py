@@ -43,6 +43,7 @@ def quantize(
     static_groups: Annotated[Optional[bool], typer.Option("--static-groups/--no-static-groups", help="Fit each group's grid once, before error feedback.", rich_help_panel=SCHEME)] = None,
     kv_cache: Annotated[Optional[str], typer.Option("--kv-cache", help="fp8: also calibrate per-layer FP8 key/value scales for a quantized KV cache (compressed-tensors presets).", rich_help_panel=SCHEME)] = None,
     embedding: Annotated[Optional[str], typer.Option("--embedding", help=f"Store the token embedding (and a tied lm_head) quantized, round-to-nearest: {EMBEDDING_TYPES[0]} (per row) or {EMBEDDING_TYPES[1]} (the scheme's groups); with --format compressed-tensors.", rich_help_panel=SCHEME)] = None,
+    rotate: Annotated[Optional[str], typer.Option("--rotate", help="hadamard or random: rotate the residual stream, fused into the weights, before quantizing (QuaRot-style; pre-norm Llama-family models; the output head is then stored untied).", rich_help_panel=SCHEME)] = None,
     skip: Annotated[Optional[list[str]], typer.Option("--skip", help="Module name pattern to keep in full precision (repeatable).", rich_help_panel=SCHEME)] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="compressed-tensors: pack-quantized instead of the method's own format (methods listing it in `quantkit methods`); gguf: write one llama.cpp file (OUT.gguf), the method rounding onto each tensor's GGUF type (methods with grid rounding).", rich_help_panel=SCHEME)] = None,
     gguf_type: Annotated[Optional[str], typer.Option("--type", help="With --format gguf: the llama.cpp mix (q4_k_m, q4_0, iq4_xs, q3_k_m, ...; default q4_k_m).", rich_help_panel=SCHEME)] = None,
@@ -78,14 +79,18 @@ def quantize(
     quiet = command_quiet(ui, quiet)
     impl = get_method(method)
     options = method_options(impl, option or [], method_flag or [])
-    scheme_fields = dict(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, static_groups=static_groups)
+    scheme_fields = dict(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, static_groups=static_groups,
+                         rotation=rotate)
     if fmt == "gguf" and (preset or any(scheme_fields[k] is not None for k in ("bits", "group_size", "sym", "static_groups"))):
         raise QuantkitError("--preset, --bits, --group-size, --sym/--asym and --static-groups do not apply with "
                             "--format gguf: --type picks each tensor's grid")
+    if fmt == "gguf" and rotate is not None:
+        raise QuantkitError("--rotate does not apply with --format gguf yet (the rotated model's untied output head)")
     if not getattr(impl, "uses_scheme", True):
         used = [k for k, v in scheme_fields.items() if v is not None] + (["preset"] if preset else [])
         if used:
-            raise QuantkitError(f"--{used[0].replace('_', '-')} does not apply to method {method} (its format is fixed)")
+            flag = {"rotation": "rotate"}.get(used[0], used[0]).replace('_', '-')
+            raise QuantkitError(f"--{flag} does not apply to method {method} (its format is fixed)")
     from quantkit.scheme import make_scheme
 
     scheme = make_scheme(preset or (None if bits else "w4g128"), skip=skip, kv_cache=kv_cache, embedding=embedding,

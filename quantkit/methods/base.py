@@ -25,6 +25,7 @@ from quantkit.formats.specs import get_format
 from quantkit.grid import QuantizedWeight, quantize_weight
 from quantkit.models.arch import ArchSpec, blocks_linears, get_arch
 from quantkit.models.moe import ExpertCoverage, swap_experts
+from quantkit.models.rotation import rotate_model
 from quantkit.models.sources import ModelSource, load_model
 from quantkit.plan import BlockWork, Geometry, Settings
 from quantkit.scheme import QuantScheme
@@ -246,12 +247,18 @@ def load_in_memory(job: QuantJob, tokenizer: Any = None) -> Loaded:
     model, tok = load_model(job.source, torch.float32, job.trust_remote_code, tokenizer)
     spec = get_arch(model)
     swap_experts(model, spec)  # MoE: fused 3-D experts -> per-expert Linears (a no-op for dense models)
+    if job.scheme.rotation is not None:  # fused into the weights before any method sees them
+        rotate_model(model, spec, job.scheme.rotation, job.calib.seed)
     return _checked(model, tok, spec, job.scheme)
 
 
 def load_offloaded(job: QuantJob) -> Loaded:
     """The skeleton (every tensor outside the blocks) and a `DiskBlocks` source for the blocks."""
     from quantkit.calib.offload import disk_blocks, offload_skeleton
+
+    if job.scheme.rotation is not None:
+        raise SchemeError("--rotate needs the whole model in memory (it rotates every block, the embedding and the "
+                          "head together); drop --opt offload=disk")
 
     model, tok, spec, index = offload_skeleton(job.source, job.trust_remote_code)
     loaded = _checked(model, tok, spec, job.scheme)

@@ -59,12 +59,24 @@ class MoESpec:
 
 
 @dataclass(frozen=True)
+class Residual:
+    """Where a pre-norm decoder block reads and writes its residual stream (quantkit.models.rotation fuses a
+    rotation of the stream into these weights). Names are relative to a block, `final_norm` to the model."""
+
+    readers: tuple[tuple[str, tuple[str, ...]], ...]  # (norm, the Linears reading its output)
+    writers: tuple[str, ...]                          # Linears whose outputs are added to the stream
+    final_norm: str = "model.norm"
+    norm_offset: float = 0.0                          # norms computing x * (offset + weight)
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     blocks: str                            # dotted path of the ModuleList of decoder blocks
     sequential: tuple[tuple[str, ...], ...]  # Linear names per block, in execution order, grouped by shared input
     awq: tuple[AWQMapping, ...] = ()
     per_layer_kwargs: bool = False         # blocks get different kwargs (sliding/global attention): capture each
     moe: MoESpec | None = None             # sparse MoE blocks (names with `*` in `sequential` and `awq`)
+    residual: Residual | None = None       # pre-norm residual stream (a fused rotation applies); None: refused
     notes: str = ""
 
     @property
@@ -85,7 +97,9 @@ def _llama_awq(mlp_norm: str = "post_attention_layernorm", offset: float = 0.0) 
     )
 
 
-_LLAMA = ArchSpec("model.layers", _LLAMA_SEQ, _llama_awq())
+_LLAMA_RESIDUAL = Residual((("input_layernorm", _ATTN), ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))),
+                           ("self_attn.o_proj", "mlp.down_proj"))
+_LLAMA = ArchSpec("model.layers", _LLAMA_SEQ, _llama_awq(), residual=_LLAMA_RESIDUAL)
 
 # Sparse MoE (transformers 5 layout): routed experts after the attention, one router kept in float.
 _EXPERTS = (("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"), ("mlp.experts.*.down_proj",))
@@ -134,6 +148,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             AWQMapping("input_layernorm", ("self_attn.qkv_proj",), "self_attn"),
             AWQMapping("post_attention_layernorm", ("mlp.gate_up_proj",), "mlp"),
         ),
+        residual=Residual((("input_layernorm", ("self_attn.qkv_proj",)), ("post_attention_layernorm", ("mlp.gate_up_proj",))),
+                          ("self_attn.o_proj", "mlp.down_proj")),
         notes="fused qkv and gate_up: v->o and up->down cannot be scaled without splitting",
     ),
     "MixtralForCausalLM": _MIXTRAL,

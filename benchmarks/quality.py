@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from _proc import peak_mib, cpu_s  # benchmarks/_proc.py
-from quality_rows import SCHEMES, SYM_ROWS, VARIANTS  # benchmarks/quality_rows.py
+from quality_rows import ROTATED_ROWS, SCHEMES, SYM_ROWS, VARIANTS  # benchmarks/quality_rows.py
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -55,6 +55,8 @@ def parse_row(row: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
         raise SystemExit(f"row {row}: unknown variant {variant} (one of {', '.join(VARIANTS)})")
     method, options = VARIANTS[variant]
     scheme = dict(SCHEMES[setting], sym=variant in SYM_ROWS)
+    if variant in ROTATED_ROWS:
+        scheme["rotation"] = "hadamard"
     return method, scheme, options
 
 

@@ -32,6 +32,13 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "signround-e2e-eb4-bs6": ("signround", {"e2e_steps": 32, "e2e_batch_size": 4, "windows_per_step": 6}),
     "signround-e2e-eb4-let": ("signround", {"e2e_steps": 32, "e2e_batch_size": 4, "scale_lr": 0.01}),
     "signround-e2e-eb4-i100": ("signround", {"e2e_steps": 32, "e2e_batch_size": 4, "iters": 100}),
+    # the residual stream rotated first (`--rotate hadamard`, ROTATED_ROWS)
+    "rtn-rot": ("rtn", {}),
+    "gptq-rot": ("gptq", {}),
+    "awq-rot": ("awq", {}),
+    "signround-e2e-rot": ("signround", {"e2e_steps": 32}),
+    "signround-e2e-eb4-rot": ("signround", {"e2e_steps": 32, "e2e_batch_size": 4}),
     "signround-e2e-sym-c256b12": ("signround", {"e2e_steps": 32, "window_tokens": 256, "windows_per_step": 12}),
 }
+ROTATED_ROWS = {"rtn-rot", "gptq-rot", "awq-rot", "signround-e2e-rot", "signround-e2e-eb4-rot"}
 SYM_ROWS = {"signround-sym", "signround-e2e-sym", "signround-e2e-sym-c256b12", "rtn-sym", "gptq-sym", "awq-sym"}

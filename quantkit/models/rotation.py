@@ -99,14 +99,16 @@ def check_rotatable(model: nn.Module, spec: ArchSpec) -> None:
 
 
 @torch.no_grad()
-def rotate_model(model: nn.Module, spec: ArchSpec, kind: str = "hadamard", seed: int = 0) -> None:
-    """Rotate the residual stream of `model` in place (see the module docstring); maths in float64."""
+def rotate_model(model: nn.Module, spec: ArchSpec, kind: str = "hadamard", seed: int = 0,
+                 matrix: Tensor | None = None) -> None:
+    """Rotate the residual stream of `model` in place (see the module docstring); maths in float64.
+    `matrix`: an explicit (d, d) orthogonal matrix instead of `kind`'s (the identity folds the norms only)."""
     check_rotatable(model, spec)
     res = spec.residual
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
     d = emb.weight.shape[1]
-    q = rotation_matrix(d, kind, seed)
+    q = rotation_matrix(d, kind, seed) if matrix is None else matrix.to(torch.float64)
     off = res.norm_offset
 
     def fold_read(lin: nn.Linear, g: Tensor) -> None:

@@ -100,3 +100,17 @@ def test_cli_refuses_rotation_where_it_cannot_apply(tmp_path):
     folder = make_gemma3(tmp_path / "g", gemma3_config())
     assert_quantize_refused(folder, tmp_path / "o1", ["-m", "rtn", "--rotate", "hadamard"], "no rotation rule")
     assert_quantize_refused(folder, tmp_path / "o2", ["-m", "rtn", "--rotate", "spin"], "hadamard or random")
+
+
+def test_offload_and_end_to_end_rounding_refuse_rotation(tiny_llama, text_file, tmp_path):
+    from quantkit.api import quantize
+
+    calib = {"dataset": str(text_file), "nsamples": 4, "seqlen": 32, "batch_size": 2}
+    scheme = {"bits": 4, "group_size": 32, "rotation": "hadamard"}
+    with pytest.raises(SchemeError, match="whole model in memory"):
+        quantize(tiny_llama, "gptq", tmp_path / "a", scheme=scheme, calib=calib, device="cpu",
+                 options={"offload": "disk"})
+    with pytest.raises(SchemeError, match="e2e_rounding_lr"):
+        quantize(tiny_llama, "signround", tmp_path / "b", scheme=scheme, calib=calib, device="cpu",
+                 options={"iters": 2, "e2e_steps": 2, "e2e_rounding_lr": 0.01})
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -180,11 +180,14 @@ class Teacher:
     hidden: Tensor
     head: Head
     same_head: bool
+    weights: dict[str, Tensor] = field(default_factory=dict)  # float weights the rounding lever starts from
 
 
 @torch.no_grad()
-def teacher_of(base: nn.Module, student: nn.Module, samples: Tensor, p: E2EParams) -> Teacher:
-    """`Teacher` of `base` on `samples` (N, T token ids), `p.batch_size` windows a pass, under `p.autocast`."""
+def teacher_of(base: nn.Module, student: nn.Module, samples: Tensor, p: E2EParams,
+               weights: Iterable[str] = ()) -> Teacher:
+    """`Teacher` of `base` on `samples` (N, T token ids), `p.batch_size` windows a pass, under `p.autocast`;
+    `weights`: Linears whose float weights it keeps (the rounding lever, `p.rounding_lr` > 0)."""
     dev = next(base.parameters()).device
     ctx = (lambda: torch.autocast(dev.type, dtype=p.autocast)) if p.autocast else nullcontext
     outs = []
@@ -192,7 +195,8 @@ def teacher_of(base: nn.Module, student: nn.Module, samples: Tensor, p: E2EParam
         with ctx():
             h = base.base_model(input_ids=samples[i:i + p.batch_size].to(dev), use_cache=False).last_hidden_state
         outs.append(h.to(p.autocast or h.dtype))
-    return Teacher(torch.cat(outs), _head(base, p.autocast), _same_head(base, student))
+    kept = {n: base.get_submodule(n).weight.detach().float().clone() for n in weights}
+    return Teacher(torch.cat(outs), _head(base, p.autocast), _same_head(base, student), kept)
 
 
 @torch.enable_grad()
@@ -216,7 +220,10 @@ def tune_end_to_end(model: nn.Module, base: nn.Module | Teacher, quantized: dict
     # Rounding tuned as well: code = clamp(round(W/s - W/s0 + t + d), -z, maxq - z), which is the block stage's
     # code t while s = s0 and d = 0; d in [-1/2, 1/2] moves by signed steps, as in the block stage.
     offsets = {n: torch.zeros_like(c, requires_grad=True) for n, c in codes.items()} if p.rounding_lr > 0 else {}
-    float_w = {n: base.get_submodule(n).weight.detach().to(dev).float() for n in offsets}
+    teacher = base if isinstance(base, Teacher) else teacher_of(base, model, samples, p, offsets)
+    if missing := [n for n in offsets if n not in teacher.weights]:
+        raise ValueError(f"end-to-end rounding: the teacher holds no float weight of {missing[0]} (teacher_of(weights=))")
+    float_w = {n: teacher.weights[n].to(dev) for n in offsets}
     lo = {n: -qw.zeros.to(dev).float() for n, qw in quantized.items() if n in offsets}  # (out, G)
     hi = {n: ((1 << qw.bits) - 1) + lo[n] for n, qw in quantized.items() if n in offsets}
 
@@ -255,7 +262,6 @@ def tune_end_to_end(model: nn.Module, base: nn.Module | Teacher, quantized: dict
     prefix = f"{model.base_model_prefix}."
     if not all(n.startswith(prefix) for n in quantized):
         raise ValueError(f"end-to-end: quantized Linears outside the decoder ({model.base_model_prefix})")
-    teacher = base if isinstance(base, Teacher) else teacher_of(base, model, samples, p)
     t_head = teacher.head
     # the usual case (the head is not quantized): one low-precision copy of it, not two
     s_head = t_head if teacher.same_head else _head(model, p.autocast)

@@ -130,6 +130,9 @@ class SignRound(BlockwiseMethod):
     def prepare(self, job: QuantJob) -> QuantJob:
         if job.scheme.desc_act:
             raise SchemeError("signround tunes every group's own grid; drop --desc-act")
+        if job.options.e2e_steps and job.options.e2e_rounding_lr and job.scheme.rotation is not None:
+            raise SchemeError("signround's end-to-end rounding starts from the float model's weights, which --rotate "
+                              "changes; drop --opt e2e_rounding_lr or --rotate")
         if job.options.e2e_steps and job.options.offload == "disk":
             raise SchemeError("signround's end-to-end stage needs the model in memory; drop --offload disk or set "
                               "--opt e2e_steps=0")
@@ -162,7 +165,7 @@ class SignRound(BlockwiseMethod):
                       rounding_lr=o.e2e_rounding_lr, autocast=autocast_dtype(job),
                       compile=use_compile(job, loaded.spec), seed=job.calib.seed)
         base, _ = load_model(job.source, torch.float32, job.trust_remote_code, loaded.tokenizer)  # not read again
-        teacher = teacher_of(base.to(job.device), loaded.model, samples, p)
+        teacher = teacher_of(base.to(job.device), loaded.model, samples, p, quantized if p.rounding_lr > 0 else ())
         del base  # the teacher's hidden states and head are all the tuning reads of it
         out = tune_end_to_end(loaded.model, teacher, quantized, samples, p)
         loaded.model.to("cpu")

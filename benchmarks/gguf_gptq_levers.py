@@ -52,6 +52,8 @@ def main() -> None:
     ap.add_argument("--imatrix-chunks", default="", help="also llama.cpp imatrix files from N-chunk imatrices "
                     "(comma list), made in DIR by llama-imatrix/llama-quantize (LLAMACPP_BIN or .llamacpp/bin)")
     ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--llamacpp", action="store_true", help="also judge each file by llama-perplexity "
+                    "--kl-divergence against DIR's f32 file (gguf_floor.py's rows and KL base, kept in DIR)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=gj.THREADS)
     args = ap.parse_args()
@@ -68,10 +70,10 @@ def main() -> None:
     if not lc.exists():
         raise SystemExit(f"{lc} is missing: run benchmarks/gguf_floor.py --work {args.work} first")
     files = {"lc-im": lc}
+    if os.environ.get("LLAMACPP_BIN"):
+        gj.TOOLS = Path(os.environ["LLAMACPP_BIN"])
+    gj.THREADS = args.threads
     if args.imatrix_chunks:
-        if os.environ.get("LLAMACPP_BIN"):
-            gj.TOOLS = Path(os.environ["LLAMACPP_BIN"])
-        gj.THREADS = args.threads
         for n in args.imatrix_chunks.split(","):
             sub = args.work / f"im{n}"  # llamacpp_files names its outputs by type only
             sub.mkdir(exist_ok=True)
@@ -85,6 +87,9 @@ def main() -> None:
     test = (args.work / "test.txt").read_text()
     rows = gj.judge_quantkit(src, tokenize(load_tokenizer(resolve(args.model)), test), files, args.chunks,
                              args.work / f"judged-quantkit-{args.chunks}.json")
+    if args.llamacpp:  # K = KLD(f32 || file) by llama.cpp, the rows after the fp32 judge's
+        judge = floor.Judge(args.work, args.work / "test.txt", args.chunks)
+        lk = {label: judge.score(f, args.work / "f32.gguf") for label, f in files.items()}
     lcs = [k for k in files if k.startswith("lc-")]
     lines = ["| file | windows | options | bytes | PPL | mean KLD | same top-1 % | "
              + " | ".join(f"/ {k}" for k in lcs) + " | CPU s |", "|---|---:|---|---:|---:|---:|---:|"
@@ -96,8 +101,15 @@ def main() -> None:
         lines.append(f"| {label} | {'-' if v is None else v[1]} | {o} | {f.stat().st_size:,} | {r['ppl']:.4f} | "
                      f"{r['kld']:.6f} | {r['top']:.3f} | " + " | ".join(f"{r['kld'] / rows[k]['kld']:.3f}" for k in lcs)
                      + f" | {'-' if v is None else format(cpu[v[0]], '.0f')} |")
+    if args.llamacpp:
+        lines += ["", "llama-perplexity --kl-divergence against the f32 file (same chunks):", "",
+                  "| file | PPL | mean KLD | same top-1 % | " + " | ".join(f"/ {k}" for k in lcs) + " |",
+                  "|---|---:|---:|---:|" + "---:|" * len(lcs)]
+        lines += [f"| {label} | {r['ppl']:.4f} | {r['kld']:.6f} | {r['top']:.3f} | "
+                  + " | ".join(f"{r['kld'] / lk[k]['kld']:.3f}" for k in lcs) + " |" for label, r in lk.items()]
     cmd = (f"PYTHONPATH=. python benchmarks/gguf_gptq_levers.py --model {args.model} --type {t} --chunks {args.chunks} "
            + (f"--imatrix-chunks {args.imatrix_chunks} " if args.imatrix_chunks else "")
+           + ("--llamacpp " if args.llamacpp else "")
            + " ".join(f"--variant {v}" for v in args.variant))
     md = f"# GPTQ on the {t} grid: settings, {args.model}, quantkit's fp32 judge ({args.chunks} chunks)\n\n`{cmd}`\n\n" \
          + "\n".join(lines) + "\n\nCPU s: the whole quantize (nan: the file was already there).\n"

@@ -36,13 +36,15 @@ import gguf_judge as gj  # noqa: E402  (the shared protocol: texts, files, judge
 log = logging.getLogger("benchmarks.gguf_gptq")
 
 
-def gptq_file(model: str, out: Path, type_name: str, calib_txt: Path, windows: int) -> tuple[Path, float]:
+def gptq_file(model: str, out: Path, type_name: str, calib_txt: Path, windows: int,
+              options: dict | None = None) -> tuple[Path, float]:
+    """`quantkit quantize --method gptq --format gguf --type TYPE` (`options`: GPTQ's method options, --opt)."""
     from quantkit.api import quantize
 
     if out.exists():
         return out, float("nan")
     t = time.process_time()
-    quantize(model, "gptq", out, fmt="gguf", gguf_type=type_name, device="cpu",
+    quantize(model, "gptq", out, fmt="gguf", gguf_type=type_name, device="cpu", options=options,
              calib={"dataset": str(calib_txt), "nsamples": windows, "seqlen": gj.CTX, "seed": 0})
     cpu = time.process_time() - t
     log.info("wrote %s in %.0f CPU s", out.name, cpu)

@@ -54,8 +54,11 @@ def test_ctrl_c_says_what_is_kept_and_the_same_command_continues(tiny, reference
     args = quantize_args(model, text, out, "gptq")[1:]  # without -q: the interruption's line is still printed
     # Ctrl-C once block 1 is stored: sent by the process itself at that point (a signal timed from outside raced
     # the last blocks of this tiny model once GPTQ got faster)
+    # SIGINT at its default in the child, as in a terminal: a test run started in the background (`cmd &` without job
+    # control) ignores SIGINT, the child would inherit that, and Python installs no KeyboardInterrupt handler then
     proc = subprocess.Popen(_cmd(*args), env=_env(QUANTKIT_TEST_SIGINT_AFTER_BLOCK="1"), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
     assert (work_path(out) / "block-00001.safetensors").exists()  # the finished blocks are kept

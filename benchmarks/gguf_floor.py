@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import shutil
 import sys
@@ -179,23 +178,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=gj.THREADS)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    gj.THREADS = args.threads
-    import torch
-
-    torch.set_num_threads(args.threads)
-    if os.environ.get("LLAMACPP_BIN"):
-        gj.TOOLS = Path(os.environ["LLAMACPP_BIN"])
+    gj.configure(args.threads)
     if not gj.tools_ready():
         raise SystemExit(f"llama.cpp's tools are not in {gj.TOOLS}: `make llamacpp-tools` or LLAMACPP_BIN")
     from quantkit.models.sources import load_tokenizer, resolve
 
-    src = Path(resolve(args.model).path)
-    args.work.mkdir(parents=True, exist_ok=True)
-    calib, test = gj.texts()
-    (args.work / "calib.txt").write_text(calib)
-    (args.work / "test.txt").write_text(test)
+    src, _, test, f32 = gj.prepare_work(args.model, args.work)
     types = args.types.split(",")
-    f32 = gj.export(src, args.work / "f32.gguf", "f32")
     lc = imatrix_file(args.work, f32, args.work / "calib.txt", types, args.imatrix_chunks)
     judge = Judge(args.work, args.work / "test.txt", args.chunks)
     cmd = (f"PYTHONPATH=. python benchmarks/gguf_floor.py --model {args.model} --types {args.types} "

@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -86,20 +84,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=gj.THREADS, help="threads for torch and llama.cpp's tools")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    gj.THREADS = args.threads
-    torch.set_num_threads(args.threads)
-    if os.environ.get("LLAMACPP_BIN"):
-        gj.TOOLS = Path(os.environ["LLAMACPP_BIN"])
+    gj.configure(args.threads)
     from quantkit.models.sources import load_tokenizer, resolve
 
-    src = Path(resolve(args.model).path)
+    src, calib, test, f32 = gj.prepare_work(args.model, args.work)
     tok = load_tokenizer(resolve(args.model))
-    args.work.mkdir(parents=True, exist_ok=True)
-    calib, test = gj.texts()
-    (args.work / "calib.txt").write_text(calib)
-    (args.work / "test.txt").write_text(test)
     types = args.types.split(",")
-    f32 = gj.export(src, args.work / "f32.gguf", "f32")
     imp = importance(args.work / f"importance-{args.calib_windows}.npz", src, tok, calib, args.calib_windows)
     files: dict[str, Path] = {}
     cpu: dict[str, float] = {}

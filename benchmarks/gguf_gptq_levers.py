@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -58,9 +57,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=gj.THREADS)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    import torch
-
-    torch.set_num_threads(args.threads)
+    gj.configure(args.threads)
     from quantkit.calib.data import tokenize
     from quantkit.models.sources import load_tokenizer, resolve
 
@@ -70,9 +67,6 @@ def main() -> None:
     if not lc.exists():
         raise SystemExit(f"{lc} is missing: run benchmarks/gguf_floor.py --work {args.work} first")
     files = {"lc-im": lc}
-    if os.environ.get("LLAMACPP_BIN"):
-        gj.TOOLS = Path(os.environ["LLAMACPP_BIN"])
-    gj.THREADS = args.threads
     if args.imatrix_chunks:
         for n in args.imatrix_chunks.split(","):
             sub = args.work / f"im{n}"  # llamacpp_files names its outputs by type only

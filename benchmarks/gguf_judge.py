@@ -49,6 +49,33 @@ def texts() -> tuple[str, str]:
     return full[-500_000:-200_000], full[-200_000:]
 
 
+def configure(threads: int) -> None:
+    """The scripts' shared set-up: `threads` for torch and llama.cpp's tools (-t); LLAMACPP_BIN, when set, is where
+    the tools are."""
+    import os
+
+    import torch
+
+    global THREADS, TOOLS
+    THREADS = threads
+    torch.set_num_threads(threads)
+    if os.environ.get("LLAMACPP_BIN"):
+        TOOLS = Path(os.environ["LLAMACPP_BIN"])
+
+
+def prepare_work(model: str, work: Path) -> tuple[Path, str, str, Path]:
+    """The scripts' shared work folder: (the model's folder, calibration text, test text, its f32 GGUF), the texts
+    also written to work/calib.txt and work/test.txt (llama.cpp's tools read them)."""
+    from quantkit.models.sources import resolve
+
+    src = Path(resolve(model).path)
+    work.mkdir(parents=True, exist_ok=True)
+    calib, test = texts()
+    (work / "calib.txt").write_text(calib)
+    (work / "test.txt").write_text(test)
+    return src, calib, test, export(src, work / "f32.gguf", "f32")
+
+
 def tools_ready() -> bool:
     return all((TOOLS / t).is_file() for t in ("llama-quantize", "llama-imatrix", "llama-perplexity"))
 

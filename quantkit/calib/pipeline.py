@@ -309,7 +309,8 @@ def run_sequential(model: nn.Module, spec: ArchSpec, samples: Tensor, quantize_b
                    device: torch.device, batch_size: int = 8, store_device: torch.device | str = "cpu",
                    blocks: BlockSource | None = None, progress: Progress | None = None,
                    store: BlockStore | None = None, compute_dtype: torch.dtype | None = None,
-                   reference: bool = False, autocast: torch.dtype | None = None) -> dict[str, Any]:
+                   reference: bool = False, autocast: torch.dtype | None = None,
+                   final: Callable[[list[Tensor]], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Calibrate and quantize the model block by block. Returns {full module name: method result}.
 
     `quantize_block(calib)` must leave the block computing with its quantized weights
@@ -324,7 +325,12 @@ def run_sequential(model: nn.Module, spec: ArchSpec, samples: Tensor, quantize_b
     the method runs, and the store keeps them for a resume.
     `autocast`: the pipeline's own passes through each block (float reference, outputs for the next block) run
     under autocast to this dtype (a method that tunes under autocast: the stream it sees is the one it tuned on).
+    `final(hidden)`: called once after the last block with its outputs (per batch, on `store_device`: the
+    quantized model's last hidden states, before the final norm); its results join the returned dict.
+    Not with a `store` (a resumed run does not keep the last block's outputs).
     """
+    if final is not None and store is not None:
+        raise ValueError("run_sequential: `final` does not go with a resumable `store`")
     steady_heap()
     source = blocks or InMemoryBlocks(get_blocks(model, spec))
     place_outside_blocks(model, spec, device)
@@ -354,7 +360,7 @@ def run_sequential(model: nn.Module, spec: ArchSpec, samples: Tensor, quantize_b
             _test_hook_kill(i)
             if calib.next_inputs is not None:
                 inputs.hidden = calib.next_inputs
-            elif not last:  # nobody reads the last block's outputs
+            elif not last or final is not None:  # the last block's outputs: only `final` reads them
                 inputs.hidden = calib.forward(keep_outputs=True)
         if reference:
             inputs.reference = calib.reference_outputs
@@ -370,4 +376,6 @@ def run_sequential(model: nn.Module, spec: ArchSpec, samples: Tensor, quantize_b
         release_heap()
         if progress:
             progress("blocks", i + 1, n)
+    if final is not None:
+        results.update(final(inputs.hidden))
     return results

@@ -124,8 +124,13 @@ class BlockwiseMethod(WeightOnlyMethod):
         results = run_sequential(loaded.model, spec, samples, per_block, device=job.device,
                                  batch_size=job.calib.batch_size, blocks=loaded.blocks, progress=job.progress,
                                  store=self.block_store(job, spec), compute_dtype=getattr(torch, self.calib_dtype(job)),
-                                 reference=self.float_reference, autocast=self.stream_autocast(job))
+                                 reference=self.float_reference, autocast=self.stream_autocast(job),
+                                 final=self.final_step(job, loaded))
         return self.finish(cov.absorb(results), job)
+
+    def final_step(self, job: QuantJob, loaded: Loaded) -> Callable[[list[Tensor]], dict[str, Any]] | None:
+        """What runs on the last block's outputs (`run_sequential`'s `final`, e.g. rounding the head); None."""
+        return None
 
     def stream_autocast(self, job: QuantJob) -> torch.dtype | None:
         """Autocast dtype of the pipeline's own passes through each block (None: the blocks' dtype)."""

@@ -4,10 +4,12 @@ pipeline (quantkit.methods.blockwise), with its options, calibration dtype polic
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
 
 from quantkit.errors import SchemeError
 from quantkit.methods.base import EncodedArtifact, Loaded, QuantJob, RunFacts, describe_moe
@@ -47,6 +49,13 @@ class GPTQOptions(BaseModel):
     hessian_products: Literal["compute", "float32"] = Field(
         "compute", description="dtype of the Hessian's XᵀX products (always summed in float32): compute = the "
                                "calibration dtype (16-bit products are 3-4x faster), float32 = always float32")
+    head: Literal["plain", "gptq"] = Field(
+        "plain", description="onto a format with a grid for the output head (--format gguf): gptq = round the head "
+                             "(a tied embedding's one tensor) with error feedback through the Hessian of the final "
+                             "norm's outputs; plain = the format's own rounding")
+    head_embed_weight: float = Field(
+        0.0, ge=0.0, description="head=gptq with a tied embedding: the Hessian plus this x its mean diagonal x I "
+                                 "(the lookup's own, unweighted error); 0 = the head alone, large = plain rounding")
 
 
 def calib_dtype(job: QuantJob) -> str:
@@ -104,6 +113,8 @@ class GPTQ(BlockwiseMethod):
 
     def prepare(self, job: QuantJob) -> QuantJob:
         if job.target is None:
+            if job.options.head != "plain":
+                raise SchemeError("--opt head=gptq goes with --format gguf (a format with a grid for the output head)")
             return super().prepare(job)
         s = job.scheme
         if s.input_activations is not None or s.type != "int" or s.strategy is not None:
@@ -124,6 +135,21 @@ class GPTQ(BlockwiseMethod):
 
     def calib_dtype(self, job: QuantJob) -> str:
         return calib_dtype(job)
+
+    def final_step(self, job: QuantJob, loaded: Loaded) -> Callable[[list[Tensor]], dict[str, Any]] | None:
+        if job.target is None or job.options.head != "gptq":
+            return None
+        from quantkit.methods.gptq.head import head_hessian, head_target, round_head
+
+        target = head_target(loaded.model, loaded.spec, job.target.codecs)
+        if target is None:
+            return None
+        params, weight = gptq_params(job), job.options.head_embed_weight
+
+        def final(hidden: list[Tensor]) -> dict[str, Any]:
+            return round_head(target, head_hessian(target, hidden, job.device), params, weight)
+
+        return final
 
     def params(self, job: QuantJob) -> GPTQParams:
         return gptq_params(job)

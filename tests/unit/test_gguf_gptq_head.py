@@ -14,7 +14,7 @@ from quantkit.cli.main import app
 from quantkit.convert.ggml_grid import BlockCodec, encode_on_grid
 from quantkit.convert.gguf_quant import dequantize_rows, quantize_rows
 from quantkit.methods.gptq.algorithm import GPTQParams
-from quantkit.methods.gptq.head import HeadTarget, head_hessian, round_head
+from quantkit.methods.gptq.head import HeadTarget, head_hessian, q8_0_activations, round_head
 
 Q = GGMLQuantizationType
 runner = CliRunner()
@@ -43,17 +43,20 @@ def _errors(target: HeadTarget, data: np.ndarray, h: torch.Tensor) -> tuple[floa
 def test_hessian_of_the_final_norm_outputs():
     target, hidden = _head(True)
     target.norm = nn.LayerNorm(64, elementwise_affine=False)
-    h = head_hessian(target, hidden, torch.device("cpu"))
+    stats = head_hessian(target, hidden, torch.device("cpu"))
     x = torch.cat([target.norm(b) for b in hidden]).double()
+    assert stats.cross is None
+    h = stats.h
     assert torch.allclose(h.double(), 2 * x.T @ x / x.shape[0], rtol=1e-5, atol=1e-6)
 
 
 def test_head_rounding_trades_the_lookup_error_for_the_output_error():
     target, hidden = _head(True)
-    h = head_hessian(target, hidden, torch.device("cpu"))
+    stats = head_hessian(target, hidden, torch.device("cpu"))
+    h = stats.h
     plain = quantize_rows(target.weight.numpy(), Q.Q8_0)              # the format's own rounding (RTN)
     out_plain, look_plain = _errors(target, plain, h)
-    got = {lam: round_head(target, h, _params(), lam)["model.embed_tokens"] for lam in (0.0, 1.0, 1e6)}
+    got = {lam: round_head(target, stats, _params(), lam)["model.embed_tokens"] for lam in (0.0, 1.0, 1e6)}
     for data in got.values():  # bytes of the Q8_0 layout, each block's codes on its own grid
         assert data.shape == plain.shape and data.dtype == np.uint8
         dec = dequantize_rows(data, Q.Q8_0, 64)
@@ -69,10 +72,41 @@ def test_head_rounding_trades_the_lookup_error_for_the_output_error():
 def test_untied_head_ignores_the_embedding_weight():
     target, hidden = _head(False)
     target.name = "lm_head"
-    h = head_hessian(target, hidden, torch.device("cpu"))
-    a = round_head(target, h, _params(), 0.0)
-    b = round_head(target, h, _params(), 5.0)
+    stats = head_hessian(target, hidden, torch.device("cpu"))
+    a = round_head(target, stats, _params(), 0.0)
+    b = round_head(target, stats, _params(), 5.0)
     assert list(a) == ["lm_head"] and np.array_equal(a["lm_head"], b["lm_head"])
+
+
+def test_q8_0_activations_are_ggmls():
+    from gguf.quants import dequantize, quantize
+
+    x = (torch.randn(16, 128) * torch.logspace(-2, 1, 128)).float()
+    x[3, 5] = 0.0
+    x[4, :32] = 0.0                                                     # an all-zero block
+    want = dequantize(quantize(x.numpy(), Q.Q8_0), Q.Q8_0)
+    assert np.array_equal(q8_0_activations(x).numpy(), want)
+
+
+def test_head_rounded_for_q8_0_activations():
+    target, hidden = _head(True)
+    x = torch.cat(hidden).double()
+    xq = q8_0_activations(torch.cat(hidden)).double()
+
+    def err(data: np.ndarray) -> float:  # ‖XWᵀ - X_q W_qᵀ‖²: the output error with quantized activations
+        wq = torch.from_numpy(dequantize_rows(data, Q.Q8_0, 64)).double()
+        return float((x @ target.weight.double().T - xq @ wq.T).square().sum())
+
+    flt = head_hessian(target, hidden, torch.device("cpu"))
+    act = head_hessian(target, hidden, torch.device("cpu"), act_q8=True)
+    assert act.cross is not None and torch.allclose(act.h.double(), 2 * xq.T @ xq / xq.shape[0], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(act.cross.double(), 2 * x.T @ xq / x.shape[0], rtol=1e-5, atol=1e-6)
+    a = round_head(target, flt, _params(), 0.0)["model.embed_tokens"]
+    b = round_head(target, act, _params(), 0.0)["model.embed_tokens"]
+    assert err(b) < err(a)
+    target.codec = BlockCodec(Q.Q6_K)                                   # takes Q8_K activations: refused
+    with pytest.raises(ValueError, match="Q8_K"):
+        round_head(target, act, _params(), 0.0)
 
 
 def _quantize(model, out, text_file, *extra):
@@ -81,12 +115,13 @@ def _quantize(model, out, text_file, *extra):
                                "--type", "q8_0", "--quiet", *extra])
 
 
-@pytest.mark.parametrize("weight", ["0", "0.5"])
-def test_cli_head_gptq_changes_only_the_head(tiny_llama, text_file, tmp_path, weight):
+@pytest.mark.parametrize("opts", [["--opt", "head_embed_weight=0"], ["--opt", "head_embed_weight=0.5"],
+                                  ["--opt", "head_activations=q8_0"]], ids=["w0", "w05", "act"])
+def test_cli_head_gptq_changes_only_the_head(tiny_llama, text_file, tmp_path, opts):
     plain, head = tmp_path / "plain.gguf", tmp_path / "head.gguf"
     r = _quantize(tiny_llama, plain, text_file)
     assert r.exit_code == 0, r.output
-    r = _quantize(tiny_llama, head, text_file, "--opt", "head=gptq", "--opt", f"head_embed_weight={weight}")
+    r = _quantize(tiny_llama, head, text_file, "--opt", "head=gptq", *opts)
     assert r.exit_code == 0, r.output
     a = {t.name: t for t in GGUFReader(str(plain)).tensors}
     b = {t.name: t for t in GGUFReader(str(head)).tensors}

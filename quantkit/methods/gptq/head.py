@@ -9,6 +9,12 @@ A tied embedding (SmolLM2, Gemma 3: one GGUF tensor token_embd for both the inpu
 serves the lookup with the same codes. The lookup's error is each row's own error, unweighted; so the
 Hessian is blended with the identity: H + `embed_weight` * mean(diag H) * I. embed_weight 0 rounds for
 the head alone; a large embed_weight tends to plain rounding (no error feedback).
+
+llama.cpp's CPU matmul multiplies a Q8_0/Q4_0/Q5_0/IQ4_NL weight by its activations quantized to Q8_0 (blocks
+of 32, scale amax/127 stored in f16). With `act_q8=True` the head is rounded for those activations: with X_q the
+Q8_0 activations, the target is the least-squares head for them, W* = W C H_q⁻¹ (C = XᵀX_q, H_q = X_qᵀX_q, both
+blended with the identity as above), and GPTQ rounds W* with the Hessian of X_q. Then ‖XWᵀ - X_qW_qᵀ‖², the
+error the file shows in llama.cpp, is what the rounding minimizes.
 """
 
 from __future__ import annotations
@@ -57,35 +63,76 @@ def head_target(model: nn.Module, spec: ArchSpec, codecs: dict[str, Any]) -> Hea
     return HeadTarget(name, head.weight, codecs[name], model.get_submodule(spec.residual.final_norm), tied)
 
 
+Q8_0_ACTIVATIONS = frozenset({"Q8_0", "Q4_0", "Q5_0", "IQ4_NL"})  # weight types whose dot product takes Q8_0 inputs
+
+
+def q8_0_activations(x: Tensor) -> Tensor:
+    """x (..., k * 32) as ggml's quantize_row_q8_0 hands it to the dot product, decoded: per block of 32,
+    d = amax / 127, codes round(x / d) (ties away from zero), values codes * f16(d)."""
+    b = x.float().reshape(*x.shape[:-1], -1, 32)
+    d = b.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1 / torch.where(d > 0, d, 1), 0)
+    q = torch.trunc(b * inv + torch.copysign(torch.full_like(b, 0.5), b))
+    return (q * d.half().float()).reshape(x.shape)
+
+
+@dataclass
+class HeadStats:
+    h: Tensor                 # 2 XᵀX / n of the activations the head multiplies (X_q with act_q8)
+    cross: Tensor | None      # 2 XᵀX_q / n (float activations against quantized ones), with act_q8
+
+
 @torch.no_grad()
-def head_hessian(target: HeadTarget, hidden: list[Tensor], device: torch.device) -> Tensor:
-    """H = 2 XᵀX / n of the final norm's outputs over every calibration token, float32 (hidden, hidden)."""
-    acc = HessianAccumulator(target.weight.shape[1], device)
+def head_hessian(target: HeadTarget, hidden: list[Tensor], device: torch.device, act_q8: bool = False) -> HeadStats:
+    """The final norm's outputs over every calibration token: their Hessian (float32, hidden x hidden), or with
+    `act_q8` that of their Q8_0 quantization and the cross term."""
+    n_in = target.weight.shape[1]
+    acc = HessianAccumulator(n_in, device)
+    cross = torch.zeros(n_in, n_in, dtype=torch.float32, device=device) if act_q8 else None
     dtype = next(target.norm.parameters(), target.weight).dtype
     for h in hidden:
-        acc.add(target.norm(h.to(device, dtype)).float())
-    return acc.hessian()
+        x = target.norm(h.to(device, dtype)).float().reshape(-1, n_in)
+        if cross is None:
+            acc.add(x)
+        else:
+            xq = q8_0_activations(x)
+            acc.add(xq)
+            cross.addmm_(x.t(), xq)
+    return HeadStats(acc.hessian(), None if cross is None else cross.mul_(2.0 / acc.tokens))
 
 
-def round_head(target: HeadTarget, h: Tensor, params: GPTQParams, embed_weight: float) -> dict[str, np.ndarray]:
-    """{target.name: the head's bytes on its grid}, GPTQ with `h` (blended with the identity for a tied
-    embedding, see the module docstring)."""
-    h = h.to(torch.float32).clone()
+def round_head(target: HeadTarget, stats: HeadStats, params: GPTQParams,
+               embed_weight: float) -> dict[str, np.ndarray]:
+    """{target.name: the head's bytes on its grid}, GPTQ with `stats` (blended with the identity for a tied
+    embedding; towards the least-squares head for Q8_0 activations when `stats.cross` is given: see the
+    module docstring)."""
+    h = stats.h.to(torch.float32).clone()
     dead = h.diagonal() == 0
     importance = (h.diagonal() / 2).cpu().numpy().astype(np.float32)
     if bool(dead.any()):
         h[dead, dead] = 1.0
-    if target.tied and embed_weight > 0:
-        h.diagonal().add_(embed_weight * float(h.diagonal().mean()))
+    blend = embed_weight * float(h.diagonal().mean()) if target.tied else 0.0
+    h.diagonal().add_(blend)
+    w = target.weight.detach().to(torch.float32).clone()
+    w[:, dead] = 0.0
+    if stats.cross is not None:
+        if target.codec.name not in Q8_0_ACTIVATIONS:
+            raise ValueError(f"{target.codec.name} weights take Q8_K/Q8_1 activations, not Q8_0")
+        # W* = W (C + δI)(H_q + δI)⁻¹ (H_q symmetric): the dampening δ, as the blend, a ridge towards W itself
+        ridge = params.damp * float(h.diagonal().mean())
+        c, hd = stats.cross.to(torch.float32).clone(), h.clone()
+        c.diagonal().add_(blend + ridge)
+        hd.diagonal().add_(ridge)
+        w = torch.linalg.solve(hd, c.t() @ w.t()).t()
+        w[:, dead] = 0.0
     order = group_aware_order(h.diagonal(), target.codec.block) if params.group_aware else None
     hp = h if order is None else h[order][:, order]
     upper, damp = inverse_cholesky(hp, params.damp, params.damp_retries, params.damp_growth)
     if upper is None:
         log.warning("GPTQ head: Cholesky failed even with damp %.3g; the head stays plain", damp)
         return {}
-    w = target.weight.detach().to(torch.float32).clone()
-    w[:, dead] = 0.0
     res = gptq_on_grid(w, upper, target.codec, importance, params.block_size, order)
-    log.info("GPTQ head %s onto %s (%s, embed_weight %g): loss %.4g damp %.3g", target.name, target.codec.name,
-             "tied" if target.tied else "untied", embed_weight, res.loss, damp)
+    log.info("GPTQ head %s onto %s (%s, embed_weight %g%s): loss %.4g damp %.3g", target.name, target.codec.name,
+             "tied" if target.tied else "untied", embed_weight, ", Q8_0 activations" if stats.cross is not None
+             else "", res.loss, damp)
     return {target.name: res.data}

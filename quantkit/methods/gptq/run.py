@@ -56,6 +56,9 @@ class GPTQOptions(BaseModel):
     head_embed_weight: float = Field(
         0.0, ge=0.0, description="head=gptq with a tied embedding: the Hessian plus this x its mean diagonal x I "
                                  "(the lookup's own, unweighted error); 0 = the head alone, large = plain rounding")
+    head_activations: Literal["float", "q8_0"] = Field(
+        "float", description="head=gptq: the activations the head is rounded for: float, or q8_0 = as llama.cpp's "
+                             "CPU matmul quantizes them for a Q8_0/Q4_0/Q5_0/IQ4_NL head (least-squares target)")
 
 
 def calib_dtype(job: QuantJob) -> str:
@@ -139,15 +142,18 @@ class GPTQ(BlockwiseMethod):
     def final_step(self, job: QuantJob, loaded: Loaded) -> Callable[[list[Tensor]], dict[str, Any]] | None:
         if job.target is None or job.options.head != "gptq":
             return None
-        from quantkit.methods.gptq.head import head_hessian, head_target, round_head
+        from quantkit.methods.gptq.head import Q8_0_ACTIVATIONS, head_hessian, head_target, round_head
 
         target = head_target(loaded.model, loaded.spec, job.target.codecs)
         if target is None:
             return None
-        params, weight = gptq_params(job), job.options.head_embed_weight
+        params, weight, act_q8 = gptq_params(job), job.options.head_embed_weight, job.options.head_activations == "q8_0"
+        if act_q8 and target.codec.name not in Q8_0_ACTIVATIONS:
+            raise SchemeError(f"--opt head_activations=q8_0: the head's type {target.codec.name} takes Q8_K/Q8_1 "
+                              f"activations in llama.cpp, not Q8_0")
 
         def final(hidden: list[Tensor]) -> dict[str, Any]:
-            return round_head(target, head_hessian(target, hidden, job.device), params, weight)
+            return round_head(target, head_hessian(target, hidden, job.device, act_q8), params, weight)
 
         return final
 

@@ -35,14 +35,15 @@ log = logging.getLogger("benchmarks.gguf_gptq")
 
 
 def gptq_file(model: str, out: Path, type_name: str, calib_txt: Path, windows: int,
-              options: dict | None = None) -> tuple[Path, float]:
-    """`quantkit quantize --method gptq --format gguf --type TYPE` (`options`: GPTQ's method options, --opt)."""
+              options: dict | None = None, embed_type: str | None = None) -> tuple[Path, float]:
+    """`quantkit quantize --method gptq --format gguf --type TYPE [--embed-type E]` (`options`: GPTQ's method
+    options, --opt)."""
     from quantkit.api import quantize
 
     if out.exists():
         return out, float("nan")
     t = time.process_time()
-    quantize(model, "gptq", out, fmt="gguf", gguf_type=type_name, device="cpu", options=options,
+    quantize(model, "gptq", out, fmt="gguf", gguf_type=type_name, embed_type=embed_type, device="cpu", options=options,
              calib={"dataset": str(calib_txt), "nsamples": windows, "seqlen": gj.CTX, "seed": 0})
     cpu = time.process_time() - t
     log.info("wrote %s in %.0f CPU s", out.name, cpu)

@@ -55,6 +55,8 @@ def main() -> None:
                     "--kl-divergence against DIR's f32 file (gguf_floor.py's rows and KL base, kept in DIR)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=gj.THREADS)
+    ap.add_argument("--embed-type", default=None, help="the quantkit files' token embedding/output type (--embed-type; "
+                    "llama.cpp's files keep the mix's)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     gj.configure(args.threads)
@@ -76,8 +78,9 @@ def main() -> None:
     cpu = {}
     variants = [parse_variant(v) for v in args.variant]
     for name, windows, opts in variants:
-        files[f"gptq-{name}"], cpu[name] = gg.gptq_file(args.model, args.work / f"qk-{t}-gptq-{name}.gguf", t,
-                                                        args.work / "calib.txt", windows, opts or None)
+        tag = f"e{args.embed_type}-" if args.embed_type else ""
+        files[f"gptq-{name}"], cpu[name] = gg.gptq_file(args.model, args.work / f"qk-{t}-{tag}gptq-{name}.gguf", t,
+                                                        args.work / "calib.txt", windows, opts or None, args.embed_type)
     test = (args.work / "test.txt").read_text()
     rows = gj.judge_quantkit(src, tokenize(load_tokenizer(resolve(args.model)), test), files, args.chunks,
                              args.work / f"judged-quantkit-{args.chunks}.json")
@@ -104,10 +107,12 @@ def main() -> None:
     cmd = (f"PYTHONPATH=. python benchmarks/gguf_gptq_levers.py --model {args.model} --type {t} --chunks {args.chunks} "
            + (f"--imatrix-chunks {args.imatrix_chunks} " if args.imatrix_chunks else "")
            + ("--llamacpp " if args.llamacpp else "")
+           + (f"--embed-type {args.embed_type} " if args.embed_type else "")
            + " ".join(f"--variant {v}" for v in args.variant))
     md = f"# GPTQ on the {t} grid: settings, {args.model}, quantkit's fp32 judge ({args.chunks} chunks)\n\n`{cmd}`\n\n" \
          + "\n".join(lines) + "\n\nCPU s: the whole quantize (nan: the file was already there).\n"
-    out = args.out or ROOT / f"benchmarks/results/gguf_gptq_levers-{t}.md"
+    embed = f"-e{args.embed_type}" if args.embed_type else ""
+    out = args.out or ROOT / f"benchmarks/results/gguf_gptq_levers-{t}{embed}.md"
     out.write_text(md)
     log.info("%s\n%s", out, md)
 

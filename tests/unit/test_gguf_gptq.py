@@ -117,7 +117,7 @@ def test_cli_writes_the_mix_deterministically(wide, text_file, tmp_path):
     r = _quantize(wide, a, text_file, "--type", "q4_k_m", "--json", "-")
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
-    assert summary["format"] == "gguf" and summary["grid_rounded"] == 14 and summary["size_bytes"] == a.stat().st_size
+    assert summary["format"] == "gguf" and summary["grid_rounded"] == 15 and summary["size_bytes"] == a.stat().st_size
     assert _quantize(wide, b, text_file, "--type", "q4_k_m").exit_code == 0
     assert a.read_bytes() == b.read_bytes()                         # same seed, same bytes
     # the same tensor types and byte sizes as the calibrated export (llama.cpp's with-imatrix mix rules)
@@ -127,7 +127,11 @@ def test_cli_writes_the_mix_deterministically(wide, text_file, tmp_path):
     want = {t.name: t for t in GGUFReader(str(ref)).tensors}
     assert {n: (t.tensor_type, t.n_bytes) for n, t in got.items()} == {n: (t.tensor_type, t.n_bytes) for n, t in want.items()}
     assert {t.tensor_type for t in got.values()} >= {Q.Q4_K, Q.Q6_K}
-    assert np.array_equal(got["token_embd.weight"].data, want["token_embd.weight"].data)  # not a block Linear
+    # the tied head/embedding: GPTQ-rounded by default (--opt head=gptq, quantkit.methods.gptq.head), on its grid
+    emb = np.asarray(got["token_embd.weight"].data)
+    assert not np.array_equal(emb, np.asarray(want["token_embd.weight"].data))
+    dec = dequantize_rows(emb, got["token_embd.weight"].tensor_type, int(got["token_embd.weight"].shape[0]))
+    assert np.array_equal(encode_on_grid(dec, emb, got["token_embd.weight"].tensor_type), emb)
     # every block Linear: codes on its own grid (re-encoding the decoded weights gives the file's bytes), and
     # different from the weighted search alone (the error feedback moved them)
     moved = 0
@@ -152,7 +156,7 @@ def test_cli_legacy_fallback_types(tiny_llama, text_file, tmp_path):
     r = _quantize(tiny_llama, out, text_file, "--type", "q4_0", "--json", "-")
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
-    assert summary["tensor_types"] == {"F32": 5, "Q4_0": 14, "Q8_0": 1} and summary["grid_rounded"] == 14
+    assert summary["tensor_types"] == {"F32": 5, "Q4_0": 14, "Q8_0": 1} and summary["grid_rounded"] == 15  # + the head
     for t in GGUFReader(str(out)).tensors:
         if t.tensor_type == Q.Q4_0:  # widths 64 and 128: legacy 32-blocks, each on its own grid
             data = np.asarray(t.data)

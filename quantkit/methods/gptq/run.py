@@ -50,11 +50,11 @@ class GPTQOptions(BaseModel):
         "compute", description="dtype of the Hessian's XᵀX products (always summed in float32): compute = the "
                                "calibration dtype (16-bit products are 3-4x faster), float32 = always float32")
     head: Literal["plain", "gptq"] = Field(
-        "plain", description="onto a format with a grid for the output head (--format gguf): gptq = round the head "
-                             "(a tied embedding's one tensor) with error feedback through the Hessian of the final "
-                             "norm's outputs; plain = the format's own rounding")
+        "gptq", description="onto a format with a grid for the output head (--format gguf): gptq = round the head "
+                            "(a tied embedding's one tensor) with error feedback through the Hessian of the final "
+                            "norm's outputs; plain = the format's own rounding")
     head_embed_weight: float = Field(
-        0.0, ge=0.0, description="head=gptq with a tied embedding: the Hessian plus this x its mean diagonal x I "
+        0.1, ge=0.0, description="head=gptq with a tied embedding: the Hessian plus this x its mean diagonal x I "
                                  "(the lookup's own, unweighted error); 0 = the head alone, large = plain rounding")
     head_activations: Literal["float", "q8_0"] = Field(
         "float", description="head=gptq: the activations the head is rounded for: float, or q8_0 = as llama.cpp's "
@@ -116,7 +116,7 @@ class GPTQ(BlockwiseMethod):
 
     def prepare(self, job: QuantJob) -> QuantJob:
         if job.target is None:
-            if job.options.head != "plain":
+            if "head" in job.options.model_fields_set and job.options.head != "plain":
                 raise SchemeError("--opt head=gptq goes with --format gguf (a format with a grid for the output head)")
             return super().prepare(job)
         s = job.scheme

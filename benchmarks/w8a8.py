@@ -65,12 +65,14 @@ ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {  # row -> (method, preset, 
     "fp8-gptq": ("gptq", "fp8", {}),
     # ROW-kv: the same row with an FP8 KV cache (--kv-cache fp8: per-layer k/v scales calibrated on the quantized model)
     "fp8dyn-rtn-kv": ("rtn", "fp8-dynamic", {}),
+    "fp8dyn-rtn-minmax-kv": ("rtn", "fp8-dynamic", {}),
     "w8a8-rtn-kv": ("rtn", "w8a8", {}),
     "w8a8-smoothquant-rtn-kv": ("smoothquant-rtn", "w8a8", {}),
     "int8-bnb": ("int8", "", {}),  # bitsandbytes LLM.int8 (weights only, fp16 outliers): the method's own grid
 }
 SCHEME_FIELDS: dict[str, dict[str, Any]] = {  # row -> scheme fields over its preset's
     "fp8dyn-rtn-minmax": {"observer": "minmax"},
+    "fp8dyn-rtn-minmax-kv": {"observer": "minmax"},
     "fp8dyn-gptq-minmax": {"observer": "minmax"},
 }
 LLMC_PY = ROOT / ".venv-llmc" / "bin" / "python"

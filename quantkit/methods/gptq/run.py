@@ -62,7 +62,7 @@ def gptq_params(job: QuantJob) -> GPTQParams:
     return GPTQParams(bits=s.bits, group_size=s.group_size, sym=s.sym, desc_act=s.desc_act,
                       static_groups=s.static_groups, damp=o.damp, block_size=o.block_size,
                       damp_retries=o.damp_retries, group_aware=o.act_group_aware, number=s.type,
-                      per_tensor=s.weight_strategy == "tensor")
+                      per_tensor=s.weight_strategy == "tensor", observer=s.observer)
 
 
 def input_qmax(job: QuantJob) -> float | None:

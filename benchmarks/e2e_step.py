@@ -8,7 +8,7 @@ import sys, time, resource, logging, torch
 from torch import nn
 from quantkit.calib.data import calibration_samples
 from quantkit.grid import rtn_quantize
-from quantkit.methods.signround.e2e import E2EParams, tune_end_to_end
+from quantkit.methods.e2e.tune import E2EParams, tune_end_to_end
 from quantkit.models.sources import load_model, resolve
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 torch.set_num_threads(1)

@@ -5,7 +5,14 @@ values where transformers hands them to the attention function, and prints per l
 values below e4m3's smallest normal at scale = max/448, and the relative error ||fp8(x) - x|| / ||x|| with that
 scale and with the best of 0.5, 0.25, 0.1, 0.05 times it (clipping the largest values).
 
+`--granularity` (session 14) compares, over all layers, the scale choices a checkpoint can carry: one scale per
+layer (compressed-tensors' kv_cache_scheme strategy tensor, what quantkit writes) or one per KV head (strategy
+attn_head, which vLLM's FlashAttention-3 backend reads), each at max/448 ("minmax") or at the least-squared-error
+factor among 1 + k/32 of it ("mse", no clipping), and, as a reference no checkpoint carries, a dynamic scale per
+token and head. Scales are fitted on the same 2 windows they are scored on.
+
     .venv/bin/python benchmarks/kv_fp8_error.py --model gemma3-270m
+    .venv/bin/python benchmarks/kv_fp8_error.py --model smollm2-135m --granularity
 """
 
 from __future__ import annotations
@@ -32,6 +39,38 @@ def rel(x: Tensor, y: Tensor) -> float:
     return float((y - x).norm() / x.norm())
 
 
+def _mse_scale(x: Tensor, scale: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """The scale among scale * (1 + k/32), k = 0..31, with the least squared FP8 error, per slice over `dims`."""
+    best, best_err = scale, (fp8(x, scale) - x).square().sum(dims, keepdim=True)
+    for k in range(1, 32):
+        s = scale * (1 + k / 32)
+        err = (fp8(x, s) - x).square().sum(dims, keepdim=True)
+        best, best_err = torch.where(err < best_err, s, best), torch.minimum(err, best_err)
+    return best
+
+
+def granularity(seen: list[tuple[Tensor, Tensor]]) -> None:
+    """Relative error sqrt(sum ||fp8(x) - x||^2 / sum ||x||^2) over every layer's keys (values) per scale choice."""
+    whole, head, tok = (0, 1, 2, 3), (0, 2, 3), (3,)  # x: (batch, kv heads, tokens, head dim)
+    choices = {"tensor, minmax": (whole, False), "tensor, mse": (whole, True), "attn_head, minmax": (head, False),
+               "attn_head, mse": (head, True), "token x head, dynamic (reference)": (tok, False)}
+    logging.info("| scale choice | keys: rel. error | values: rel. error |")
+    logging.info("|---|---:|---:|")
+    for name, (dims, search) in choices.items():
+        cells = []
+        for which in (0, 1):
+            num = den = 0.0
+            for kv in seen:
+                x = kv[which]
+                scale = x.abs().amax(dims, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / FP8_MAX
+                if search:
+                    scale = _mse_scale(x, scale, dims)
+                num += float((fp8(x, scale) - x).square().sum())
+                den += float(x.square().sum())
+            cells.append(f"{(num / den) ** 0.5:.5f}")
+        logging.info("| %s | %s | %s |", name, *cells)
+
+
 def main() -> None:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
@@ -40,6 +79,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--granularity", action="store_true", help="compare per-layer / per-head / mse scales instead")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(a.threads)
@@ -58,6 +98,8 @@ def main() -> None:
             cfg._attn_implementation = "kv-fp8-error"
     with torch.no_grad():
         model(calibration_samples(tok, nsamples=2, seqlen=512, seed=0))
+    if a.granularity:
+        return granularity(seen)
     logging.info("| layer | tensor | max abs | below min normal | rel. error, max/448 | best clipped |")
     logging.info("|---:|---|---:|---:|---:|---:|")
     for i, (k, v) in enumerate(seen):

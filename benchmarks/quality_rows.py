@@ -39,6 +39,13 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "signround-e2e-rot": ("signround", {"e2e_steps": 32}),
     "signround-e2e-eb4-rot": ("signround", {"e2e_steps": 32, "e2e_batch_size": 4}),
     "signround-e2e-sym-c256b12": ("signround", {"e2e_steps": 32, "window_tokens": 256, "windows_per_step": 12}),
+    # GPTQ's rounding, then the end-to-end stage (scales and norms against the float model's logits)
+    "gptq-e2e": ("gptq", {"e2e_steps": 32}),
+    "gptq-e2e-eb4": ("gptq", {"e2e_steps": 32, "e2e_batch_size": 4}),
+    "gptq-rot-e2e": ("gptq", {"e2e_steps": 32}),
+    "gptq-rot-e2e-eb4": ("gptq", {"e2e_steps": 32, "e2e_batch_size": 4}),
+    "gptq-rot-e2e64-eb4": ("gptq", {"e2e_steps": 64, "e2e_batch_size": 4}),
 }
-ROTATED_ROWS = {"rtn-rot", "gptq-rot", "awq-rot", "signround-e2e-rot", "signround-e2e-eb4-rot"}
+ROTATED_ROWS = {"rtn-rot", "gptq-rot", "awq-rot", "signround-e2e-rot", "signround-e2e-eb4-rot", "gptq-rot-e2e",
+                "gptq-rot-e2e-eb4", "gptq-rot-e2e64-eb4"}
 SYM_ROWS = {"signround-sym", "signround-e2e-sym", "signround-e2e-sym-c256b12", "rtn-sym", "gptq-sym", "awq-sym"}

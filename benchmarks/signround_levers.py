@@ -125,7 +125,7 @@ if a.e2e and not a.no_pre:
     res0 = dict(tag=a.tag + "-pre-e2e", args=vars(a), quant_s=round(time.perf_counter() - t0, 1), ppl=r0.ppl, kl=r0.kl, top1=r0.top1)
     open(OUT, "a").write(json.dumps(res0) + "\n")
 if a.e2e:
-    from quantkit.methods.signround.e2e import E2EParams, tune_end_to_end
+    from quantkit.methods.e2e.tune import E2EParams, tune_end_to_end
     tune_end_to_end(model, base, allq, samples, E2EParams(steps=a.e2e, batch_size=a.e2e_bs, lr=a.e2e_lr, norm_lr=a.e2e_norm_lr, rounding_lr=a.e2e_rounding_lr, compile=a.e2e_compile,
                     autocast=torch.bfloat16 if a.bf16 else None))
 qs = time.perf_counter() - t0

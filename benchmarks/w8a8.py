@@ -59,12 +59,21 @@ ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {  # row -> (method, preset, 
     "w8a8static-smoothquant": ("smoothquant", "w8a8-static", {}),
     "fp8dyn-rtn": ("rtn", "fp8-dynamic", {}),
     "fp8dyn-gptq": ("gptq", "fp8-dynamic", {}),
+    # the FP8 weight scales at max|w| / 448 (llm-compressor's; fp8-dynamic's default before session 14)
+    "fp8dyn-rtn-minmax": ("rtn", "fp8-dynamic", {}),
+    "fp8dyn-gptq-minmax": ("gptq", "fp8-dynamic", {}),
     "fp8-gptq": ("gptq", "fp8", {}),
     # ROW-kv: the same row with an FP8 KV cache (--kv-cache fp8: per-layer k/v scales calibrated on the quantized model)
     "fp8dyn-rtn-kv": ("rtn", "fp8-dynamic", {}),
+    "fp8dyn-rtn-minmax-kv": ("rtn", "fp8-dynamic", {}),
     "w8a8-rtn-kv": ("rtn", "w8a8", {}),
     "w8a8-smoothquant-rtn-kv": ("smoothquant-rtn", "w8a8", {}),
     "int8-bnb": ("int8", "", {}),  # bitsandbytes LLM.int8 (weights only, fp16 outliers): the method's own grid
+}
+SCHEME_FIELDS: dict[str, dict[str, Any]] = {  # row -> scheme fields over its preset's
+    "fp8dyn-rtn-minmax": {"observer": "minmax"},
+    "fp8dyn-rtn-minmax-kv": {"observer": "minmax"},
+    "fp8dyn-gptq-minmax": {"observer": "minmax"},
 }
 LLMC_PY = ROOT / ".venv-llmc" / "bin" / "python"
 LLMC_SCRIPT = ROOT / "benchmarks" / "peers" / "llmc_w8a8.py"
@@ -82,7 +91,8 @@ def child_quantize(a: argparse.Namespace) -> dict[str, Any]:
     from quantkit.scheme import make_scheme
 
     method, preset, options = ROWS[a.child]
-    scheme = make_scheme(preset, kv_cache="fp8" if a.child.endswith("-kv") else None) if preset else None
+    scheme = (make_scheme(preset, kv_cache="fp8" if a.child.endswith("-kv") else None, **SCHEME_FIELDS.get(a.child, {}))
+              if preset else None)
     summary = quantize(a.model, method, a.child_out, scheme=scheme, options=options, device="cpu",
                        calib={"dataset": "wiki-vital", "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": 0})
     return {"quant_s": summary["quantize_seconds"], "process_s": time.perf_counter() - t0, "cpu_s": cpu_s(),

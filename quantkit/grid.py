@@ -168,13 +168,46 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_DTYPE = torch.float8_e4m3fn
 
 
-def fit_fp8(w: Tensor, per_tensor: bool = False) -> Tensor:
-    """FP8 scale of each row of `w` (out, in), or one for the whole weight: max|w| / 448, as (out, 1) float32.
+FP8_SEARCH_STEPS = 32  # candidate scales of the "mse" observer: max|w| / 448 times 1 + k / 32, k = 0..31
 
-    Rounded to fp16 like every stored scale (compressed-tensors stores it in the model's dtype)."""
+
+def fit_fp8(w: Tensor, per_tensor: bool = False, observer: str = "minmax") -> Tensor:
+    """FP8 scale of each row of `w` (out, in), or one for the whole weight, as (out, 1) float32.
+
+    minmax: max|w| / 448 (compressed-tensors' and llm-compressor's). mse: per row, the scale among
+    max|w| / 448 * (1 + k / 32), k = 0..31 whose FP8 values have the least squared error against the row.
+    e4m3's relative grid repeats at every factor of 2, so these candidates place the row on every position
+    of the mantissa grid, and none clips (max|w| / scale <= 448). Data-free.
+    Every candidate is rounded to fp16 like every stored scale before its codes are computed, so the error
+    is the stored checkpoint's."""
     amax = w.detach().float().abs()
     amax = amax.amax().expand(w.shape[0], 1) if per_tensor else amax.amax(dim=-1, keepdim=True)
-    return (amax / FP8_MAX).clamp(min=_MIN_SCALE).half().float().contiguous()
+    base = (amax / FP8_MAX).clamp(min=_MIN_SCALE)
+    if observer == "minmax":
+        return base.half().float().contiguous()
+    if observer != "mse":
+        raise ValueError(f"unknown FP8 weight observer {observer!r}: minmax or mse")
+    return _fp8_mse_scale(w.detach().float(), base, per_tensor)
+
+
+def _fp8_mse_scale(w: Tensor, base: Tensor, per_tensor: bool) -> Tensor:
+    """The least-squared-error scale (see `fit_fp8`), searched row by row (or over the whole weight)."""
+    best = base.half().float()
+    best_err = _fp8_sq_err(w, best, per_tensor)
+    for k in range(1, FP8_SEARCH_STEPS):
+        # fp16 rounding can push max|w| / s a hair above 448 (clamped there): nearest, not clipped, in effect
+        s = (base * (1 + k / FP8_SEARCH_STEPS)).half().float()
+        err = _fp8_sq_err(w, s, per_tensor)
+        better = err < best_err
+        best = torch.where(better, s, best)
+        best_err = torch.where(better, err, best_err)
+    return best.contiguous()
+
+
+def _fp8_sq_err(w: Tensor, scale: Tensor, per_tensor: bool) -> Tensor:
+    """Squared error of w's FP8 values on `scale` (out, 1): per row (out, 1), or the total broadcast to (out, 1)."""
+    err = (fp8_values(w, scale) * scale - w).square_().sum(dim=-1, keepdim=True)
+    return err.sum().expand_as(err) if per_tensor else err
 
 
 def fp8_values(w: Tensor, scale: Tensor) -> Tensor:
@@ -188,18 +221,21 @@ def per_tensor_int_grid(w: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor
     return scale.expand(w.shape[0], 1).contiguous(), zero.expand(w.shape[0], 1).contiguous()
 
 
-def weight_grid(w: Tensor, bits: int, sym: bool, number: str = "int", per_tensor: bool = False) -> tuple[Tensor, Tensor]:
-    """(scale, zero) of a per-channel or per-tensor grid for w (out, in), each (out, 1); float grids have zero 0."""
+def weight_grid(w: Tensor, bits: int, sym: bool, number: str = "int", per_tensor: bool = False,
+                observer: str = "minmax") -> tuple[Tensor, Tensor]:
+    """(scale, zero) of a per-channel or per-tensor grid for w (out, in), each (out, 1); float grids have zero 0
+    and their scale from `observer` (`fit_fp8`)."""
     if number == "float":
-        return fit_fp8(w, per_tensor), torch.zeros(w.shape[0], 1, device=w.device)
+        return fit_fp8(w, per_tensor, observer), torch.zeros(w.shape[0], 1, device=w.device)
     if per_tensor:
         return per_tensor_int_grid(w, bits, sym)
     return fit_grid(w, bits, sym)
 
 
 def quantize_weight(weight: Tensor, bits: int, group_size: int, sym: bool, number: str = "int",
-                    per_tensor: bool = False, bias: Tensor | None = None) -> QuantizedWeight:
-    """Round-to-nearest on any grid quantkit writes: integer groups / channels / tensor, or FP8 e4m3.
+                    per_tensor: bool = False, bias: Tensor | None = None, observer: str = "minmax") -> QuantizedWeight:
+    """Round-to-nearest on any grid quantkit writes: integer groups / channels / tensor, or FP8 e4m3 (its scales
+    chosen by `observer`, see `fit_fp8`).
 
     FP8 weights keep their values as `codes` of dtype float8_e4m3fn with zeros 0, so
     `QuantizedWeight.dequantize` computes scale * value for them unchanged."""
@@ -208,7 +244,7 @@ def quantize_weight(weight: Tensor, bits: int, group_size: int, sym: bool, numbe
     if group_size != -1:
         raise ValueError("FP8 and per-tensor weights have no groups (group_size -1)")
     w = weight.detach().float()
-    scale, zero = weight_grid(w, bits, sym, number, per_tensor)
+    scale, zero = weight_grid(w, bits, sym, number, per_tensor, observer)
     if number == "float":
         codes = fp8_values(w, scale).to(FP8_DTYPE)
     else:

@@ -34,7 +34,9 @@ PRESETS: dict[str, dict[str, Any]] = {
              "input_activations": {"type": "int", "strategy": "token", "dynamic": True}},
     "w8a8-static": {"bits": 8, "group_size": -1, "sym": True,
                     "input_activations": {"type": "int", "strategy": "tensor", "dynamic": False}},
-    "fp8-dynamic": {"bits": 8, "group_size": -1, "sym": True, "type": "float",
+    # observer mse: each channel's FP8 scale chosen for the least weight error (session 14: KL 0.0268 -> see
+    # benchmarks/results/w8a8.md), still the per-channel float-quantized layout vLLM loads
+    "fp8-dynamic": {"bits": 8, "group_size": -1, "sym": True, "type": "float", "observer": "mse",
                     "input_activations": {"type": "float", "strategy": "token", "dynamic": True}},
     "fp8": {"bits": 8, "group_size": -1, "sym": True, "type": "float", "strategy": "tensor",
             "input_activations": {"type": "float", "strategy": "tensor", "dynamic": False}},
@@ -113,6 +115,9 @@ class QuantScheme(BaseModel):
     skip:         fnmatch patterns of module names (full or last component) left in full precision.
     type:         the weights' number type: int (integer codes) or float (FP8 e4m3 values).
     strategy:     None (group or channel, from group_size) or "tensor" (one scale per weight; group_size -1).
+    observer:     how FP8 weight scales are chosen (`quantkit.grid.fit_fp8`): minmax (max|w| / 448, as
+                  llm-compressor) or mse (per channel, the least-squared-error scale among 32 candidates at or
+                  above max|w| / 448; data-free). Only the scales' values differ: the checkpoint layout is the same.
     input_activations: None (weight-only) or how activations are quantized at run time.
     kv_cache:     None (the engine's float cache) or "fp8": keys (after the rotary embedding) and values stored
                   in FP8 e4m3 with one calibrated scale per layer each (compressed-tensors' kv_cache_scheme).
@@ -135,6 +140,7 @@ class QuantScheme(BaseModel):
     skip: tuple[str, ...] = DEFAULT_SKIP
     type: Literal["int", "float"] = "int"
     strategy: Literal["tensor"] | None = None
+    observer: Literal["minmax", "mse"] = "minmax"
     input_activations: ActivationScheme | None = None
     kv_cache: Literal["fp8"] | None = None
     embedding: Literal["int8", "int4"] | None = None
@@ -165,8 +171,11 @@ class QuantScheme(BaseModel):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> dict[str, Any]:
-        """kv_cache, embedding and rotation appear only when set: schemes without them dump (and fingerprint) as before."""
+        """kv_cache, embedding and rotation appear only when set, observer only when not minmax: schemes without them
+        dump (and fingerprint) as before."""
         out = handler(self)
+        if out.get("observer") == "minmax":
+            out.pop("observer", None)
         for key in ("kv_cache", "embedding", "rotation"):
             if out.get(key) is None:
                 out.pop(key, None)
@@ -189,6 +198,8 @@ class QuantScheme(BaseModel):
         if self.type == "float" and (self.bits != 8 or not self.sym or self.group_size != -1 or self.desc_act):
             raise ValueError("float (FP8 e4m3) weights are 8-bit, symmetric, per channel or per tensor "
                              "(bits 8, sym, group_size -1, no desc_act)")
+        if self.observer != "minmax" and self.type != "float":
+            raise ValueError(f"observer {self.observer} chooses FP8 weight scales: it needs float (FP8) weights")
         if self.strategy == "tensor" and self.group_size != -1:
             raise ValueError("per-tensor weights have no groups: group_size must be -1")
         act = self.input_activations

@@ -41,6 +41,7 @@ def quantize(
     sym: Annotated[Optional[bool], typer.Option("--sym/--asym", help="Symmetric or asymmetric grid.", rich_help_panel=SCHEME)] = None,
     desc_act: Annotated[Optional[bool], typer.Option("--desc-act/--no-desc-act", help="Act-order: quantize columns by decreasing activation (a g_idx in the checkpoint).", rich_help_panel=SCHEME)] = None,
     static_groups: Annotated[Optional[bool], typer.Option("--static-groups/--no-static-groups", help="Fit each group's grid once, before error feedback.", rich_help_panel=SCHEME)] = None,
+    observer: Annotated[Optional[str], typer.Option("--observer", help="FP8 weight scales: mse (fp8-dynamic's default: each channel's least-error scale, data-free) or minmax (max|w| / 448, llm-compressor's).", rich_help_panel=SCHEME)] = None,
     kv_cache: Annotated[Optional[str], typer.Option("--kv-cache", help="fp8: also calibrate per-layer FP8 key/value scales for a quantized KV cache (compressed-tensors presets).", rich_help_panel=SCHEME)] = None,
     embedding: Annotated[Optional[str], typer.Option("--embedding", help=f"Store the token embedding (and a tied lm_head) quantized, round-to-nearest: {EMBEDDING_TYPES[0]} (per row) or {EMBEDDING_TYPES[1]} (the scheme's groups); with --format compressed-tensors.", rich_help_panel=SCHEME)] = None,
     rotate: Annotated[Optional[str], typer.Option("--rotate", help="hadamard or random: rotate the residual stream, fused into the weights, before quantizing (QuaRot-style; pre-norm Llama-family models; the output head is then stored untied).", rich_help_panel=SCHEME)] = None,
@@ -94,7 +95,7 @@ def quantize(
     from quantkit.scheme import make_scheme
 
     scheme = make_scheme(preset or (None if bits else "w4g128"), skip=skip, kv_cache=kv_cache, embedding=embedding,
-                         **scheme_fields)
+                         observer=observer, **scheme_fields)
     calib = dict(dataset=dataset, text_field=text_field, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size)
     if plan:  # config.json and safetensors headers only: nothing is loaded or written
         from quantkit.cli.plan import show_plan

@@ -224,7 +224,7 @@ class CTFormat:
         """int-quantized / float-quantized, with input_activations (and the kv_cache_scheme, if any)."""
         act = scheme.input_activations
         fmt = NAIVE_FORMATS[scheme.type]
-        group = {"targets": ["Linear"], "weights": _args(scheme.weight_strategy, scheme.type, False, "minmax"),
+        group = {"targets": ["Linear"], "weights": _args(scheme.weight_strategy, scheme.type, False, scheme.observer),
                  "input_activations": None if act is None else
                  _args(act.strategy, act.type, act.dynamic, None if act.dynamic else "static_minmax"),
                  "output_activations": None, "format": fmt}

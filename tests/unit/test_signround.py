@@ -11,7 +11,8 @@ from torch import nn
 import quantkit
 from quantkit.api import quantize
 from quantkit.grid import rtn_quantize
-from quantkit.methods.signround.algorithm import Rounding, linear_decay, sign_step_
+from quantkit.methods.signround.algorithm import Rounding
+from quantkit.methods.signsgd import linear_decay, sign_step_
 from quantkit.methods.signround.block import SignRoundParams, block_norms, tune_block
 from quantkit.methods.signround.transform import fold_scales, scaled, start_scales
 from quantkit.models.arch import AWQMapping
@@ -283,7 +284,7 @@ def _rtn_model_and_base(tiny):
     """(base, model, its RTN w3g32 codes, calibration samples, KL(base || model) on them)."""
     from transformers import AutoModelForCausalLM
 
-    from quantkit.methods.signround.e2e import _kl_sum
+    from quantkit.methods.e2e.tune import _kl_sum
 
     base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
@@ -306,7 +307,7 @@ def _rtn_model_and_base(tiny):
 def test_chunked_kl_is_the_full_kl_and_its_gradient(cap):
     """Logits a chunk at a time, the gradient computed in the forward pass, give the full-vocabulary KL and the
     gradient autograd gives, with and without Gemma's logit soft-cap."""
-    from quantkit.methods.signround.e2e import Head, _kl_sum, chunked_kl
+    from quantkit.methods.e2e.tune import Head, _kl_sum, chunked_kl
 
     torch.manual_seed(0)
     wt, ws = torch.randn(50, 16), torch.randn(50, 16)
@@ -325,7 +326,7 @@ def test_chunked_kl_is_the_full_kl_and_its_gradient(cap):
 
 
 def test_end_to_end_tuning_lowers_kl_and_keeps_codes(tiny):
-    from quantkit.methods.signround.e2e import E2EParams, tune_end_to_end
+    from quantkit.methods.e2e.tune import E2EParams, tune_end_to_end
 
     base, model, quantized, samples, kl = _rtn_model_and_base(tiny)
     before = kl()
@@ -344,7 +345,7 @@ def test_end_to_end_from_a_prebuilt_teacher_equals_the_float_model(tiny):
     model run every step; two passes over the windows (batch 4 x 4 steps on 8 windows) run it once a window."""
     import copy
 
-    from quantkit.methods.signround.e2e import E2EParams, teacher_of, tune_end_to_end
+    from quantkit.methods.e2e.tune import E2EParams, teacher_of, tune_end_to_end
 
     base, model, quantized, samples, _ = _rtn_model_and_base(tiny)
     twin = copy.deepcopy(model)
@@ -367,7 +368,7 @@ def test_end_to_end_from_a_prebuilt_teacher_equals_the_float_model(tiny):
 
 def test_end_to_end_in_bf16_with_compiled_kl_lowers_kl_and_keeps_codes(tiny):
     """The fast path (weights built grouped in the autocast dtype, head weight cast once, compiled KL) tunes."""
-    from quantkit.methods.signround.e2e import E2EParams, tune_end_to_end
+    from quantkit.methods.e2e.tune import E2EParams, tune_end_to_end
 
     base, model, quantized, samples, kl = _rtn_model_and_base(tiny)
     before = kl()
@@ -383,7 +384,7 @@ def test_end_to_end_in_bf16_with_compiled_kl_lowers_kl_and_keeps_codes(tiny):
 def test_end_to_end_head_holds_its_weight_in_the_autocast_dtype(tiny):
     from transformers import AutoModelForCausalLM
 
-    from quantkit.methods.signround.e2e import _head
+    from quantkit.methods.e2e.tune import _head
 
     model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
     h = torch.randn(5, model.config.hidden_size)
@@ -396,7 +397,7 @@ def test_end_to_end_head_holds_its_weight_in_the_autocast_dtype(tiny):
 
 
 def test_end_to_end_rounding_starts_from_the_block_codes_and_lowers_kl(tiny):
-    from quantkit.methods.signround.e2e import E2EParams, tune_end_to_end
+    from quantkit.methods.e2e.tune import E2EParams, tune_end_to_end
 
     base, model, quantized, samples, kl = _rtn_model_and_base(tiny)
     before = kl()

@@ -56,6 +56,7 @@ class GPTQParams:
     group_aware: bool = False
     number: str = "int"          # "float": FP8 e4m3 values on a per-channel (or per-tensor) scale
     per_tensor: bool = False     # one scale (and zero) for the whole weight (group_size -1)
+    observer: str = "minmax"     # FP8 scales: max|w| / 448, or "mse" (grid.fit_fp8)
 
     @property
     def plain(self) -> bool:
@@ -217,7 +218,8 @@ def _gptq_quantize(weight: Tensor, h: Tensor, p: GPTQParams, bias: Tensor | None
     # Static groups: grids fitted once on the (dead-zeroed) weight in natural column order.
     static = p.static_groups and p.group_size != -1
     if static or p.group_size == -1:
-        s_all, z_all = _group_params(w, p, gs) if p.plain else weight_grid(w, p.bits, p.sym, p.number, p.per_tensor)
+        s_all, z_all = _group_params(w, p, gs) if p.plain else weight_grid(w, p.bits, p.sym, p.number, p.per_tensor,
+                                                                                   p.observer)
 
     perm: Tensor | None = None
     gar = p.group_aware and not p.desc_act and p.group_size != -1
@@ -234,7 +236,7 @@ def _gptq_quantize(weight: Tensor, h: Tensor, p: GPTQParams, bias: Tensor | None
     if upper is None:
         log.warning("GPTQ: Cholesky failed even with damp %.3g for a (%d, %d) weight; using RTN for it",
                     damp, out_f, in_f)
-        qw = quantize_weight(weight, p.bits, p.group_size, p.sym, p.number, p.per_tensor, bias)
+        qw = quantize_weight(weight, p.bits, p.group_size, p.sym, p.number, p.per_tensor, bias, p.observer)
         return GPTQResult(qw, float("nan"), 0.0, True)
     del h
 

@@ -176,7 +176,7 @@ def rtn_group(calib: BlockCalib, group: _Group, params: GPTQParams,
         if params_of is not None:
             params = params_of(name)
         qw = quantize_weight(calib.master(mod), params.bits, params.group_size, params.sym, params.number,
-                             params.per_tensor, mod.bias)
+                             params.per_tensor, mod.bias, params.observer)
         mod.weight.data.copy_(qw.dequantize(mod.weight.dtype))
         out[name] = qw.cpu()
     return out

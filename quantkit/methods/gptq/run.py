@@ -8,12 +8,13 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from torch import Tensor
 
 from quantkit.errors import SchemeError
 from quantkit.methods.base import EncodedArtifact, Loaded, QuantJob, RunFacts, describe_moe
 from quantkit.methods.blockwise import BlockStep, BlockwiseMethod
+from quantkit.methods.e2e.stage import E2EOptions, EndToEnd, without_unused_e2e
 from quantkit.methods.gptq.algorithm import GPTQParams
 from quantkit.methods.gptq.block import gptq_block
 from quantkit.methods.gptq.grid import grid_group
@@ -25,11 +26,11 @@ from quantkit.plan import BlockWork, Geometry, Settings
 log = logging.getLogger(__name__)
 
 
-class GPTQOptions(BaseModel):
+class GPTQOptions(E2EOptions):
     """Method options (CLI flags --damp, --block-size, --true-sequential/--no-true-sequential, --offload,
-    --act-group-aware/--no-act-group-aware, --moe-calibration, --moe-min-tokens)."""
+    --act-group-aware/--no-act-group-aware, --moe-calibration, --moe-min-tokens); the end-to-end stage's
+    (`--opt e2e_steps=32`: scales and norms tuned against the float model after the blocks) are `E2EOptions`'."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     damp: float = Field(0.01, ge=0.0, le=1.0, description="dampening: fraction of the mean Hessian diagonal")
     block_size: int = Field(128, ge=1, le=4096, description="columns per lazy-update block")
     true_sequential: bool = Field(True, description="calibrate each Linear group on the already-quantized earlier groups")
@@ -73,7 +74,7 @@ def gptq_params(job: QuantJob) -> GPTQParams:
     return GPTQParams(bits=s.bits, group_size=s.group_size, sym=s.sym, desc_act=s.desc_act,
                       static_groups=s.static_groups, damp=o.damp, block_size=o.block_size,
                       damp_retries=o.damp_retries, group_aware=o.act_group_aware, number=s.type,
-                      per_tensor=s.weight_strategy == "tensor")
+                      per_tensor=s.weight_strategy == "tensor", observer=s.observer)
 
 
 def input_qmax(job: QuantJob) -> float | None:
@@ -103,7 +104,7 @@ def gptq_step(job: QuantJob, spec: ArchSpec, coverage: ExpertCoverage) -> BlockS
     return step
 
 
-class GPTQ(BlockwiseMethod):
+class GPTQ(EndToEnd, BlockwiseMethod):
     name = "gptq"
     description = "GPTQ: second-order error compensation with calibration data (Frantar et al. 2022)"
     formats = ("gptq", "compressed-tensors")
@@ -115,6 +116,7 @@ class GPTQ(BlockwiseMethod):
     module_grids = True
 
     def prepare(self, job: QuantJob) -> QuantJob:
+        self.check_end_to_end(job)
         if job.target is None:
             if "head" in job.options.model_fields_set and job.options.head != "plain":
                 raise SchemeError("--opt head=gptq goes with --format gguf (a format with a grid for the output head)")
@@ -168,7 +170,10 @@ class GPTQ(BlockwiseMethod):
         return gptq_step(job, spec, coverage)
 
     def describe(self, job: QuantJob, facts: RunFacts | None = None) -> dict[str, Any]:
-        opts = job.options.model_dump(mode="json")
+        opts = without_unused_e2e(job.options.model_dump(mode="json"))
+        if job.target is None:  # the head options act only on a format with a grid for the head (GGUF)
+            for k in ("head", "head_embed_weight", "head_activations"):
+                opts.pop(k, None)
         opts["damp_percent"] = job.options.damp
         opts["calib_dtype_used"] = calib_dtype(job)
         out: dict[str, Any] = {"options": opts, "calibration": job.calib.model_dump(mode="json")}

@@ -25,7 +25,7 @@ class RTN(WeightOnlyMethod):
         for i, (name, lin) in enumerate(layers.items()):
             g = s.grid_of(name)
             out[name] = quantize_weight(lin.weight, g.bits, g.group_size, s.sym, s.type, s.weight_strategy == "tensor",
-                                        lin.bias)
+                                        lin.bias, s.observer)
             if job.progress:
                 job.progress("layers", i + 1, len(layers))
         return out

@@ -29,7 +29,7 @@ def rtn_step(job: QuantJob, spec: ArchSpec, coverage: ExpertCoverage) -> BlockSt
             lin = calib.block.get_submodule(name)
             g = s.grid_of(f"{spec.blocks}.{calib.index}.{name}")
             qw = quantize_weight(calib.master(lin), g.bits, g.group_size, s.sym, s.type,
-                                 s.weight_strategy == "tensor", lin.bias)
+                                 s.weight_strategy == "tensor", lin.bias, s.observer)
             lin.weight.data = qw.dequantize(lin.weight.dtype)  # the block computes with its quantized weights
             out[name] = qw.cpu()
         return out

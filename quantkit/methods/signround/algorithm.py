@@ -28,16 +28,13 @@ import torch
 from torch import Tensor
 
 from quantkit.grid import QuantizedWeight, trivial_g_idx
+from quantkit.methods.signsgd import ste_half
 
 _MIN_SCALE = 1e-6
 
 
 def _ste_round(x: Tensor) -> Tensor:
     return x + (torch.round(x) - x).detach()
-
-
-def _ste_half(x: Tensor) -> Tensor:
-    return x + (x.half().float() - x).detach()
 
 
 @dataclass
@@ -75,12 +72,12 @@ class Rounding:
         if self.sym:
             hi, lo = w.amax(-1, keepdim=True), w.amin(-1, keepdim=True)
             mag = ((torch.maximum(hi, -lo) * beta * 2 / (maxq + 1)).clamp(min=_MIN_SCALE))
-            scale = _ste_half(torch.where(hi > -lo, -mag, mag))
+            scale = ste_half(torch.where(hi > -lo, -mag, mag))
             zero = torch.full_like(scale, (maxq + 1) // 2)
             return scale, zero, w
         wmin = w.amin(-1, keepdim=True).clamp(max=0) * self.alpha.float().unsqueeze(-1)
         wmax = w.amax(-1, keepdim=True).clamp(min=0) * beta
-        scale = _ste_half(((wmax - wmin) / maxq).clamp(min=_MIN_SCALE))
+        scale = ste_half(((wmax - wmin) / maxq).clamp(min=_MIN_SCALE))
         zero = torch.clamp(_ste_round(-wmin / scale), 1, maxq)
         return scale, zero, w
 
@@ -120,21 +117,3 @@ class Rounding:
                 t.copy_(s)
 
 
-@torch.no_grad()
-def sign_step_(params: list[Tensor], lr: float, momenta: dict[int, Tensor] | None = None, beta: float = 0.0) -> None:
-    """Signed gradient descent: p -= lr * sign(grad); gradients are cleared. With `beta` > 0 (Signum), the sign is
-    taken of a running mean m = beta * m + (1 - beta) * grad, kept in `momenta` by parameter id."""
-    for p in params:
-        if p.grad is None:
-            continue
-        g = p.grad
-        if beta > 0 and momenta is not None:
-            m = momenta.get(id(p))
-            g = momenta[id(p)] = g.clone() if m is None else m.mul_(beta).add_(g, alpha=1 - beta)
-        p.sub_(torch.sign(g), alpha=lr)
-        p.grad = None
-
-
-def linear_decay(lr: float, step: int, total: int) -> float:
-    """AutoRound's schedule: from lr down to 0 over `total` steps."""
-    return lr * (1.0 - step / max(total, 1))

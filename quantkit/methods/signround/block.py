@@ -19,7 +19,8 @@ from torch.func import functional_call
 
 from quantkit.calib.pipeline import _first
 from quantkit.grid import QuantizedWeight
-from quantkit.methods.signround.algorithm import Rounding, linear_decay, sign_step_
+from quantkit.methods.signround.algorithm import Rounding
+from quantkit.methods.signsgd import linear_decay, sign_step_
 from quantkit.methods.signround.transform import Scales, fold_scales, scaled, start_scales
 from quantkit.models.arch import AWQMapping
 

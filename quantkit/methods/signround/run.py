@@ -12,20 +12,15 @@ import logging
 from typing import Any, ClassVar, Literal
 
 import torch
-from torch import Tensor
 from pydantic import BaseModel, ConfigDict, Field
 
 from quantkit.calib.pipeline import BlockCalib
 from quantkit.calib.prefix import batch_inputs, prefix_inputs
-from quantkit.compute import can_compile, resolve_calib_dtype
+from quantkit.compute import can_compile
 from quantkit.errors import SchemeError
 from quantkit.grid import QuantizedWeight, rtn_quantize
-from quantkit.calib.pipeline import place_outside_blocks
-from quantkit.formats.checkpoint import PackedArtifact
-from quantkit.methods.base import Loaded, QuantJob, RunFacts, describe_moe
-from quantkit.methods.signround.e2e import E2EParams, teacher_of, tune_end_to_end
-from quantkit.methods.signround.stored import stored_results
-from quantkit.models.sources import load_model
+from quantkit.methods.base import QuantJob, RunFacts, describe_moe
+from quantkit.methods.e2e.stage import E2EOptions, EndToEnd, calib_autocast
 from quantkit.methods.blockwise import BlockStep, BlockwiseMethod
 from quantkit.methods.scaling import usable_mappings
 from quantkit.methods.signround.block import SignRoundParams, tune_block
@@ -37,8 +32,8 @@ from quantkit.plan import BlockWork, Geometry, Settings
 log = logging.getLogger(__name__)
 
 
-class SignRoundOptions(BaseModel):
-    """Method options (`--opt key=value`)."""
+class SignRoundOptions(E2EOptions):
+    """Method options (`--opt key=value`); the end-to-end stage's are `E2EOptions`'."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     iters: int = Field(50, ge=0, le=100_000, description="signed-gradient steps per block (0: RTN)")
@@ -60,17 +55,6 @@ class SignRoundOptions(BaseModel):
     offload: Literal["none", "disk"] = Field("none", description="disk: load decoder blocks one at a time")
     moe_calibration: Literal["routed", "all"] = Field("routed", description="MoE experts: the router's tokens")
     moe_min_tokens: int = Field(16, ge=0, description="kept for the pipeline's coverage report")
-    e2e_steps: int = Field(0, ge=0, le=100_000, description="end-to-end steps after the blocks: scales and norms "
-                                                            "against the float model's logits (needs it in memory)")
-    e2e_batch_size: int = Field(2, ge=1, description="calibration windows per end-to-end step")
-    e2e_lr: float = Field(1e-3, gt=0, description="Adam step size of the log-scales and norms end to end")
-    e2e_rounding_lr: float = Field(0.0, ge=0, le=1, description="signed step of the rounding offsets end to end "
-                                                                "(0: the codes stay as the blocks left them)")
-
-
-def autocast_dtype(job: QuantJob) -> torch.dtype | None:
-    dt = resolve_calib_dtype(job.options.calib_dtype, job.device)
-    return None if dt == "float32" else getattr(torch, dt)
 
 
 def use_compile(job: QuantJob, spec: ArchSpec | None = None) -> bool:
@@ -87,7 +71,7 @@ def signround_params(job: QuantJob, spec: ArchSpec | None = None) -> SignRoundPa
     s, o = job.scheme, job.options
     return SignRoundParams(bits=s.bits, group_size=s.group_size, sym=s.sym, iters=o.iters, lr=o.lr,
                            batch_size=o.windows_per_step, clip_min=o.clip_min, tune_norms=o.tune_norms,
-                           norm_lr=o.norm_lr, autocast=autocast_dtype(job), compile=use_compile(job, spec), scale_lr=o.scale_lr,
+                           norm_lr=o.norm_lr, autocast=calib_autocast(job), compile=use_compile(job, spec), scale_lr=o.scale_lr,
                            loss=o.loss, seed=job.calib.seed)
 
 
@@ -119,7 +103,7 @@ def signround_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], p: Sig
     return {n: q.to("cpu") for n, q in res.items()}
 
 
-class SignRound(BlockwiseMethod):
+class SignRound(EndToEnd, BlockwiseMethod):
     name = "signround"
     description = "SignRound: rounding, clipping and norms tuned per block against the float model (AutoRound's algorithm)"
     formats = ("gptq", "compressed-tensors")
@@ -130,12 +114,6 @@ class SignRound(BlockwiseMethod):
     def prepare(self, job: QuantJob) -> QuantJob:
         if job.scheme.desc_act:
             raise SchemeError("signround tunes every group's own grid; drop --desc-act")
-        if job.options.e2e_steps and job.options.e2e_rounding_lr and job.scheme.rotation is not None:
-            raise SchemeError("signround's end-to-end rounding starts from the float model's weights, which --rotate "
-                              "changes; drop --opt e2e_rounding_lr or --rotate")
-        if job.options.e2e_steps and job.options.offload == "disk":
-            raise SchemeError("signround's end-to-end stage needs the model in memory; drop --offload disk or set "
-                              "--opt e2e_steps=0")
         return super().prepare(job)
 
     @classmethod
@@ -145,42 +123,18 @@ class SignRound(BlockwiseMethod):
     def stream_autocast(self, job: QuantJob) -> torch.dtype | None:
         # the float reference and the quantized stream in the dtype the tuning computes in (as AutoRound's amp):
         # 3x faster passes (fp32 0.57 vs bf16 0.19 CPU s for 16 windows through a SmolLM2 block)
-        return autocast_dtype(job)
+        return calib_autocast(job)
 
     def block_step(self, job: QuantJob, spec: ArchSpec, coverage: ExpertCoverage) -> BlockStep:
         p = signround_params(job, spec)
         return lambda calib, targets: signround_block(calib, spec, targets, p, job.options.window_tokens)
 
-    def quantize_loaded(self, loaded: Loaded, job: QuantJob, samples: Tensor | None, facts: RunFacts) -> dict[str, Any]:
-        o = job.options
-        if not o.e2e_steps:
-            return super().quantize_loaded(loaded, job, samples, facts)
-        if samples is None and loaded.tokenizer is not None:
-            samples = self.calibration(loaded.tokenizer, job)
-        results = super().quantize_loaded(loaded, job, samples, facts)
-        quantized = stored_results(loaded, job, results, self.job_format(job), self.describe(job).get("options", {}))
-        place_outside_blocks(loaded.model, loaded.spec, job.device)
-        loaded.model.to(job.device)
-        p = E2EParams(steps=o.e2e_steps, batch_size=o.e2e_batch_size, lr=o.e2e_lr, norm_lr=o.e2e_lr,
-                      rounding_lr=o.e2e_rounding_lr, autocast=autocast_dtype(job),
-                      compile=use_compile(job, loaded.spec), seed=job.calib.seed)
-        base, _ = load_model(job.source, torch.float32, job.trust_remote_code, loaded.tokenizer)  # not read again
-        teacher = teacher_of(base.to(job.device), loaded.model, samples, p, quantized if p.rounding_lr > 0 else ())
-        del base  # the teacher's hidden states and head are all the tuning reads of it
-        out = tune_end_to_end(loaded.model, teacher, quantized, samples, p)
-        loaded.model.to("cpu")
-        return {n: q.to("cpu") for n, q in out.items()}
-
-    def artifact(self, job: QuantJob, loaded: Loaded, results: dict[str, QuantizedWeight],
-                 extra: dict[str, Any]) -> PackedArtifact:
-        art = super().artifact(job, loaded, results, extra)
-        if job.options.e2e_steps:
-            art.stored = None  # every block's tuned tensors are in `results` and the model
-        return art
+    def e2e_compile(self, job: QuantJob, spec: ArchSpec) -> bool:
+        return use_compile(job, spec)
 
     def describe(self, job: QuantJob, facts: RunFacts | None = None) -> dict[str, Any]:
         opts = job.options.model_dump(mode="json")
-        dt = autocast_dtype(job)
+        dt = calib_autocast(job)
         opts["calib_dtype_used"] = "float32" if dt is None else str(dt).removeprefix("torch.")
         opts["compile_used"] = use_compile(job)
         out: dict[str, Any] = {"options": opts, "calibration": job.calib.model_dump(mode="json")}

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from torch.func import functional_call
 
 from quantkit.grid import QuantizedWeight
-from quantkit.methods.signround.algorithm import _ste_half, linear_decay, sign_step_
+from quantkit.methods.signsgd import linear_decay, sign_step_, ste_half
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ def tune_end_to_end(model: nn.Module, base: nn.Module | Teacher, quantized: dict
 
     def _scale(n: str) -> Tensor:
         sc = _tuned(n)
-        return (_ste_half(sc) if offsets else sc)[:, gidx[n]]
+        return (ste_half(sc) if offsets else sc)[:, gidx[n]]
 
     def _codes(n: str, sc: Tensor, final: bool = False) -> Tensor:
         """The code relative to the zero point: the block stage's while the rounding is not tuned."""
@@ -311,5 +311,5 @@ def tune_end_to_end(model: nn.Module, base: nn.Module | Teacher, quantized: dict
             out[name] = replace(qw, scales=scales.cpu())
             lin = model.get_submodule(name)
             lin.weight.data.copy_(out[name].dequantize(lin.weight.dtype))
-    log.info("signround end-to-end: %d steps, KL %.4g -> %.4g, %.1fs", p.steps, first, last, time.perf_counter() - t0)
+    log.info("end-to-end: %d steps, KL %.4g -> %.4g, %.1fs", p.steps, first, last, time.perf_counter() - t0)
     return out

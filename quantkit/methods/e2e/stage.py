@@ -1,0 +1,118 @@
+"""The end-to-end stage as a part any block-wise method can take: its options, and a mixin that runs it after the
+blocks (`EndToEnd`). The maths is `quantkit.methods.e2e.tune`.
+
+After a method has rounded every block, the integer codes stay as they are and what a standard checkpoint keeps in
+float (the group scales, the norms) is tuned on the whole model against the float model's logits. SignRound
+(AutoRound's block stage) and GPTQ (second-order rounding) both take it: `--opt e2e_steps=32`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from quantkit.calib.pipeline import place_outside_blocks
+from quantkit.compute import can_compile, resolve_calib_dtype
+from quantkit.errors import SchemeError
+from quantkit.grid import QuantizedWeight
+from quantkit.methods.base import Loaded, QuantJob, RunFacts
+from quantkit.methods.e2e.stored import stored_results
+from quantkit.methods.e2e.tune import E2EParams, teacher_of, tune_end_to_end
+from quantkit.models.arch import ArchSpec
+from quantkit.models.sources import load_model
+
+E2E_FIELDS = ("e2e_steps", "e2e_batch_size", "e2e_lr", "e2e_rounding_lr")
+
+
+class E2EOptions(BaseModel):
+    """The end-to-end stage's options, inherited by the options of every method that takes the stage."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    e2e_steps: int = Field(0, ge=0, le=100_000, description="end-to-end steps after the blocks: scales and norms "
+                                                            "against the float model's logits (needs it in memory)")
+    e2e_batch_size: int = Field(2, ge=1, description="calibration windows per end-to-end step")
+    e2e_lr: float = Field(1e-3, gt=0, description="Adam step size of the log-scales and norms end to end")
+    e2e_rounding_lr: float = Field(0.0, ge=0, le=1, description="signed step of the rounding offsets end to end "
+                                                                "(0: the codes stay as the blocks left them)")
+
+
+def calib_autocast(job: QuantJob) -> torch.dtype | None:
+    """The autocast dtype of a job's `calib_dtype` option, resolved for its device (None: float32); the stage
+    computes in it."""
+    dt = resolve_calib_dtype(getattr(job.options, "calib_dtype", "float32"), job.device)
+    return None if dt == "float32" else getattr(torch, dt)
+
+
+def e2e_params(job: QuantJob, compile_step: bool) -> E2EParams:
+    o = job.options
+    return E2EParams(steps=o.e2e_steps, batch_size=o.e2e_batch_size, lr=o.e2e_lr, norm_lr=o.e2e_lr,
+                     rounding_lr=o.e2e_rounding_lr, autocast=calib_autocast(job), compile=compile_step,
+                     seed=job.calib.seed)
+
+
+class EndToEnd:
+    """Mixin for a `BlockwiseMethod` whose options derive from `E2EOptions`: with `e2e_steps` > 0, the block
+    stage's results are tuned end to end before they are written. Put it first among the bases."""
+
+    def check_end_to_end(self, job: QuantJob) -> None:
+        o = job.options
+        if not o.e2e_steps:
+            return
+        name = getattr(self, "name", "this method")
+        if job.target is not None:
+            raise SchemeError(f"{name}'s end-to-end stage tunes the scales of a GPTQ-style grid; it does not apply "
+                              f"to {job.target.label}")
+        s = job.scheme
+        if s.input_activations is not None or s.type != "int":
+            raise SchemeError(f"{name}'s end-to-end stage tunes integer weight-only grids; drop --opt e2e_steps")
+        if o.e2e_rounding_lr and s.rotation is not None:
+            raise SchemeError(f"{name}'s end-to-end rounding starts from the float model's weights, which --rotate "
+                              "changes; drop --opt e2e_rounding_lr or --rotate")
+        if getattr(o, "offload", "none") == "disk":
+            raise SchemeError(f"{name}'s end-to-end stage needs the model in memory; drop --offload disk or set "
+                              "--opt e2e_steps=0")
+
+    def prepare(self, job: QuantJob) -> QuantJob:
+        self.check_end_to_end(job)
+        return super().prepare(job)  # type: ignore[misc]
+
+    def e2e_compile(self, job: QuantJob, spec: ArchSpec) -> bool:
+        """Whether the stage's KL is compiled: where a compiler is found, and not for MoE models (their routed
+        shapes change every step)."""
+        return can_compile(job.device) and spec.moe is None
+
+    def quantize_loaded(self, loaded: Loaded, job: QuantJob, samples: Tensor | None, facts: RunFacts) -> dict[str, Any]:
+        if not job.options.e2e_steps:
+            return super().quantize_loaded(loaded, job, samples, facts)  # type: ignore[misc]
+        if samples is None and loaded.tokenizer is not None:
+            samples = self.calibration(loaded.tokenizer, job)  # type: ignore[attr-defined]
+        results = super().quantize_loaded(loaded, job, samples, facts)  # type: ignore[misc]
+        quantized = stored_results(loaded, job, results, self.job_format(job),  # type: ignore[attr-defined]
+                                   self.describe(job).get("options", {}))  # type: ignore[attr-defined]
+        place_outside_blocks(loaded.model, loaded.spec, job.device)
+        loaded.model.to(job.device)
+        p = e2e_params(job, self.e2e_compile(job, loaded.spec))
+        base, _ = load_model(job.source, torch.float32, job.trust_remote_code, loaded.tokenizer)  # not read again
+        teacher = teacher_of(base.to(job.device), loaded.model, samples, p, quantized if p.rounding_lr > 0 else ())
+        del base  # the teacher's hidden states and head are all the tuning reads of it
+        out = tune_end_to_end(loaded.model, teacher, quantized, samples, p)
+        loaded.model.to("cpu")
+        return {n: q.to("cpu") for n, q in out.items()}
+
+    def artifact(self, job: QuantJob, loaded: Loaded, results: dict[str, QuantizedWeight],
+                 extra: dict[str, Any]) -> Any:
+        art = super().artifact(job, loaded, results, extra)  # type: ignore[misc]
+        if job.options.e2e_steps:
+            art.stored = None  # every block's tuned tensors are in `results` and the model
+        return art
+
+
+def without_unused_e2e(options: dict[str, Any]) -> dict[str, Any]:
+    """An options record without the stage's fields when the stage is off (a method that gained the stage
+    records what it did before)."""
+    if options.get("e2e_steps"):
+        return options
+    return {k: v for k, v in options.items() if k not in E2E_FIELDS}

@@ -33,6 +33,8 @@ CASES = {  # name -> scheme
     "signround-w4g32-prefix": {"bits": 4, "group_size": 32},
     "w4g32-rotated": {"bits": 4, "group_size": 32, "rotation": "hadamard"},  # untied head, norms at 1
     "signround-w4g32-rotated-e2e": {"bits": 4, "group_size": 32, "rotation": "hadamard"},
+    "w4g32-e2e": {"bits": 4, "group_size": 32},  # GPTQ's codes, scales and norms tuned end to end
+    "w4g32-rotated-e2e": {"bits": 4, "group_size": 32, "rotation": "hadamard"},
 }
 # cases made by another method than gptq, with its options (same GPTQ checkpoint format)
 METHODS = {
@@ -42,6 +44,8 @@ METHODS = {
     "signround-w4g32-sym-e2e": ("signround", {"iters": 4, "e2e_steps": 2}),  # negative scales where the extreme is > 0
     "signround-w4g32-prefix": ("signround", {"iters": 4, "window_tokens": 16, "windows_per_step": 6}),
     "signround-w4g32-rotated-e2e": ("signround", {"iters": 4, "e2e_steps": 2}),
+    "w4g32-e2e": ("gptq", {"e2e_steps": 2}),
+    "w4g32-rotated-e2e": ("gptq", {"e2e_steps": 2}),
 }
 
 

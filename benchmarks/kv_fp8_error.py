@@ -71,10 +71,29 @@ def granularity(seen: list[tuple[Tensor, Tensor]]) -> None:
         logging.info("| %s | %s | %s |", name, *cells)
 
 
-def main() -> None:
+def record_kv(model: torch.nn.Module, name: str) -> list[tuple[Tensor, Tensor]]:
+    """Route `model`'s attention through an SDPA wrapper registered as `name` that records every call's keys
+    (after the rotary embedding) and values, in float32; returns the list the calls append to."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
+
+    seen: list[tuple[Tensor, Tensor]] = []
+
+    def attention(module, query, key, value, *args, **kwargs):
+        seen.append((key.detach().float(), value.detach().float()))
+        return sdpa_attention_forward(module, query, key, value, *args, **kwargs)
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None:
+            cfg._attn_implementation = name
+    return seen
+
+
+def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -84,18 +103,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(a.threads)
     model, tok = load_model(resolve(a.model))
-    seen: list[tuple[Tensor, Tensor]] = []
-
-    def attention(module, query, key, value, *args, **kwargs):
-        seen.append((key.detach().float(), value.detach().float()))
-        return sdpa_attention_forward(module, query, key, value, *args, **kwargs)
-
-    AttentionInterface.register("kv-fp8-error", attention)
-    AttentionMaskInterface.register("kv-fp8-error", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    for m in model.modules():
-        cfg = getattr(m, "config", None)
-        if cfg is not None:
-            cfg._attn_implementation = "kv-fp8-error"
+    seen = record_kv(model, "kv-fp8-error")
     with torch.no_grad():
         model(calibration_samples(tok, nsamples=2, seqlen=512, seed=0))
     if a.granularity:

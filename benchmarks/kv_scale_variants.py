@@ -47,26 +47,13 @@ def recorded_kv(src: Path, nsamples: int, windows: int) -> list[list[tuple[Tenso
     """Per calibration window, per attention layer (in call order): (keys, values) as the attention receives them,
     before the cache quantizes them, on the checkpoint's own model (quantized weights and activations)."""
     from transformers import AutoTokenizer
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import AttentionInterface
 
     import quantkit
+    from kv_fp8_error import record_kv  # beside this script (its folder is on sys.path when it runs)
     from quantkit.calib.data import calibration_samples
 
     model = quantkit.load(str(src), dtype=torch.float32, kernel="dense").eval()
-    seen: list[tuple[Tensor, Tensor]] = []
-
-    def attention(module, query, key, value, *args, **kwargs):
-        seen.append((key.detach().float(), value.detach().float()))
-        return sdpa_attention_forward(module, query, key, value, *args, **kwargs)
-
-    AttentionInterface.register("kv-record", attention)
-    AttentionMaskInterface.register("kv-record", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    for m in model.modules():
-        cfg = getattr(m, "config", None)
-        if cfg is not None:
-            cfg._attn_implementation = "kv-record"
+    seen = record_kv(model, "kv-record")
     tok = AutoTokenizer.from_pretrained(str(src))
     per_window = []
     with torch.no_grad():

@@ -137,7 +137,7 @@ def test_cli_head_gptq_changes_only_the_head(tiny_llama, text_file, tmp_path, op
 
 
 @pytest.mark.parametrize("opts, words", [
-    (["--opt", "head=gptq"], "goes with --format gguf"),  # the default only where a format has a head grid
+    (["--opt", "head_activations=q8_0"], "goes with --format gguf"),  # the head has a grid only in GGUF
     (["--format", "gguf", "--opt", "head=gptq", "--opt", "head_embed_weight=-1"], "--head-embed-weight"),
 ])
 def test_cli_head_bad_input_is_one_line(tiny_llama, text_file, tmp_path, opts, words):

@@ -118,8 +118,10 @@ class GPTQ(EndToEnd, BlockwiseMethod):
     def prepare(self, job: QuantJob) -> QuantJob:
         self.check_end_to_end(job)
         if job.target is None:
-            if "head" in job.options.model_fields_set and job.options.head != "plain":
-                raise SchemeError("--opt head=gptq goes with --format gguf (a format with a grid for the output head)")
+            o, defaults = job.options, GPTQOptions.model_fields
+            moved = [k for k in ("head_activations", "head_embed_weight") if getattr(o, k) != defaults[k].default]
+            if moved:  # head=gptq itself is the default, and a recorded recipe repeats it: a no-op off GGUF
+                raise SchemeError(f"--opt {moved[0]} goes with --format gguf (a format with a grid for the output head)")
             return super().prepare(job)
         s = job.scheme
         if s.input_activations is not None or s.type != "int" or s.strategy is not None:

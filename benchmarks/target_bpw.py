@@ -9,6 +9,8 @@ Rows (B: the stored bits per weight of w4g64 on every Linear, computed from the 
   target-B               --target-bpw B, the default grids (4- and 8-bit, per channel or g128/g64/g32: gptq_marlin's bits)
   target-B-grouped       --target-bpw B, groups only (no per-channel grid)
   target-B-w3            --target-bpw B, 3-bit grids allowed as well (w3g128, w3g64, w3g32)
+  target-B-grouped-fisher, target-B-w3-fisher
+                         the same with --target-sensitivity fisher (errors weighed by their cost at the output)
   uniform-w4g32          GPTQ w4g32 on every Linear: the uniform grid next up in size
   target-high            --target-bpw HIGH (default 5.0)
 
@@ -54,7 +56,8 @@ def child_quantize(a: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     summary = quantize(a.model, "gptq", a.child_out, scheme=spec["scheme"], device="cpu",
                        calib={"dataset": "wiki-vital", "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": 0},
-                       target_bpw=spec.get("target_bpw"), target_grids=spec.get("grids"))
+                       target_bpw=spec.get("target_bpw"), target_grids=spec.get("grids"),
+                       target_sensitivity=spec.get("sensitivity"))
     stats = checkpoint_stats(a.child_out)
     return {"quant_s": summary["quantize_seconds"], "process_s": time.perf_counter() - t0, "cpu_s": cpu_s(),
             "peak_rss_mib": peak_mib(), "size_bytes": summary["size_bytes"], "bpw": stats["bits_per_weight"],
@@ -130,6 +133,10 @@ def main() -> None:
             "target-B": {"scheme": {"bits": 4, "group_size": 64}, "target_bpw": b, "grids": GRIDS_48},
             "target-B-grouped": {"scheme": {"bits": 4, "group_size": 64}, "target_bpw": b, "grids": GRIDS_GROUPED},
             "target-B-w3": {"scheme": {"bits": 4, "group_size": 64}, "target_bpw": b, "grids": GRIDS_348},
+            "target-B-grouped-fisher": {"scheme": {"bits": 4, "group_size": 64}, "target_bpw": b,
+                                        "grids": GRIDS_GROUPED, "sensitivity": "fisher"},
+            "target-B-w3-fisher": {"scheme": {"bits": 4, "group_size": 64}, "target_bpw": b, "grids": GRIDS_348,
+                                   "sensitivity": "fisher"},
             "uniform-w4g32": {"scheme": {"bits": 4, "group_size": 32}},
             "target-high-grouped": {"scheme": {"bits": 4, "group_size": 64}, "target_bpw": a.high,
                                     "grids": GRIDS_GROUPED},

@@ -92,12 +92,14 @@ def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantSc
              trust_remote_code: bool = False, progress: Progress | None = None,
              max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, resume: bool | None = None,
              fmt: str | None = None, gguf_type: str | None = None, embed_type: str | None = None,
-             target_bpw: float | None = None, target_grids: str | None = None) -> dict[str, Any]:
+             target_bpw: float | None = None, target_grids: str | None = None,
+             target_sensitivity: str | None = None) -> dict[str, Any]:
     """Quantize `model` with `method` and write a checkpoint folder at `out` (atomically).
 
     `target_bpw`: choose each Linear's grid among `target_grids` ("w4g64,w8g128,...", default 4- and 8-bit
     in groups of 128/64/32) so the quantized Linears store at most that many bits per weight, by measured
-    sensitivity (`quantkit.budget`); written as the GPTQ format's per-module `dynamic` config.
+    sensitivity (`quantkit.budget`; `target_sensitivity` "hessian", the default, or "fisher"); written as the
+    GPTQ format's per-module `dynamic` config.
 
     `fmt="gguf"`: write one GGUF file at `out` instead, the method rounding onto each tensor's GGUF type in
     the llama.cpp mix `gguf_type` (default q4_k_m); see `quantize_gguf`.
@@ -111,6 +113,8 @@ def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantSc
     out = Path(out)
     if target_grids is not None and target_bpw is None:
         raise QuantkitError("--target-grids goes with --target-bpw")
+    if target_sensitivity is not None and target_bpw is None:
+        raise QuantkitError("--target-sensitivity goes with --target-bpw")
     if target_bpw is not None and fmt not in (None, "gptq"):
         raise QuantkitError(f"--target-bpw writes per-module grids as the GPTQ format's dynamic config; it does not "
                             f"apply with --format {fmt}" + (" (--type picks each tensor's grid)" if fmt == "gguf" else ""))
@@ -131,7 +135,7 @@ def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantSc
     allocation, t_alloc = None, 0.0
     if target_bpw is not None:
         t_alloc = time.perf_counter()
-        allocation = _allocate(impl, job, method, target_bpw, target_grids)
+        allocation = _allocate(impl, job, method, target_bpw, target_grids, target_sensitivity or "hessian")
         t_alloc = time.perf_counter() - t_alloc
     opts = job.options
     memory = check_job(job, method, "offload" in impl.Options.model_fields, out)
@@ -185,7 +189,8 @@ def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantSc
     return summary
 
 
-def _allocate(impl: Any, job: QuantJob, method: str, target_bpw: float, target_grids: str | None) -> dict[str, Any]:
+def _allocate(impl: Any, job: QuantJob, method: str, target_bpw: float, target_grids: str | None,
+              sensitivity: str = "hessian") -> dict[str, Any]:
     """--target-bpw: give `job` a grid per Linear (its scheme's overrides); returns the allocation's record."""
     from quantkit.budget.run import budget_scheme
     from quantkit.registry import method_class, method_names
@@ -194,7 +199,7 @@ def _allocate(impl: Any, job: QuantJob, method: str, target_bpw: float, target_g
         able = [m for m in method_names() if getattr(method_class(m), "module_grids", False)]
         raise QuantkitError(f"--target-bpw: {method} quantizes every Linear on one grid; per-module grids "
                             f"need {', '.join(able)} (integer weight-only schemes)")
-    job.scheme, record = budget_scheme(job, target_bpw, target_grids)
+    job.scheme, record = budget_scheme(job, target_bpw, target_grids, sensitivity)
     return record
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from quantkit.budget.allocate import Allocation, allocate, check_target
+from quantkit.budget.fisher import output_fisher
 from quantkit.budget.sensitivity import DEFAULT_GRIDS, error_tables, parse_grids, size_tables
 from quantkit.calib.data import calibration_samples
 from quantkit.calib.sqsums import collect_imatrix
@@ -58,8 +59,19 @@ def summary_line(alloc: Allocation, target: float, uniform: dict[str, float]) ->
             f"({parts}); weighted error {alloc.error:.4g}" + (f" (uniform {ref})" if ref else ""))
 
 
-def budget_scheme(job: Any, target_bpw: float, grids_text: str | None = None) -> tuple[QuantScheme, dict[str, Any]]:
-    """The job's scheme with a grid per Linear meeting `target_bpw`, and a record of the allocation."""
+SENSITIVITIES = ("hessian", "fisher")
+FISHER_WINDOWS = 16  # calibration windows the Fisher pass reads (a forward and backward each: ~6 CPU s on SmolLM2)
+
+
+def budget_scheme(job: Any, target_bpw: float, grids_text: str | None = None,
+                  sensitivity: str = "hessian") -> tuple[QuantScheme, dict[str, Any]]:
+    """The job's scheme with a grid per Linear meeting `target_bpw`, and a record of the allocation.
+
+    `sensitivity`: how a Linear's RTN error is weighed: "hessian", by its inputs' second moments (its own output
+    error); "fisher", by those and its outputs' Fisher information as well (the error's cost at the model's
+    output, `quantkit.budget.fisher`: one forward and backward pass of the whole float model per window)."""
+    if sensitivity not in SENSITIVITIES:
+        raise SchemeError(f"--target-sensitivity: {sensitivity!r} is not one of {', '.join(SENSITIVITIES)}")
     if job.scheme.overrides:
         raise SchemeError("--target-bpw chooses every Linear's grid; the scheme already has per-module grids")
     grids = parse_grids(grids_text or DEFAULT_GRIDS)
@@ -74,7 +86,10 @@ def budget_scheme(job: Any, target_bpw: float, grids_text: str | None = None) ->
     samples = calibration_samples(tokenizer, c.dataset, c.nsamples, c.seqlen, c.seed, c.text_field)
     sums = collect_imatrix(model, samples, job.device, c.batch_size)
     mean_sq = {n: s / max(tokens, 1) for n, (s, tokens) in sums.items() if n in linears}
-    tables = error_tables({n: m.weight for n, m in linears.items()}, mean_sq, grids, job.scheme.sym)
+    out_weights = None
+    if sensitivity == "fisher":
+        out_weights = output_fisher(model, linears, samples[:FISHER_WINDOWS], job.device, seed=c.seed)
+    tables = error_tables({n: m.weight for n, m in linears.items()}, mean_sq, grids, job.scheme.sym, out_weights)
     alloc = allocate(tables, weights, target_bpw)
     uniform = {}  # the same Linears on one grid: the error each uniform grid that fits them all would have
     for g in grids:
@@ -85,7 +100,7 @@ def budget_scheme(job: Any, target_bpw: float, grids_text: str | None = None) ->
     log.info("%s in %.1fs", line, time.perf_counter() - t0)
     del model
     scheme = scheme_for(job.scheme, {n: by_label[g] for n, g in alloc.grids.items()}, weights)
-    record = {"target_bpw": target_bpw, "grids": [g.label for g in grids], "bits_per_weight": round(alloc.bpw, 6),
+    record = {"target_bpw": target_bpw, "sensitivity": sensitivity, "grids": [g.label for g in grids], "bits_per_weight": round(alloc.bpw, 6),
               "weighted_error": alloc.error, "uniform_weighted_error": uniform,
               "mix": dict(sorted(Counter(alloc.grids.values()).items()))}
     return scheme, record

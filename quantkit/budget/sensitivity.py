@@ -58,12 +58,16 @@ def stored_bits(out_features: int, in_features: int, grid: ModuleGrid) -> int:
     return sum(math.prod(shape) * dtype.itemsize * 8 for shape, dtype in shapes.values())
 
 
-def weighted_error(weight: Tensor, mean_sq: Tensor, grid: ModuleGrid, sym: bool) -> float:
-    """Σ_j mean_sq[j] · Σ_i (W − RTN(W))²_ij for `weight` (out, in) on `grid`."""
+def weighted_error(weight: Tensor, mean_sq: Tensor, grid: ModuleGrid, sym: bool,
+                   out_weight: Tensor | None = None) -> float:
+    """Σ_j mean_sq[j] · Σ_i out_weight[i] (W − RTN(W))²_ij for `weight` (out, in) on `grid` (`out_weight`: each
+    output's cost at the model's output, `quantkit.budget.fisher`; None: every output counts 1)."""
     w = weight.detach().float()
     q = quantize_weight(w, grid.bits, grid.group_size, sym).dequantize(torch.float32)
-    col = (w - q).pow(2).sum(0).double()  # (in,)
-    return float((col * mean_sq.double().to(col.device)).sum())
+    err = (w - q).pow(2).double()
+    if out_weight is not None:
+        err = err * out_weight.double().to(err.device)[:, None]
+    return float((err.sum(0) * mean_sq.double().to(err.device)).sum())
 
 
 def size_tables(shapes: dict[str, tuple[int, int]], grids: list[ModuleGrid]) -> tuple[dict[str, list[Option]],
@@ -81,12 +85,14 @@ def size_tables(shapes: dict[str, tuple[int, int]], grids: list[ModuleGrid]) -> 
 
 
 def error_tables(weights: dict[str, Tensor], mean_sq: dict[str, Tensor], grids: list[ModuleGrid],
-                 sym: bool) -> dict[str, list[Option]]:
-    """{module: Options with stored size and weighted RTN error} for each fitting candidate grid."""
+                 sym: bool, out_weights: dict[str, Tensor] | None = None) -> dict[str, list[Option]]:
+    """{module: Options with stored size and weighted RTN error} for each fitting candidate grid
+    (`out_weights`: per-output costs, see `weighted_error`)."""
     tables: dict[str, list[Option]] = {}
     for name in sorted(weights):
         w = weights[name]
         out_f, in_f = w.shape
-        tables[name] = [Option(g.label, stored_bits(out_f, in_f, g), weighted_error(w, mean_sq[name], g, sym))
+        ow = None if out_weights is None else out_weights[name]
+        tables[name] = [Option(g.label, stored_bits(out_f, in_f, g), weighted_error(w, mean_sq[name], g, sym, ow))
                         for g in grids if fits(g, in_f)]
     return tables

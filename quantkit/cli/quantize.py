@@ -51,6 +51,7 @@ def quantize(
     embed_type: Annotated[Optional[str], typer.Option("--embed-type", help="With --format gguf: token embedding / output type instead of llama.cpp's.", rich_help_panel=SCHEME)] = None,
     target_bpw: Annotated[Optional[float], typer.Option("--target-bpw", help="Size budget: choose each Linear's grid (GPTQ format's per-module `dynamic` config) so the quantized Linears store at most this many bits per weight, scales and zeros counted, by measured sensitivity.", rich_help_panel=SCHEME)] = None,
     target_grids: Annotated[Optional[str], typer.Option("--target-grids", help="With --target-bpw: the candidate grids, e.g. w4g128,w4g64,w4g32,w8g128 (the default: 4- and 8-bit in groups of 128/64/32; add w4 or w8 for per-channel grids).", rich_help_panel=SCHEME)] = None,
+    target_sensitivity: Annotated[Optional[str], typer.Option("--target-sensitivity", help="With --target-bpw: how each Linear's error is weighed: hessian (its inputs' second moments, the default) or fisher (also its outputs' cost at the model's output: a forward and backward pass of the whole float model per window).", rich_help_panel=SCHEME)] = None,
     dataset: in_panel(Dataset, CALIB) = "wiki-vital",
     text_field: in_panel(TextField, CALIB) = "text",
     nsamples: Annotated[int, typer.Option("--nsamples", min=1, help="Calibration windows.", rich_help_panel=CALIB)] = 128,
@@ -107,7 +108,8 @@ def quantize(
         summary = api.quantize(model, method, out, scheme=scheme, calib=calib, options=options, device=device,
                                save_dtype=save_dtype, force=force, trust_remote_code=trust_remote_code, progress=bar,
                                max_shard_size=max_shard_size, resume=resume, fmt=fmt, gguf_type=gguf_type,
-                               embed_type=embed_type, target_bpw=target_bpw, target_grids=target_grids)
+                               embed_type=embed_type, target_bpw=target_bpw, target_grids=target_grids,
+                               target_sensitivity=target_sensitivity)
     if fmt != "gguf" and target_bpw is None:  # recipes have no --target-bpw yet: a uniform one would mislead
         recipe_flags.record_recipe(summary, save_dtype)  # quantkit_recipe.yaml: how to make this checkpoint again
     emit_json(summary, json_out)

@@ -45,7 +45,13 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "gptq-rot-e2e": ("gptq", {"e2e_steps": 32}),
     "gptq-rot-e2e-eb4": ("gptq", {"e2e_steps": 32, "e2e_batch_size": 4}),
     "gptq-rot-e2e64-eb4": ("gptq", {"e2e_steps": 64, "e2e_batch_size": 4}),
+    # GPTQ towards the float model's outputs (GPTAQ, `--opt float_target=true`)
+    "gptq-ft": ("gptq", {"float_target": True}),
+    "gptq-ft-e2e": ("gptq", {"float_target": True, "e2e_steps": 32}),
+    "gptq-rot-ft": ("gptq", {"float_target": True}),
+    "gptq-rot-ft-e2e": ("gptq", {"float_target": True, "e2e_steps": 32}),
+    "gptq-rot-ft-e2e-eb4": ("gptq", {"float_target": True, "e2e_steps": 32, "e2e_batch_size": 4}),
 }
 ROTATED_ROWS = {"rtn-rot", "gptq-rot", "awq-rot", "signround-e2e-rot", "signround-e2e-eb4-rot", "gptq-rot-e2e",
-                "gptq-rot-e2e-eb4", "gptq-rot-e2e64-eb4"}
+                "gptq-rot-e2e-eb4", "gptq-rot-e2e64-eb4", "gptq-rot-ft", "gptq-rot-ft-e2e", "gptq-rot-ft-e2e-eb4"}
 SYM_ROWS = {"signround-sym", "signround-e2e-sym", "signround-e2e-sym-c256b12", "rtn-sym", "gptq-sym", "awq-sym"}

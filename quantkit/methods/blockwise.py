@@ -124,9 +124,13 @@ class BlockwiseMethod(WeightOnlyMethod):
         results = run_sequential(loaded.model, spec, samples, per_block, device=job.device,
                                  batch_size=job.calib.batch_size, blocks=loaded.blocks, progress=job.progress,
                                  store=self.block_store(job, spec), compute_dtype=getattr(torch, self.calib_dtype(job)),
-                                 reference=self.float_reference, autocast=self.stream_autocast(job),
+                                 reference=self.uses_reference(job), autocast=self.stream_autocast(job),
                                  final=self.final_step(job, loaded))
         return self.finish(cov.absorb(results), job)
+
+    def uses_reference(self, job: QuantJob) -> bool:
+        """Whether the pipeline carries the float model's stream for this job (`float_reference`, or an option)."""
+        return self.float_reference
 
     def final_step(self, job: QuantJob, loaded: Loaded) -> Callable[[list[Tensor]], dict[str, Any]] | None:
         """What runs on the last block's outputs (`run_sequential`'s `final`, e.g. rounding the head); None."""

@@ -29,6 +29,7 @@ from quantkit.calib.pipeline import BlockCalib, StopForward
 from quantkit.calib.shortcut import Shortcut
 from quantkit.grid import QuantizedWeight, quantize_weight
 from quantkit.methods.gptq.algorithm import GPTQParams, HessianAccumulator, gptq_quantize, split_rows
+from quantkit.methods.gptq.float_target import CrossAccumulator, float_group_inputs, float_target
 from quantkit.models.arch import ArchSpec, block_stages, expert_of
 from quantkit.models.moe import ExpertCoverage
 
@@ -84,7 +85,8 @@ def collect_hessians(calib: BlockCalib, groups: list[_Group], stop_after_last: b
                      tokens: list[int] | None = None,
                      shortcut: Shortcut | None = None,
                      absmax: list[float] | None = None,
-                     low_precision_products: bool = False) -> tuple[list[torch.Tensor], Replay | None]:
+                     low_precision_products: bool = False,
+                     crosses: list[CrossAccumulator] | None = None) -> tuple[list[torch.Tensor], Replay | None]:
     """One pass over the calibration batches; returns H (in, in) per group, and the capture.
 
     Only each group's first Linear is hooked: the others read the same tensor. The pass
@@ -99,6 +101,7 @@ def collect_hessians(calib: BlockCalib, groups: list[_Group], stop_after_last: b
     `absmax`: filled with the largest |x| each group's input reached (static activation scales).
     `low_precision_products`: XᵀX tiles computed in the block's 16-bit compute dtype, summed in float32
     (`HessianAccumulator`).
+    `crosses`: one per group, fed each batch's inputs beside that batch's float ones (`float_target`).
     """
     accs = [HessianAccumulator(g.modules[0].in_features, calib.device, track_absmax=absmax is not None,
                                low_precision_products=low_precision_products) for g in groups]
@@ -107,6 +110,8 @@ def collect_hessians(calib: BlockCalib, groups: list[_Group], stop_after_last: b
     def hook_for(k: int):
         def pre(_mod, args):
             accs[k].add(args[0].detach())
+            if crosses is not None:
+                crosses[k].add(args[0].detach(), calib.batch)
             if shortcut is not None:
                 shortcut.record(args[0])
                 if not shortcut.checked:
@@ -183,11 +188,12 @@ def rtn_group(calib: BlockCalib, group: _Group, params: GPTQParams,
 
 
 def quantize_group(calib: BlockCalib, group: _Group, h: torch.Tensor, params: GPTQParams,
-                   params_of: ParamsOf | None = None) -> dict[str, QuantizedWeight]:
+                   params_of: ParamsOf | None = None, cross: torch.Tensor | None = None) -> dict[str, QuantizedWeight]:
     """GPTQ on the group's row-stacked weights; writes the dequantized weights back in place.
 
     `params_of`: the Linears' own grids; those of one grid are stacked together. GPTQ treats rows
-    independently given H, so splitting the stack by grid changes nothing but each part's grid."""
+    independently given H, so splitting the stack by grid changes nothing but each part's grid.
+    `cross`: 2 X̃ᵀX / n against the float model's inputs: round towards its outputs (`float_target`)."""
     if params_of is not None:
         by_grid: dict[GPTQParams, list[int]] = {}
         for k, name in enumerate(group.names):
@@ -197,10 +203,12 @@ def quantize_group(calib: BlockCalib, group: _Group, h: torch.Tensor, params: GP
             for p, ks in by_grid.items():
                 part = _Group(tuple(group.names[k] for k in ks), tuple(group.modules[k] for k in ks),
                               group.stage, group.expert)
-                out.update(quantize_group(calib, part, h, p))
+                out.update(quantize_group(calib, part, h, p, cross=cross))
             return {n: out[n] for n in group.names}
     weights = [calib.master(m) for m in group.modules]
     stacked = torch.cat(weights, dim=0) if len(weights) > 1 else weights[0]
+    if cross is not None:
+        stacked = float_target(stacked, h, cross, params.damp)
     res = gptq_quantize(stacked, h, params)
     parts = split_rows(res.weight, [w.shape[0] for w in weights], [m.bias for m in group.modules])
     out = {}
@@ -217,7 +225,7 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
                coverage: ExpertCoverage | None = None, shortcuts: bool = True,
                input_qmax: float | None = None, quantize: Any = None,
                low_precision_products: bool = False,
-               params_of: ParamsOf | None = None) -> dict[str, Any]:
+               params_of: ParamsOf | None = None, to_float: bool = False) -> dict[str, Any]:
     """Quantize one block's target Linears (`targets`: full names); returns relative name -> weight.
 
     `coverage`: MoE expert policy and record (default: routed, 16 tokens at least).
@@ -230,6 +238,8 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
     `quantize(calib, group, h)`: the group quantizer instead of `quantize_group` (e.g. onto GGUF's blocks,
     `quantkit.methods.gptq.grid.grid_group`); it writes the group's quantized weights back as well.
     `params_of`: each Linear's parameters (relative name), where the scheme gives Linears their own grids.
+    `to_float`: round each group towards the float block's outputs on the float model's inputs
+    (`calib.reference_inputs`; `quantkit.methods.gptq.float_target`), not towards W on the quantized inputs.
     """
     prefix = f"{spec.blocks}.{calib.index}."
     keep = {n.removeprefix(prefix) for n in targets if n.startswith(prefix)}
@@ -238,15 +248,26 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
     if not groups:
         return results
     coverage = coverage or ExpertCoverage()
+    floats: dict[int, list[torch.Tensor]] = {}
+    if to_float:
+        if calib.reference_inputs is None or quantize is not None or any(g.expert is not None for g in groups):
+            raise ValueError("float_target needs the float reference stream, the scheme's own grid and no MoE experts")
+        caps = float_group_inputs(calib.block, [g.modules[0] for g in groups], calib.reference_inputs, calib.args,
+                                  calib.block_kwargs, calib.device, calib.dtype, calib.store_device)
+        floats = {id(g): c for g, c in zip(groups, caps, strict=True)}
 
-    def finish(stage: list[_Group], hs: list[torch.Tensor], tokens: list[int], amax: list[float] | None) -> None:
-        for g, h, n, m in zip(stage, hs, tokens, amax or [0.0] * len(stage), strict=True):
+    def crosses_for(stage: list[_Group]) -> list[CrossAccumulator] | None:
+        return [CrossAccumulator(floats.pop(id(g)), calib.device) for g in stage] if floats else None
+
+    def finish(stage: list[_Group], hs: list[torch.Tensor], tokens: list[int], amax: list[float] | None,
+               cross: list[CrossAccumulator] | None = None) -> None:
+        for k, (g, h, n, m) in enumerate(zip(stage, hs, tokens, amax or [0.0] * len(stage), strict=True)):
             if g.expert is not None and not coverage.enough(prefix + g.expert, n):
                 done = rtn_group(calib, g, params, params_of)
             elif quantize is not None:
                 done = quantize(calib, g, h)
             else:
-                done = quantize_group(calib, g, h, params, params_of)
+                done = quantize_group(calib, g, h, params, params_of, None if cross is None else cross[k].cross())
             if input_qmax is not None:
                 scale = torch.tensor([max(m, 1e-6) / input_qmax], dtype=torch.float32).half().float()
                 for qw in done.values():
@@ -265,13 +286,15 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
                 amax: list[float] | None = [] if input_qmax is not None else None
                 sc = (Shortcut.find(calib, st[0].names)
                       if shortcuts and len(st) == 1 and st[0].expert is None else None)
+                cross = crosses_for(st)
                 with ExitStack() as stack:
                     for d in done:
                         stack.enter_context(d.standing_in())
                     hs, previous = collect_hessians(calib, st, replay=previous, capture=nxt, tokens=tokens,
                                                     shortcut=sc, absmax=amax,
-                                                    low_precision_products=low_precision_products)
-                finish(st, hs, tokens, amax)
+                                                    low_precision_products=low_precision_products, crosses=cross)
+                finish(st, hs, tokens, amax, cross)
+                del cross
                 del hs
                 if sc is not None and sc.valid:
                     done.append(sc)
@@ -282,8 +305,9 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
                     calib.next_inputs = calib.forward(keep_outputs=True)
         else:
             tokens, amax = [], ([] if input_qmax is not None else None)
+            cross = crosses_for(groups)
             hs, _ = collect_hessians(calib, groups, tokens=tokens, absmax=amax,
-                                     low_precision_products=low_precision_products)
-            finish(groups, hs, tokens, amax)
+                                     low_precision_products=low_precision_products, crosses=cross)
+            finish(groups, hs, tokens, amax, cross)
     log.info("gptq block %d: %d Linears in %.1fs", calib.index, len(results), time.perf_counter() - t0)
     return results

@@ -32,6 +32,8 @@ class GPTQOptions(E2EOptions):
     (`--opt e2e_steps=32`: scales and norms tuned against the float model after the blocks) are `E2EOptions`'."""
 
     damp: float = Field(0.01, ge=0.0, le=1.0, description="dampening: fraction of the mean Hessian diagonal")
+    float_target: bool = Field(False, description="round each Linear towards the float model's outputs on its own "
+                                                  "inputs (GPTAQ), not towards W on the quantized model's inputs")
     block_size: int = Field(128, ge=1, le=4096, description="columns per lazy-update block")
     true_sequential: bool = Field(True, description="calibrate each Linear group on the already-quantized earlier groups")
     offload: Literal["none", "disk"] = Field("none", description="disk: load decoder blocks one at a time from safetensors")
@@ -85,6 +87,9 @@ def input_qmax(job: QuantJob) -> float | None:
 def gptq_step(job: QuantJob, spec: ArchSpec, coverage: ExpertCoverage) -> BlockStep:
     """GPTQ rounding of a block's targets (in true-sequential order unless the option says otherwise)."""
     params, o, qmax = gptq_params(job), job.options, input_qmax(job)
+    if o.float_target and spec.moe is not None:
+        raise SchemeError("--opt float_target pairs each token's float and quantized inputs; an MoE model's experts "
+                          "see different tokens in the two streams: drop it")
 
     codecs = job.target.codecs if job.target is not None else None
 
@@ -99,7 +104,7 @@ def gptq_step(job: QuantJob, spec: ArchSpec, coverage: ExpertCoverage) -> BlockS
         return gptq_block(calib, spec, {prefix + n for n in targets}, params, o.true_sequential,
                           coverage=coverage, shortcuts=o.shortcuts, input_qmax=qmax, quantize=onto,
                           low_precision_products=o.hessian_products == "compute",
-                          params_of=params_of)
+                          params_of=params_of, to_float=o.float_target)
 
     return step
 
@@ -117,6 +122,9 @@ class GPTQ(EndToEnd, BlockwiseMethod):
 
     def prepare(self, job: QuantJob) -> QuantJob:
         self.check_end_to_end(job)
+        if job.options.float_target and job.target is not None:
+            raise SchemeError(f"--opt float_target rounds onto the scheme's own grid; it does not apply to "
+                              f"{job.target.label}")
         if job.target is None:
             o, defaults = job.options, GPTQOptions.model_fields
             moved = [k for k in ("head_activations", "head_embed_weight") if getattr(o, k) != defaults[k].default]
@@ -131,6 +139,9 @@ class GPTQ(EndToEnd, BlockwiseMethod):
         if s.overrides:
             raise SchemeError(f"{job.target.label} gives each tensor its type; per-module grids do not apply")
         return job
+
+    def uses_reference(self, job: QuantJob) -> bool:
+        return job.options.float_target  # the float model's stream, for the float targets
 
     def block_store(self, job: QuantJob, spec: ArchSpec) -> Any:
         return None if job.target is not None else super().block_store(job, spec)

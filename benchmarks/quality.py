@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from _proc import peak_mib, cpu_s  # benchmarks/_proc.py
-from quality_rows import ROTATED_ROWS, SCHEMES, SYM_ROWS, VARIANTS  # benchmarks/quality_rows.py
+from quality_rows import BUDGET_ROWS, ROTATED_ROWS, SCHEMES, SYM_ROWS, VARIANTS  # benchmarks/quality_rows.py
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -64,6 +64,21 @@ def parse_row(row: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
 
 
 
+def budget_of(row: str, model: str) -> dict[str, Any]:
+    """quantize()'s --target-bpw arguments for a BUDGET_ROWS row: the setting's uniform stored bits per weight,
+    its candidate grids, Fisher sensitivity; {} for other rows."""
+    parts = row.split("-")
+    setting = next(p for p in parts if p in SCHEMES)
+    grids = BUDGET_ROWS.get("-".join(p for p in parts if p != setting), {}).get(setting)
+    if grids is None:
+        return {}
+    from target_bpw import uniform_bpw  # benchmarks/target_bpw.py
+
+    s = SCHEMES[setting]
+    return {"target_bpw": uniform_bpw(model, s["bits"], s["group_size"]), "target_grids": grids,
+            "target_sensitivity": "fisher"}
+
+
 # ------------------------------------------------------------------------------------------- children
 def child_quantkit(a: argparse.Namespace) -> dict[str, Any]:
     import torch
@@ -73,10 +88,16 @@ def child_quantkit(a: argparse.Namespace) -> dict[str, Any]:
     from quantkit.api import quantize
 
     method, scheme, options = parse_row(a.child)
+    budget = budget_of(a.child, a.model)
     summary = quantize(a.model, method, a.child_out, scheme=scheme, options=options, device="cpu",
-                       calib={"dataset": "wiki-vital", "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": 0})
-    return {"quant_s": summary["quantize_seconds"], "process_s": time.perf_counter() - t0, "cpu_s": cpu_s(),
-            "peak_rss_mib": peak_mib(), "size_bytes": summary["size_bytes"]}
+                       calib={"dataset": "wiki-vital", "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": 0},
+                       **budget)
+    out = {"quant_s": summary["quantize_seconds"], "process_s": time.perf_counter() - t0, "cpu_s": cpu_s(),
+           "peak_rss_mib": peak_mib(), "size_bytes": summary["size_bytes"]}
+    if "allocation" in summary:
+        alloc = summary["allocation"]
+        out["allocation"] = {k: alloc[k] for k in ("target_bpw", "bits_per_weight", "mix", "sensitivity", "seconds")}
+    return out
 
 
 def child_autoround(a: argparse.Namespace) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from quantkit.calib.data import calibration_samples
 from quantkit.calib.sqsums import collect_imatrix
 from quantkit.errors import SchemeError
 from quantkit.models.arch import blocks_linears, get_arch
+from quantkit.models.rotation import rotate_model
 from quantkit.models.sources import load_model
 from quantkit.scheme import ModuleGrid, QuantScheme
 
@@ -78,6 +79,8 @@ def budget_scheme(job: Any, target_bpw: float, grids_text: str | None = None,
     by_label = {g.label: g for g in grids}
     t0 = time.perf_counter()
     model, tokenizer = load_model(job.source, torch.float32, job.trust_remote_code)
+    if job.scheme.rotation is not None:  # weigh the weights the method will round: the rotated ones
+        rotate_model(model, get_arch(model), job.scheme.rotation, job.calib.seed)
     linears = quantized_linears(model, job.scheme)
     shapes = {n: (m.out_features, m.in_features) for n, m in linears.items()}
     sizes, weights = size_tables(shapes, grids)

@@ -35,6 +35,7 @@ CASES = {  # name -> scheme
     "signround-w4g32-rotated-e2e": {"bits": 4, "group_size": 32, "rotation": "hadamard"},
     "w4g32-e2e": {"bits": 4, "group_size": 32},  # GPTQ's codes, scales and norms tuned end to end
     "w4g32-rotated-e2e": {"bits": 4, "group_size": 32, "rotation": "hadamard"},
+    "w4g32-rotated-float-target": {"bits": 4, "group_size": 32, "rotation": "hadamard"},  # GPTAQ's targets
 }
 # cases made by another method than gptq, with its options (same GPTQ checkpoint format)
 METHODS = {
@@ -46,6 +47,7 @@ METHODS = {
     "signround-w4g32-rotated-e2e": ("signround", {"iters": 4, "e2e_steps": 2}),
     "w4g32-e2e": ("gptq", {"e2e_steps": 2}),
     "w4g32-rotated-e2e": ("gptq", {"e2e_steps": 2}),
+    "w4g32-rotated-float-target": ("gptq", {"float_target": True, "e2e_steps": 2}),
 }
 
 

@@ -94,3 +94,15 @@ def test_target_bpw_with_fisher_sensitivity_meets_the_budget_and_records_it(tiny
 def test_bad_sensitivity_is_one_line_and_exit_2(tiny_llama, text_file, tmp_path, args, needle):
     assert_quantize_refused(tiny_llama, tmp_path / "out", ["--dataset", str(text_file), "--nsamples", "4",
                                                            "--seqlen", "32", "--method", "gptq", *args], needle)
+
+
+def test_target_bpw_on_a_rotated_model_weighs_the_rotated_weights(tiny_llama, text_file, tmp_path):
+    calib = {"dataset": str(text_file), "nsamples": 4, "seqlen": 32, "batch_size": 2}
+    runs = {}
+    for rot in (None, "hadamard"):
+        scheme = {"bits": 4, "group_size": 32, **({"rotation": rot} if rot else {})}
+        s = quantize(tiny_llama, "gptq", tmp_path / f"r{rot}", scheme=scheme, calib=calib, device="cpu",
+                     target_bpw=5.0, target_grids="w3g32,w4g32,w8g32", target_sensitivity="fisher")
+        runs[rot] = s["allocation"]
+        assert s["allocation"]["bits_per_weight"] <= 5.0
+    assert runs[None]["weighted_error"] != runs["hadamard"]["weighted_error"]  # other weights, other errors

@@ -106,3 +106,17 @@ def test_target_bpw_on_a_rotated_model_weighs_the_rotated_weights(tiny_llama, te
         runs[rot] = s["allocation"]
         assert s["allocation"]["bits_per_weight"] <= 5.0
     assert runs[None]["weighted_error"] != runs["hadamard"]["weighted_error"]  # other weights, other errors
+
+
+def test_target_bpw_with_the_end_to_end_stage_keeps_each_linears_grid(tiny_llama, text_file, tmp_path):
+    import quantkit
+
+    calib = {"dataset": str(text_file), "nsamples": 4, "seqlen": 32, "batch_size": 2}
+    out = tmp_path / "e2e"
+    s = quantize(tiny_llama, "gptq", out, scheme={"bits": 4, "group_size": 32}, calib=calib, device="cpu",
+                 target_bpw=5.0, target_grids="w3g32,w4g32,w8,w8g32", target_sensitivity="fisher",
+                 options={"e2e_steps": 2, "calib_dtype": "float32"})
+    model = quantkit.load(out, kernel="reference")
+    grids = {n: (m.bits, m.group_size) for n, m in model.named_modules() if hasattr(m, "quantized")}
+    assert len(set(grids.values())) > 1 and s["allocation"]["bits_per_weight"] <= 5.0
+    assert torch.isfinite(model(input_ids=torch.arange(1, 17).unsqueeze(0)).logits).all()

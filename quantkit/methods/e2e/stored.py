@@ -33,7 +33,8 @@ def stored_results(loaded: Loaded, job: QuantJob, results: dict[str, Any], fmt_n
                     params[e.name].copy_(e.load().to(params[e.name].dtype))
         s = job.scheme
         for module, t in packed.items():
-            qw = layout.unpack(t, s.bits, s.group_size, s.sym)
+            g = s.grid_of(module)  # the module's own grid where the scheme gives Linears theirs (--target-bpw)
+            qw = layout.unpack(t, g.bits, g.group_size, s.sym)
             if "bias" in t:
                 qw.bias = t["bias"].float()
             quantized[module] = qw

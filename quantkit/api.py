@@ -98,7 +98,7 @@ def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantSc
 
     `target_bpw`: choose each Linear's grid among `target_grids` ("w4g64,w8g128,...", default 4- and 8-bit
     in groups of 128/64/32) so the quantized Linears store at most that many bits per weight, by measured
-    sensitivity (`quantkit.budget`; `target_sensitivity` "hessian", the default, or "fisher"); written as the
+    sensitivity (`quantkit.budget`; `target_sensitivity` "fisher", the default, or "hessian"); written as the
     GPTQ format's per-module `dynamic` config.
 
     `fmt="gguf"`: write one GGUF file at `out` instead, the method rounding onto each tensor's GGUF type in
@@ -135,7 +135,7 @@ def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantSc
     allocation, t_alloc = None, 0.0
     if target_bpw is not None:
         t_alloc = time.perf_counter()
-        allocation = _allocate(impl, job, method, target_bpw, target_grids, target_sensitivity or "hessian")
+        allocation = _allocate(impl, job, method, target_bpw, target_grids, target_sensitivity or "fisher")
         t_alloc = time.perf_counter() - t_alloc
     opts = job.options
     memory = check_job(job, method, "offload" in impl.Options.model_fields, out)
@@ -190,7 +190,7 @@ def quantize(model: str | Path, method: str, out: str | Path, *, scheme: QuantSc
 
 
 def _allocate(impl: Any, job: QuantJob, method: str, target_bpw: float, target_grids: str | None,
-              sensitivity: str = "hessian") -> dict[str, Any]:
+              sensitivity: str = "fisher") -> dict[str, Any]:
     """--target-bpw: give `job` a grid per Linear (its scheme's overrides); returns the allocation's record."""
     from quantkit.budget.run import budget_scheme
     from quantkit.registry import method_class, method_names

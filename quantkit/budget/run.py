@@ -65,12 +65,13 @@ FISHER_WINDOWS = 16  # calibration windows the Fisher pass reads (a forward and 
 
 
 def budget_scheme(job: Any, target_bpw: float, grids_text: str | None = None,
-                  sensitivity: str = "hessian") -> tuple[QuantScheme, dict[str, Any]]:
+                  sensitivity: str = "fisher") -> tuple[QuantScheme, dict[str, Any]]:
     """The job's scheme with a grid per Linear meeting `target_bpw`, and a record of the allocation.
 
-    `sensitivity`: how a Linear's RTN error is weighed: "hessian", by its inputs' second moments (its own output
-    error); "fisher", by those and its outputs' Fisher information as well (the error's cost at the model's
-    output, `quantkit.budget.fisher`: one forward and backward pass of the whole float model per window)."""
+    `sensitivity`: how a Linear's RTN error is weighed: "fisher" (the default), by its inputs' second moments and
+    its outputs' Fisher information (the error's cost at the model's output, `quantkit.budget.fisher`: one forward
+    and backward pass of the whole float model per window, on the first FISHER_WINDOWS windows); "hessian", by
+    its inputs' second moments only (its own output error)."""
     if sensitivity not in SENSITIVITIES:
         raise SchemeError(f"--target-sensitivity: {sensitivity!r} is not one of {', '.join(SENSITIVITIES)}")
     if job.scheme.overrides:

@@ -21,10 +21,12 @@ from quantkit.formats.layouts import GPTQLayout
 from quantkit.grid import quantize_weight
 from quantkit.scheme import ModuleGrid
 
-# 4- and 8-bit grids in groups of 128/64/32: what vLLM's GPTQ kernels (gptq_marlin: 4 and 8) and gptqmodel serve.
-# Per-channel grids (w4, w8) are opt-in: with them the allocation at w4g64's size lost (KL 1.30x uniform w4g64's;
-# without them 0.95x; benchmarks/results/target_bpw.md)
-DEFAULT_GRIDS = "w4g128,w4g64,w4g32,w8g128,w8g64,w8g32"
+# 3-, 4- and 8-bit grids, in groups of 128/64/32 and per channel: with the Fisher sensitivity (the default) the
+# allocation at w4g64's size reached KL 0.75x uniform w4g64's, against 0.95x with 4/8-bit groups only; with the
+# diagonal-Hessian sensitivity the same wide set lost (1.46x), so MARLIN_GRIDS were its default
+# (benchmarks/results/target_bpw.md). 3-bit Linears are served by gptqmodel and quantkit, not by gptq_marlin.
+DEFAULT_GRIDS = "w3g128,w3g64,w3g32,w4,w4g128,w4g64,w4g32,w8,w8g128,w8g64,w8g32"
+MARLIN_GRIDS = "w4g128,w4g64,w4g32,w8g128,w8g64,w8g32"  # 4 and 8 bits in groups: what vLLM's gptq_marlin serves
 _GRID = re.compile(r"w(\d+)(?:g(\d+))?")
 
 

@@ -71,6 +71,9 @@ def _stages(groups: list[_Group]) -> list[list[_Group]]:
     return out
 
 
+Accumulator = Callable[[BlockCalib, "_Group"], Any]  # a group's input statistics (`collect_hessians`)
+
+
 @dataclass
 class Replay:
     """A submodule and the (args, kwargs) it received per batch: rerun it alone for the next group."""
@@ -84,7 +87,8 @@ def collect_hessians(calib: BlockCalib, groups: list[_Group], stop_after_last: b
                      tokens: list[int] | None = None,
                      shortcut: Shortcut | None = None,
                      absmax: list[float] | None = None,
-                     low_precision_products: bool = False) -> tuple[list[torch.Tensor], Replay | None]:
+                     low_precision_products: bool = False,
+                     accumulator: Accumulator | None = None) -> tuple[list[Any], Replay | None]:
     """One pass over the calibration batches; returns H (in, in) per group, and the capture.
 
     Only each group's first Linear is hooked: the others read the same tensor. The pass
@@ -99,8 +103,11 @@ def collect_hessians(calib: BlockCalib, groups: list[_Group], stop_after_last: b
     `absmax`: filled with the largest |x| each group's input reached (static activation scales).
     `low_precision_products`: XᵀX tiles computed in the block's 16-bit compute dtype, summed in float32
     (`HessianAccumulator`).
+    `accumulator(calib, group)`: each group's statistics instead of a `HessianAccumulator` (e.g. of its inputs'
+    8-bit quantization, `grid.input_stats`); its `hessian()` is what the group quantizer receives.
     """
-    accs = [HessianAccumulator(g.modules[0].in_features, calib.device, track_absmax=absmax is not None,
+    accs = [accumulator(calib, g) if accumulator is not None else
+            HessianAccumulator(g.modules[0].in_features, calib.device, track_absmax=absmax is not None,
                                low_precision_products=low_precision_products) for g in groups]
     recorded: list[tuple[tuple, dict[str, Any]]] = []
 
@@ -217,7 +224,7 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
                coverage: ExpertCoverage | None = None, shortcuts: bool = True,
                input_qmax: float | None = None, quantize: Any = None,
                low_precision_products: bool = False,
-               params_of: ParamsOf | None = None) -> dict[str, Any]:
+               params_of: ParamsOf | None = None, accumulator: Accumulator | None = None) -> dict[str, Any]:
     """Quantize one block's target Linears (`targets`: full names); returns relative name -> weight.
 
     `coverage`: MoE expert policy and record (default: routed, 16 tokens at least).
@@ -230,6 +237,7 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
     `quantize(calib, group, h)`: the group quantizer instead of `quantize_group` (e.g. onto GGUF's blocks,
     `quantkit.methods.gptq.grid.grid_group`); it writes the group's quantized weights back as well.
     `params_of`: each Linear's parameters (relative name), where the scheme gives Linears their own grids.
+    `accumulator`: each group's input statistics instead of its Hessian (`collect_hessians`), for `quantize`.
     """
     prefix = f"{spec.blocks}.{calib.index}."
     keep = {n.removeprefix(prefix) for n in targets if n.startswith(prefix)}
@@ -270,7 +278,8 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
                         stack.enter_context(d.standing_in())
                     hs, previous = collect_hessians(calib, st, replay=previous, capture=nxt, tokens=tokens,
                                                     shortcut=sc, absmax=amax,
-                                                    low_precision_products=low_precision_products)
+                                                    low_precision_products=low_precision_products,
+                                                    accumulator=accumulator)
                 finish(st, hs, tokens, amax)
                 del hs
                 if sc is not None and sc.valid:
@@ -283,7 +292,7 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
         else:
             tokens, amax = [], ([] if input_qmax is not None else None)
             hs, _ = collect_hessians(calib, groups, tokens=tokens, absmax=amax,
-                                     low_precision_products=low_precision_products)
+                                     low_precision_products=low_precision_products, accumulator=accumulator)
             finish(groups, hs, tokens, amax)
     log.info("gptq block %d: %d Linears in %.1fs", calib.index, len(results), time.perf_counter() - t0)
     return results

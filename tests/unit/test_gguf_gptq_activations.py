@@ -114,12 +114,11 @@ def test_rounding_for_quantized_activations_lowers_their_error(qtype):
     kind = vec_dot_type(codec.name)
     xq = quantize_activations(x, kind).double()
     params = GPTQParams(bits=8, group_size=-1, damp=0.01, group_aware=True)
-    quantize = grid_group({"m.0.proj": codec}, "m.0.", params)
 
-    def run(acc) -> tuple[float, np.ndarray]:
+    def run(acc, alpha: float = 1.0) -> tuple[float, np.ndarray]:
         acc.add(x)
         lin.weight.data.copy_(w)
-        data = quantize(_Calib, _Group(lin), acc.hessian())["proj"]
+        data = grid_group({"m.0.proj": codec}, "m.0.", params, alpha)(_Calib, _Group(lin), acc.hessian())["proj"]
         dec = dequantize_rows(data, qtype, 256)
         assert np.array_equal(encode_on_grid(dec, data, qtype), data)
         assert torch.equal(lin.weight.detach(), torch.from_numpy(dec))  # the grid values written back
@@ -130,6 +129,13 @@ def test_rounding_for_quantized_activations_lowers_their_error(qtype):
     act, c = run(QuantizedInputStats(256, [kind], "cpu"))
     assert not np.array_equal(a, c) and not np.array_equal(b, c)
     assert act < 0.9 * flt and act < hess
+    # q8_target: the same target rounded with the float Hessian; alpha 0 leaves the target at W
+    tgt, d = run(QuantizedInputStats(256, [kind], "cpu", float_hessian=True))
+    assert tgt < flt and not np.array_equal(d, c)
+    assert np.array_equal(run(QuantizedInputStats(256, [kind], "cpu", float_hessian=True), 0.0)[1], a)
+    assert np.array_equal(run(QuantizedInputStats(256, [kind], "cpu"), 0.0)[1], b)
+    half, e = run(QuantizedInputStats(256, [kind], "cpu"), 0.5)
+    assert act < half < hess
     # the target alone: the least-squares weight beats W itself on the quantized activations
     st = QuantizedInputStats(256, [kind], "cpu")
     st.add(x)
@@ -145,7 +151,7 @@ def _quantize(model, out, text_file, *extra):
                                *extra])
 
 
-@pytest.mark.parametrize("mode", ["q8", "q8_hessian"])
+@pytest.mark.parametrize("mode", ["q8", "q8_hessian", "q8_target"])
 def test_cli_activations_change_the_decoder_codes(tiny_llama, text_file, tmp_path, mode):
     plain, act = tmp_path / "plain.gguf", tmp_path / "act.gguf"
     assert _quantize(tiny_llama, plain, text_file, "--format", "gguf", "--type", "q8_0").exit_code == 0

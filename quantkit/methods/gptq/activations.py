@@ -18,7 +18,8 @@ activations' decoded values; the functions here return those decoded activations
 With the option, each Linear is rounded for those activations: with X its float inputs and X_q their quantization
 by its weight type's vec_dot_type, the target is the least-squares weight for them, W* = W (C + δI)(H_q + δI)⁻¹
 (C = 2XᵀX_q / n, H_q = 2X_qᵀX_q / n, δ = damp x mean(diag H_q)), and GPTQ rounds W* with H_q. ‖XWᵀ - X_qŴᵀ‖², the
-error the file shows in llama.cpp, is then what the rounding minimizes. `target=False`: W itself, with H_q.
+error the file shows in llama.cpp, is then what the rounding minimizes. Variants: W itself rounded with H_q
+(`q8_hessian`); W* rounded with the float Hessian (`q8_target`); a target part way, W + alpha (W* - W).
 """
 
 from __future__ import annotations
@@ -86,10 +87,14 @@ def quantize_activations(x: Tensor, kind: str) -> Tensor:
 
 class QuantizedInputStats:
     """Streams, per activation type, H_q = 2X_qᵀX_q / n and (with `cross`) C = 2XᵀX_q / n of a Linear group's
-    inputs X; `add`, `tokens` and `hessian()` as `HessianAccumulator` (hessian(): this object, finalised)."""
+    inputs X, and with `float_hessian` H = 2XᵀX / n (`h_float`: GPTQ then rounds with H, the target still from
+    C and H_q); `add`, `tokens` and `hessian()` as `HessianAccumulator` (hessian(): this object, finalised)."""
 
-    def __init__(self, n_features: int, kinds: Iterable[str], device: torch.device | str, cross: bool = True):
+    def __init__(self, n_features: int, kinds: Iterable[str], device: torch.device | str, cross: bool = True,
+                 float_hessian: bool = False):
         self.hq = {k: HessianAccumulator(n_features, device) for k in sorted(set(kinds))}
+        self.h = HessianAccumulator(n_features, device) if float_hessian else None
+        self.h_float: Tensor | None = None
         self.cross: dict[str, Tensor] | None = (
             {k: torch.zeros(n_features, n_features, dtype=torch.float32, device=device) for k in self.hq}
             if cross else None)
@@ -99,6 +104,8 @@ class QuantizedInputStats:
 
     def add(self, x: Tensor) -> None:
         x2 = x.detach().reshape(-1, x.shape[-1]).float()
+        if self.h is not None:
+            self.h.add(x2)
         for k, acc in self.hq.items():
             xq = quantize_activations(x2, k)
             acc.add(xq)
@@ -110,6 +117,7 @@ class QuantizedInputStats:
         if self.tokens == 0:
             raise ValueError("no calibration activations reached this Linear")
         self.done = {k: acc.hessian() for k, acc in self.hq.items()}
+        self.h_float = None if self.h is None else self.h.hessian()
         if self.cross is not None:
             for c in self.cross.values():
                 c.mul_(2.0 / self.tokens)

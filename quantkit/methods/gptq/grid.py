@@ -98,21 +98,22 @@ def _gptq_on_grid(weight: Tensor, upper: Tensor, codec: Any, importance: np.ndar
     return GridResult(data, values.contiguous(), loss)
 
 
-def grid_group(codecs: dict[str, Any], prefix: str, params: GPTQParams):
+def grid_group(codecs: dict[str, Any], prefix: str, params: GPTQParams, alpha: float = 1.0):
     """The group quantizer `gptq_block` runs per Linear group when rounding onto a target format.
 
     `codecs`: full Linear name -> codec; `prefix`: the block's (e.g. "model.layers.3.").
     Returns {relative name: bytes} for the Linears that have a codec; each gets its decoded grid values
     written back, so the next groups and blocks calibrate on the quantized model. `h`: the group's Hessian, or its
     `activations.QuantizedInputStats` (`--opt activations=q8`): each Linear then rounds for its weight type's 8-bit
-    activations, towards the least-squares target when the statistics hold the cross term."""
+    activations, towards the least-squares target when the statistics hold the cross term (`alpha`: that far from
+    the weight itself, W + alpha (W* - W))."""
 
     def quantize(calib: BlockCalib, group: Any, h: Any) -> dict[str, np.ndarray]:
         chosen = [(n, m) for n, m in zip(group.names, group.modules, strict=True) if prefix + n in codecs]
         if not chosen:
             return {}
-        hessians = ({None: h} if isinstance(h, Tensor)
-                    else {k: h.done[k] for k in h.done})                 # activation type -> H (None: float)
+        hessians = ({None: h} if isinstance(h, Tensor)                 # activation type -> H (None: float)
+                    else {**h.done, **({} if h.h_float is None else {None: h.h_float})})
         prepared: dict[Any, tuple[Tensor, Tensor, np.ndarray]] = {}
         factors: dict[tuple, tuple[Tensor, Tensor | None, float]] = {}  # (kind, block width) -> (U, order, damp)
 
@@ -145,11 +146,14 @@ def grid_group(codecs: dict[str, Any], prefix: str, params: GPTQParams):
             kind = None if isinstance(h, Tensor) else vec_dot_type(codec.name)
             if kind not in hessians:
                 raise ValueError(f"{prefix}{name} ({codec.name}): no statistics for its activations {kind}")
-            hk, dead, importance = prepare(kind)
-            upper, order, damp = factor(kind, codec.block)
+            rounding = kind if kind is not None and h.h_float is None else None  # the Hessian GPTQ rounds with
+            hk, dead, importance = prepare(rounding)
+            upper, order, damp = factor(rounding, codec.block)
             w = calib.master(mod).to(torch.float32).clone()
             if kind is not None and h.cross is not None:  # the least-squares weight for the quantized activations
-                w = least_squares_target(w, h.cross[kind], hk, params.damp * float(hk.diagonal().mean()))
+                hq = prepare(kind)[0]
+                v = least_squares_target(w, h.cross[kind], hq, params.damp * float(hq.diagonal().mean()))
+                w = v if alpha == 1.0 else w.add_(v.sub_(w), alpha=alpha)
             w[:, dead] = 0.0  # inputs calibration never reached: the weight there cannot matter
             res = gptq_on_grid(w, upper, codec, importance, params.block_size, order)
             mod.weight.data.copy_(res.values.to(mod.weight.dtype))
@@ -161,7 +165,7 @@ def grid_group(codecs: dict[str, Any], prefix: str, params: GPTQParams):
     return quantize
 
 
-def input_stats(codecs: dict[str, Any], prefix: str, cross: bool):
+def input_stats(codecs: dict[str, Any], prefix: str, cross: bool, float_hessian: bool = False):
     """`gptq_block`'s accumulator per Linear group for `--opt activations=q8`: the group's inputs quantized as each
     of its Linears' weight types takes them (`activations.QuantizedInputStats`); a plain Hessian for a group
     without an 8-bit activation type."""
@@ -171,6 +175,6 @@ def input_stats(codecs: dict[str, Any], prefix: str, cross: bool):
         n_in = group.modules[0].in_features
         if not kinds:
             return HessianAccumulator(n_in, calib.device)
-        return QuantizedInputStats(n_in, kinds, calib.device, cross)
+        return QuantizedInputStats(n_in, kinds, calib.device, cross, float_hessian)
 
     return make

@@ -18,8 +18,11 @@ activations' decoded values; the functions here return those decoded activations
 With the option, each Linear is rounded for those activations: with X its float inputs and X_q their quantization
 by its weight type's vec_dot_type, the target is the least-squares weight for them, W* = W (C + δI)(H_q + δI)⁻¹
 (C = 2XᵀX_q / n, H_q = 2X_qᵀX_q / n, δ = damp x mean(diag H_q)), and GPTQ rounds W* with H_q. ‖XWᵀ - X_qŴᵀ‖², the
-error the file shows in llama.cpp, is then what the rounding minimizes. Variants: W itself rounded with H_q
-(`q8_hessian`); W* rounded with the float Hessian (`q8_target`); a target part way, W + alpha (W* - W).
+error the file shows in llama.cpp, is then what each Linear's rounding minimizes. That is best per Linear, not end
+to end: with the full target the model's weight error grows by more than its activation error shrinks
+(benchmarks/results/gguf.md, session 15), so the option's target goes part way, W + alpha (W* - W), alpha 0.5 by
+default. Variants: W itself rounded with H_q
+(`q8_hessian`); the target rounded with the float Hessian (`q8_target`).
 """
 
 from __future__ import annotations

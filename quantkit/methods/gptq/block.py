@@ -72,6 +72,9 @@ def _stages(groups: list[_Group]) -> list[list[_Group]]:
     return out
 
 
+Accumulator = Callable[[BlockCalib, "_Group"], Any]  # a group's input statistics (`collect_hessians`)
+
+
 @dataclass
 class Replay:
     """A submodule and the (args, kwargs) it received per batch: rerun it alone for the next group."""
@@ -86,7 +89,8 @@ def collect_hessians(calib: BlockCalib, groups: list[_Group], stop_after_last: b
                      shortcut: Shortcut | None = None,
                      absmax: list[float] | None = None,
                      low_precision_products: bool = False,
-                     crosses: list[CrossAccumulator] | None = None) -> tuple[list[torch.Tensor], Replay | None]:
+                     crosses: list[CrossAccumulator] | None = None,
+                     accumulator: Accumulator | None = None) -> tuple[list[Any], Replay | None]:
     """One pass over the calibration batches; returns H (in, in) per group, and the capture.
 
     Only each group's first Linear is hooked: the others read the same tensor. The pass
@@ -102,8 +106,11 @@ def collect_hessians(calib: BlockCalib, groups: list[_Group], stop_after_last: b
     `low_precision_products`: XᵀX tiles computed in the block's 16-bit compute dtype, summed in float32
     (`HessianAccumulator`).
     `crosses`: one per group, fed each batch's inputs beside that batch's float ones (`float_target`).
+    `accumulator(calib, group)`: each group's statistics instead of a `HessianAccumulator` (e.g. of its inputs'
+    8-bit quantization, `grid.input_stats`); its `hessian()` is what the group quantizer receives.
     """
-    accs = [HessianAccumulator(g.modules[0].in_features, calib.device, track_absmax=absmax is not None,
+    accs = [accumulator(calib, g) if accumulator is not None else
+            HessianAccumulator(g.modules[0].in_features, calib.device, track_absmax=absmax is not None,
                                low_precision_products=low_precision_products) for g in groups]
     recorded: list[tuple[tuple, dict[str, Any]]] = []
 
@@ -225,7 +232,8 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
                coverage: ExpertCoverage | None = None, shortcuts: bool = True,
                input_qmax: float | None = None, quantize: Any = None,
                low_precision_products: bool = False,
-               params_of: ParamsOf | None = None, to_float: bool = False) -> dict[str, Any]:
+               params_of: ParamsOf | None = None, to_float: bool = False,
+               accumulator: Accumulator | None = None) -> dict[str, Any]:
     """Quantize one block's target Linears (`targets`: full names); returns relative name -> weight.
 
     `coverage`: MoE expert policy and record (default: routed, 16 tokens at least).
@@ -240,6 +248,7 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
     `params_of`: each Linear's parameters (relative name), where the scheme gives Linears their own grids.
     `to_float`: round each group towards the float block's outputs on the float model's inputs
     (`calib.reference_inputs`; `quantkit.methods.gptq.float_target`), not towards W on the quantized inputs.
+    `accumulator`: each group's input statistics instead of its Hessian (`collect_hessians`), for `quantize`.
     """
     prefix = f"{spec.blocks}.{calib.index}."
     keep = {n.removeprefix(prefix) for n in targets if n.startswith(prefix)}
@@ -292,7 +301,8 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
                         stack.enter_context(d.standing_in())
                     hs, previous = collect_hessians(calib, st, replay=previous, capture=nxt, tokens=tokens,
                                                     shortcut=sc, absmax=amax,
-                                                    low_precision_products=low_precision_products, crosses=cross)
+                                                    low_precision_products=low_precision_products, crosses=cross,
+                                                    accumulator=accumulator)
                 finish(st, hs, tokens, amax, cross)
                 del cross
                 del hs
@@ -307,7 +317,8 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
             tokens, amax = [], ([] if input_qmax is not None else None)
             cross = crosses_for(groups)
             hs, _ = collect_hessians(calib, groups, tokens=tokens, absmax=amax,
-                                     low_precision_products=low_precision_products, crosses=cross)
+                                     low_precision_products=low_precision_products, crosses=cross,
+                                     accumulator=accumulator)
             finish(groups, hs, tokens, amax, cross)
     log.info("gptq block %d: %d Linears in %.1fs", calib.index, len(results), time.perf_counter() - t0)
     return results

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from quantkit.calib.hooks import HookSet
+from quantkit.methods.gptq.activations import least_squares_target
 
 
 @torch.no_grad()
@@ -68,13 +69,8 @@ def float_target(weight: Tensor, h: Tensor, cross: Tensor, damp: float) -> Tenso
     """W* = W (Cᵀ + δI)(H̃ + δI)⁻¹ for `weight` (out, in), H̃ = `h` = 2 X̃ᵀX̃ / n, C = `cross` = 2 X̃ᵀX / n,
     δ = `damp` × mean diag H̃ (GPTQ's dampening). Columns no token reached stay as they are (GPTQ zeroes them)."""
     w = weight.detach().to(torch.float32)
-    hd = h.to(torch.float32).clone()
-    c = cross.to(hd.device, torch.float32).clone()
-    dead = hd.diagonal() == 0
-    ridge = damp * float(hd.diagonal()[~dead].mean()) if bool((~dead).any()) else 1.0
-    ridge = ridge if ridge > 0 else 1e-6
-    hd.diagonal().add_(ridge)
-    c.diagonal().add_(ridge)
-    target = torch.linalg.solve(hd, c @ w.t().to(hd.device)).t()  # ((H̃ + δI)⁻¹ (C + δI) Wᵀ)ᵀ, H̃ symmetric
+    dead = h.diagonal() == 0
+    ridge = damp * float(h.diagonal()[~dead].mean()) if bool((~dead).any()) else 1.0
+    target = least_squares_target(w.to(h.device), cross.to(h.device).t(), h, ridge if ridge > 0 else 1e-6)
     target[:, dead] = w[:, dead].to(target.device)
     return target.to(weight.device)

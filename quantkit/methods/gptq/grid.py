@@ -26,7 +26,8 @@ from torch import Tensor
 
 from quantkit.calib.pipeline import BlockCalib
 from quantkit.compute import one_cpu_thread
-from quantkit.methods.gptq.algorithm import GPTQParams, group_aware_order, inverse_cholesky
+from quantkit.methods.gptq.activations import QuantizedInputStats, least_squares_target, vec_dot_type
+from quantkit.methods.gptq.algorithm import GPTQParams, HessianAccumulator, group_aware_order, inverse_cholesky
 
 log = logging.getLogger(__name__)
 
@@ -97,46 +98,83 @@ def _gptq_on_grid(weight: Tensor, upper: Tensor, codec: Any, importance: np.ndar
     return GridResult(data, values.contiguous(), loss)
 
 
-def grid_group(codecs: dict[str, Any], prefix: str, params: GPTQParams):
+def grid_group(codecs: dict[str, Any], prefix: str, params: GPTQParams, alpha: float = 1.0):
     """The group quantizer `gptq_block` runs per Linear group when rounding onto a target format.
 
     `codecs`: full Linear name -> codec; `prefix`: the block's (e.g. "model.layers.3.").
     Returns {relative name: bytes} for the Linears that have a codec; each gets its decoded grid values
-    written back, so the next groups and blocks calibrate on the quantized model."""
+    written back, so the next groups and blocks calibrate on the quantized model. `h`: the group's Hessian, or its
+    `activations.QuantizedInputStats` (`--opt activations=q8`): each Linear then rounds for its weight type's 8-bit
+    activations, towards the least-squares target when the statistics hold the cross term (`alpha`: that far from
+    the weight itself, W + alpha (W* - W))."""
 
-    def quantize(calib: BlockCalib, group: Any, h: Tensor) -> dict[str, np.ndarray]:
+    def quantize(calib: BlockCalib, group: Any, h: Any) -> dict[str, np.ndarray]:
         chosen = [(n, m) for n, m in zip(group.names, group.modules, strict=True) if prefix + n in codecs]
         if not chosen:
             return {}
-        h = h.to(torch.float32).clone()
-        dead = h.diagonal() == 0
-        importance = (h.diagonal() / 2).cpu().numpy().astype(np.float32)   # mean x**2 per input
-        if bool(dead.any()):
-            h[dead, dead] = 1.0
-        factors: dict[int, tuple[Tensor, Tensor | None, float]] = {}  # block width -> (U, order, damp)
+        hessians = ({None: h} if isinstance(h, Tensor)                 # activation type -> H (None: float)
+                    else {**h.done, **({} if h.h_float is None else {None: h.h_float})})
+        prepared: dict[Any, tuple[Tensor, Tensor, np.ndarray]] = {}
+        factors: dict[tuple, tuple[Tensor, Tensor | None, float]] = {}  # (kind, block width) -> (U, order, damp)
 
-        def factor(blk: int) -> tuple[Tensor, Tensor | None, float]:
-            if blk not in factors:  # GAR: whole blocks by their largest H diagonal, columns inside by theirs
-                order = group_aware_order(h.diagonal(), blk) if params.group_aware else None
-                hp = h if order is None else h[order][:, order]
+        def prepare(kind: Any) -> tuple[Tensor, Tensor, np.ndarray]:
+            if kind not in prepared:
+                hk = hessians[kind].to(torch.float32).clone()
+                dead = hk.diagonal() == 0
+                importance = (hk.diagonal() / 2).cpu().numpy().astype(np.float32)   # mean x**2 per input
+                if bool(dead.any()):
+                    hk[dead, dead] = 1.0
+                prepared[kind] = (hk, dead, importance)
+            return prepared[kind]
+
+        def factor(kind: Any, blk: int) -> tuple[Tensor, Tensor | None, float]:
+            if (kind, blk) not in factors:  # GAR: whole blocks by their largest H diagonal, columns inside by theirs
+                hk = prepare(kind)[0]
+                order = group_aware_order(hk.diagonal(), blk) if params.group_aware else None
+                hp = hk if order is None else hk[order][:, order]
                 upper, damp = inverse_cholesky(hp, params.damp, params.damp_retries, params.damp_growth)
                 if upper is None:
                     log.warning("GPTQ: Cholesky failed even with damp %.3g for %s; rounding without error feedback",
                                 damp, ",".join(group.names))
-                    upper = torch.eye(h.shape[0], dtype=torch.float32, device=h.device)
-                factors[blk] = (upper, order, damp)
-            return factors[blk]
+                    upper = torch.eye(hk.shape[0], dtype=torch.float32, device=hk.device)
+                factors[kind, blk] = (upper, order, damp)
+            return factors[kind, blk]
 
         out = {}
         for name, mod in chosen:
             codec = codecs[prefix + name]
-            upper, order, damp = factor(codec.block)
+            kind = None if isinstance(h, Tensor) else vec_dot_type(codec.name)
+            if kind not in hessians:
+                raise ValueError(f"{prefix}{name} ({codec.name}): no statistics for its activations {kind}")
+            rounding = kind if kind is not None and h.h_float is None else None  # the Hessian GPTQ rounds with
+            hk, dead, importance = prepare(rounding)
+            upper, order, damp = factor(rounding, codec.block)
             w = calib.master(mod).to(torch.float32).clone()
+            if kind is not None and h.cross is not None:  # the least-squares weight for the quantized activations
+                hq = prepare(kind)[0]
+                v = least_squares_target(w, h.cross[kind], hq, params.damp * float(hq.diagonal().mean()))
+                w = v if alpha == 1.0 else w.add_(v.sub_(w), alpha=alpha)
             w[:, dead] = 0.0  # inputs calibration never reached: the weight there cannot matter
             res = gptq_on_grid(w, upper, codec, importance, params.block_size, order)
             mod.weight.data.copy_(res.values.to(mod.weight.dtype))
             out[name] = res.data
-            log.debug("gptq %s onto %s: loss %.4g damp %.3g", name, codec.name, res.loss, damp)
+            log.debug("gptq %s onto %s%s: loss %.4g damp %.3g", name, codec.name,
+                      "" if kind is None else f" ({kind} activations)", res.loss, damp)
         return out
 
     return quantize
+
+
+def input_stats(codecs: dict[str, Any], prefix: str, cross: bool, float_hessian: bool = False):
+    """`gptq_block`'s accumulator per Linear group for `--opt activations=q8`: the group's inputs quantized as each
+    of its Linears' weight types takes them (`activations.QuantizedInputStats`); a plain Hessian for a group
+    without an 8-bit activation type."""
+
+    def make(calib: BlockCalib, group: Any) -> Any:
+        kinds = {vec_dot_type(codecs[prefix + n].name) for n in group.names if prefix + n in codecs} - {None}
+        n_in = group.modules[0].in_features
+        if not kinds:
+            return HessianAccumulator(n_in, calib.device)
+        return QuantizedInputStats(n_in, kinds, calib.device, cross, float_hessian)
+
+    return make

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from quantkit.methods.gptq.activations import Q8_0_WEIGHTS, least_squares_target, q8_0_activations
 from quantkit.methods.gptq.algorithm import GPTQParams, HessianAccumulator, group_aware_order, inverse_cholesky
 from quantkit.methods.gptq.grid import gptq_on_grid
 from quantkit.models.arch import ArchSpec
@@ -63,17 +64,7 @@ def head_target(model: nn.Module, spec: ArchSpec, codecs: dict[str, Any]) -> Hea
     return HeadTarget(name, head.weight, codecs[name], model.get_submodule(spec.residual.final_norm), tied)
 
 
-Q8_0_ACTIVATIONS = frozenset({"Q8_0", "Q4_0", "Q5_0", "IQ4_NL"})  # weight types whose dot product takes Q8_0 inputs
-
-
-def q8_0_activations(x: Tensor) -> Tensor:
-    """x (..., k * 32) as ggml's quantize_row_q8_0 hands it to the dot product, decoded: per block of 32,
-    d = amax / 127, codes round(x / d) (ties away from zero), values codes * f16(d)."""
-    b = x.float().reshape(*x.shape[:-1], -1, 32)
-    d = b.abs().amax(-1, keepdim=True) / 127
-    inv = torch.where(d > 0, 1 / torch.where(d > 0, d, 1), 0)
-    q = torch.trunc(b * inv + torch.copysign(torch.full_like(b, 0.5), b))
-    return (q * d.half().float()).reshape(x.shape)
+Q8_0_ACTIVATIONS = Q8_0_WEIGHTS  # weight types whose dot product takes Q8_0 inputs
 
 
 @dataclass
@@ -119,11 +110,9 @@ def round_head(target: HeadTarget, stats: HeadStats, params: GPTQParams,
         if target.codec.name not in Q8_0_ACTIVATIONS:
             raise ValueError(f"{target.codec.name} weights take Q8_K/Q8_1 activations, not Q8_0")
         # W* = W (C + δI)(H_q + δI)⁻¹ (H_q symmetric): the dampening δ, as the blend, a ridge towards W itself
-        ridge = params.damp * float(h.diagonal().mean())
-        c, hd = stats.cross.to(torch.float32).clone(), h.clone()
-        c.diagonal().add_(blend + ridge)
-        hd.diagonal().add_(ridge)
-        w = torch.linalg.solve(hd, c.t() @ w.t()).t()
+        c = stats.cross.to(torch.float32).clone()
+        c.diagonal().add_(blend)                                    # h holds the blend already
+        w = least_squares_target(w, c, h, params.damp * float(h.diagonal().mean()))
         w[:, dead] = 0.0
     order = group_aware_order(h.diagonal(), target.codec.block) if params.group_aware else None
     hp = h if order is None else h[order][:, order]

@@ -17,7 +17,7 @@ from quantkit.methods.blockwise import BlockStep, BlockwiseMethod
 from quantkit.methods.e2e.stage import E2EOptions, EndToEnd, without_unused_e2e
 from quantkit.methods.gptq.algorithm import GPTQParams
 from quantkit.methods.gptq.block import gptq_block
-from quantkit.methods.gptq.grid import grid_group
+from quantkit.methods.gptq.grid import grid_group, input_stats
 from quantkit.methods.gptq.memory import gptq_block_memory
 from quantkit.models.arch import ArchSpec
 from quantkit.models.moe import ExpertCoverage
@@ -59,6 +59,16 @@ class GPTQOptions(E2EOptions):
     head_embed_weight: float = Field(
         0.1, ge=0.0, description="head=gptq with a tied embedding: the Hessian plus this x its mean diagonal x I "
                                  "(the lookup's own, unweighted error); 0 = the head alone, large = plain rounding")
+    activations: Literal["float", "q8", "q8_hessian", "q8_target"] = Field(
+        "float", description="onto GGUF (--format gguf): the decoder Linears' activations GPTQ rounds for: float, or "
+                             "q8 = as llama.cpp's CPU matmul quantizes them for each weight type (Q8_0 / Q8_1 / Q8_K): "
+                             "the least-squares target for them, rounded with their Hessian; q8_hessian = their "
+                             "Hessian only (the weight itself as the target); q8_target = the least-squares target "
+                             "rounded with the float Hessian")
+    activations_alpha: float = Field(
+        0.5, ge=0.0, le=1.0, description="activations=q8 or q8_target: how far the target moves from the weight W "
+                                         "towards the least-squares W*: W + alpha (W* - W) (0.5 measured better than 1 "
+                                         "at q6_k and q8_0 by llama-perplexity)")
     head_activations: Literal["float", "q8_0"] = Field(
         "float", description="head=gptq: the activations the head is rounded for: float, or q8_0 = as llama.cpp's "
                              "CPU matmul quantizes them for a Q8_0/Q4_0/Q5_0/IQ4_NL head (least-squares target)")
@@ -95,7 +105,11 @@ def gptq_step(job: QuantJob, spec: ArchSpec, coverage: ExpertCoverage) -> BlockS
 
     def step(calib: Any, targets: set[str]) -> dict[str, Any]:
         prefix = f"{spec.blocks}.{calib.index}."
-        onto = grid_group(codecs, prefix, params) if codecs is not None else None
+        alpha = getattr(o, "activations_alpha", 0.5)
+        onto = grid_group(codecs, prefix, params, alpha) if codecs is not None else None
+        stats = (input_stats(codecs, prefix, cross=o.activations in ("q8", "q8_target"),
+                             float_hessian=o.activations == "q8_target")
+                 if codecs is not None and getattr(o, "activations", "float") != "float" else None)
         params_of = None
         if job.scheme.overrides:
             def params_of(name: str) -> GPTQParams:
@@ -104,7 +118,7 @@ def gptq_step(job: QuantJob, spec: ArchSpec, coverage: ExpertCoverage) -> BlockS
         return gptq_block(calib, spec, {prefix + n for n in targets}, params, o.true_sequential,
                           coverage=coverage, shortcuts=o.shortcuts, input_qmax=qmax, quantize=onto,
                           low_precision_products=o.hessian_products == "compute",
-                          params_of=params_of, to_float=o.float_target)
+                          params_of=params_of, to_float=o.float_target, accumulator=stats)
 
     return step
 
@@ -127,9 +141,12 @@ class GPTQ(EndToEnd, BlockwiseMethod):
                               f"{job.target.label}")
         if job.target is None:
             o, defaults = job.options, GPTQOptions.model_fields
-            moved = [k for k in ("head_activations", "head_embed_weight") if getattr(o, k) != defaults[k].default]
+            moved = [k for k in ("activations", "activations_alpha", "head_activations", "head_embed_weight")
+                     if getattr(o, k) != defaults[k].default]
             if moved:  # head=gptq itself is the default, and a recorded recipe repeats it: a no-op off GGUF
-                raise SchemeError(f"--opt {moved[0]} goes with --format gguf (a format with a grid for the output head)")
+                why = ("it rounds for llama.cpp's 8-bit activations" if moved[0].startswith("activations")
+                       else "a format with a grid for the output head")
+                raise SchemeError(f"--opt {moved[0]} goes with --format gguf ({why})")
             return super().prepare(job)
         s = job.scheme
         if s.input_activations is not None or s.type != "int" or s.strategy is not None:
@@ -185,7 +202,7 @@ class GPTQ(EndToEnd, BlockwiseMethod):
     def describe(self, job: QuantJob, facts: RunFacts | None = None) -> dict[str, Any]:
         opts = without_unused_e2e(job.options.model_dump(mode="json"))
         if job.target is None:  # the head options act only on a format with a grid for the head (GGUF)
-            for k in ("head", "head_embed_weight", "head_activations"):
+            for k in ("head", "head_embed_weight", "head_activations", "activations", "activations_alpha"):
                 opts.pop(k, None)
         opts["damp_percent"] = job.options.damp
         opts["calib_dtype_used"] = calib_dtype(job)

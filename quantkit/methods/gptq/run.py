@@ -97,7 +97,8 @@ def input_qmax(job: QuantJob) -> float | None:
 def gptq_step(job: QuantJob, spec: ArchSpec, coverage: ExpertCoverage) -> BlockStep:
     """GPTQ rounding of a block's targets (in true-sequential order unless the option says otherwise)."""
     params, o, qmax = gptq_params(job), job.options, input_qmax(job)
-    if o.float_target and spec.moe is not None:
+    to_float = getattr(o, "float_target", False)  # a composed method's rounding step takes GPTQ's core options only
+    if to_float and spec.moe is not None:
         raise SchemeError("--opt float_target pairs each token's float and quantized inputs; an MoE model's experts "
                           "see different tokens in the two streams: drop it")
 
@@ -118,7 +119,7 @@ def gptq_step(job: QuantJob, spec: ArchSpec, coverage: ExpertCoverage) -> BlockS
         return gptq_block(calib, spec, {prefix + n for n in targets}, params, o.true_sequential,
                           coverage=coverage, shortcuts=o.shortcuts, input_qmax=qmax, quantize=onto,
                           low_precision_products=o.hessian_products == "compute",
-                          params_of=params_of, to_float=o.float_target, accumulator=stats)
+                          params_of=params_of, to_float=to_float, accumulator=stats)
 
     return step
 

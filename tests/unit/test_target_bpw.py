@@ -147,6 +147,8 @@ def test_target_bpw_is_deterministic(tiny_llama, text_file, tmp_path):
     (["--target-bpw", "30"], "above the costliest allocation"),
     (["--target-bpw", "5", "--target-grids", "w4g48"], "--target-grids"),
     (["--target-grids", "w4g64"], "--target-grids goes with --target-bpw"),
+    (["--target-sensitivity", "fisher"], "--target-sensitivity goes with --target-bpw"),
+    (["--target-bpw", "5", "--target-sensitivity", "hutchinson"], "--target-sensitivity: 'hutchinson'"),
     (["--target-bpw", "5", "--method", "awq"], "per-module grids need"),
 ])
 def test_bad_targets_are_one_line_and_exit_2(tiny_llama, text_file, tmp_path, args, needle):

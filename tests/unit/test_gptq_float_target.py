@@ -9,7 +9,7 @@ import torch
 
 from quantkit.api import quantize
 from quantkit.errors import QuantkitError
-from quantkit.methods.gptq.float_target import CrossAccumulator, float_target
+from quantkit.methods.gptq.float_target import FloatTargetStats, float_target
 from tests.tiny import llama_config, make_model
 from tests.unit.test_e2e_stage import _calibration_ids, _kl_to_base
 
@@ -34,17 +34,26 @@ def test_target_is_w_when_the_streams_agree_and_the_least_squares_fit_when_not()
     assert float((ridge - w).norm()) < float((target - w).norm())
 
 
-def test_cross_accumulator_pairs_each_batch_with_its_float_inputs():
+def test_float_target_stats_pair_each_batch_with_its_float_inputs():
+    from types import SimpleNamespace
+
+    from quantkit.methods.gptq.algorithm import HessianAccumulator
+
     g = torch.Generator().manual_seed(1)
     floats = [torch.randn(2, 5, 8, generator=g) for _ in range(3)]
     quant = [f + 0.1 * torch.randn(f.shape, generator=g) for f in floats]
-    acc = CrossAccumulator(floats, "cpu")
+    calib = SimpleNamespace(batch=0)
+    acc = FloatTargetStats(calib, floats, HessianAccumulator(8, "cpu"))
     for k in (2, 0, 1):  # any order: each batch is paired by its index
-        acc.add(quant[k], k)
+        calib.batch = k
+        acc.add(quant[k])
     x, xq = torch.cat(floats).reshape(-1, 8), torch.cat(quant).reshape(-1, 8)
-    torch.testing.assert_close(acc.cross(), 2 * xq.t() @ x / x.shape[0])
+    stats = acc.hessian()
+    torch.testing.assert_close(stats.cross, 2 * xq.t() @ x / x.shape[0])
+    torch.testing.assert_close(stats.h, 2 * xq.t() @ xq / x.shape[0], rtol=1e-5, atol=1e-5)
+    calib.batch = 0
     with pytest.raises(ValueError, match="float tokens"):
-        CrossAccumulator(floats, "cpu").add(quant[0][:1], 0)
+        FloatTargetStats(calib, floats, HessianAccumulator(8, "cpu")).add(quant[0][:1])
 
 
 @pytest.fixture(scope="module")

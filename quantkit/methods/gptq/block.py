@@ -29,7 +29,7 @@ from quantkit.calib.pipeline import BlockCalib, StopForward
 from quantkit.calib.shortcut import Shortcut
 from quantkit.grid import QuantizedWeight, quantize_weight
 from quantkit.methods.gptq.algorithm import GPTQParams, HessianAccumulator, gptq_quantize, split_rows
-from quantkit.methods.gptq.float_target import CrossAccumulator, float_group_inputs, float_target
+from quantkit.methods.gptq.float_target import FloatTargetStats, Targeted, float_group_inputs, float_target
 from quantkit.models.arch import ArchSpec, block_stages, expert_of
 from quantkit.models.moe import ExpertCoverage
 
@@ -89,7 +89,6 @@ def collect_hessians(calib: BlockCalib, groups: list[_Group], stop_after_last: b
                      shortcut: Shortcut | None = None,
                      absmax: list[float] | None = None,
                      low_precision_products: bool = False,
-                     crosses: list[CrossAccumulator] | None = None,
                      accumulator: Accumulator | None = None) -> tuple[list[Any], Replay | None]:
     """One pass over the calibration batches; returns H (in, in) per group, and the capture.
 
@@ -105,7 +104,6 @@ def collect_hessians(calib: BlockCalib, groups: list[_Group], stop_after_last: b
     `absmax`: filled with the largest |x| each group's input reached (static activation scales).
     `low_precision_products`: XᵀX tiles computed in the block's 16-bit compute dtype, summed in float32
     (`HessianAccumulator`).
-    `crosses`: one per group, fed each batch's inputs beside that batch's float ones (`float_target`).
     `accumulator(calib, group)`: each group's statistics instead of a `HessianAccumulator` (e.g. of its inputs'
     8-bit quantization, `grid.input_stats`); its `hessian()` is what the group quantizer receives.
     """
@@ -117,8 +115,6 @@ def collect_hessians(calib: BlockCalib, groups: list[_Group], stop_after_last: b
     def hook_for(k: int):
         def pre(_mod, args):
             accs[k].add(args[0].detach())
-            if crosses is not None:
-                crosses[k].add(args[0].detach(), calib.batch)
             if shortcut is not None:
                 shortcut.record(args[0])
                 if not shortcut.checked:
@@ -195,12 +191,12 @@ def rtn_group(calib: BlockCalib, group: _Group, params: GPTQParams,
 
 
 def quantize_group(calib: BlockCalib, group: _Group, h: torch.Tensor, params: GPTQParams,
-                   params_of: ParamsOf | None = None, cross: torch.Tensor | None = None) -> dict[str, QuantizedWeight]:
+                   params_of: ParamsOf | None = None) -> dict[str, QuantizedWeight]:
     """GPTQ on the group's row-stacked weights; writes the dequantized weights back in place.
 
     `params_of`: the Linears' own grids; those of one grid are stacked together. GPTQ treats rows
     independently given H, so splitting the stack by grid changes nothing but each part's grid.
-    `cross`: 2 X̃ᵀX / n against the float model's inputs: round towards its outputs (`float_target`)."""
+    `h` a `Targeted` (`float_target`): round towards the float model's outputs, with its quantized inputs' Hessian."""
     if params_of is not None:
         by_grid: dict[GPTQParams, list[int]] = {}
         for k, name in enumerate(group.names):
@@ -210,12 +206,12 @@ def quantize_group(calib: BlockCalib, group: _Group, h: torch.Tensor, params: GP
             for p, ks in by_grid.items():
                 part = _Group(tuple(group.names[k] for k in ks), tuple(group.modules[k] for k in ks),
                               group.stage, group.expert)
-                out.update(quantize_group(calib, part, h, p, cross=cross))
+                out.update(quantize_group(calib, part, h, p))
             return {n: out[n] for n in group.names}
     weights = [calib.master(m) for m in group.modules]
     stacked = torch.cat(weights, dim=0) if len(weights) > 1 else weights[0]
-    if cross is not None:
-        stacked = float_target(stacked, h, cross, params.damp)
+    if isinstance(h, Targeted):
+        stacked, h = float_target(stacked, h.h, h.cross, params.damp), h.h
     res = gptq_quantize(stacked, h, params)
     parts = split_rows(res.weight, [w.shape[0] for w in weights], [m.bias for m in group.modules])
     out = {}
@@ -257,7 +253,6 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
     if not groups:
         return results
     coverage = coverage or ExpertCoverage()
-    floats: dict[int, list[torch.Tensor]] = {}
     if to_float:
         if calib.reference_inputs is None or quantize is not None or any(g.expert is not None for g in groups):
             raise ValueError("float_target needs the float reference stream, the scheme's own grid and no MoE experts")
@@ -265,18 +260,19 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
                                   calib.block_kwargs, calib.device, calib.dtype, calib.store_device)
         floats = {id(g): c for g, c in zip(groups, caps, strict=True)}
 
-    def crosses_for(stage: list[_Group]) -> list[CrossAccumulator] | None:
-        return [CrossAccumulator(floats.pop(id(g)), calib.device) for g in stage] if floats else None
+        def accumulator(calib: BlockCalib, g: _Group) -> FloatTargetStats:
+            acc = HessianAccumulator(g.modules[0].in_features, calib.device, track_absmax=input_qmax is not None,
+                                     low_precision_products=low_precision_products)
+            return FloatTargetStats(calib, floats.pop(id(g)), acc)
 
-    def finish(stage: list[_Group], hs: list[torch.Tensor], tokens: list[int], amax: list[float] | None,
-               cross: list[CrossAccumulator] | None = None) -> None:
-        for k, (g, h, n, m) in enumerate(zip(stage, hs, tokens, amax or [0.0] * len(stage), strict=True)):
+    def finish(stage: list[_Group], hs: list[Any], tokens: list[int], amax: list[float] | None) -> None:
+        for g, h, n, m in zip(stage, hs, tokens, amax or [0.0] * len(stage), strict=True):
             if g.expert is not None and not coverage.enough(prefix + g.expert, n):
                 done = rtn_group(calib, g, params, params_of)
             elif quantize is not None:
                 done = quantize(calib, g, h)
             else:
-                done = quantize_group(calib, g, h, params, params_of, None if cross is None else cross[k].cross())
+                done = quantize_group(calib, g, h, params, params_of)
             if input_qmax is not None:
                 scale = torch.tensor([max(m, 1e-6) / input_qmax], dtype=torch.float32).half().float()
                 for qw in done.values():
@@ -295,16 +291,14 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
                 amax: list[float] | None = [] if input_qmax is not None else None
                 sc = (Shortcut.find(calib, st[0].names)
                       if shortcuts and len(st) == 1 and st[0].expert is None else None)
-                cross = crosses_for(st)
                 with ExitStack() as stack:
                     for d in done:
                         stack.enter_context(d.standing_in())
                     hs, previous = collect_hessians(calib, st, replay=previous, capture=nxt, tokens=tokens,
                                                     shortcut=sc, absmax=amax,
-                                                    low_precision_products=low_precision_products, crosses=cross,
+                                                    low_precision_products=low_precision_products,
                                                     accumulator=accumulator)
-                finish(st, hs, tokens, amax, cross)
-                del cross
+                finish(st, hs, tokens, amax)
                 del hs
                 if sc is not None and sc.valid:
                     done.append(sc)
@@ -315,10 +309,8 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
                     calib.next_inputs = calib.forward(keep_outputs=True)
         else:
             tokens, amax = [], ([] if input_qmax is not None else None)
-            cross = crosses_for(groups)
             hs, _ = collect_hessians(calib, groups, tokens=tokens, absmax=amax,
-                                     low_precision_products=low_precision_products, crosses=cross,
-                                     accumulator=accumulator)
-            finish(groups, hs, tokens, amax, cross)
+                                     low_precision_products=low_precision_products, accumulator=accumulator)
+            finish(groups, hs, tokens, amax)
     log.info("gptq block %d: %d Linears in %.1fs", calib.index, len(results), time.perf_counter() - t0)
     return results

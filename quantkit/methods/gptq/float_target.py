@@ -12,19 +12,23 @@ W* = W (Xᵀ X̃ + δI)(X̃ᵀ X̃ + δI)⁻¹, which is W exactly when X̃ = X.
 
 Pairs of X and X̃ are the same token of the same window: the float block runs on the float model's inputs
 (the pipeline's reference stream) once, before any of its Linears is quantized, and each group's float
-inputs are kept per batch beside the quantized pass that accumulates H̃ (`CrossAccumulator`). The inputs of
+inputs are kept per batch beside the quantized pass that accumulates H̃ (`FloatTargetStats`, the pipeline's
+`accumulator`). The inputs of
 an MoE expert are routed tokens, which differ between the two streams, so MoE blocks are refused.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from quantkit.calib.hooks import HookSet
 from quantkit.methods.gptq.activations import least_squares_target
+from quantkit.methods.gptq.algorithm import HessianAccumulator
 
 
 @torch.no_grad()
@@ -44,25 +48,44 @@ def float_group_inputs(block: nn.Module, firsts: Sequence[nn.Module], reference:
     return caps
 
 
-class CrossAccumulator:
-    """Streams 2 X̃ᵀX / n (quantized inputs against float ones, (in, in) float32) batch by batch."""
+@dataclass(frozen=True)
+class Targeted:
+    """A group's statistics for `float_target`: H̃ = 2 X̃ᵀX̃ / n and C = 2 X̃ᵀX / n."""
 
-    def __init__(self, floats: list[Tensor], device: torch.device | str):
-        self.floats = floats
+    h: Tensor
+    cross: Tensor
+
+
+class FloatTargetStats:
+    """`collect_hessians`' accumulator for `float_target`: the Hessian of the quantized inputs X̃ (`acc`) and the
+    cross term C = 2 X̃ᵀX / n, each batch paired with that batch's float inputs (`floats`, by `calib.batch`);
+    `hessian()` gives both as a `Targeted`."""
+
+    def __init__(self, calib: Any, floats: list[Tensor], acc: HessianAccumulator):
+        self.calib, self.floats, self.acc = calib, floats, acc
         n = floats[0].shape[-1]
-        self.sum = torch.zeros(n, n, dtype=torch.float32, device=device)
-        self.tokens = 0
+        self.cross = torch.zeros(n, n, dtype=torch.float32, device=acc.sum.device)
 
-    def add(self, x_q: Tensor, batch: int) -> None:
-        xq = x_q.reshape(-1, x_q.shape[-1]).to(self.sum.device, torch.float32)
-        xf = self.floats[batch].reshape(-1, x_q.shape[-1]).to(self.sum.device, torch.float32)
+    @property
+    def tokens(self) -> int:
+        return self.acc.tokens
+
+    @property
+    def absmax(self) -> Tensor | None:
+        return self.acc.absmax
+
+    def add(self, x_q: Tensor) -> None:
+        self.acc.add(x_q)
+        xq = x_q.reshape(-1, x_q.shape[-1]).to(self.cross.device, torch.float32)
+        xf = self.floats[self.calib.batch].reshape(-1, x_q.shape[-1]).to(self.cross.device, torch.float32)
         if xf.shape != xq.shape:
-            raise ValueError(f"float_target: batch {batch} has {xf.shape[0]} float tokens, {xq.shape[0]} quantized")
-        self.sum.addmm_(xq.t(), xf)
-        self.tokens += xq.shape[0]
+            raise ValueError(f"float_target: batch {self.calib.batch} has {xf.shape[0]} float tokens, "
+                             f"{xq.shape[0]} quantized")
+        self.cross.addmm_(xq.t(), xf)
 
-    def cross(self) -> Tensor:
-        return self.sum.mul_(2.0 / max(self.tokens, 1))
+    def hessian(self) -> Targeted:
+        tokens = self.acc.tokens
+        return Targeted(self.acc.hessian(), self.cross.mul_(2.0 / max(tokens, 1)))
 
 
 def float_target(weight: Tensor, h: Tensor, cross: Tensor, damp: float) -> Tensor:

@@ -64,7 +64,6 @@ def head_target(model: nn.Module, spec: ArchSpec, codecs: dict[str, Any]) -> Hea
     return HeadTarget(name, head.weight, codecs[name], model.get_submodule(spec.residual.final_norm), tied)
 
 
-Q8_0_ACTIVATIONS = Q8_0_WEIGHTS  # weight types whose dot product takes Q8_0 inputs
 
 
 @dataclass
@@ -107,7 +106,7 @@ def round_head(target: HeadTarget, stats: HeadStats, params: GPTQParams,
     w = target.weight.detach().to(torch.float32).clone()
     w[:, dead] = 0.0
     if stats.cross is not None:
-        if target.codec.name not in Q8_0_ACTIVATIONS:
+        if target.codec.name not in Q8_0_WEIGHTS:
             raise ValueError(f"{target.codec.name} weights take Q8_K/Q8_1 activations, not Q8_0")
         # W* = W (C + δI)(H_q + δI)⁻¹ (H_q symmetric): the dampening δ, as the blend, a ridge towards W itself
         c = stats.cross.to(torch.float32).clone()

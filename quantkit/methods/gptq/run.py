@@ -175,13 +175,14 @@ class GPTQ(EndToEnd, BlockwiseMethod):
     def final_step(self, job: QuantJob, loaded: Loaded) -> Callable[[list[Tensor]], dict[str, Any]] | None:
         if job.target is None or job.options.head != "gptq":
             return None
-        from quantkit.methods.gptq.head import Q8_0_ACTIVATIONS, head_hessian, head_target, round_head
+        from quantkit.methods.gptq.activations import Q8_0_WEIGHTS
+        from quantkit.methods.gptq.head import head_hessian, head_target, round_head
 
         target = head_target(loaded.model, loaded.spec, job.target.codecs)
         if target is None:
             return None
         params, weight, act_q8 = gptq_params(job), job.options.head_embed_weight, job.options.head_activations == "q8_0"
-        if act_q8 and target.codec.name not in Q8_0_ACTIVATIONS:
+        if act_q8 and target.codec.name not in Q8_0_WEIGHTS:
             raise SchemeError(f"--opt head_activations=q8_0: the head's type {target.codec.name} takes Q8_K/Q8_1 "
                               f"activations in llama.cpp, not Q8_0")
 

@@ -65,11 +65,18 @@ def test_dynamic_config_keys_match_exactly_and_first_rule_wins():
     assert mixed.grid("model.layers.0.mlp.up_proj") == ModuleGrid(bits=4, group_size=32)
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
+# SignRound tunes each Linear's rounding and clipping on its own grid, then the end-to-end stage its scales
+_OPTIONS = {"rtn": None, "gptq": None,
+            "signround": {"iters": 3, "e2e_steps": 2, "calib_dtype": "float32", "compile": "auto"}}
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "signround"])
 def test_overrides_round_trip_through_the_gptq_dynamic_config(tiny_llama, text_file, tmp_path, method):
     out = tmp_path / method
     quantize(tiny_llama, method, out, scheme={"bits": 4, "group_size": 64, "overrides": OVERRIDES},
-             calib=_calib(text_file), device="cpu")
+             calib=_calib(text_file), options=_OPTIONS[method], device="cpu")
+    if method == "signround":  # compile auto is off for per-module grids (a graph per block's mix of bits)
+        assert json.loads((out / "quantkit.json").read_text())["options"]["compile_used"] is False
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert (qc["bits"], qc["group_size"]) == (4, 64)
     assert qc["dynamic"] == {module_key(n): g for n, g in sorted(OVERRIDES.items())}

@@ -11,7 +11,7 @@ import logging
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -83,16 +83,21 @@ def _mse(out: Tensor, target: Tensor, loss: str = "mse") -> Tensor:
     return err.mean()
 
 
-def block_loss(block: nn.Module, tensors: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]], grid: tuple[int, bool],
+Grid = tuple[tuple[tuple[str, int], ...], bool]  # ((relative name, bits) per tuned Linear, sym): plain values
+GridOf = Callable[[str], tuple[int, int]]  # relative Linear name -> its (bits, group_size) (per-module grids)
+
+
+def block_loss(block: nn.Module, tensors: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]], grid: Grid,
                x: Tensor, target: Tensor, args: tuple, kwargs: dict[str, Any], autocast: torch.dtype | None,
                scales: tuple[tuple, ...] = (), loss: str = "mse") -> Tensor:
     """The block's output error with every Linear at its fake-quantized weight: a pure function of tensors
     (name -> (master, v, alpha, beta); the group size is in / alpha's columns), so that one compiled graph serves
-    every block of the same shape. `grid` is (bits, sym); `scales`: learned equivalent scales (transform.py), each
+    every block of the same shape. `grid`: each Linear's bits, and sym (`Grid`); `scales`: learned equivalent
+    scales (transform.py), each
     as the tuple of its fields (plain values, so that the compiled graph is shared across blocks)."""
-    bits, sym = grid
+    bits, sym = dict(grid[0]), grid[1]
     masters, extra = scaled(block, {n: t[0] for n, t in tensors.items()}, [Scales(*t) for t in scales])
-    weights = {f"{n}.weight": Rounding(masters[n], v, a, b, bits, w.shape[1] // a.shape[1], sym).fake_weight()
+    weights = {f"{n}.weight": Rounding(masters[n], v, a, b, bits[n], w.shape[1] // a.shape[1], sym).fake_weight()
                for n, (w, v, a, b) in tensors.items()}
     weights.update(extra)
     ctx = torch.autocast(x.device.type, dtype=autocast) if autocast is not None else nullcontext()
@@ -105,7 +110,8 @@ def block_loss(block: nn.Module, tensors: dict[str, tuple[Tensor, Tensor, Tensor
 def tune_block(block: nn.Module, linears: dict[str, nn.Linear], masters: dict[str, Tensor], inputs: Tensor,
                targets: Tensor, args: tuple, kwargs: dict[str, Any], p: SignRoundParams,
                mappings: list[AWQMapping] | None = None,
-               start: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None) -> dict[str, QuantizedWeight]:
+               start: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None,
+               grid_of: GridOf | None = None) -> dict[str, QuantizedWeight]:
     """Tune the rounding of `linears` (relative name -> Linear of `block`) and return their codes.
 
     `mappings` (the architecture's usable ones for this block): where learned equivalent scales may fold,
@@ -115,9 +121,12 @@ def tune_block(block: nn.Module, linears: dict[str, nn.Linear], masters: dict[st
     for a batch of `p.batch_size` windows. On return every Linear holds its dequantized weight.
     `start`: relative name -> (v, alpha, beta) to start from instead of round-to-nearest (the `--init` lever
     of benchmarks/signround_levers.py).
+    `grid_of`: each Linear's own (bits, group_size) where the scheme gives Linears theirs (`--target-bpw`);
+    None: p.bits and p.group_size for all.
     """
     t0 = time.perf_counter()
-    states = {n: Rounding.start(masters[n], p.bits, p.group_size, p.sym) for n in linears}
+    grids = {n: grid_of(n) if grid_of is not None else (p.bits, p.group_size) for n in linears}
+    states = {n: Rounding.start(masters[n], *grids[n], p.sym) for n in linears}
     for n, (v, alpha, beta) in (start or {}).items():
         st = states[n]
         st.v, st.alpha, st.beta = (t.to(st.v.device, st.v.dtype).clone() for t in (v, alpha, beta))
@@ -143,7 +152,7 @@ def tune_block(block: nn.Module, linears: dict[str, nn.Linear], masters: dict[st
     momenta: dict[int, Tensor] = {}
     loss_fn = torch.compile(block_loss, dynamic=False) if p.compile else block_loss
     tensors = {k: (s.weight, s.v, s.alpha, s.beta) for k, s in states.items()}
-    grid = (p.bits, p.sym)
+    grid: Grid = (tuple(sorted((n, b) for n, (b, _) in grids.items())), p.sym)
     scale_args = tuple((sc.prev, sc.linears, sc.prev_is_linear, sc.norm_offset, sc.log_s) for sc in scales)
     for step in range(p.iters):
         if pos + bs > n:

@@ -23,7 +23,7 @@ from quantkit.methods.base import QuantJob, RunFacts, describe_moe
 from quantkit.methods.e2e.stage import E2EOptions, EndToEnd, calib_autocast
 from quantkit.methods.blockwise import BlockStep, BlockwiseMethod
 from quantkit.methods.scaling import usable_mappings
-from quantkit.methods.signround.block import SignRoundParams, tune_block
+from quantkit.methods.signround.block import GridOf, SignRoundParams, tune_block
 from quantkit.methods.signround.memory import signround_block_memory
 from quantkit.models.arch import ArchSpec, block_linears
 from quantkit.models.moe import ExpertCoverage
@@ -60,11 +60,13 @@ class SignRoundOptions(E2EOptions):
 def use_compile(job: QuantJob, spec: ArchSpec | None = None) -> bool:
     """`compile` resolved: a compile costs tens of seconds once and serves every block of the same shape, and it
     saves 20-30% of each step, so auto turns it on from 8 steps a block (a 30-step run has 900 steps on a 30-block
-    model), and off for MoE blocks, whose routed token counts change shape every step (a recompile each time)."""
+    model), and off for MoE blocks, whose routed token counts change shape every step (a recompile each time), and
+    for per-module grids (`--target-bpw`), where each block's mix of bits is a graph of its own."""
     o = job.options
     if o.compile != "auto":
         return o.compile == "on"
-    return o.iters >= 8 and can_compile(job.device) and (spec is None or spec.moe is None)
+    return (o.iters >= 8 and can_compile(job.device) and (spec is None or spec.moe is None)
+            and not job.scheme.overrides)
 
 
 def signround_params(job: QuantJob, spec: ArchSpec | None = None) -> SignRoundParams:
@@ -76,9 +78,10 @@ def signround_params(job: QuantJob, spec: ArchSpec | None = None) -> SignRoundPa
 
 
 def signround_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], p: SignRoundParams,
-                    window_tokens: int = 0) -> dict[str, QuantizedWeight]:
+                    window_tokens: int = 0, grid_of: GridOf | None = None) -> dict[str, QuantizedWeight]:
     """Tune one block's target Linears (relative names); returns their codes (the block keeps the dequantized weights).
-    `window_tokens`: tune on that prefix of each window (`quantkit.calib.prefix`; 0: whole windows)."""
+    `window_tokens`: tune on that prefix of each window (`quantkit.calib.prefix`; 0: whole windows).
+    `grid_of`: each Linear's own (bits, group_size) (per-module grids); None: the scheme's."""
     linears = {n: m for n, m in block_linears(calib.block, spec).items() if n in targets}
     if not linears:
         return {}
@@ -86,7 +89,8 @@ def signround_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], p: Sig
     if p.iters == 0 or calib.reference_outputs is None:
         out = {}
         for n, m in linears.items():
-            out[n] = rtn_quantize(masters[n], p.bits, p.group_size, p.sym, m.bias)
+            bits, group_size = grid_of(n) if grid_of is not None else (p.bits, p.group_size)
+            out[n] = rtn_quantize(masters[n], bits, group_size, p.sym, m.bias)
             m.weight.data.copy_(out[n].dequantize(m.weight.dtype))
         return out
     dev = calib.device
@@ -99,7 +103,7 @@ def signround_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], p: Sig
         args, kwargs = cut
         inputs, target = inputs[:, :window_tokens].contiguous(), target[:, :window_tokens].contiguous()
     res = tune_block(calib.block, linears, masters, inputs, target, args, kwargs,
-                     SignRoundParams(**{**p.__dict__, "seed": p.seed + calib.index}), mappings)
+                     SignRoundParams(**{**p.__dict__, "seed": p.seed + calib.index}), mappings, grid_of=grid_of)
     return {n: q.to("cpu") for n, q in res.items()}
 
 
@@ -110,6 +114,7 @@ class SignRound(EndToEnd, BlockwiseMethod):
     Options: ClassVar[type[BaseModel]] = SignRoundOptions
     tokenizes_first = True
     float_reference = True
+    module_grids = True
 
     def prepare(self, job: QuantJob) -> QuantJob:
         if job.scheme.desc_act:
@@ -127,7 +132,18 @@ class SignRound(EndToEnd, BlockwiseMethod):
 
     def block_step(self, job: QuantJob, spec: ArchSpec, coverage: ExpertCoverage) -> BlockStep:
         p = signround_params(job, spec)
-        return lambda calib, targets: signround_block(calib, spec, targets, p, job.options.window_tokens)
+        scheme = job.scheme
+
+        def step(calib: BlockCalib, targets: set[str]) -> dict[str, QuantizedWeight]:
+            grid_of = None
+            if scheme.overrides:
+                prefix = f"{spec.blocks}.{calib.index}."
+
+                def grid_of(name: str) -> tuple[int, int]:
+                    g = scheme.grid_of(prefix + name)
+                    return g.bits, g.group_size
+            return signround_block(calib, spec, targets, p, job.options.window_tokens, grid_of)
+        return step
 
     def e2e_compile(self, job: QuantJob, spec: ArchSpec) -> bool:
         return use_compile(job, spec)

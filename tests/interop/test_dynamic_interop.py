@@ -26,7 +26,7 @@ import quantkit
 from quantkit.api import quantize
 from tests.tiny import llama_config, make_model
 
-CASES = {  # name -> (base scheme, per-module grids, --target-bpw)
+CASES = {  # name -> (base scheme, per-module grids, --target-bpw); GPTQ unless METHODS says otherwise
     "w4-w8-mixed": ({"bits": 4, "group_size": 64, "sym": True}, {
         "model.layers.0.self_attn.q_proj": {"bits": 8, "group_size": 64},
         "model.layers.0.mlp.down_proj": {"bits": 8, "group_size": 32},
@@ -35,7 +35,11 @@ CASES = {  # name -> (base scheme, per-module grids, --target-bpw)
     "w3-override": ({"bits": 4, "group_size": 32, "sym": True}, {
         "model.layers.1.mlp.up_proj": {"bits": 3, "group_size": 32}}, None),
     "target-bpw": ({"bits": 4, "group_size": 64, "sym": True}, None, 5.0),
+    # SignRound tunes each Linear on its own grid (signed scales where a group's extreme is positive), then the
+    # end-to-end stage reads every Linear back on its own grid
+    "signround-target-bpw-e2e": ({"bits": 4, "group_size": 64, "sym": True}, None, 5.0),
 }
+METHODS = {"signround-target-bpw-e2e": ("signround", {"iters": 4, "e2e_steps": 2})}
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +49,10 @@ def dynamic_checkpoints(tmp_path_factory, text_file):
     calib = {"dataset": str(text_file), "nsamples": 8, "seqlen": 32, "batch_size": 4}
     outs = {}
     for name, (scheme, overrides, target) in CASES.items():
-        out = folder.parent / f"gptq-{name}"
-        quantize(folder, "gptq", out, scheme={**scheme, **({"overrides": overrides} if overrides else {})},
-                 calib=calib, device="cpu", target_bpw=target)
+        method, options = METHODS.get(name, ("gptq", None))
+        out = folder.parent / f"{method}-{name}"
+        quantize(folder, method, out, scheme={**scheme, **({"overrides": overrides} if overrides else {})},
+                 calib=calib, options=options, device="cpu", target_bpw=target)
         outs[name] = out
     return outs
 

@@ -244,7 +244,7 @@ def quantize_gguf(model: str | Path, method: str, out: Path, *, gguf_type: str =
     types = plan_types(job.source.path, gguf_type, True, embed_type)
     codecs = {n.removesuffix(".weight"): BlockCodec(q) for n, q in types.items()
               if q in GRID_TYPES and n.endswith(".weight")}
-    job.target = GridTarget(codecs, f"gguf {gguf_type}")
+    job.target = GridTarget(codecs, f"gguf {gguf_type}", gguf_type)
     memory = check_job(job, method, "offload" in impl.Options.model_fields, out)
     torch.manual_seed(job.calib.seed)
     t0 = time.perf_counter()

@@ -59,10 +59,12 @@ class GridTarget:
     builds GGUF's from quantkit.convert.ggml_grid). `codecs`: full Linear name -> codec, with `block` (inputs
     per grid), `name`, and `fit(x (rows, block), importance (block,), row_sigma2 (rows,))` -> a grid with
     `round(k, column)` -> (codes, values) and `pack(codes (rows, block))` -> the block's bytes (rows, bytes).
-    Linears without a codec stay float. `label`: what the record calls the target (e.g. "gguf q4_k_m")."""
+    Linears without a codec stay float. `label`: what the record calls the target (e.g. "gguf q4_k_m"); `mix`: the
+    llama.cpp mix the codecs come from (GGUF's --type, e.g. "q4_k_m"), for options whose default depends on it."""
 
     codecs: dict[str, Any]
     label: str
+    mix: str | None = None
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 from torch import Tensor
 
 from quantkit.errors import SchemeError
-from quantkit.methods.base import EncodedArtifact, Loaded, QuantJob, RunFacts, describe_moe
+from quantkit.methods.base import EncodedArtifact, GridTarget, Loaded, QuantJob, RunFacts, describe_moe
 from quantkit.methods.blockwise import BlockStep, BlockwiseMethod
 from quantkit.methods.e2e.stage import E2EOptions, EndToEnd, without_unused_e2e
 from quantkit.methods.gptq.algorithm import GPTQParams
@@ -24,6 +24,14 @@ from quantkit.models.moe import ExpertCoverage
 from quantkit.plan import BlockWork, Geometry, Settings
 
 log = logging.getLogger(__name__)
+
+# GGUF mixes where rounding for llama.cpp's 8-bit activations (q8_target, alpha 0.5) was measured to pay, so
+# activations="auto" picks it there. llama-perplexity --kl-divergence, SmolLM2-135M, 40 chunks of 512, mean KLD /
+# llama.cpp's imatrix file of the same type, GPTQ with float activations -> q8_target (benchmarks/results/gguf.md,
+# sessions 15-16): q5_k_m 0.830 -> 0.804 (a second calibration draw: 0.810 -> 0.802), q6_k 0.809 -> 0.778,
+# q8_0 0.838 -> 0.795. Not in it: q5_k_s (0.927 -> 0.931, alpha 0.25 0.941: no gain) and every mix below
+# 5 bits (not measured): "auto" is float there.
+Q8_TARGET_MIXES = frozenset({"q5_k_m", "q6_k", "q8_0"})
 
 
 class GPTQOptions(E2EOptions):
@@ -59,12 +67,13 @@ class GPTQOptions(E2EOptions):
     head_embed_weight: float = Field(
         0.1, ge=0.0, description="head=gptq with a tied embedding: the Hessian plus this x its mean diagonal x I "
                                  "(the lookup's own, unweighted error); 0 = the head alone, large = plain rounding")
-    activations: Literal["float", "q8", "q8_hessian", "q8_target"] = Field(
+    activations: Literal["float", "auto", "q8", "q8_hessian", "q8_target"] = Field(
         "float", description="onto GGUF (--format gguf): the decoder Linears' activations GPTQ rounds for: float, or "
                              "q8 = as llama.cpp's CPU matmul quantizes them for each weight type (Q8_0 / Q8_1 / Q8_K): "
                              "the least-squares target for them, rounded with their Hessian; q8_hessian = their "
                              "Hessian only (the weight itself as the target); q8_target = the least-squares target "
-                             "rounded with the float Hessian")
+                             "rounded with the float Hessian; auto = q8_target at the mixes where it was measured to "
+                             "pay (q5_k_m, q6_k, q8_0), float elsewhere (the record shows the choice)")
     activations_alpha: float = Field(
         0.5, ge=0.0, le=1.0, description="activations=q8 or q8_target: how far the target moves from the weight W "
                                          "towards the least-squares W*: W + alpha (W* - W) (0.5 measured better than 1 "
@@ -89,6 +98,15 @@ def gptq_params(job: QuantJob) -> GPTQParams:
                       per_tensor=s.weight_strategy == "tensor", observer=s.observer)
 
 
+def resolved_activations(options: BaseModel, target: GridTarget | None) -> str:
+    """The activations option with "auto" resolved: q8_target onto a GGUF mix in Q8_TARGET_MIXES, else float
+    (off GGUF, and for a composed method's rounding step, which has no such option)."""
+    chosen = getattr(options, "activations", "float")
+    if chosen != "auto":
+        return chosen
+    return "q8_target" if target is not None and target.mix in Q8_TARGET_MIXES else "float"
+
+
 def input_qmax(job: QuantJob) -> float | None:
     """The activation grid's half range when the scheme calibrates static input scales, else None."""
     return job.scheme.input_activations.qmax if job.scheme.activation_static else None
@@ -103,14 +121,15 @@ def gptq_step(job: QuantJob, spec: ArchSpec, coverage: ExpertCoverage) -> BlockS
                           "see different tokens in the two streams: drop it")
 
     codecs = job.target.codecs if job.target is not None else None
+    activations = resolved_activations(o, job.target)
 
     def step(calib: Any, targets: set[str]) -> dict[str, Any]:
         prefix = f"{spec.blocks}.{calib.index}."
         alpha = getattr(o, "activations_alpha", 0.5)
         onto = grid_group(codecs, prefix, params, alpha) if codecs is not None else None
-        stats = (input_stats(codecs, prefix, cross=o.activations in ("q8", "q8_target"),
-                             float_hessian=o.activations == "q8_target")
-                 if codecs is not None and getattr(o, "activations", "float") != "float" else None)
+        stats = (input_stats(codecs, prefix, cross=activations in ("q8", "q8_target"),
+                             float_hessian=activations == "q8_target")
+                 if codecs is not None and activations != "float" else None)
         params_of = None
         if job.scheme.overrides:
             def params_of(name: str) -> GPTQParams:
@@ -144,6 +163,8 @@ class GPTQ(EndToEnd, BlockwiseMethod):
             o, defaults = job.options, GPTQOptions.model_fields
             moved = [k for k in ("activations", "activations_alpha", "head_activations", "head_embed_weight")
                      if getattr(o, k) != defaults[k].default]
+            if resolved_activations(o, None) == "float" and "activations" in moved:
+                moved.remove("activations")  # float (or auto, which is float here) is what runs off GGUF
             if moved:  # head=gptq itself is the default, and a recorded recipe repeats it: a no-op off GGUF
                 why = ("it rounds for llama.cpp's 8-bit activations" if moved[0].startswith("activations")
                        else "a format with a grid for the output head")
@@ -213,4 +234,5 @@ class GPTQ(EndToEnd, BlockwiseMethod):
             out["calibration"]["sha256"] = facts.samples_sha256
         if job.target is not None:  # each grid searched per block on the error-updated weights
             out["target"] = job.target.label
+            opts["activations"] = resolved_activations(job.options, job.target)  # "auto" as it resolved
         return describe_moe(out, facts)

@@ -93,8 +93,8 @@ def block_loss(block: nn.Module, tensors: dict[str, tuple[Tensor, Tensor, Tensor
     """The block's output error with every Linear at its fake-quantized weight: a pure function of tensors
     (name -> (master, v, alpha, beta); the group size is in / alpha's columns), so that one compiled graph serves
     every block of the same shape. `grid`: each Linear's bits, and sym (`Grid`); `scales`: learned equivalent
-    scales (transform.py), each
-    as the tuple of its fields (plain values, so that the compiled graph is shared across blocks)."""
+    scales (transform.py), each as the tuple of its fields (plain values, so that the compiled graph is shared
+    across blocks)."""
     bits, sym = dict(grid[0]), grid[1]
     masters, extra = scaled(block, {n: t[0] for n, t in tensors.items()}, [Scales(*t) for t in scales])
     weights = {f"{n}.weight": Rounding(masters[n], v, a, b, bits[n], w.shape[1] // a.shape[1], sym).fake_weight()

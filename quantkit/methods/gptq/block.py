@@ -75,6 +75,13 @@ def _stages(groups: list[_Group]) -> list[list[_Group]]:
 Accumulator = Callable[[BlockCalib, "_Group"], Any]  # a group's input statistics (`collect_hessians`)
 
 
+def group_hessian(calib: BlockCalib, group: _Group, track_absmax: bool = False,
+                  low_precision_products: bool = False) -> HessianAccumulator:
+    """The plain statistics of a group's inputs: XᵀX (and max |x| with `track_absmax`)."""
+    return HessianAccumulator(group.modules[0].in_features, calib.device, track_absmax=track_absmax,
+                              low_precision_products=low_precision_products)
+
+
 @dataclass
 class Replay:
     """A submodule and the (args, kwargs) it received per batch: rerun it alone for the next group."""
@@ -108,8 +115,7 @@ def collect_hessians(calib: BlockCalib, groups: list[_Group], stop_after_last: b
     8-bit quantization, `grid.input_stats`); its `hessian()` is what the group quantizer receives.
     """
     accs = [accumulator(calib, g) if accumulator is not None else
-            HessianAccumulator(g.modules[0].in_features, calib.device, track_absmax=absmax is not None,
-                               low_precision_products=low_precision_products) for g in groups]
+            group_hessian(calib, g, absmax is not None, low_precision_products) for g in groups]
     recorded: list[tuple[tuple, dict[str, Any]]] = []
 
     def hook_for(k: int):
@@ -261,8 +267,7 @@ def gptq_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], params: GPT
         floats = {id(g): c for g, c in zip(groups, caps, strict=True)}
 
         def accumulator(calib: BlockCalib, g: _Group) -> FloatTargetStats:
-            acc = HessianAccumulator(g.modules[0].in_features, calib.device, track_absmax=input_qmax is not None,
-                                     low_precision_products=low_precision_products)
+            acc = group_hessian(calib, g, input_qmax is not None, low_precision_products)
             return FloatTargetStats(calib, floats.pop(id(g)), acc)
 
     def finish(stage: list[_Group], hs: list[Any], tokens: list[int], amax: list[float] | None) -> None:

@@ -64,6 +64,10 @@ class SignRoundParams:
     momentum: float = 0.0
     seed: int = 0
 
+    def grid_of(self, name: str) -> tuple[int, int]:
+        """(bits, group_size) of every Linear: the one grid (`tune_block`'s default `grid_of`)."""
+        return self.bits, self.group_size
+
 
 def block_norms(block: nn.Module) -> dict[str, nn.Parameter]:
     """The block's 1-D float weights outside its Linears (RMSNorm / LayerNorm weights), by parameter name."""
@@ -125,7 +129,7 @@ def tune_block(block: nn.Module, linears: dict[str, nn.Linear], masters: dict[st
     None: p.bits and p.group_size for all.
     """
     t0 = time.perf_counter()
-    grids = {n: grid_of(n) if grid_of is not None else (p.bits, p.group_size) for n in linears}
+    grids = {n: (grid_of or p.grid_of)(n) for n in linears}
     states = {n: Rounding.start(masters[n], *grids[n], p.sym) for n in linears}
     for n, (v, alpha, beta) in (start or {}).items():
         st = states[n]

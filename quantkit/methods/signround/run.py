@@ -89,8 +89,7 @@ def signround_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], p: Sig
     if p.iters == 0 or calib.reference_outputs is None:
         out = {}
         for n, m in linears.items():
-            bits, group_size = grid_of(n) if grid_of is not None else (p.bits, p.group_size)
-            out[n] = rtn_quantize(masters[n], bits, group_size, p.sym, m.bias)
+            out[n] = rtn_quantize(masters[n], *(grid_of or p.grid_of)(n), p.sym, m.bias)
             m.weight.data.copy_(out[n].dequantize(m.weight.dtype))
         return out
     dev = calib.device
@@ -131,17 +130,14 @@ class SignRound(EndToEnd, BlockwiseMethod):
         return calib_autocast(job)
 
     def block_step(self, job: QuantJob, spec: ArchSpec, coverage: ExpertCoverage) -> BlockStep:
-        p = signround_params(job, spec)
-        scheme = job.scheme
+        p, scheme = signround_params(job, spec), job.scheme
 
         def step(calib: BlockCalib, targets: set[str]) -> dict[str, QuantizedWeight]:
-            grid_of = None
-            if scheme.overrides:
-                prefix = f"{spec.blocks}.{calib.index}."
+            prefix = f"{spec.blocks}.{calib.index}."
 
-                def grid_of(name: str) -> tuple[int, int]:
-                    g = scheme.grid_of(prefix + name)
-                    return g.bits, g.group_size
+            def grid_of(name: str) -> tuple[int, int]:  # the scheme's grid, or the Linear's own (--target-bpw)
+                g = scheme.grid_of(prefix + name)
+                return g.bits, g.group_size
             return signround_block(calib, spec, targets, p, job.options.window_tokens, grid_of)
         return step
 

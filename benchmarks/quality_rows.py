@@ -60,6 +60,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "gptq-rot-ft-fb-e2e": ("gptq", {"float_target": True, "e2e_steps": 32}),
     "signround-fb": ("signround", {}),
     "signround-fb-e2e": ("signround", {"e2e_steps": 32}),
+    "signround-fb-e2e-eb4-i100": ("signround", {"e2e_steps": 32, "e2e_batch_size": 4, "iters": 100}),
 }
 ROTATED_ROWS = {"rtn-rot", "gptq-rot", "awq-rot", "signround-e2e-rot", "signround-e2e-eb4-rot", "gptq-rot-e2e",
                 "gptq-rot-e2e-eb4", "gptq-rot-e2e64-eb4", "gptq-rot-ft", "gptq-rot-ft-e2e", "gptq-rot-ft-e2e-eb4",
@@ -72,4 +73,5 @@ _GRIDS_W4 = "w3g128,w3g64,w3g32,w4,w4g128,w4g64,w4g32,w8,w8g128,w8g64,w8g32"
 _GRIDS_W3 = "w2g64,w2g32," + _GRIDS_W4
 BUDGET_ROWS = {v: {"w4g64": _GRIDS_W4, "w3g64": _GRIDS_W3}
                for v in ("gptq-fb", "gptq-fb-e2e", "gptq-rot-fb", "gptq-rot-fb-e2e", "gptq-rot-fb-e2e-eb4",
-                         "gptq-rot-ft-fb-e2e", "signround-fb", "signround-fb-e2e")}
+                         "gptq-rot-ft-fb-e2e", "signround-fb", "signround-fb-e2e",
+                         "signround-fb-e2e-eb4-i100")}

@@ -77,7 +77,8 @@ def job_settings(job: Any, method: str) -> Settings:
     return Settings(method=method, bits=bits, group_size=s.group_size, nsamples=c.nsamples, seqlen=c.seqlen,
                     batch_size=c.batch_size, offload=getattr(o, "offload", "none") == "disk",
                     device=job.device.type, save_dtype_bytes=job.save_dtype.itemsize,
-                    true_sequential=getattr(o, "true_sequential", True), calib_dtype_bytes=calib_bytes)
+                    true_sequential=getattr(o, "true_sequential", True), calib_dtype_bytes=calib_bytes,
+                    **impl.plan_settings(job))
 
 
 class JobPlanner:

@@ -59,6 +59,7 @@ class Geometry:
     outside_params: int                     # parameters outside the blocks (embeddings, final norm, head)
     mapped: bool                            # fp32 on disk: transformers maps the file instead of copying it
     max_tensor: int                         # largest tensor, elements
+    vocab: int = 0                          # vocabulary size (config), for the end-to-end stage's logits
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,9 @@ class Settings:
     save_dtype_bytes: int = 2
     true_sequential: bool = True
     calib_dtype_bytes: int = 4      # the dtype blocks compute in while calibrated (the method's calib_dtype)
+    hessians: int = 1               # in x in float32 products fed per Linear group (GPTQ: 2-3 with its target options)
+    float_stream: bool = False      # the pipeline carries the float model's stream beside the quantized one
+    e2e_windows: int = 0            # calibration windows per end-to-end step after the blocks (0: no such stage)
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,7 @@ def geometry(config: dict[str, Any], header: dict[str, tuple[str, tuple[int, ...
         outside_params=outside,
         mapped=all(d == "F32" for n, (d, _) in header.items() if n.startswith(prefix)),
         max_tensor=max(_numel(s) for _, s in header.values()),
+        vocab=int(text.get("vocab_size") or 0),
     )
 
 
@@ -200,12 +205,6 @@ def packed_bytes(out_f: int, in_f: int, bits: int, group_size: int) -> int:
     return out_f * in_f * bits // 8 + groups * out_f * (bits / 8 + 2) + in_f * 4
 
 
-def _block_method_bytes(g: Geometry, s: Settings) -> tuple[int, str]:
-    """The method's own working memory while one block is calibrated, and a description."""
-    work = method_class(s.method).block_memory(g, s)
-    return work.work, work.detail
-
-
 def _forward_bytes(g: Geometry, s: Settings) -> int:
     """Transients of one block forward on one batch: attention scores or MLP intermediates, whichever is
     larger, plus the hidden-sized temporaries (norm, residual, q/k/v), times what the allocator keeps."""
@@ -213,6 +212,46 @@ def _forward_bytes(g: Geometry, s: Settings) -> int:
     attn = b * g.heads * s.seqlen * s.seqlen * F32           # scores (eager; sdpa's math path the same)
     mlp = b * s.seqlen * g.inter * F32 * 3                   # gate, up, act(gate) * up
     return FORWARD_FACTOR * (max(attn, mlp) + 4 * b * s.seqlen * g.hidden * F32)
+
+
+def _block_method_bytes(g: Geometry, s: Settings) -> tuple[int, str]:
+    """The method's own working memory while one block is calibrated, and a description."""
+    work = method_class(s.method).block_memory(g, s)
+    return work.work, work.detail
+
+
+LOGIT_CHUNK = 256  # tokens whose logits the end-to-end stage holds at once (E2EParams.logit_chunk)
+LOGIT_COPIES = 7  # vocabulary-wide float32 tensors alive per chunk: both logits and their float casts, the
+                  # log-softmaxes, the teacher's probabilities, the KL's terms and the gradient
+
+
+def _e2e_bytes(g: Geometry, s: Settings) -> tuple[int, int]:
+    """Beyond the loaded model, the end-to-end stage's two peaks (`quantkit.methods.e2e`):
+
+    - float model: that model loaded again (float32), its final hidden states on every calibration window (in
+      the stage's dtype), and one batch's forward; the block stage's codes are held;
+    - tuning: the codes as float32 (and a grouped copy in the stage's dtype when that is not float32), every
+      quantized weight materialized in the stage's dtype and kept for the backward pass, the scales' Adam state,
+      the graph of the whole model on one step's windows (about 12 hidden-wide and 4 intermediate-wide
+      activations per token and block, as the block stage's), the teacher's hidden states, one chunk of logits,
+      and the output layer cast to the stage's dtype; and the float model's weights again: freed before the
+      tuning, but the allocator keeps its pages (measured peaks: SmolLM2 GPTQ + e2e, float32, 4784 / 6005 MiB
+      at 2 / 4 windows a step, this plan 4921 / 6606; SignRound + e2e, bf16, 4059 / 4878 against 4099 / 4943;
+      Gemma 3 270M SignRound + e2e, bf16, 7110 against 6834)."""
+    wb = s.calib_dtype_bytes
+    linear = g.n_blocks * sum(o * i for o, i in g.linears)
+    per_group = 1 if s.group_size == -1 else max(1, s.group_size)
+    held = linear * (1 + 24 / per_group)                   # uint8 codes; zeros, scales and Adam's state per group
+    teacher_h = s.nsamples * s.seqlen * g.hidden * wb
+    weights = (g.outside_params + g.n_blocks * g.block_params) * F32
+    forward = _forward_bytes(g, replace(s, batch_size=s.e2e_windows))
+    tokens = s.e2e_windows * s.seqlen
+    graph = g.n_blocks * tokens * (12 * g.hidden + 4 * g.inter) * wb
+    logits = LOGIT_CHUNK * g.vocab * F32 * LOGIT_COPIES
+    head = g.vocab * g.hidden * wb if wb != F32 else 0
+    tuning = (weights + held + linear * F32 + (linear * wb if wb != F32 else 0) + linear * wb + graph + teacher_h
+              + logits + head + tokens * g.hidden * F32)
+    return int(weights + teacher_h + held + forward), int(tuning)
 
 
 def _slack(rss_now: int, total: int) -> int:
@@ -269,6 +308,12 @@ def estimate(g: Geometry, s: Settings, baseline: int, tokenizer_bytes: int = 0, 
         stages.append(stage("block + activations", host,
                             f"1 block + inputs and outputs ({acts / MiB:.0f} MiB each) + {own.detail}",
                             0 if cpu else on_device, work))
+        if s.e2e_windows:
+            teacher, tuning = _e2e_bytes(g, s)
+            stages.append(stage("end-to-end: float model", base + model + teacher,
+                                "the float model loaded again, its hidden states on every window"))
+            stages.append(stage("end-to-end: tuning", base + model + tuning,
+                                f"codes, weights and the whole model's graph on {s.e2e_windows} windows"))
         stages.append(stage("save", base + model + grown + big, "streamed: one tensor at a time",
                             disk=work + out_bytes))
     elif method.quantizes_on_load:  # quantized while transformers loads it; save_pretrained writes from memory

@@ -65,6 +65,9 @@ class Method(Protocol):
     def block_memory(cls, geometry: Any, settings: Any) -> Any:
         """`quantkit.plan.BlockWork`: its own memory while one block is calibrated."""
 
+    def plan_settings(self, job: Any) -> dict[str, Any]:
+        """`quantkit.plan.Settings` fields its options move for this job (e.g. an end-to-end stage's windows)."""
+
     def quantize(self, job: Any) -> Any: ...
 
 

@@ -132,6 +132,10 @@ class MethodBase(ABC):
         """The method's own memory while one block is calibrated (nothing beyond the pipeline's)."""
         return BlockWork()
 
+    def plan_settings(self, job: QuantJob) -> dict[str, Any]:
+        """`quantkit.plan.Settings` fields this job's options move (beyond the scheme's and the calibration's)."""
+        return {}
+
     def check_scheme(self, scheme: QuantScheme) -> None:
         if self.uses_scheme and scheme.bits not in self.scheme_bits:
             raise SchemeError(f"{self.name} stores {', '.join(map(str, self.scheme_bits))}-bit weights, "

@@ -79,6 +79,12 @@ class EndToEnd:
         self.check_end_to_end(job)
         return super().prepare(job)  # type: ignore[misc]
 
+    def plan_settings(self, job: QuantJob) -> dict[str, Any]:
+        out = super().plan_settings(job)  # type: ignore[misc]
+        if job.options.e2e_steps:
+            out["e2e_windows"] = job.options.e2e_batch_size
+        return out
+
     def e2e_compile(self, job: QuantJob, spec: ArchSpec) -> bool:
         """Whether the stage's KL is compiled: where a compiler is found, and not for MoE models (their routed
         shapes change every step)."""

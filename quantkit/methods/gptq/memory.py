@@ -11,14 +11,22 @@ def gptq_block_memory(g: Geometry, s: Settings) -> BlockWork:
 
     - after the forward that fed the group's Hessian H (in x in, float32): `inverse_cholesky` holds H and at
       most two float64 in x in matrices; then the column loop holds H, its inverse factor and five
-      (rows x in) float32 work tensors (W, Q, errors, ...). This runs between forwards: only the Hessian
-      being fed is alive during one;
+      (rows x in) float32 work tensors (W, Q, errors, ...). This runs between forwards: only the products
+      being fed are alive during one. `s.hessians` such products are fed per group: H alone, or with the float
+      targets (`float_target`) or llama.cpp's activations (`activations=q8...`) a cross product XᵀX̃ and a
+      second Hessian beside it, all alive until the group's target is solved;
     - the inputs it records to replay the next group share the outputs' slot;
     - its shortcuts keep, for every calibration token, the inputs of o_proj (hidden wide) and, when
-      affordable, of down_proj (intermediate wide), in the calibration dtype.
+      affordable, of down_proj (intermediate wide), in the calibration dtype;
+    - with the float model's stream carried (`float_target`): its inputs and the float block's outputs for
+      every calibration token (hidden wide each, float32).
     """
-    work = max(max(i * i * F32 + 2 * i * i * F64, 2 * i * i * F32 + 5 * r * i * F32) for r, i in g.groups)
+    extra = s.hessians - 1
+    work = max(max((1 + extra) * i * i * F32 + 2 * i * i * F64, (2 + extra) * i * i * F32 + 5 * r * i * F32)
+               for r, i in g.groups)
     cb = s.calib_dtype_bytes
     width = g.hidden + (g.inter if recording_affordable(g.inter, g.hidden, cb) else 0)
-    return BlockWork(work=work, forward=max(i * i * F32 for _, i in g.groups),
-                     kept=s.nsamples * s.seqlen * width * cb, detail="Hessian + GPTQ work")
+    stream = 2 * s.nsamples * s.seqlen * g.hidden * F32 if s.float_stream else 0
+    return BlockWork(work=work, forward=max(s.hessians * i * i * F32 for _, i in g.groups),
+                     kept=s.nsamples * s.seqlen * width * cb + stream,
+                     detail="Hessian + GPTQ work" + (f" ({s.hessians} products a group)" if extra else ""))

@@ -179,6 +179,15 @@ class GPTQ(EndToEnd, BlockwiseMethod):
             raise SchemeError(f"{job.target.label} gives each tensor its type; per-module grids do not apply")
         return job
 
+    def plan_settings(self, job: QuantJob) -> dict[str, Any]:
+        """The products fed per Linear group: H; a cross product and a second Hessian beside it with the float
+        targets or llama.cpp's 8-bit activations (one activation type a group), and the float stream."""
+        out = super().plan_settings(job)
+        o = job.options
+        products = {"q8": 2, "q8_target": 3}.get(resolved_activations(o, job.target), 1)
+        out.update(hessians=max(products, 2 if o.float_target else 1), float_stream=bool(o.float_target))
+        return out
+
     def uses_reference(self, job: QuantJob) -> bool:
         return job.options.float_target  # the float model's stream, for the float targets
 

@@ -61,6 +61,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "signround-fb": ("signround", {}),
     "signround-fb-e2e": ("signround", {"e2e_steps": 32}),
     "signround-fb-e2e-eb4-i100": ("signround", {"e2e_steps": 32, "e2e_batch_size": 4, "iters": 100}),
+    # the same on 4- and 8-bit group grids only (no 3-bit, no per-channel: what gptq_marlin serves)
+    "signround-fbm-e2e-eb4-i100": ("signround", {"e2e_steps": 32, "e2e_batch_size": 4, "iters": 100}),
 }
 ROTATED_ROWS = {"rtn-rot", "gptq-rot", "awq-rot", "signround-e2e-rot", "signround-e2e-eb4-rot", "gptq-rot-e2e",
                 "gptq-rot-e2e-eb4", "gptq-rot-e2e64-eb4", "gptq-rot-ft", "gptq-rot-ft-e2e", "gptq-rot-ft-e2e-eb4",
@@ -75,3 +77,4 @@ BUDGET_ROWS = {v: {"w4g64": _GRIDS_W4, "w3g64": _GRIDS_W3}
                for v in ("gptq-fb", "gptq-fb-e2e", "gptq-rot-fb", "gptq-rot-fb-e2e", "gptq-rot-fb-e2e-eb4",
                          "gptq-rot-ft-fb-e2e", "signround-fb", "signround-fb-e2e",
                          "signround-fb-e2e-eb4-i100")}
+BUDGET_ROWS["signround-fbm-e2e-eb4-i100"] = {"w4g64": "w4g128,w4g64,w4g32,w8g128,w8g64,w8g32"}

@@ -309,11 +309,13 @@ def estimate(g: Geometry, s: Settings, baseline: int, tokenizer_bytes: int = 0, 
                             f"1 block + inputs and outputs ({acts / MiB:.0f} MiB each) + {own.detail}",
                             0 if cpu else on_device, work))
         if s.e2e_windows:
-            teacher, tuning = _e2e_bytes(g, s)
-            stages.append(stage("end-to-end: float model", base + model + teacher,
-                                "the float model loaded again, its hidden states on every window"))
-            stages.append(stage("end-to-end: tuning", base + model + tuning,
-                                f"codes, weights and the whole model's graph on {s.e2e_windows} windows"))
+            teacher, tuning = _e2e_bytes(g, s)  # on an accelerator the stage runs there, the model moved to it
+            stages.append(stage("end-to-end: float model", base + model + (teacher if cpu else 0),
+                                "the float model loaded again, its hidden states on every window",
+                                device=0 if cpu else model + teacher))
+            stages.append(stage("end-to-end: tuning", base + model + (tuning if cpu else 0),
+                                f"codes, weights and the whole model's graph on {s.e2e_windows} windows",
+                                device=0 if cpu else model + tuning))
         stages.append(stage("save", base + model + grown + big, "streamed: one tensor at a time",
                             disk=work + out_bytes))
     elif method.quantizes_on_load:  # quantized while transformers loads it; save_pretrained writes from memory

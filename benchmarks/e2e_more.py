@@ -81,11 +81,12 @@ def main() -> None:
     p = E2EParams(steps=a.steps, batch_size=a.batch, lr=a.lr, norm_lr=a.lr, compile=can_compile(torch.device("cpu")),
                   seed=a.seed)
     base, _ = load_model(resolve(a.model), torch.float32)
-    before = evaluate([student], test_windows(tok, seqlen=512, max_windows=a.windows), base=base)[0] if a.steps else None
+    windows = test_windows(tok, seqlen=512, max_windows=a.windows)
+    before = evaluate([student], windows, base=base)[0] if a.steps else None
     teacher = teacher_of(base, student, samples, p)
     tune_end_to_end(student, teacher, quantized, samples, p)
     tuned_cpu = time.process_time() - c0
-    r = evaluate([student], test_windows(tok, seqlen=512, max_windows=a.windows), base=base)[0]
+    r = evaluate([student], windows, base=base)[0]
     res = {"tag": a.tag, "checkpoint": a.checkpoint, "args": vars(a), "cpu_s": round(tuned_cpu, 1),
            "wall_s": round(time.perf_counter() - t0, 1), "ppl": r.ppl, "kl": r.kl, "top1": r.top1,
            "before": None if before is None else {"ppl": before.ppl, "kl": before.kl, "top1": before.top1}}

@@ -205,6 +205,12 @@ def packed_bytes(out_f: int, in_f: int, bits: int, group_size: int) -> int:
     return out_f * in_f * bits // 8 + groups * out_f * (bits / 8 + 2) + in_f * 4
 
 
+def _block_method_bytes(g: Geometry, s: Settings) -> tuple[int, str]:
+    """The method's own working memory while one block is calibrated, and a description."""
+    work = method_class(s.method).block_memory(g, s)
+    return work.work, work.detail
+
+
 def _forward_bytes(g: Geometry, s: Settings) -> int:
     """Transients of one block forward on one batch: attention scores or MLP intermediates, whichever is
     larger, plus the hidden-sized temporaries (norm, residual, q/k/v), times what the allocator keeps."""
@@ -212,12 +218,6 @@ def _forward_bytes(g: Geometry, s: Settings) -> int:
     attn = b * g.heads * s.seqlen * s.seqlen * F32           # scores (eager; sdpa's math path the same)
     mlp = b * s.seqlen * g.inter * F32 * 3                   # gate, up, act(gate) * up
     return FORWARD_FACTOR * (max(attn, mlp) + 4 * b * s.seqlen * g.hidden * F32)
-
-
-def _block_method_bytes(g: Geometry, s: Settings) -> tuple[int, str]:
-    """The method's own working memory while one block is calibrated, and a description."""
-    work = method_class(s.method).block_memory(g, s)
-    return work.work, work.detail
 
 
 LOGIT_CHUNK = 256  # tokens whose logits the end-to-end stage holds at once (E2EParams.logit_chunk)

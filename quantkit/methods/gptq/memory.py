@@ -21,12 +21,11 @@ def gptq_block_memory(g: Geometry, s: Settings) -> BlockWork:
     - with the float model's stream carried (`float_target`): its inputs and the float block's outputs for
       every calibration token (hidden wide each, float32).
     """
-    extra = s.hessians - 1
-    work = max(max((1 + extra) * i * i * F32 + 2 * i * i * F64, (2 + extra) * i * i * F32 + 5 * r * i * F32)
-               for r, i in g.groups)
+    n = s.hessians
+    work = max(max(n * i * i * F32 + 2 * i * i * F64, (n + 1) * i * i * F32 + 5 * r * i * F32) for r, i in g.groups)
     cb = s.calib_dtype_bytes
     width = g.hidden + (g.inter if recording_affordable(g.inter, g.hidden, cb) else 0)
     stream = 2 * s.nsamples * s.seqlen * g.hidden * F32 if s.float_stream else 0
-    return BlockWork(work=work, forward=max(s.hessians * i * i * F32 for _, i in g.groups),
+    return BlockWork(work=work, forward=max(n * i * i * F32 for _, i in g.groups),
                      kept=s.nsamples * s.seqlen * width * cb + stream,
-                     detail="Hessian + GPTQ work" + (f" ({s.hessians} products a group)" if extra else ""))
+                     detail="Hessian + GPTQ work" + (f" ({n} products a group)" if n > 1 else ""))

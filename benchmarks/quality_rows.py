@@ -63,6 +63,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "signround-fb-e2e-eb4-i100": ("signround", {"e2e_steps": 32, "e2e_batch_size": 4, "iters": 100}),
     # the same on 4- and 8-bit group grids only (no 3-bit, no per-channel: what gptq_marlin serves)
     "signround-fbm-e2e-eb4-i100": ("signround", {"e2e_steps": 32, "e2e_batch_size": 4, "iters": 100}),
+    # the same on group grids only (2/3/4/8 bits, no per-channel grid: each row keeps several scales to tune)
+    "signround-fbg-e2e-eb4-i100": ("signround", {"e2e_steps": 32, "e2e_batch_size": 4, "iters": 100}),
 }
 ROTATED_ROWS = {"rtn-rot", "gptq-rot", "awq-rot", "signround-e2e-rot", "signround-e2e-eb4-rot", "gptq-rot-e2e",
                 "gptq-rot-e2e-eb4", "gptq-rot-e2e64-eb4", "gptq-rot-ft", "gptq-rot-ft-e2e", "gptq-rot-ft-e2e-eb4",
@@ -78,3 +80,5 @@ BUDGET_ROWS = {v: {"w4g64": _GRIDS_W4, "w3g64": _GRIDS_W3}
                          "gptq-rot-ft-fb-e2e", "signround-fb", "signround-fb-e2e",
                          "signround-fb-e2e-eb4-i100")}
 BUDGET_ROWS["signround-fbm-e2e-eb4-i100"] = {"w4g64": "w4g128,w4g64,w4g32,w8g128,w8g64,w8g32"}
+BUDGET_ROWS["signround-fbg-e2e-eb4-i100"] = {"w3g64": "w2g64,w2g32,w3g128,w3g64,w3g32,w4g128,w4g64,w4g32,"
+                                                       "w8g128,w8g64,w8g32"}

@@ -19,32 +19,21 @@ default `hessian` sensitivity.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
+
+from quantkit.calib.fisher import fisher_passes, forward_hooks, sampled_labels
+
+__all__ = ["output_fisher", "sampled_labels"]
 
 
-@contextmanager
-def _frozen(model: nn.Module) -> Iterator[None]:
-    """No parameter of `model` takes a gradient inside; the flags are restored on the way out."""
-    was = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in was:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in was:
-            p.requires_grad_(flag)
+def output_fisher(model: nn.Module, linears: dict[str, nn.Linear], samples: Tensor,
+                  device: torch.device | str = "cpu", seed: int = 0) -> dict[str, Tensor]:
+    """{name: (out,) float64 mean over tokens of (∂ log p(ŷ) / ∂y)²} for each Linear of `linears` (modules of
+    `model`), over `samples` (N, T token ids), one window a pass, ŷ drawn from the model (generator `seed`)."""
+    acc = {n: torch.zeros(m.out_features, dtype=torch.float64, device=device) for n, m in linears.items()}
 
-
-@contextmanager
-def _output_grads(linears: dict[str, nn.Linear], acc: dict[str, Tensor]) -> Iterator[None]:
-    """While inside, every forward of a Linear in `linears` adds its output gradient's squares, summed over
-    tokens, to `acc[name]` (out,) when the backward pass reaches it."""
-    def hook(name: str):
+    def make(name: str):
         def on_grad(g: Tensor) -> None:  # returns None: the gradient flows on unchanged
             acc[name].add_(g.reshape(-1, g.shape[-1]).double().pow(2).sum(0))
 
@@ -53,35 +42,6 @@ def _output_grads(linears: dict[str, nn.Linear], acc: dict[str, Tensor]) -> Iter
                 out.register_hook(on_grad)
         return on_forward
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def sampled_labels(logits: Tensor, gen: torch.Generator) -> Tensor:
-    """One next token per position drawn from softmax(logits) (..., V) -> (...,) int64, with `gen` on the CPU."""
-    probs = torch.softmax(logits.detach().float(), -1).reshape(-1, logits.shape[-1]).cpu()
-    return torch.multinomial(probs, 1, generator=gen).view(logits.shape[:-1]).to(logits.device)
-
-
-def output_fisher(model: nn.Module, linears: dict[str, nn.Linear], samples: Tensor,
-                  device: torch.device | str = "cpu", seed: int = 0) -> dict[str, Tensor]:
-    """{name: (out,) float64 mean over tokens of (∂ log p(ŷ) / ∂y)²} for each Linear of `linears` (modules of
-    `model`), over `samples` (N, T token ids), one window a pass, ŷ drawn from the model (generator `seed`)."""
-    acc = {n: torch.zeros(m.out_features, dtype=torch.float64, device=device) for n, m in linears.items()}
-    gen = torch.Generator().manual_seed(seed)
-    embed = model.get_input_embeddings()
-    tokens = 0
-    with _frozen(model), _output_grads(linears, acc), torch.enable_grad():
-        for i in range(samples.shape[0]):
-            ids = samples[i:i + 1].to(device)
-            x = embed(ids).detach().requires_grad_(True)
-            logits = model(inputs_embeds=x, use_cache=False).logits
-            labels = sampled_labels(logits, gen)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="sum")
-            torch.autograd.grad(loss, x)
-            tokens += ids.numel()
+    with forward_hooks(linears, make):
+        tokens = fisher_passes(model, samples, device, seed)
     return {n: (a / max(tokens, 1)).cpu() for n, a in acc.items()}

@@ -41,7 +41,8 @@ class SignRoundParams:
     compile:     run the step's forward and backward through torch.compile (one graph serves every block of
                  the same shape; the compiled maths is the same rounding, so `finalize` is unchanged).
     scale_lr:    Adam step size of learned equivalent scales (transform.py) on the block's mappings; 0: off.
-    loss:        "mse" (AutoRound's) or "token": each token's error relative to its own mean square (`_mse`).
+    loss:        "mse" (AutoRound's), "token": each token's error relative to its own mean square, or "fisher":
+                 "token" with the output channels weighted by the float model's Fisher (`_mse`).
     keep:        "best": the state of the step with the lowest batch loss (AutoRound's rule); "last": the final state.
     momentum:    signed steps along a running mean of the gradients (Signum) instead of the last one; 0: off.
     seed:        order of the windows.
@@ -76,13 +77,18 @@ def block_norms(block: nn.Module) -> dict[str, nn.Parameter]:
             if p.ndim == 1 and id(p) not in linear_params and n.endswith("weight") and "norm" in n}
 
 
-def _mse(out: Tensor, target: Tensor, loss: str = "mse") -> Tensor:
+def _mse(out: Tensor, target: Tensor, loss: str = "mse", channels: Tensor | None = None) -> Tensor:
     """The block's output error. "mse": over every element. "token": each token's squared error relative to
     its own mean square (what the next RMSNorm divides by), so that a few tokens with massive activations
-    (an attention sink's residual can carry 95% of a window's squared norm) do not decide the rounding alone."""
+    (an attention sink's residual can carry 95% of a window's squared norm) do not decide the rounding alone.
+    "fisher": "token" with each channel's squared error weighted by `channels` (hidden,), mean 1: the float
+    model's Fisher profile of the block's outputs (`quantkit.calib.fisher.block_output_fisher`), so the error
+    goes where the model's output is least sensitive to it (uniform `channels`: "token" exactly)."""
     t = target.float()
     err = (out.float() - t).pow(2)
-    if loss == "token":
+    if loss == "fisher" and channels is not None:
+        return ((err * channels).mean(-1) / t.pow(2).mean(-1).clamp(min=1e-12)).mean()
+    if loss in ("token", "fisher"):
         return (err.mean(-1) / t.pow(2).mean(-1).clamp(min=1e-12)).mean()
     return err.mean()
 
@@ -93,12 +99,12 @@ GridOf = Callable[[str], tuple[int, int]]  # relative Linear name -> its (bits, 
 
 def block_loss(block: nn.Module, tensors: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]], grid: Grid,
                x: Tensor, target: Tensor, args: tuple, kwargs: dict[str, Any], autocast: torch.dtype | None,
-               scales: tuple[tuple, ...] = (), loss: str = "mse") -> Tensor:
+               scales: tuple[tuple, ...] = (), loss: str = "mse", channels: Tensor | None = None) -> Tensor:
     """The block's output error with every Linear at its fake-quantized weight: a pure function of tensors
     (name -> (master, v, alpha, beta); the group size is in / alpha's columns), so that one compiled graph serves
     every block of the same shape. `grid`: each Linear's bits, and sym (`Grid`); `scales`: learned equivalent
     scales (transform.py), each as the tuple of its fields (plain values, so that the compiled graph is shared
-    across blocks)."""
+    across blocks); `channels`: the "fisher" loss's channel weights (`_mse`)."""
     bits, sym = dict(grid[0]), grid[1]
     masters, extra = scaled(block, {n: t[0] for n, t in tensors.items()}, [Scales(*t) for t in scales])
     weights = {f"{n}.weight": Rounding(masters[n], v, a, b, bits[n], w.shape[1] // a.shape[1], sym).fake_weight()
@@ -107,7 +113,7 @@ def block_loss(block: nn.Module, tensors: dict[str, tuple[Tensor, Tensor, Tensor
     ctx = torch.autocast(x.device.type, dtype=autocast) if autocast is not None else nullcontext()
     with ctx:
         out = _first(functional_call(block, weights, (x, *args), kwargs))
-    return _mse(out, target, loss)
+    return _mse(out, target, loss, channels)
 
 
 @torch.enable_grad()  # the block pipeline runs under no_grad
@@ -115,7 +121,7 @@ def tune_block(block: nn.Module, linears: dict[str, nn.Linear], masters: dict[st
                targets: Tensor, args: tuple, kwargs: dict[str, Any], p: SignRoundParams,
                mappings: list[AWQMapping] | None = None,
                start: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None,
-               grid_of: GridOf | None = None) -> dict[str, QuantizedWeight]:
+               grid_of: GridOf | None = None, channels: Tensor | None = None) -> dict[str, QuantizedWeight]:
     """Tune the rounding of `linears` (relative name -> Linear of `block`) and return their codes.
 
     `mappings` (the architecture's usable ones for this block): where learned equivalent scales may fold,
@@ -127,8 +133,11 @@ def tune_block(block: nn.Module, linears: dict[str, nn.Linear], masters: dict[st
     of benchmarks/signround_levers.py).
     `grid_of`: each Linear's own (bits, group_size) where the scheme gives Linears theirs (`--target-bpw`);
     None: p.bits and p.group_size for all.
+    `channels`: (hidden,) weights of the block's output channels for `p.loss` "fisher" (`_mse`); None: uniform.
     """
     t0 = time.perf_counter()
+    if channels is not None:
+        channels = channels.to(inputs.device, torch.float32)
     grids = {n: (grid_of or p.grid_of)(n) for n in linears}
     states = {n: Rounding.start(masters[n], *grids[n], p.sym) for n in linears}
     for n, (v, alpha, beta) in (start or {}).items():
@@ -163,7 +172,8 @@ def tune_block(block: nn.Module, linears: dict[str, nn.Linear], masters: dict[st
             order, pos = torch.randperm(n, generator=gen), 0
         idx = order[pos:pos + bs]
         pos += bs
-        loss = loss_fn(block, tensors, grid, inputs[idx], targets[idx], args, kwargs, p.autocast, scale_args, p.loss)
+        loss = loss_fn(block, tensors, grid, inputs[idx], targets[idx], args, kwargs, p.autocast, scale_args, p.loss,
+                       channels)
         value = float(loss.detach())
         first_loss = value if first_loss is None else first_loss
         improved, best_loss = value < best_loss, min(best_loss, value)

@@ -9,23 +9,25 @@ model's inputs (AutoRound's default), so the error of the blocks before it is co
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from quantkit.calib.pipeline import BlockCalib
+from quantkit.calib.fisher import block_output_fisher
+from quantkit.calib.pipeline import BlockCalib, place_outside_blocks
 from quantkit.calib.prefix import batch_inputs, prefix_inputs
 from quantkit.compute import can_compile
 from quantkit.errors import SchemeError
 from quantkit.grid import QuantizedWeight, rtn_quantize
-from quantkit.methods.base import QuantJob, RunFacts, describe_moe
+from quantkit.methods.base import Loaded, QuantJob, RunFacts, describe_moe
 from quantkit.methods.e2e.stage import E2EOptions, EndToEnd, calib_autocast
 from quantkit.methods.blockwise import BlockStep, BlockwiseMethod
 from quantkit.methods.scaling import usable_mappings
 from quantkit.methods.signround.block import GridOf, SignRoundParams, tune_block
 from quantkit.methods.signround.memory import signround_block_memory
-from quantkit.models.arch import ArchSpec, block_linears
+from quantkit.models.arch import ArchSpec, block_linears, get_blocks
 from quantkit.models.moe import ExpertCoverage
 from quantkit.plan import BlockWork, Geometry, Settings
 
@@ -44,8 +46,11 @@ class SignRoundOptions(E2EOptions):
     clip_min: float = Field(0.5, gt=0, le=1, description="how far clipping may shrink a group's range")
     scale_lr: float = Field(0.0, ge=0, le=1, description="Adam step size of learned per-channel scales folded into "
                                                          "the norms and codes (OmniQuant's LET); 0: off")
-    loss: Literal["mse", "token"] = Field("token", description="block loss: mse over every element (AutoRound's), or "
-                                                         "token: each token's error relative to its own mean square")
+    loss: Literal["mse", "token", "fisher"] = Field(
+        "token", description="block loss: mse over every element (AutoRound's); token: each token's error relative "
+                             "to its own mean square; fisher: token, its channels weighted by the float model's "
+                             "Fisher of the block's outputs (a whole-model pass first)")
+    fisher_windows: int = Field(32, ge=1, description="calibration windows of the fisher loss's whole-model pass")
     tune_norms: bool = Field(True, description="also tune the norm weights (float; the checkpoint stays standard)")
     norm_lr: float = Field(1e-3, gt=0, description="Adam step size of the norm weights")
     calib_dtype: Literal["auto", "float32", "bfloat16"] = Field(
@@ -78,10 +83,12 @@ def signround_params(job: QuantJob, spec: ArchSpec | None = None) -> SignRoundPa
 
 
 def signround_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], p: SignRoundParams,
-                    window_tokens: int = 0, grid_of: GridOf | None = None) -> dict[str, QuantizedWeight]:
+                    window_tokens: int = 0, grid_of: GridOf | None = None,
+                    channels: torch.Tensor | None = None) -> dict[str, QuantizedWeight]:
     """Tune one block's target Linears (relative names); returns their codes (the block keeps the dequantized weights).
     `window_tokens`: tune on that prefix of each window (`quantkit.calib.prefix`; 0: whole windows).
-    `grid_of`: each Linear's own (bits, group_size) (per-module grids); None: the scheme's."""
+    `grid_of`: each Linear's own (bits, group_size) (per-module grids); None: the scheme's.
+    `channels`: the block's output-channel weights of the "fisher" loss."""
     linears = {n: m for n, m in block_linears(calib.block, spec).items() if n in targets}
     if not linears:
         return {}
@@ -102,8 +109,26 @@ def signround_block(calib: BlockCalib, spec: ArchSpec, targets: set[str], p: Sig
         args, kwargs = cut
         inputs, target = inputs[:, :window_tokens].contiguous(), target[:, :window_tokens].contiguous()
     res = tune_block(calib.block, linears, masters, inputs, target, args, kwargs,
-                     SignRoundParams(**{**p.__dict__, "seed": p.seed + calib.index}), mappings, grid_of=grid_of)
+                     SignRoundParams(**{**p.__dict__, "seed": p.seed + calib.index}), mappings, grid_of=grid_of,
+                     channels=channels)
     return {n: q.to("cpu") for n, q in res.items()}
+
+
+def model_channel_fisher(loaded: Loaded, job: QuantJob, samples: torch.Tensor) -> list[torch.Tensor]:
+    """Every block's output-channel Fisher profile (`block_output_fisher`) on the first `fisher_windows`
+    calibration windows, the model on the job's device for the pass and back on the CPU after it."""
+    t0 = time.perf_counter()
+    model, n = loaded.model, job.options.fisher_windows
+    place_outside_blocks(model, loaded.spec, job.device)
+    model.to(job.device)
+    try:
+        out = block_output_fisher(model, get_blocks(model, loaded.spec), samples[:n], job.device, job.calib.seed)
+    finally:
+        model.to("cpu")
+    spread = max(float(u.max()) for u in out)
+    log.info("signround: fisher of %d blocks' outputs on %d windows (largest channel weight %.3g), %.1fs",
+             len(out), min(n, len(samples)), spread, time.perf_counter() - t0)
+    return out
 
 
 class SignRound(EndToEnd, BlockwiseMethod):
@@ -114,11 +139,26 @@ class SignRound(EndToEnd, BlockwiseMethod):
     tokenizes_first = True
     float_reference = True
     module_grids = True
+    _channels: list[torch.Tensor] | None = None  # this run's fisher channel weights per block (quantize_loaded)
 
     def prepare(self, job: QuantJob) -> QuantJob:
         if job.scheme.desc_act:
             raise SchemeError("signround tunes every group's own grid; drop --desc-act")
+        if job.options.loss == "fisher" and job.options.offload == "disk":
+            raise SchemeError("signround's fisher loss needs the whole model in memory for its gradient pass; drop "
+                              "--offload disk or use --opt loss=token")
         return super().prepare(job)
+
+    def quantize_loaded(self, loaded: Loaded, job: QuantJob, samples: torch.Tensor | None,
+                        facts: RunFacts) -> dict[str, Any]:
+        """With the fisher loss, a whole-model gradient pass on the float model first (its blocks' output-channel
+        weights, read by `block_step`), then the block stage (and the end-to-end stage, `EndToEnd`)."""
+        self._channels = None
+        if job.options.loss == "fisher" and loaded.tokenizer is not None:
+            if samples is None:
+                samples = self.calibration(loaded.tokenizer, job)
+            self._channels = model_channel_fisher(loaded, job, samples)
+        return super().quantize_loaded(loaded, job, samples, facts)
 
     @classmethod
     def block_memory(cls, geometry: Geometry, settings: Settings) -> BlockWork:
@@ -138,7 +178,9 @@ class SignRound(EndToEnd, BlockwiseMethod):
             def grid_of(name: str) -> tuple[int, int]:  # the scheme's grid, or the Linear's own (--target-bpw)
                 g = scheme.grid_of(prefix + name)
                 return g.bits, g.group_size
-            return signround_block(calib, spec, targets, p, job.options.window_tokens, grid_of)
+            channels = self._channels
+            return signround_block(calib, spec, targets, p, job.options.window_tokens, grid_of,
+                                   None if channels is None else channels[calib.index])
         return step
 
     def e2e_compile(self, job: QuantJob, spec: ArchSpec) -> bool:
@@ -149,6 +191,8 @@ class SignRound(EndToEnd, BlockwiseMethod):
         dt = calib_autocast(job)
         opts["calib_dtype_used"] = "float32" if dt is None else str(dt).removeprefix("torch.")
         opts["compile_used"] = use_compile(job)
+        if opts.get("loss") != "fisher":
+            opts.pop("fisher_windows", None)  # read only by the fisher loss: records as before it existed
         out: dict[str, Any] = {"options": opts, "calibration": job.calib.model_dump(mode="json")}
         if facts is not None and facts.samples_sha256:
             out["calibration"]["sha256"] = facts.samples_sha256

@@ -80,6 +80,7 @@ class Settings:
     hessians: int = 1               # in x in float32 products fed per Linear group (GPTQ: 2-3 with its target options)
     float_stream: bool = False      # the pipeline carries the float model's stream beside the quantized one
     e2e_windows: int = 0            # calibration windows per end-to-end step after the blocks (0: no such stage)
+    gradient_pass: bool = False     # a whole-model forward and backward per window before the blocks (Fisher)
 
 
 @dataclass(frozen=True)
@@ -254,6 +255,15 @@ def _e2e_bytes(g: Geometry, s: Settings) -> tuple[int, int]:
     return int(weights + teacher_h + held + forward), int(tuning)
 
 
+def _gradient_pass_bytes(g: Geometry, s: Settings) -> int:
+    """Beyond the loaded model, a whole-model forward and backward on one window (`quantkit.calib.fisher`): the
+    graph's activations (the end-to-end stage's per-token count, float32), the logits with their softmax, cast
+    and gradient, and the hidden states' gradients. Not measured on its own: the runs that have it also run the
+    end-to-end stage, whose peak is larger."""
+    graph = g.n_blocks * s.seqlen * (12 * g.hidden + 4 * g.inter) * F32
+    return int(graph + 4 * s.seqlen * g.vocab * F32 + 2 * s.seqlen * g.hidden * F32)
+
+
 def _slack(rss_now: int, total: int) -> int:
     """`total` plus the allocator's share of everything allocated after `rss_now`."""
     return int(total + (ALLOCATOR_SLACK - 1) * max(0, total - rss_now))
@@ -298,6 +308,11 @@ def estimate(g: Geometry, s: Settings, baseline: int, tokenizer_bytes: int = 0, 
                             "tokenizing the calibration text"))
     what = "tensors outside the blocks (--offload disk)" if s.offload else "every weight as fp32"
     stages.append(stage("model load", base + model + g.max_tensor * F32, what))
+    if calibrated and s.gradient_pass:
+        grads = _gradient_pass_bytes(g, s)
+        stages.append(stage("gradient pass", base + model + (grads if cpu else 0),
+                            "the whole model's forward and backward on one window (Fisher)",
+                            device=0 if cpu else model + grads))
     if calibrated:
         own = method.block_memory(g, s)
         # activations stay on the host (store_device); the device holds the block, one batch and the method's work

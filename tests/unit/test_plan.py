@@ -269,3 +269,20 @@ def test_gptq_products_and_float_stream_are_counted(model):
     assert stream.kept - one.kept == 2 * 16 * 128 * g.hidden * F32
     base = _stages(estimate(g, s, BASE))["block + activations"]
     assert _stages(estimate(g, replace(s, hessians=3, float_stream=True), BASE))["block + activations"] > base
+
+
+def test_the_fisher_loss_plans_its_gradient_pass_before_the_blocks(model):
+    folder, text = model
+    assert _settings(folder, text, "signround").gradient_pass is False
+    assert _settings(folder, text, "signround", loss="fisher").gradient_pass is True
+    g = _geometry(folder)
+    s = Settings(method="signround", nsamples=16, seqlen=128, batch_size=4)
+    without, with_pass = estimate(g, s, BASE), estimate(g, replace(s, gradient_pass=True), BASE)
+    assert "gradient pass" not in _stages(without)
+    names = [st.name for st in with_pass.stages]
+    assert names.index("model load") < names.index("gradient pass") < names.index("block + activations")
+    # beyond the model: one window's whole-model graph, four vocabulary-wide logit tensors, two hidden-wide grads
+    graph = g.n_blocks * 128 * (12 * g.hidden + 4 * g.inter) * F32 + 4 * 128 * g.vocab * F32 + 2 * 128 * g.hidden * F32
+    # the model load holds its largest tensor once more; both stages carry the allocator's 10% above the baseline
+    grown = _stages(with_pass)["gradient pass"] - _stages(with_pass)["model load"]
+    assert grown == pytest.approx((graph - g.max_tensor * F32) * 1.1, rel=1e-6)

@@ -160,6 +160,9 @@ class SignRound(EndToEnd, BlockwiseMethod):
             self._channels = model_channel_fisher(loaded, job, samples)
         return super().quantize_loaded(loaded, job, samples, facts)
 
+    def plan_settings(self, job: QuantJob) -> dict[str, Any]:
+        return {**super().plan_settings(job), "gradient_pass": job.options.loss == "fisher"}
+
     @classmethod
     def block_memory(cls, geometry: Geometry, settings: Settings) -> BlockWork:
         return signround_block_memory(geometry, settings)

@@ -22,9 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from quantkit.calib.fisher import fisher_passes, forward_hooks, sampled_labels
-
-__all__ = ["output_fisher", "sampled_labels"]
+from quantkit.calib.fisher import fisher_passes
+from quantkit.calib.hooks import HookSet
 
 
 def output_fisher(model: nn.Module, linears: dict[str, nn.Linear], samples: Tensor,
@@ -42,6 +41,8 @@ def output_fisher(model: nn.Module, linears: dict[str, nn.Linear], samples: Tens
                 out.register_hook(on_grad)
         return on_forward
 
-    with forward_hooks(linears, make):
+    with HookSet() as hooks:
+        for name, m in linears.items():
+            hooks.forward(m, make(name))
         tokens = fisher_passes(model, samples, device, seed)
     return {n: (a / max(tokens, 1)).cpu() for n, a in acc.items()}

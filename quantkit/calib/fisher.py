@@ -15,13 +15,15 @@ The backward pass needs the whole model at once (not block by block).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from quantkit.calib.hooks import HookSet
 
 
 @contextmanager
@@ -62,17 +64,6 @@ def fisher_passes(model: nn.Module, samples: Tensor, device: torch.device | str 
     return tokens
 
 
-@contextmanager
-def forward_hooks(modules: dict[Any, nn.Module], make: Callable[[Any], Callable]) -> Iterator[None]:
-    """`make(key)` as the forward hook of each module while inside; removed on the way out, also on an error."""
-    handles = [m.register_forward_hook(make(k)) for k, m in modules.items()]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def block_output_fisher(model: nn.Module, blocks: Sequence[nn.Module], samples: Tensor,
                         device: torch.device | str = "cpu", seed: int = 0) -> list[Tensor]:
     """Per block of `blocks` (modules of `model`), a (hidden,) float32 channel profile u of its outputs' Fisher,
@@ -98,7 +89,9 @@ def block_output_fisher(model: nn.Module, blocks: Sequence[nn.Module], samples: 
             y.register_hook(on_grad)
         return on_forward
 
-    with forward_hooks(dict(enumerate(blocks)), make):
+    with HookSet() as hooks:
+        for i, block in enumerate(blocks):
+            hooks.forward(block, make(i))
         fisher_passes(model, samples, device, seed)
     out = []
     for i in range(len(blocks)):

@@ -86,9 +86,9 @@ def _mse(out: Tensor, target: Tensor, loss: str = "mse", channels: Tensor | None
     goes where the model's output is least sensitive to it (uniform `channels`: "token" exactly)."""
     t = target.float()
     err = (out.float() - t).pow(2)
-    if loss == "fisher" and channels is not None:
-        return ((err * channels).mean(-1) / t.pow(2).mean(-1).clamp(min=1e-12)).mean()
     if loss in ("token", "fisher"):
+        if loss == "fisher" and channels is not None:
+            err = err * channels
         return (err.mean(-1) / t.pow(2).mean(-1).clamp(min=1e-12)).mean()
     return err.mean()
 

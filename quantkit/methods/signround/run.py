@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from quantkit.calib.fisher import block_output_fisher
-from quantkit.calib.pipeline import BlockCalib, place_outside_blocks
+from quantkit.calib.pipeline import BlockCalib
 from quantkit.calib.prefix import batch_inputs, prefix_inputs
 from quantkit.compute import can_compile
 from quantkit.errors import SchemeError
@@ -119,7 +119,6 @@ def model_channel_fisher(loaded: Loaded, job: QuantJob, samples: torch.Tensor) -
     calibration windows, the model on the job's device for the pass and back on the CPU after it."""
     t0 = time.perf_counter()
     model, n = loaded.model, job.options.fisher_windows
-    place_outside_blocks(model, loaded.spec, job.device)
     model.to(job.device)
     try:
         out = block_output_fisher(model, get_blocks(model, loaded.spec), samples[:n], job.device, job.calib.seed)

@@ -60,10 +60,6 @@ def parse_row(row: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
     return method, scheme, options
 
 
-
-
-
-
 def budget_of(row: str, model: str) -> dict[str, Any]:
     """quantize()'s --target-bpw arguments for a BUDGET_ROWS row: the setting's uniform stored bits per weight,
     its candidate grids, Fisher sensitivity; {} for other rows."""

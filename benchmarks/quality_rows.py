@@ -32,6 +32,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "signround-e2e-eb4-bs6": ("signround", {"e2e_steps": 32, "e2e_batch_size": 4, "windows_per_step": 6}),
     "signround-e2e-eb4-let": ("signround", {"e2e_steps": 32, "e2e_batch_size": 4, "scale_lr": 0.01}),
     "signround-e2e-eb4-i100": ("signround", {"e2e_steps": 32, "e2e_batch_size": 4, "iters": 100}),
+    "signround-e2e-eb4-i200": ("signround", {"e2e_steps": 32, "e2e_batch_size": 4, "iters": 200}),
     "signround-e2e-eb4-i100-fisher": ("signround", {"e2e_steps": 32, "e2e_batch_size": 4, "iters": 100,
                                                     "loss": "fisher"}),
     # the residual stream rotated first (`--rotate hadamard`, ROTATED_ROWS)

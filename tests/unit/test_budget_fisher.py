@@ -10,8 +10,8 @@ from torch.nn import functional as F
 
 from quantkit.api import quantize
 from quantkit.budget.fisher import output_fisher
-from quantkit.calib.fisher import sampled_labels
 from quantkit.budget.sensitivity import weighted_error
+from quantkit.calib.fisher import sampled_labels
 from quantkit.grid import quantize_weight
 from quantkit.scheme import ModuleGrid
 

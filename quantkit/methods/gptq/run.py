@@ -56,7 +56,7 @@ class GPTQOptions(E2EOptions):
                           "once checked exact (same codes, attention run once per block, + tokens x hidden memory)")
     calib_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype the blocks compute in during calibration (Hessians and GPTQ stay float32); "
-                               "auto: bfloat16 where the device computes it fast (CUDA, AVX512-BF16/AMX CPUs)")
+                               "auto: bfloat16 where the device computes it fast (CUDA, AMX CPUs)")
     hessian_products: Literal["compute", "float32"] = Field(
         "compute", description="dtype of the Hessian's XᵀX products (always summed in float32): compute = the "
                                "calibration dtype (16-bit products are 3-4x faster), float32 = always float32")

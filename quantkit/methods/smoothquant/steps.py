@@ -27,7 +27,7 @@ class SmoothOptions(BaseModel):
     calib_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="dtype the blocks compute in while calibrated (statistics, Hessians, the stream to the "
                             "next block; scales folded and weights rounded in float32); auto: bfloat16 where the "
-                            "device computes it fast (CUDA, AVX512-BF16/AMX CPUs; SmolLM2 W8A8, 64 x 512 "
+                            "device computes it fast (CUDA, AMX CPUs; SmolLM2 W8A8, 64 x 512 "
                             "tokens, 1 AMX thread: 148 CPU s against 320 in float32 at 0.97x the KL; Gemma 3 270M: 102 "
                             "against 139 CPU s, but 1.39x the KL: float32 for the last bit of quality)")
 

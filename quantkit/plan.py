@@ -80,6 +80,7 @@ class Settings:
     hessians: int = 1               # in x in float32 products fed per Linear group (GPTQ: 2-3 with its target options)
     float_stream: bool = False      # the pipeline carries the float model's stream beside the quantized one
     e2e_windows: int = 0            # calibration windows per end-to-end step after the blocks (0: no such stage)
+    e2e_embedding: bool = False     # the end-to-end stage tunes the token embedding / output layer too
     gradient_pass: bool = False     # a whole-model forward and backward per window before the blocks (Fisher)
 
 
@@ -238,7 +239,9 @@ def _e2e_bytes(g: Geometry, s: Settings) -> tuple[int, int]:
       and the output layer cast to the stage's dtype; and the float model's weights again: freed before the
       tuning, but the allocator keeps its pages (measured peaks: SmolLM2 GPTQ + e2e, float32, 4784 / 6005 MiB
       at 2 / 4 windows a step, this plan 4921 / 6606; SignRound + e2e, bf16, 4059 / 4878 against 4099 / 4943;
-      Gemma 3 270M SignRound + e2e, bf16, 7110 against 6834)."""
+      Gemma 3 270M SignRound + e2e, bf16, 7110 against 6834). With the embedding tuned (`e2e_embedding`): its
+      gradient, the head's gradient summed in float32 over the chunks, and Adam's two moments, four
+      vocabulary x hidden float32 tensors (one embedding: tied, as on the models measured)."""
     wb = s.calib_dtype_bytes
     linear = g.n_blocks * sum(o * i for o, i in g.linears)
     per_group = 1 if s.group_size == -1 else max(1, s.group_size)
@@ -251,7 +254,7 @@ def _e2e_bytes(g: Geometry, s: Settings) -> tuple[int, int]:
     logits = LOGIT_CHUNK * g.vocab * F32 * LOGIT_COPIES
     head = g.vocab * g.hidden * wb if wb != F32 else 0
     tuning = (weights + held + linear * F32 + (linear * wb if wb != F32 else 0) + linear * wb + graph + teacher_h
-              + logits + head + tokens * g.hidden * F32)
+              + logits + head + tokens * g.hidden * F32 + (4 * g.vocab * g.hidden * F32 if s.e2e_embedding else 0))
     return int(weights + teacher_h + held + forward), int(tuning)
 
 

@@ -78,3 +78,24 @@ def test_gptq_end_to_end_refusals(tiny, text_file, tmp_path, extra, match):
     with pytest.raises(QuantkitError, match=match):
         quantize(tiny, "gptq", out, calib=_calib(text_file), device="cpu", **kw)
     assert not out.exists()
+
+
+def test_end_to_end_embedding_lever_is_written_and_deterministic(tiny, text_file, tmp_path):
+    """`--opt e2e_embedding_lr`: the tuned (tied) embedding is what the checkpoint stores, the same bytes on a
+    second run, the codes the same as without it; off, the stored embedding is the float model's."""
+    kw = dict(scheme={"bits": 3, "group_size": 32}, calib=_calib(text_file), device="cpu")
+    opts = {"calib_dtype": "float32", "e2e_steps": 8, "e2e_lr": 1e-2}
+    quantize(tiny, "gptq", tmp_path / "off", options=opts, **kw)
+    quantize(tiny, "gptq", tmp_path / "a", options={**opts, "e2e_embedding_lr": 1e-4}, **kw)
+    quantize(tiny, "gptq", tmp_path / "b", options={**opts, "e2e_embedding_lr": 1e-4}, **kw)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    base = load_file(str(tiny / "model.safetensors"))
+    off, a = load_file(str(tmp_path / "off" / "model.safetensors")), load_file(str(tmp_path / "a" / "model.safetensors"))
+    key = "model.embed_tokens.weight"
+    assert torch.equal(off[key], base[key].to(off[key].dtype))
+    assert not torch.equal(a[key], off[key])
+    assert all(torch.equal(a[k], off[k]) for k in a if k.endswith("qweight"))
+    assert "lm_head.weight" not in a  # still tied
+    assert json.loads((tmp_path / "a" / "quantkit.json").read_text())["options"]["e2e_embedding_lr"] == 1e-4
+    ids = _calibration_ids(tiny, text_file)
+    assert _kl_to_base(tiny, tmp_path / "a", ids) < _kl_to_base(tiny, tmp_path / "off", ids)

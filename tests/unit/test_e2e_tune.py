@@ -151,3 +151,49 @@ def test_end_to_end_rounding_starts_from_the_block_codes_and_lowers_kl(tiny):
         assert int(qw.codes.max()) <= 7 and torch.equal(qw.zeros, quantized[name].zeros)
         assert torch.equal(qw.scales, qw.scales.half().float())
         assert torch.equal(model.get_submodule(name).weight, qw.dequantize())
+
+
+@pytest.mark.parametrize("cap", [None, 3.0])
+def test_chunked_kl_gives_the_head_weight_gradient(cap):
+    """With the student head's weight passed as a parameter, the chunked KL's gradient in it is autograd's on the
+    full logits (soft-capped or not), and the hidden states' gradient is unchanged."""
+    from quantkit.methods.e2e.tune import Head, _kl_sum, chunked_kl
+
+    torch.manual_seed(1)
+    wt = torch.randn(40, 8)
+    ws = torch.randn(40, 8, requires_grad=True)
+    ht, hs = torch.randn(3, 5, 8), torch.randn(3, 5, 8, requires_grad=True)
+
+    def logits(w, h):
+        z = h @ w.t()
+        return torch.tanh(z / cap) * cap if cap else z
+
+    full = _kl_sum(logits(wt, ht).flatten(0, 1), logits(ws, hs).flatten(0, 1)) / 15
+    g_h, g_w = torch.autograd.grad(full, (hs, ws))
+    chunked = chunked_kl(ht, hs, Head(wt, None, cap), Head(ws.detach(), None, cap), chunk=4, head_weight=ws)
+    c_h, c_w = torch.autograd.grad(3 * chunked, (hs, ws))
+    assert torch.allclose(c_h, 3 * g_h, atol=1e-6) and torch.allclose(c_w, 3 * g_w, atol=1e-5)
+
+
+def test_end_to_end_embedding_lever_tunes_the_tied_embedding_and_lowers_kl_further(tiny):
+    """`embedding_lr` > 0 moves the (tied) embedding, keeps it tied, keeps the codes, and ends below the same run
+    without it; off, the embedding is the float model's, bit for bit."""
+    from quantkit.methods.e2e.tune import E2EParams, tune_end_to_end
+
+    base, model, quantized, samples, kl = _rtn_model_and_base(tiny)
+    emb0 = model.get_input_embeddings().weight.detach().clone()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    tune_end_to_end(model, base, quantized, samples, E2EParams(steps=30, batch_size=4, lr=1e-2, norm_lr=1e-2))
+    without = kl()
+    assert torch.equal(model.get_input_embeddings().weight, emb0)
+
+    base, model, quantized, samples, kl = _rtn_model_and_base(tiny)
+    out = tune_end_to_end(model, base, quantized, samples,
+                          E2EParams(steps=30, batch_size=4, lr=1e-2, norm_lr=1e-2, embedding_lr=1e-3))
+    emb = model.get_input_embeddings().weight
+    assert not torch.equal(emb, emb0) and emb is model.get_output_embeddings().weight
+    assert kl() < without
+    for name, qw in out.items():
+        assert torch.equal(qw.codes, quantized[name].codes)
+        assert torch.equal(model.get_submodule(name).weight, qw.dequantize())
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}

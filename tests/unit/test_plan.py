@@ -234,6 +234,7 @@ def test_the_options_reach_the_settings(model):
     assert (ft.hessians, ft.float_stream, ft.e2e_windows) == (2, True, 4)
     sr = _settings(folder, text, "signround", e2e_steps=32)
     assert sr.e2e_windows == 2 and _settings(folder, text, "signround", e2e_batch_size=4).e2e_windows == 0
+    assert not sr.e2e_embedding and _settings(folder, text, "signround", e2e_steps=32, e2e_embedding_lr=1e-4).e2e_embedding
 
 
 def test_the_end_to_end_stage_is_planned_after_the_blocks(model):
@@ -254,6 +255,10 @@ def test_the_end_to_end_stage_is_planned_after_the_blocks(model):
     weights = (g.outside_params + g.n_blocks * g.block_params) * F32
     assert _stages(two)["end-to-end: float model"] - _stages(two)["model load"] >= weights
     assert two.host > without.host
+    # the embedding tuned too: its gradient, the head's float32 sum and Adam's two moments
+    emb = estimate(g, replace(s, e2e_windows=2, e2e_embedding=True), BASE)
+    grown = _stages(emb)["end-to-end: tuning"] - _stages(two)["end-to-end: tuning"]
+    assert grown == pytest.approx(4 * g.vocab * g.hidden * F32 * 1.1, rel=1e-6)
 
 
 def test_gptq_products_and_float_stream_are_counted(model):

@@ -24,7 +24,7 @@ from quantkit.methods.e2e.tune import E2EParams, teacher_of, tune_end_to_end
 from quantkit.models.arch import ArchSpec
 from quantkit.models.sources import load_model
 
-E2E_FIELDS = ("e2e_steps", "e2e_batch_size", "e2e_lr", "e2e_rounding_lr")
+E2E_FIELDS = ("e2e_steps", "e2e_batch_size", "e2e_lr", "e2e_rounding_lr", "e2e_embedding_lr")
 
 
 class E2EOptions(BaseModel):
@@ -37,6 +37,9 @@ class E2EOptions(BaseModel):
     e2e_lr: float = Field(1e-3, gt=0, description="Adam step size of the log-scales and norms end to end")
     e2e_rounding_lr: float = Field(0.0, ge=0, le=1, description="signed step of the rounding offsets end to end "
                                                                 "(0: the codes stay as the blocks left them)")
+    e2e_embedding_lr: float = Field(0.0, ge=0, le=1, description="Adam step size of the token embedding and output "
+                                                                 "layer end to end, which the checkpoint keeps in "
+                                                                 "float (0: they stay the float model's)")
 
 
 def calib_autocast(job: QuantJob) -> torch.dtype | None:
@@ -49,7 +52,7 @@ def calib_autocast(job: QuantJob) -> torch.dtype | None:
 def e2e_params(job: QuantJob, compile_step: bool) -> E2EParams:
     o = job.options
     return E2EParams(steps=o.e2e_steps, batch_size=o.e2e_batch_size, lr=o.e2e_lr, norm_lr=o.e2e_lr,
-                     rounding_lr=o.e2e_rounding_lr, autocast=calib_autocast(job), compile=compile_step,
+                     rounding_lr=o.e2e_rounding_lr, embedding_lr=o.e2e_embedding_lr, autocast=calib_autocast(job), compile=compile_step,
                      seed=job.calib.seed)
 
 
@@ -83,6 +86,7 @@ class EndToEnd:
         out = super().plan_settings(job)  # type: ignore[misc]
         if job.options.e2e_steps:
             out["e2e_windows"] = job.options.e2e_batch_size
+            out["e2e_embedding"] = job.options.e2e_embedding_lr > 0
         return out
 
     def e2e_compile(self, job: QuantJob, spec: ArchSpec) -> bool:

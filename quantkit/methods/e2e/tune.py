@@ -3,8 +3,10 @@
 After block-wise rounding, the integer codes and zero points are fixed. What stays float in every standard
 checkpoint is tuned here on the whole model at once (EfficientQAT's E2E-QP stage, with norms added):
 
-    scales  (out, G) per quantized Linear, as s = s0 * exp(t)  (t starts at 0; stored back in fp16)
-    norms   the decoder blocks' and the final norm's weights
+    scales     (out, G) per quantized Linear, as s = s0 * exp(t)  (t starts at 0; stored back in fp16)
+    norms      the decoder blocks' and the final norm's weights
+    embedding  optionally (`embedding_lr` > 0): the token embedding and the output layer, which a checkpoint
+               keeps in float too (one tensor when they are tied)
 
 The loss is KL(base || quantized) over the full vocabulary on the calibration windows, the same quantity the
 evaluator reports. The teacher's final hidden states come from the float model, computed once before the tuning
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 class E2EParams:
     """steps: optimizer steps (0: off); batch_size: windows per step; lr: Adam step of log-scales and norms;
     rounding_lr: signed-gradient step of the rounding offsets (0: the codes stay as the blocks left them);
+    embedding_lr: Adam step of the token embedding and output layer (0: they stay the float model's);
     logit_chunk: tokens whose logits are alive at once (the vocabulary makes them the largest tensors);
     compile: the KL over each chunk's logits through torch.compile (its fp32 log-softmaxes fused: 1.3x a step)."""
 
@@ -42,6 +45,7 @@ class E2EParams:
     lr: float = 1e-3
     norm_lr: float = 1e-3
     rounding_lr: float = 0.0
+    embedding_lr: float = 0.0
     logit_chunk: int = 256
     autocast: torch.dtype | None = None
     compile: bool = False
@@ -57,6 +61,15 @@ def _norm_params(model: nn.Module) -> dict[str, nn.Parameter]:
     linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
     return {n: p for n, p in model.named_parameters()
             if p.ndim == 1 and id(p) not in linear and "norm" in n and n.endswith("weight")}
+
+
+def _embedding_params(model: nn.Module) -> list[nn.Parameter]:
+    """The token embedding's and the output layer's weights, once each (one parameter when they are tied)."""
+    out: list[nn.Parameter] = []
+    for m in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if m is not None and all(m.weight is not q for q in out):
+            out.append(m.weight)
+    return out
 
 
 @contextmanager
@@ -103,11 +116,13 @@ class Head:
         z = F.linear(h.to(self.weight.dtype), self.weight, self.bias)
         return torch.tanh(z / self.cap) * self.cap if self.cap else z
 
+    def pre_cap_grad(self, grad_z: Tensor, z: Tensor) -> Tensor:
+        """d(loss)/d(h W^T + b) from d(loss)/d(logits) `grad_z` at the logits `z` this head gave."""
+        return grad_z * (1 - (z.float() / self.cap).pow(2)) if self.cap else grad_z
+
     def input_grad(self, grad_z: Tensor, z: Tensor) -> Tensor:
         """d(loss)/dh from d(loss)/d(logits) `grad_z` at the logits `z` this head gave."""
-        if self.cap:
-            grad_z = grad_z * (1 - (z.float() / self.cap).pow(2))
-        return grad_z.to(self.weight.dtype) @ self.weight
+        return self.pre_cap_grad(grad_z, z).to(self.weight.dtype) @ self.weight
 
 
 def _head(model: nn.Module, dtype: torch.dtype | None = None) -> Head:
@@ -136,37 +151,47 @@ def _same_head(a: nn.Module, b: nn.Module) -> bool:
 class _ChunkedKL(torch.autograd.Function):
     """Mean KL over tokens, with its gradient in the student's hidden states computed in the forward pass, a chunk of
     logits at a time: per chunk three vocabulary-sized products (the two heads' logits and the gradient's
-    product), against five when the chunk is recomputed for autograd, and one pass of softmaxes."""
+    product), against five when the chunk is recomputed for autograd, and one pass of softmaxes. With
+    `head_weight` (the student head's weight as a parameter) a fourth product gives the gradient in it."""
 
     @staticmethod
     def forward(ctx, student_h: Tensor, teacher_h: Tensor, teacher_head: Head, student_head: Head, chunk: int,
-                kl_and_grad: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]) -> Tensor:
+                kl_and_grad: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], head_weight: Tensor | None) -> Tensor:
         n = student_h.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=student_h.device)
         grads = []
+        grad_w = None if head_weight is None else torch.zeros_like(head_weight, dtype=torch.float32)
         with torch.no_grad():
             for i in range(0, n, chunk):
-                zs = student_head(student_h[i:i + chunk])
+                h = student_h[i:i + chunk]
+                zs = student_head(h)
                 kl, gz = kl_and_grad(teacher_head(teacher_h[i:i + chunk]), zs)
                 total += kl
                 grads.append(student_head.input_grad(gz, zs))
-        ctx.save_for_backward(torch.cat(grads).to(student_h.dtype))
-        ctx.n = n
+                if grad_w is not None:
+                    g = student_head.pre_cap_grad(gz, zs).to(student_head.weight.dtype)
+                    grad_w += (g.t() @ h.to(g.dtype)).float()
+        ctx.save_for_backward(torch.cat(grads).to(student_h.dtype), grad_w)
+        ctx.n, ctx.w_dtype = n, None if head_weight is None else head_weight.dtype
         return total / n
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        (grad_h,) = ctx.saved_tensors
-        return grad_h * (grad_out / ctx.n).to(grad_h.dtype), None, None, None, None, None
+        grad_h, grad_w = ctx.saved_tensors
+        scale = grad_out / ctx.n
+        gw = None if grad_w is None else (grad_w * scale).to(ctx.w_dtype)
+        return grad_h * scale.to(grad_h.dtype), None, None, None, None, None, gw
 
 
 def chunked_kl(teacher_h: Tensor, student_h: Tensor, teacher_head: Head, student_head: Head, chunk: int,
-               kl_and_grad: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] = _kl_sum_and_grad) -> Tensor:
+               kl_and_grad: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] = _kl_sum_and_grad,
+               head_weight: Tensor | None = None) -> Tensor:
     """Mean over tokens of KL(teacher || student) from the final hidden states (..., hidden), `chunk` tokens of
-    logits at a time: memory holds one chunk's logits, not all of them. Differentiable in `student_h` only (both
-    heads are frozen). `kl_and_grad`: `_kl_sum_and_grad` or a compiled copy of it."""
+    logits at a time: memory holds one chunk's logits, not all of them. Differentiable in `student_h`, and in
+    `head_weight` when given (the parameter `student_head.weight` is a copy of); the teacher's head is frozen.
+    `kl_and_grad`: `_kl_sum_and_grad` or a compiled copy of it."""
     th, sh = teacher_h.reshape(-1, teacher_h.shape[-1]), student_h.reshape(-1, student_h.shape[-1])
-    return _ChunkedKL.apply(sh, th.detach(), teacher_head, student_head, chunk, kl_and_grad)
+    return _ChunkedKL.apply(sh, th.detach(), teacher_head, student_head, chunk, kl_and_grad, head_weight)
 
 
 @dataclass(frozen=True)
@@ -264,12 +289,16 @@ def tune_end_to_end(model: nn.Module, base: nn.Module | Teacher, quantized: dict
         raise ValueError(f"end-to-end: quantized Linears outside the decoder ({model.base_model_prefix})")
     t_head = teacher.head
     # the usual case (the head is not quantized): one low-precision copy of it, not two
-    s_head = t_head if teacher.same_head else _head(model, p.autocast)
+    s_head = t_head if teacher.same_head and p.embedding_lr <= 0 else _head(model, p.autocast)
     kl_sum = torch.compile(_kl_sum_and_grad, dynamic=False) if p.compile else _kl_sum_and_grad
     norms = _norm_params(model)
+    embeddings = _embedding_params(model) if p.embedding_lr > 0 else []
+    head_weight = model.get_output_embeddings().weight if embeddings else None
     groups = [{"params": list(logs.values()), "lr": p.lr}]
     if norms:
         groups.append({"params": list(norms.values()), "lr": p.norm_lr})
+    if embeddings:
+        groups.append({"params": embeddings, "lr": p.embedding_lr})
     opt = torch.optim.Adam(groups)
     decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 - k / p.steps)  # linear to 0 over the run
     gen = torch.Generator().manual_seed(p.seed)
@@ -277,7 +306,7 @@ def tune_end_to_end(model: nn.Module, base: nn.Module | Teacher, quantized: dict
     order, pos = torch.randperm(n, generator=gen), 0
     ctx = (lambda: torch.autocast(dev.type, dtype=p.autocast)) if p.autocast else nullcontext
     first = last = None
-    with only_grads(model, list(norms.values())):
+    with only_grads(model, list(norms.values()) + embeddings):
         for step in range(p.steps):
             if pos + p.batch_size > n:
                 order, pos = torch.randperm(n, generator=gen), 0
@@ -285,10 +314,12 @@ def tune_end_to_end(model: nn.Module, base: nn.Module | Teacher, quantized: dict
             batch = samples[picked].to(dev)
             pos += p.batch_size
             weights = {f"{n.removeprefix(prefix)}.weight": _weight(n) for n in quantized}
+            if embeddings:  # the head as it stands this step, in the dtype the step computes in
+                s_head = _head(model, p.autocast)
             with ctx():
                 student = functional_call(model.base_model, weights, (), {"input_ids": batch, "use_cache": False})
                 loss = chunked_kl(teacher.hidden[picked].to(dev), student.last_hidden_state, t_head, s_head,
-                                  p.logit_chunk, kl_sum)
+                                  p.logit_chunk, kl_sum, head_weight)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

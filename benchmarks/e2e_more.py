@@ -7,6 +7,7 @@ answers "would more end-to-end steps have paid on this row?" without re-running 
 grid per checkpoint (no `dynamic` config). Results are appended to benchmarks/results/e2e-more.jsonl.
 
     .venv/bin/python benchmarks/e2e_more.py CKPT --steps 32 --batch 4 --threads 1 --tag s17-w4-more32
+    .venv/bin/python benchmarks/e2e_more.py CKPT --steps 32 --batch 4 --embedding-lr 1e-4 --no-before --tag s20-emb
 """
 from __future__ import annotations
 
@@ -71,6 +72,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=1, help="batch order of the extra steps (the row's stage used 0)")
+    ap.add_argument("--embedding-lr", type=float, default=0.0, help="tune the embedding too (E2EParams.embedding_lr)")
+    ap.add_argument("--no-before", action="store_true", help="skip scoring the checkpoint as read")
     ap.add_argument("--tag", default="")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -79,10 +82,10 @@ def main() -> None:
     student, tok, quantized = student_from(Path(a.checkpoint), a.model)
     samples = calibration_samples(tok, "wiki-vital", a.nsamples, 512, 0)
     p = E2EParams(steps=a.steps, batch_size=a.batch, lr=a.lr, norm_lr=a.lr, compile=can_compile(torch.device("cpu")),
-                  seed=a.seed)
+                  seed=a.seed, embedding_lr=a.embedding_lr)
     base, _ = load_model(resolve(a.model), torch.float32)
     windows = test_windows(tok, seqlen=512, max_windows=a.windows)
-    before = evaluate([student], windows, base=base)[0] if a.steps else None
+    before = evaluate([student], windows, base=base)[0] if a.steps and not a.no_before else None
     teacher = teacher_of(base, student, samples, p)
     tune_end_to_end(student, teacher, quantized, samples, p)
     tuned_cpu = time.process_time() - c0

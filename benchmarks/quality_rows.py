@@ -35,6 +35,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "signround-e2e-eb4-i200": ("signround", {"e2e_steps": 32, "e2e_batch_size": 4, "iters": 200}),
     # session 20's screen (benchmarks/e2e_more.py on the i200 row's checkpoint) as whole rows: 64 end-to-end
     # steps, with and without the token embedding tuned (`e2e_embedding_lr`)
+    "signround-e2e-emb": ("signround", {"e2e_steps": 32, "e2e_embedding_lr": 2e-4}),
     "signround-e2e64-eb4-i200": ("signround", {"e2e_steps": 64, "e2e_batch_size": 4, "iters": 200}),
     "signround-e2e64-eb4-i200-emb": ("signround", {"e2e_steps": 64, "e2e_batch_size": 4, "iters": 200,
                                                    "e2e_embedding_lr": 2e-4}),

@@ -90,7 +90,8 @@ def test_end_to_end_embedding_lever_is_written_and_deterministic(tiny, text_file
     quantize(tiny, "gptq", tmp_path / "b", options={**opts, "e2e_embedding_lr": 1e-4}, **kw)
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
     base = load_file(str(tiny / "model.safetensors"))
-    off, a = load_file(str(tmp_path / "off" / "model.safetensors")), load_file(str(tmp_path / "a" / "model.safetensors"))
+    off = load_file(str(tmp_path / "off" / "model.safetensors"))
+    a = load_file(str(tmp_path / "a" / "model.safetensors"))
     key = "model.embed_tokens.weight"
     assert torch.equal(off[key], base[key].to(off[key].dtype))
     assert not torch.equal(a[key], off[key])

@@ -234,7 +234,8 @@ def test_the_options_reach_the_settings(model):
     assert (ft.hessians, ft.float_stream, ft.e2e_windows) == (2, True, 4)
     sr = _settings(folder, text, "signround", e2e_steps=32)
     assert sr.e2e_windows == 2 and _settings(folder, text, "signround", e2e_batch_size=4).e2e_windows == 0
-    assert not sr.e2e_embedding and _settings(folder, text, "signround", e2e_steps=32, e2e_embedding_lr=1e-4).e2e_embedding
+    assert not sr.e2e_embedding
+    assert _settings(folder, text, "signround", e2e_steps=32, e2e_embedding_lr=1e-4).e2e_embedding
 
 
 def test_the_end_to_end_stage_is_planned_after_the_blocks(model):

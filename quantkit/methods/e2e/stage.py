@@ -52,8 +52,8 @@ def calib_autocast(job: QuantJob) -> torch.dtype | None:
 def e2e_params(job: QuantJob, compile_step: bool) -> E2EParams:
     o = job.options
     return E2EParams(steps=o.e2e_steps, batch_size=o.e2e_batch_size, lr=o.e2e_lr, norm_lr=o.e2e_lr,
-                     rounding_lr=o.e2e_rounding_lr, embedding_lr=o.e2e_embedding_lr, autocast=calib_autocast(job), compile=compile_step,
-                     seed=job.calib.seed)
+                     rounding_lr=o.e2e_rounding_lr, embedding_lr=o.e2e_embedding_lr, autocast=calib_autocast(job),
+                     compile=compile_step, seed=job.calib.seed)
 
 
 class EndToEnd:

@@ -117,12 +117,10 @@ class Head:
         return torch.tanh(z / self.cap) * self.cap if self.cap else z
 
     def pre_cap_grad(self, grad_z: Tensor, z: Tensor) -> Tensor:
-        """d(loss)/d(h W^T + b) from d(loss)/d(logits) `grad_z` at the logits `z` this head gave."""
-        return grad_z * (1 - (z.float() / self.cap).pow(2)) if self.cap else grad_z
-
-    def input_grad(self, grad_z: Tensor, z: Tensor) -> Tensor:
-        """d(loss)/dh from d(loss)/d(logits) `grad_z` at the logits `z` this head gave."""
-        return self.pre_cap_grad(grad_z, z).to(self.weight.dtype) @ self.weight
+        """d(loss)/d(h W^T + b) from d(loss)/d(logits) `grad_z` at the logits `z` this head gave, in the weight's
+        dtype: times the weight it is d(loss)/dh, its transpose times h is d(loss)/dW."""
+        g = grad_z * (1 - (z.float() / self.cap).pow(2)) if self.cap else grad_z
+        return g.to(self.weight.dtype)
 
 
 def _head(model: nn.Module, dtype: torch.dtype | None = None) -> Head:
@@ -167,9 +165,9 @@ class _ChunkedKL(torch.autograd.Function):
                 zs = student_head(h)
                 kl, gz = kl_and_grad(teacher_head(teacher_h[i:i + chunk]), zs)
                 total += kl
-                grads.append(student_head.input_grad(gz, zs))
+                g = student_head.pre_cap_grad(gz, zs)
+                grads.append(g @ student_head.weight)
                 if grad_w is not None:
-                    g = student_head.pre_cap_grad(gz, zs).to(student_head.weight.dtype)
                     grad_w += (g.t() @ h.to(g.dtype)).float()
         ctx.save_for_backward(torch.cat(grads).to(student_h.dtype), grad_w)
         ctx.n, ctx.w_dtype = n, None if head_weight is None else head_weight.dtype
@@ -289,11 +287,12 @@ def tune_end_to_end(model: nn.Module, base: nn.Module | Teacher, quantized: dict
         raise ValueError(f"end-to-end: quantized Linears outside the decoder ({model.base_model_prefix})")
     t_head = teacher.head
     # the usual case (the head is not quantized): one low-precision copy of it, not two
-    s_head = t_head if teacher.same_head and p.embedding_lr <= 0 else _head(model, p.autocast)
-    kl_sum = torch.compile(_kl_sum_and_grad, dynamic=False) if p.compile else _kl_sum_and_grad
-    norms = _norm_params(model)
     embeddings = _embedding_params(model) if p.embedding_lr > 0 else []
     head_weight = model.get_output_embeddings().weight if embeddings else None
+    # with the embedding tuned, the student's head is rebuilt every step (below)
+    s_head = t_head if teacher.same_head and not embeddings else _head(model, p.autocast)
+    kl_sum = torch.compile(_kl_sum_and_grad, dynamic=False) if p.compile else _kl_sum_and_grad
+    norms = _norm_params(model)
     groups = [{"params": list(logs.values()), "lr": p.lr}]
     if norms:
         groups.append({"params": list(norms.values()), "lr": p.norm_lr})

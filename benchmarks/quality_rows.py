@@ -39,6 +39,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "signround-e2e64-eb4-i200": ("signround", {"e2e_steps": 64, "e2e_batch_size": 4, "iters": 200}),
     "signround-e2e64-eb4-i200-emb": ("signround", {"e2e_steps": 64, "e2e_batch_size": 4, "iters": 200,
                                                    "e2e_embedding_lr": 2e-4}),
+    # session 21: 8 windows an end-to-end step (4 paid -4.4% against 2 in session 13)
+    "signround-e2e-eb8-i200": ("signround", {"e2e_steps": 32, "e2e_batch_size": 8, "iters": 200}),
+    "signround-e2e-eb8-i200-emb": ("signround", {"e2e_steps": 32, "e2e_batch_size": 8, "iters": 200,
+                                                 "e2e_embedding_lr": 2e-4}),
     "signround-e2e-eb4-i100-fisher": ("signround", {"e2e_steps": 32, "e2e_batch_size": 4, "iters": 100,
                                                     "loss": "fisher"}),
     # the residual stream rotated first (`--rotate hadamard`, ROTATED_ROWS)

@@ -256,7 +256,8 @@ def quantize_gguf(model: str | Path, method: str, out: Path, *, gguf_type: str =
     # the calibrated file then stays no larger than llama.cpp's imatrix file of the same type
     brief = {k: head[k] for k in ("quantkit_version", "method", "target")}
     facts = export_gguf(job.source.path, out, gguf_type, force=force, provenance=json.dumps(brief, sort_keys=True),
-                        progress=job.progress, embed_type=embed_type, encoded=artifact.encoded)
+                        progress=job.progress, embed_type=embed_type, encoded=artifact.encoded,
+                        floats=artifact.floats)
     write_json(gguf_provenance_path(out), {**head, **facts})
     return {"method": method, "model": str(model), "out": str(out), "format": "gguf", "gguf_type": gguf_type,
             "tensor_types": facts["tensor_types"], "grid_rounded": len(artifact.encoded),

@@ -22,7 +22,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from quantkit.convert import iquants, kquants
-from quantkit.convert.gguf_quant import WEIGHTED_LEGACY, quantize_rows
+from quantkit.convert.gguf_quant import WEIGHTED_LEGACY, dequantize_rows, quantize_rows
 from quantkit.convert.ksearch import F, nint
 
 Q = GGMLQuantizationType
@@ -75,6 +75,50 @@ def grid_of(data: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarray, 
         high = ((sh >> (2 * np.arange(8, dtype=np.uint16))) & 3).astype(np.int32)
         return _per_weight(_f16(data[:, :2])[:, None] * ((low | high << 4) - 32).astype(F), 32), None
     raise ValueError(f"{qtype.name} has no block grid")
+
+
+# Byte offsets of each type's float16 block scale d, and of its float16 min (dmin, or Q4_1/Q5_1's m) where it has
+# one. Every decoder is linear in the two, value = d * a + m * b with a, b fixed by the codes and integer sub-scales.
+_D_AT = {Q.Q4_0: 0, Q.Q4_1: 0, Q.Q5_0: 0, Q.Q5_1: 0, Q.Q8_0: 0, Q.Q2_K: 80, Q.Q3_K: 108, Q.Q4_K: 0, Q.Q5_K: 0,
+         Q.Q6_K: 208, Q.IQ4_NL: 0, Q.IQ4_XS: 0}
+_M_AT = {Q.Q4_1: 2, Q.Q5_1: 2, Q.Q2_K: 82, Q.Q4_K: 2, Q.Q5_K: 2}
+
+
+def _blocks(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """(rows, nb * block bytes) -> (rows, nb, block bytes), a view."""
+    size = GGML_QUANT_SIZES[qtype][1]
+    return np.ascontiguousarray(data).reshape(data.shape[0], -1, size)
+
+
+def header_scales(data: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarray, np.ndarray | None]:
+    """A tensor's (rows, nb * block bytes) float16 block scales d and mins m (None for the types without), each
+    (rows, nb) float32."""
+    b = _blocks(data, qtype)
+    f16 = lambda at: np.ascontiguousarray(b[:, :, at:at + 2]).view("<f2")[..., 0].astype(F)  # noqa: E731
+    return f16(_D_AT[qtype]), (f16(_M_AT[qtype]) if qtype in _M_AT else None)
+
+
+def with_header_scales(data: np.ndarray, qtype: GGMLQuantizationType, d: np.ndarray,
+                       m: np.ndarray | None = None) -> np.ndarray:
+    """`data` with each block's d (and m) replaced, (rows, nb) values stored as float16; the codes and integer
+    sub-scales are kept."""
+    out = _blocks(np.array(data, dtype=np.uint8, copy=True), qtype)
+    out[:, :, _D_AT[qtype]:_D_AT[qtype] + 2] = np.asarray(d, "<f2")[..., None].view(np.uint8)
+    if m is not None:
+        out[:, :, _M_AT[qtype]:_M_AT[qtype] + 2] = np.asarray(m, "<f2")[..., None].view(np.uint8)
+    return out.reshape(data.shape)
+
+
+def affine_parts(data: np.ndarray, qtype: GGMLQuantizationType, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The per-weight parts a, b (rows, n) float32 of a tensor's values, value = d[block] * a + m[block] * b:
+    the tensor decoded with every d = 1, m = 0, and with d = 0, m = 1. Exact: a and b are small integer products,
+    so d * a equals the decoder's (d * sub-scale) * level bit for bit."""
+    rows, nb = data.shape[0], data.shape[1] // GGML_QUANT_SIZES[qtype][1]
+    one, zero = np.ones((rows, nb), F), np.zeros((rows, nb), F)
+    has_m = qtype in _M_AT
+    a = dequantize_rows(with_header_scales(data, qtype, one, zero if has_m else None), qtype, n)
+    b = dequantize_rows(with_header_scales(data, qtype, zero, one), qtype, n) if has_m else None
+    return a, b
 
 
 def _nib(q: np.ndarray) -> np.ndarray:
@@ -186,6 +230,17 @@ class BlockCodec:
         else:
             data = quantize_rows(x, self.qtype, qw)
         return BlockGrid(self.qtype, data, *grid_of(data, self.qtype))
+
+    def scales(self, data: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """A tensor's float block scales and mins (`header_scales`), what end-to-end tuning may move."""
+        return header_scales(data, self.qtype)
+
+    def parts(self, data: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """value = d * a + m * b per weight (`affine_parts`)."""
+        return affine_parts(data, self.qtype, n)
+
+    def with_scales(self, data: np.ndarray, d: np.ndarray, m: np.ndarray | None = None) -> np.ndarray:
+        return with_header_scales(data, self.qtype, d, m)
 
 
 def encode_on_grid(values: np.ndarray, data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:

@@ -102,10 +102,14 @@ def check_export(ck: Checkpoint, type_name: str) -> ArchSpec:
 
 
 def _producer(ck: Checkpoint, hf_name: str, qtype: Q, perm: torch.Tensor | None, stats: EncodeStats,
-              importance: np.ndarray | None, shift: float = 0.0):
+              importance: np.ndarray | None, shift: float = 0.0, given: torch.Tensor | None = None):
     def run() -> np.ndarray:
         mod = hf_name.rsplit(".", 1)[0]
-        if hf_name.endswith(".weight") and mod in ck.linears:
+        if given is not None:  # a float tensor computed before the export (a norm tuned end to end), HF convention
+            w: Any = given[perm] if perm is not None else given
+            if shift:
+                w = w.float() + shift
+        elif hf_name.endswith(".weight") and mod in ck.linears:
             qw = ck.quantized(mod)
             qw.bias = None
             w: Any = permute_rows(qw, perm) if perm is not None else qw
@@ -216,7 +220,8 @@ def _given(data: np.ndarray, perm: torch.Tensor | None, shape: tuple[int, ...], 
 
 def export_gguf(src: str | Path, out: Path, type_name: str, force: bool = False, provenance: str = "{}",
                 progress: Progress | None = None, importance: dict[str, np.ndarray] | None = None,
-                embed_type: str | None = None, encoded: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+                embed_type: str | None = None, encoded: dict[str, np.ndarray] | None = None,
+                floats: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Write `src` (plain HF or packed folder) as a GGUF file at `out`; returns provenance facts.
 
     `progress("tensors", done, total)` as the writer encodes each tensor.
@@ -225,6 +230,8 @@ def export_gguf(src: str | Path, out: Path, type_name: str, force: bool = False,
     `embed_type`: the token embedding's and output's type instead of llama.cpp's choice.
     `encoded`: {HF Linear name: its bytes in the type `plan_types` gives it}, computed elsewhere (GPTQ on
     the GGUF grid); the mix then follows llama.cpp's with-imatrix rules, as the bytes were calibrated.
+    `floats`: {HF tensor name: float tensor} written instead of the source's (norms tuned end to end); each
+    must name a tensor of the file.
     `provenance` (JSON text) is stored under the key quantkit.provenance.
     """
     ck = open_checkpoint(src)
@@ -237,6 +244,8 @@ def export_gguf(src: str | Path, out: Path, type_name: str, force: bool = False,
     heads = int(cfg["num_attention_heads"])
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
     tensors = _named_tensors(ck, spec)
+    if unknown := sorted(set(floats or {}) - {t[0] for t in tensors}):
+        raise QuantkitError(f"{unknown[0]}: a given float tensor the file does not hold")
     planner = _planner(type_name, tensors, cfg, importance is not None or encoded is not None, embed_type)
     stats = EncodeStats()
     types: dict[str, str] = {}
@@ -258,7 +267,8 @@ def export_gguf(src: str | Path, out: Path, type_name: str, force: bool = False,
             bshape, bdtype = byte_shape(tuple(shape), ttype)
             mod = hf_name.removesuffix(".weight")
             run = (_given(encoded[mod], perm, tuple(shape), ttype, hf_name) if encoded and mod in encoded
-                   else _producer(ck, hf_name, ttype, perm, stats, imp, _shift(spec, hf_name, shape)))
+                   else _producer(ck, hf_name, ttype, perm, stats, imp, _shift(spec, hf_name, shape),
+                                  (floats or {}).get(hf_name)))
             lazy = LazyNumpyTensor(meta=LazyNumpyTensor.meta_with_dtype_and_shape(bdtype, bshape),
                                    func=_counted(run, counter))
             writer.add_tensor(gname, lazy, raw_dtype=None if ttype in (Q.F32, Q.F16) else ttype)

@@ -58,7 +58,9 @@ class GridTarget:
     """A block format that a method rounds onto instead of its own grid, handed in by the caller (the API
     builds GGUF's from quantkit.convert.ggml_grid). `codecs`: full Linear name -> codec, with `block` (inputs
     per grid), `name`, and `fit(x (rows, block), importance (block,), row_sigma2 (rows,))` -> a grid with
-    `round(k, column)` -> (codes, values) and `pack(codes (rows, block))` -> the block's bytes (rows, bytes).
+    `round(k, column)` -> (codes, values) and `pack(codes (rows, block))` -> the block's bytes (rows, bytes); for
+    the end-to-end stage, `scales(data)` -> the float block scales and mins (rows, blocks), `parts(data, n)` ->
+    per-weight (a, b) with value = scale * a + min * b, and `with_scales(data, d, m)` -> the bytes with new ones.
     Linears without a codec stay float. `label`: what the record calls the target (e.g. "gguf q4_k_m"); `mix`: the
     llama.cpp mix the codecs come from (GGUF's --type, e.g. "q4_k_m"), for options whose default depends on it."""
 
@@ -69,10 +71,13 @@ class GridTarget:
 
 @dataclass
 class EncodedArtifact:
-    """A run onto a `GridTarget`: each Linear's bytes (full name -> (out, row bytes) uint8), for the caller's writer."""
+    """A run onto a `GridTarget`: each Linear's bytes (full name -> (out, row bytes) uint8), for the caller's writer;
+    `floats`: float tensors the run changed (the norms, tuned end to end), which the writer takes instead of the
+    source's."""
 
     encoded: dict[str, Any]
     extra: dict[str, Any]
+    floats: dict[str, Any] = field(default_factory=dict)  # tuned float tensors by checkpoint name (norms), or none
 
 
 @dataclass

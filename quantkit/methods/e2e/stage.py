@@ -3,7 +3,9 @@ blocks (`EndToEnd`). The maths is `quantkit.methods.e2e.tune`.
 
 After a method has rounded every block, the integer codes stay as they are and what a standard checkpoint keeps in
 float (the group scales, the norms) is tuned on the whole model against the float model's logits. SignRound
-(AutoRound's block stage) and GPTQ (second-order rounding) both take it: `--opt e2e_steps=32`.
+(AutoRound's block stage) and GPTQ (second-order rounding) both take it: `--opt e2e_steps=32`. Onto a caller's
+block format (GGUF, `QuantJob.target`) the stage tunes each block's float16 scale and min instead
+(`quantkit.methods.e2e.headers`), the codes and integer sub-scales fixed.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from quantkit.calib.pipeline import place_outside_blocks
 from quantkit.compute import can_compile, resolve_calib_dtype
 from quantkit.errors import SchemeError
 from quantkit.grid import QuantizedWeight
-from quantkit.methods.base import Loaded, QuantJob, RunFacts
+from quantkit.methods.base import EncodedArtifact, GridTarget, Loaded, QuantJob, RunFacts
+from quantkit.methods.e2e.headers import HeaderParts, tune_headers
 from quantkit.methods.e2e.stored import stored_results
-from quantkit.methods.e2e.tune import E2EParams, teacher_of, tune_end_to_end
+from quantkit.methods.e2e.tune import E2EParams, norm_params, teacher_of, tune_end_to_end
 from quantkit.models.arch import ArchSpec
 from quantkit.models.sources import load_model
 
@@ -66,8 +69,11 @@ class EndToEnd:
             return
         name = getattr(self, "name", "this method")
         if job.target is not None:
-            raise SchemeError(f"{name}'s end-to-end stage tunes the scales of a GPTQ-style grid; it does not apply "
-                              f"to {job.target.label}")
+            moved = [k for k in ("e2e_rounding_lr", "e2e_embedding_lr") if getattr(o, k)]
+            if moved:
+                raise SchemeError(f"onto {job.target.label} the end-to-end stage tunes the block scales and norms "
+                                  f"only; drop --opt {moved[0]}")
+            return
         s = job.scheme
         if s.input_activations is not None or s.type != "int":
             raise SchemeError(f"{name}'s end-to-end stage tunes integer weight-only grids; drop --opt e2e_steps")
@@ -100,6 +106,8 @@ class EndToEnd:
         if samples is None and loaded.tokenizer is not None:
             samples = self.calibration(loaded.tokenizer, job)  # type: ignore[attr-defined]
         results = super().quantize_loaded(loaded, job, samples, facts)  # type: ignore[misc]
+        if job.target is not None:
+            return self._tune_target(loaded, job, samples, results)
         quantized = stored_results(loaded, job, results, self.job_format(job),  # type: ignore[attr-defined]
                                    self.describe(job).get("options", {}))  # type: ignore[attr-defined]
         place_outside_blocks(loaded.model, loaded.spec, job.device)
@@ -112,12 +120,51 @@ class EndToEnd:
         loaded.model.to("cpu")
         return {n: q.to("cpu") for n, q in out.items()}
 
+    def _tune_target(self, loaded: Loaded, job: QuantJob, samples: Tensor, results: dict[str, Any]) -> dict[str, Any]:
+        """The stage onto `job.target`'s blocks: `results` are each Linear's bytes; the decoder Linears' block
+        scales and mins are tuned, the output head (when rounded onto its grid) computes as its bytes decode."""
+        target: GridTarget = job.target  # type: ignore[assignment]
+        prefix = f"{loaded.model.base_model_prefix}."
+        head = loaded.model.get_output_embeddings()
+        parts = {}
+        for n, data in results.items():
+            codec = target.codecs.get(n)
+            module = loaded.model.get_submodule(n) if codec is not None else None
+            if module is None or not hasattr(module, "weight"):
+                continue
+            a, b = codec.parts(data, module.weight.shape[1])
+            d, m = codec.scales(data)
+            x = HeaderParts(*(None if v is None else torch.from_numpy(v) for v in (a, b, d, m)))  # type: ignore[arg-type]
+            if module.weight is head.weight:  # the head (tied or not) as the file's bytes give it
+                module.weight.data.copy_(x.weight().to(module.weight.dtype))
+            elif n.startswith(prefix) and isinstance(module, torch.nn.Linear):
+                parts[n] = x
+        place_outside_blocks(loaded.model, loaded.spec, job.device)
+        loaded.model.to(job.device)
+        p = e2e_params(job, self.e2e_compile(job, loaded.spec))
+        base, _ = load_model(job.source, torch.float32, job.trust_remote_code, loaded.tokenizer)
+        teacher = teacher_of(base.to(job.device), loaded.model, samples, p)
+        del base
+        tuned = tune_headers(loaded.model, teacher, parts, samples, p)
+        loaded.model.to("cpu")
+        out = dict(results)
+        for n, (d, m) in tuned.items():
+            out[n] = target.codecs[n].with_scales(results[n], d.numpy(), None if m is None else m.numpy())
+        return out
+
     def artifact(self, job: QuantJob, loaded: Loaded, results: dict[str, QuantizedWeight],
                  extra: dict[str, Any]) -> Any:
         art = super().artifact(job, loaded, results, extra)  # type: ignore[misc]
         if job.options.e2e_steps:
             art.stored = None  # every block's tuned tensors are in `results` and the model
         return art
+
+    def encoded_artifact(self, job: QuantJob, loaded: Loaded, results: dict[str, Any],
+                         extra: dict[str, Any]) -> EncodedArtifact:
+        """A run onto `job.target`: its bytes, and the norms when the stage tuned them."""
+        floats = ({n: w.detach().to("cpu", torch.float32).clone() for n, w in norm_params(loaded.model).items()}
+                  if job.options.e2e_steps else {})
+        return EncodedArtifact(encoded=results, extra=extra, floats=floats)
 
 
 def without_unused_e2e(options: dict[str, Any]) -> dict[str, Any]:

@@ -57,7 +57,7 @@ def _keep_off_zero(s: Tensor, eps: float = 1e-6) -> Tensor:
     return torch.where(s < 0, s.clamp(max=-eps), s.clamp(min=eps))
 
 
-def _norm_params(model: nn.Module) -> dict[str, nn.Parameter]:
+def norm_params(model: nn.Module) -> dict[str, nn.Parameter]:
     linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
     return {n: p for n, p in model.named_parameters()
             if p.ndim == 1 and id(p) not in linear and "norm" in n and n.endswith("weight")}
@@ -282,55 +282,18 @@ def tune_end_to_end(model: nn.Module, base: nn.Module | Teacher, quantized: dict
         sc = _scale(n)
         return sc * _codes(n, sc)
 
-    prefix = f"{model.base_model_prefix}."
-    if not all(n.startswith(prefix) for n in quantized):
-        raise ValueError(f"end-to-end: quantized Linears outside the decoder ({model.base_model_prefix})")
-    t_head = teacher.head
-    # the usual case (the head is not quantized): one low-precision copy of it, not two
-    embeddings = _embedding_params(model) if p.embedding_lr > 0 else []
-    head_weight = model.get_output_embeddings().weight if embeddings else None
-    # with the embedding tuned, the student's head is rebuilt every step (below)
-    s_head = t_head if teacher.same_head and not embeddings else _head(model, p.autocast)
-    kl_sum = torch.compile(_kl_sum_and_grad, dynamic=False) if p.compile else _kl_sum_and_grad
-    norms = _norm_params(model)
-    groups = [{"params": list(logs.values()), "lr": p.lr}]
-    if norms:
-        groups.append({"params": list(norms.values()), "lr": p.norm_lr})
-    if embeddings:
-        groups.append({"params": embeddings, "lr": p.embedding_lr})
-    opt = torch.optim.Adam(groups)
-    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 - k / p.steps)  # linear to 0 over the run
-    gen = torch.Generator().manual_seed(p.seed)
-    n = samples.shape[0]
-    order, pos = torch.randperm(n, generator=gen), 0
-    ctx = (lambda: torch.autocast(dev.type, dtype=p.autocast)) if p.autocast else nullcontext
-    first = last = None
-    with only_grads(model, list(norms.values()) + embeddings):
-        for step in range(p.steps):
-            if pos + p.batch_size > n:
-                order, pos = torch.randperm(n, generator=gen), 0
-            picked = order[pos:pos + p.batch_size]
-            batch = samples[picked].to(dev)
-            pos += p.batch_size
-            weights = {f"{n.removeprefix(prefix)}.weight": _weight(n) for n in quantized}
-            if embeddings:  # the head as it stands this step, in the dtype the step computes in
-                s_head = _head(model, p.autocast)
-            with ctx():
-                student = functional_call(model.base_model, weights, (), {"input_ids": batch, "use_cache": False})
-                loss = chunked_kl(teacher.hidden[picked].to(dev), student.last_hidden_state, t_head, s_head,
-                                  p.logit_chunk, kl_sum, head_weight)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if offsets:
-                sign_step_(list(offsets.values()), linear_decay(p.rounding_lr, step, p.steps))
-                with torch.no_grad():
-                    for d in offsets.values():
-                        d.clamp_(-0.5, 0.5)
-            value = float(loss.detach())
-            first = value if first is None else first
-            last = value
-            decay.step()
+    prefix = decoder_prefix(model, quantized)
+
+    def after_step(step: int) -> None:
+        if offsets:
+            sign_step_(list(offsets.values()), linear_decay(p.rounding_lr, step, p.steps))
+            with torch.no_grad():
+                for d in offsets.values():
+                    d.clamp_(-0.5, 0.5)
+
+    first, last = tuning_loop(model, teacher, samples, p, lambda: {n.removeprefix(prefix) + ".weight": _weight(n)
+                                                                    for n in quantized},
+                              [{"params": list(logs.values()), "lr": p.lr}], after_step)
     out = {}
     with torch.no_grad():
         for name, qw in quantized.items():
@@ -343,3 +306,64 @@ def tune_end_to_end(model: nn.Module, base: nn.Module | Teacher, quantized: dict
             lin.weight.data.copy_(out[name].dequantize(lin.weight.dtype))
     log.info("end-to-end: %d steps, KL %.4g -> %.4g, %.1fs", p.steps, first, last, time.perf_counter() - t0)
     return out
+
+
+def decoder_prefix(model: nn.Module, names: Iterable[str]) -> str:
+    """The decoder's prefix ("model."), checked to start every tuned Linear's name."""
+    prefix = f"{model.base_model_prefix}."
+    if not all(n.startswith(prefix) for n in names):
+        raise ValueError(f"end-to-end: quantized Linears outside the decoder ({model.base_model_prefix})")
+    return prefix
+
+
+def tuning_loop(model: nn.Module, teacher: Teacher, samples: Tensor, p: E2EParams,
+                weights: Callable[[], dict[str, Tensor]], groups: list[dict],
+                after_step: Callable[[int], None] | None = None) -> tuple[float, float]:
+    """`p.steps` Adam steps of `groups` (the caller's parameters), the norms and (with `p.embedding_lr`) the
+    embedding against the teacher's logits, the step size decaying linearly to 0. `weights()`: the tuned Linears'
+    weights this step, by name under the decoder (`layers.0.mlp.up_proj.weight`), as `functional_call` takes them.
+    Returns the first and the last step's loss."""
+    dev = next(model.parameters()).device
+    t_head = teacher.head
+    # the usual case (the head is not quantized): one low-precision copy of it, not two
+    embeddings = _embedding_params(model) if p.embedding_lr > 0 else []
+    head_weight = model.get_output_embeddings().weight if embeddings else None
+    # with the embedding tuned, the student's head is rebuilt every step (below)
+    s_head = t_head if teacher.same_head and not embeddings else _head(model, p.autocast)
+    kl_sum = torch.compile(_kl_sum_and_grad, dynamic=False) if p.compile else _kl_sum_and_grad
+    norms = norm_params(model)
+    groups = list(groups)
+    if norms:
+        groups.append({"params": list(norms.values()), "lr": p.norm_lr})
+    if embeddings:
+        groups.append({"params": embeddings, "lr": p.embedding_lr})
+    opt = torch.optim.Adam(groups)
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 - k / p.steps)  # linear to 0 over the run
+    gen = torch.Generator().manual_seed(p.seed)
+    n = samples.shape[0]
+    order, pos = torch.randperm(n, generator=gen), 0
+    ctx = (lambda: torch.autocast(dev.type, dtype=p.autocast)) if p.autocast else nullcontext
+    first = last = float("nan")
+    with only_grads(model, list(norms.values()) + embeddings):
+        for step in range(p.steps):
+            if pos + p.batch_size > n:
+                order, pos = torch.randperm(n, generator=gen), 0
+            picked = order[pos:pos + p.batch_size]
+            batch = samples[picked].to(dev)
+            pos += p.batch_size
+            now = weights()
+            if embeddings:  # the head as it stands this step, in the dtype the step computes in
+                s_head = _head(model, p.autocast)
+            with ctx():
+                student = functional_call(model.base_model, now, (), {"input_ids": batch, "use_cache": False})
+                loss = chunked_kl(teacher.hidden[picked].to(dev), student.last_hidden_state, t_head, s_head,
+                                  p.logit_chunk, kl_sum, head_weight)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if after_step is not None:
+                after_step(step)
+            last = float(loss.detach())
+            first = last if step == 0 else first
+            decay.step()
+    return first, last

@@ -197,7 +197,7 @@ class GPTQ(EndToEnd, BlockwiseMethod):
     def artifact(self, job: QuantJob, loaded: Loaded, results: dict[str, Any], extra: dict[str, Any]) -> Any:
         if job.target is None:
             return super().artifact(job, loaded, results, extra)
-        return EncodedArtifact(encoded=results, extra=extra)
+        return self.encoded_artifact(job, loaded, results, extra)
 
     def calib_dtype(self, job: QuantJob) -> str:
         return calib_dtype(job)

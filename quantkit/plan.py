@@ -81,6 +81,7 @@ class Settings:
     float_stream: bool = False      # the pipeline carries the float model's stream beside the quantized one
     e2e_windows: int = 0            # calibration windows per end-to-end step after the blocks (0: no such stage)
     e2e_embedding: bool = False     # the end-to-end stage tunes the token embedding / output layer too
+    e2e_headers: bool = False       # the stage tunes a block format's float headers (GGUF), not GPTQ's group scales
     gradient_pass: bool = False     # a whole-model forward and backward per window before the blocks (Fisher)
 
 
@@ -246,6 +247,8 @@ def _e2e_bytes(g: Geometry, s: Settings) -> tuple[int, int]:
     linear = g.n_blocks * sum(o * i for o, i in g.linears)
     per_group = 1 if s.group_size == -1 else max(1, s.group_size)
     held = linear * (1 + 24 / per_group)                   # uint8 codes; zeros, scales and Adam's state per group
+    if s.e2e_headers:  # GGUF: the bytes, and each weight's min part b (float32; its scale part is counted below)
+        held = linear * (1 + F32)
     teacher_h = s.nsamples * s.seqlen * g.hidden * wb
     weights = (g.outside_params + g.n_blocks * g.block_params) * F32
     forward = _forward_bytes(g, replace(s, batch_size=s.e2e_windows))

@@ -260,6 +260,11 @@ def test_the_end_to_end_stage_is_planned_after_the_blocks(model):
     emb = estimate(g, replace(s, e2e_windows=2, e2e_embedding=True), BASE)
     grown = _stages(emb)["end-to-end: tuning"] - _stages(two)["end-to-end: tuning"]
     assert grown == pytest.approx(4 * g.vocab * g.hidden * F32 * 1.1, rel=1e-6)
+    # onto GGUF's blocks (group_size -1 there): the bytes and a float32 min part per weight, not a group per row
+    per_row, headers = (estimate(g, replace(s, group_size=-1, e2e_windows=2, e2e_headers=h), BASE) for h in (0, 1))
+    linear = g.n_blocks * sum(o * i for o, i in g.linears)
+    shrunk = _stages(per_row)["end-to-end: tuning"] - _stages(headers)["end-to-end: tuning"]
+    assert shrunk == pytest.approx(linear * (24 - F32) * 1.1, rel=1e-6)
 
 
 def test_gptq_products_and_float_stream_are_counted(model):

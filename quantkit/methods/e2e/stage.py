@@ -93,6 +93,7 @@ class EndToEnd:
         if job.options.e2e_steps:
             out["e2e_windows"] = job.options.e2e_batch_size
             out["e2e_embedding"] = job.options.e2e_embedding_lr > 0
+            out["e2e_headers"] = job.target is not None
         return out
 
     def e2e_compile(self, job: QuantJob, spec: ArchSpec) -> bool:

@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--types", default="q5_k_m")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=1e-3, help="the stage's Adam step (e2e_lr)")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--chunks", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
@@ -45,16 +46,18 @@ def main() -> None:
     ap.add_argument("--make-only", action="store_true")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("quantkit.methods.e2e").setLevel(logging.DEBUG)  # the stage's KL step by step
     gj.configure(a.threads)
     _, _, _, f32 = gj.prepare_work(a.model, a.work)
     calib = a.work / "calib.txt"
     types = a.types.split(",")
     base_opts = {"activations": "auto"}
-    tag = f"e2e{a.steps}-b{a.batch}"
+    tag = f"e2e{a.steps}-b{a.batch}" + ("" if a.lr == 1e-3 else f"-lr{a.lr:g}")
     made: dict[tuple[str, str], tuple[Path, float]] = {}
     for t in types:
         for v in a.variants.split(","):
-            opts = dict(base_opts) if v == "base" else {**base_opts, "e2e_steps": a.steps, "e2e_batch_size": a.batch}
+            opts = dict(base_opts) if v == "base" else {**base_opts, "e2e_steps": a.steps, "e2e_batch_size": a.batch,
+                                                                      "e2e_lr": a.lr}
             name = f"qk-{t}-gptq-auto{'' if v == 'base' else '-' + tag}.gguf"
             made[(t, v)] = gg.gptq_file(a.model, a.work / name, t, calib, a.windows, opts)
     if a.make_only:
@@ -73,12 +76,12 @@ def main() -> None:
             if tt != t:
                 continue
             r = judge.score(path, f32)
-            what = "GPTQ, activations=auto" if v == "base" else f"+ end-to-end {a.steps} x {a.batch} windows"
+            what = "GPTQ, activations=auto" if v == "base" else f"+ end-to-end {a.steps} x {a.batch} windows, lr {a.lr:g}"
             lines.append(f"| {t} | {what} | {path.stat().st_size:,} | {r['kld']:.6f} | {r['ppl']:.4f} | "
                          f"{r['top']:.3f} | **{r['kld'] / ref['kld']:.3f}** | {cpu:.0f} |")
     stamp = time.strftime("%Y-%m-%d %H:%M")
     text = (f"# GGUF: the end-to-end stage on llama.cpp's grids ({a.model}, {stamp})\n\n"
-            f"`PYTHONPATH=. python benchmarks/gguf_e2e.py --types {a.types} --steps {a.steps} --batch {a.batch} "
+            f"`PYTHONPATH=. python benchmarks/gguf_e2e.py --types {a.types} --steps {a.steps} --batch {a.batch} --lr {a.lr:g} "
             f"--threads {a.threads}`; llama-perplexity --kl-divergence, {a.chunks} chunks of 512 against the f32 "
             f"GGUF; {a.windows} calibration windows of 512 tokens, seed 0.\n\n" + "\n".join(lines) + "\n")
     OUT.write_text(text)

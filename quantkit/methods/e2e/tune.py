@@ -365,5 +365,6 @@ def tuning_loop(model: nn.Module, teacher: Teacher, samples: Tensor, p: E2EParam
                 after_step(step)
             last = float(loss.detach())
             first = last if step == 0 else first
+            log.debug("end-to-end step %d: KL %.4g", step, last)
             decay.step()
     return first, last

@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-3, help="the stage's Adam step (e2e_lr)")
+    ap.add_argument("--norms", default="additive", choices=["additive", "relative", "off"], help="e2e_norms")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--chunks", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
@@ -52,12 +53,13 @@ def main() -> None:
     calib = a.work / "calib.txt"
     types = a.types.split(",")
     base_opts = {"activations": "auto"}
-    tag = f"e2e{a.steps}-b{a.batch}" + ("" if a.lr == 1e-3 else f"-lr{a.lr:g}")
+    tag = (f"e2e{a.steps}-b{a.batch}" + ("" if a.lr == 1e-3 else f"-lr{a.lr:g}")
+           + ("" if a.norms == "additive" else f"-norms-{a.norms}"))
     made: dict[tuple[str, str], tuple[Path, float]] = {}
     for t in types:
         for v in a.variants.split(","):
             opts = dict(base_opts) if v == "base" else {**base_opts, "e2e_steps": a.steps, "e2e_batch_size": a.batch,
-                                                                      "e2e_lr": a.lr}
+                                                                      "e2e_lr": a.lr, "e2e_norms": a.norms}
             name = f"qk-{t}-gptq-auto{'' if v == 'base' else '-' + tag}.gguf"
             made[(t, v)] = gg.gptq_file(a.model, a.work / name, t, calib, a.windows, opts)
     if a.make_only:
@@ -76,12 +78,12 @@ def main() -> None:
             if tt != t:
                 continue
             r = judge.score(path, f32)
-            what = "GPTQ, activations=auto" if v == "base" else f"+ end-to-end {a.steps} x {a.batch} windows, lr {a.lr:g}"
+            what = "GPTQ, activations=auto" if v == "base" else f"+ end-to-end {a.steps} x {a.batch} windows, lr {a.lr:g}, norms {a.norms}"
             lines.append(f"| {t} | {what} | {path.stat().st_size:,} | {r['kld']:.6f} | {r['ppl']:.4f} | "
                          f"{r['top']:.3f} | **{r['kld'] / ref['kld']:.3f}** | {cpu:.0f} |")
     stamp = time.strftime("%Y-%m-%d %H:%M")
     text = (f"# GGUF: the end-to-end stage on llama.cpp's grids ({a.model}, {stamp})\n\n"
-            f"`PYTHONPATH=. python benchmarks/gguf_e2e.py --types {a.types} --steps {a.steps} --batch {a.batch} --lr {a.lr:g} "
+            f"`PYTHONPATH=. python benchmarks/gguf_e2e.py --types {a.types} --steps {a.steps} --batch {a.batch} --lr {a.lr:g} --norms {a.norms} "
             f"--threads {a.threads}`; llama-perplexity --kl-divergence, {a.chunks} chunks of 512 against the f32 "
             f"GGUF; {a.windows} calibration windows of 512 tokens, seed 0.\n\n" + "\n".join(lines) + "\n")
     OUT.write_text(text)

@@ -197,3 +197,41 @@ def test_end_to_end_embedding_lever_tunes_the_tied_embedding_and_lowers_kl_furth
         assert torch.equal(qw.codes, quantized[name].codes)
         assert torch.equal(model.get_submodule(name).weight, qw.dequantize())
     assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("shift", [0.0, 1.0])
+def test_relative_norms_move_each_gain_by_its_own_size(tiny, shift):
+    """`norms="relative"`: Adam on log-gains, gain = g0 exp(t), the gain read off the module (x * w, or Gemma's
+    x * (1 + w), here emulated by a shifted forward); a tiny weight moves by about its own size, not by the step."""
+    from quantkit.methods.e2e.tune import E2EParams, norm_params, tune_end_to_end
+
+    base, model, quantized, samples, kl = _rtn_model_and_base(tiny)
+    norms = norm_params(model)
+    if shift:  # a Gemma-style norm: the module computes with 1 + w, its weight stored as w
+        for n, w in norms.items():
+            mod = model.get_submodule(n.rsplit(".", 1)[0])
+            mod.forward = (lambda m: lambda x: m.__class__.forward(m, x) + x / x.pow(2).mean(-1, keepdim=True).add(
+                m.variance_epsilon).sqrt())(mod)
+    name = next(iter(norms))
+    with torch.no_grad():
+        norms[name][0] = 1e-5 - shift          # one tiny gain (1e-5), as SmolLM2's outlier channels have
+    gains0 = {n: w.detach().clone() + shift for n, w in norms.items()}
+    before = kl()
+    tune_end_to_end(model, base, quantized, samples,
+                    E2EParams(steps=30, batch_size=4, lr=1e-2, norm_lr=1e-2, norms="relative"))
+    assert kl() < before
+    ratio = {n: (w.detach() + shift) / gains0[n] for n, w in norms.items()}
+    assert all(float((r - 1).abs().max()) < 0.35 for r in ratio.values())    # 30 steps of 1e-2: |t| <= 0.3
+    assert abs(float(ratio[name][0]) - 1) < 0.35 and float((ratio[name] - 1).abs().max()) > 1e-3
+    assert all(not w.requires_grad or w.grad is None for w in norms.values())
+
+
+def test_norms_off_leave_the_norms(tiny):
+    from quantkit.methods.e2e.tune import E2EParams, norm_params, tune_end_to_end
+
+    base, model, quantized, samples, kl = _rtn_model_and_base(tiny)
+    norms = {n: w.detach().clone() for n, w in norm_params(model).items()}
+    before = kl()
+    tune_end_to_end(model, base, quantized, samples, E2EParams(steps=10, batch_size=4, lr=1e-2, norms="off"))
+    assert kl() < before
+    assert all(torch.equal(w, norms[n]) for n, w in norm_params(model).items())

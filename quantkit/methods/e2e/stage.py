@@ -10,7 +10,7 @@ block format (GGUF, `QuantJob.target`) the stage tunes each block's float16 scal
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -27,7 +27,7 @@ from quantkit.methods.e2e.tune import E2EParams, norm_params, teacher_of, tune_e
 from quantkit.models.arch import ArchSpec
 from quantkit.models.sources import load_model
 
-E2E_FIELDS = ("e2e_steps", "e2e_batch_size", "e2e_lr", "e2e_rounding_lr", "e2e_embedding_lr")
+E2E_FIELDS = ("e2e_steps", "e2e_batch_size", "e2e_lr", "e2e_rounding_lr", "e2e_embedding_lr", "e2e_norms")
 
 
 class E2EOptions(BaseModel):
@@ -43,6 +43,9 @@ class E2EOptions(BaseModel):
     e2e_embedding_lr: float = Field(0.0, ge=0, le=1, description="Adam step size of the token embedding and output "
                                                                  "layer end to end, which the checkpoint keeps in "
                                                                  "float (0: they stay the float model's)")
+    e2e_norms: Literal["additive", "relative", "off"] = Field(
+        "additive", description="how the stage steps the norms: additive (Adam on the weights), relative (on "
+                                "log-gains: tiny weights move by their own size), or off")
 
 
 def calib_autocast(job: QuantJob) -> torch.dtype | None:
@@ -55,7 +58,8 @@ def calib_autocast(job: QuantJob) -> torch.dtype | None:
 def e2e_params(job: QuantJob, compile_step: bool) -> E2EParams:
     o = job.options
     return E2EParams(steps=o.e2e_steps, batch_size=o.e2e_batch_size, lr=o.e2e_lr, norm_lr=o.e2e_lr,
-                     rounding_lr=o.e2e_rounding_lr, embedding_lr=o.e2e_embedding_lr, autocast=calib_autocast(job),
+                     rounding_lr=o.e2e_rounding_lr, embedding_lr=o.e2e_embedding_lr, norms=o.e2e_norms,
+                     autocast=calib_autocast(job),
                      compile=compile_step, seed=job.calib.seed)
 
 

@@ -44,6 +44,7 @@ class E2EParams:
     batch_size: int = 2
     lr: float = 1e-3
     norm_lr: float = 1e-3
+    norms: str = "additive"  # additive: Adam on the norm weights; relative: on log-gains; off: the norms stay
     rounding_lr: float = 0.0
     embedding_lr: float = 0.0
     logit_chunk: int = 256
@@ -331,9 +332,12 @@ def tuning_loop(model: nn.Module, teacher: Teacher, samples: Tensor, p: E2EParam
     # with the embedding tuned, the student's head is rebuilt every step (below)
     s_head = t_head if teacher.same_head and not embeddings else _head(model, p.autocast)
     kl_sum = torch.compile(_kl_sum_and_grad, dynamic=False) if p.compile else _kl_sum_and_grad
-    norms = norm_params(model)
+    norms = norm_params(model) if p.norms != "off" else {}
     groups = list(groups)
-    if norms:
+    relative = _RelativeNorms(model, norms) if p.norms == "relative" else None
+    if relative is not None:
+        groups.append({"params": list(relative.logs.values()), "lr": p.norm_lr})
+    elif norms:
         groups.append({"params": list(norms.values()), "lr": p.norm_lr})
     if embeddings:
         groups.append({"params": embeddings, "lr": p.embedding_lr})
@@ -344,14 +348,14 @@ def tuning_loop(model: nn.Module, teacher: Teacher, samples: Tensor, p: E2EParam
     order, pos = torch.randperm(n, generator=gen), 0
     ctx = (lambda: torch.autocast(dev.type, dtype=p.autocast)) if p.autocast else nullcontext
     first = last = float("nan")
-    with only_grads(model, list(norms.values()) + embeddings):
+    with only_grads(model, (list(norms.values()) if relative is None else []) + embeddings):
         for step in range(p.steps):
             if pos + p.batch_size > n:
                 order, pos = torch.randperm(n, generator=gen), 0
             picked = order[pos:pos + p.batch_size]
             batch = samples[picked].to(dev)
             pos += p.batch_size
-            now = weights()
+            now = weights() if relative is None else {**weights(), **relative.weights()}
             if embeddings:  # the head as it stands this step, in the dtype the step computes in
                 s_head = _head(model, p.autocast)
             with ctx():
@@ -367,4 +371,35 @@ def tuning_loop(model: nn.Module, teacher: Teacher, samples: Tensor, p: E2EParam
             first = last if step == 0 else first
             log.debug("end-to-end step %d: KL %.4g", step, last)
             decay.step()
+    if relative is not None:
+        relative.store()
     return first, last
+
+
+class _RelativeNorms:
+    """The norms' gains tuned in relative terms: gain = g0 * exp(t), t starting at 0. A norm's gain is affine in its
+    weight with slope 1 (x * w, or Gemma's x * (1 + w)), so w = w0 + g0 * (exp(t) - 1), with g0 read off the
+    module itself (the gain of an all-ones input). An additive step of Adam's size would move the tiny weights that
+    hold down a model's outlier channels (SmolLM2: |w| down to 1e-5) by many times their own size."""
+
+    def __init__(self, model: nn.Module, norms: dict[str, nn.Parameter]):
+        self.model, self.norms = model, norms
+        self.prefix = f"{model.base_model_prefix}."
+        self.w0, self.g0 = {}, {}
+        with torch.no_grad():
+            for n, w in norms.items():
+                module = model.get_submodule(n.rsplit(".", 1)[0])
+                ones = torch.ones(1, w.shape[0], dtype=w.dtype, device=w.device)
+                self.w0[n], self.g0[n] = w.detach().clone(), module(ones).reshape(-1).detach().to(w.dtype)
+        self.logs = {n: torch.zeros_like(w, requires_grad=True) for n, w in norms.items()}
+
+    def _value(self, n: str) -> Tensor:
+        return self.w0[n] + self.g0[n] * torch.expm1(self.logs[n])
+
+    def weights(self) -> dict[str, Tensor]:
+        return {n.removeprefix(self.prefix): self._value(n) for n in self.norms}
+
+    def store(self) -> None:
+        with torch.no_grad():
+            for n, w in self.norms.items():
+                w.copy_(self._value(n))

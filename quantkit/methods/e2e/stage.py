@@ -10,6 +10,7 @@ block format (GGUF, `QuantJob.target`) the stage tunes each block's float16 scal
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 import torch
@@ -27,6 +28,7 @@ from quantkit.methods.e2e.tune import E2EParams, norm_params, teacher_of, tune_e
 from quantkit.models.arch import ArchSpec
 from quantkit.models.sources import load_model
 
+log = logging.getLogger(__name__)
 E2E_FIELDS = ("e2e_steps", "e2e_batch_size", "e2e_lr", "e2e_rounding_lr", "e2e_embedding_lr", "e2e_norms")
 
 
@@ -129,6 +131,8 @@ class EndToEnd:
         """The stage onto `job.target`'s blocks: `results` are each Linear's bytes; the decoder Linears' block
         scales and mins are tuned, the output head (when rounded onto its grid) computes as its bytes decode."""
         target: GridTarget = job.target  # type: ignore[assignment]
+        log.warning("the end-to-end stage on %s is experimental: on SmolLM2 q5_k_m it raised the calibration KL "
+                    "(benchmarks/results/gguf.md, session 21); judge the file before using it", target.label)
         prefix = f"{loaded.model.base_model_prefix}."
         head = loaded.model.get_output_embeddings()
         parts = {}

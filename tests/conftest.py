@@ -23,6 +23,15 @@ def tiny_llama(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def wide(tmp_path_factory):
+    """A tiny Llama whose rows split into 256-weight super-blocks (hidden 256, intermediate 512; shared, read-only)."""
+    from tests.tiny import llama_config, make_model
+
+    return make_model(tmp_path_factory.mktemp("wide") / "llama",
+                      llama_config(hidden=256, inter=512, architectures=["LlamaForCausalLM"], head_dim=64))
+
+
+@pytest.fixture(scope="session")
 def text_file(tmp_path_factory):
     from tests.tiny import write_text
 

@@ -41,15 +41,6 @@ def test_a_block_is_linear_in_its_float_header(qtype):
     assert np.array_equal(codec.parts(moved, n)[0], a)
 
 
-@pytest.fixture(scope="module")
-def wide(tmp_path_factory):
-    """A tiny Llama whose rows split into 256-weight super-blocks (hidden 256, intermediate 512)."""
-    from tests.tiny import llama_config, make_model
-
-    return make_model(tmp_path_factory.mktemp("wide") / "llama",
-                      llama_config(hidden=256, inter=512, architectures=["LlamaForCausalLM"], head_dim=64))
-
-
 def _quantize(model, out, text_file, *extra):
     return runner.invoke(app, ["quantize", str(model), "--method", "gptq", "--out", str(out), "--format", "gguf",
                                "--type", "q4_k_m", "--dataset", str(text_file), "--nsamples", "8", "--seqlen", "32",

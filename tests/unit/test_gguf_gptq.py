@@ -95,15 +95,6 @@ def test_error_feedback_is_deterministic_and_leaves_inputs():
     assert a.data.tobytes() == b.data.tobytes()  # lazy batches hold whole super-blocks: the same result
 
 
-@pytest.fixture(scope="module")
-def wide(tmp_path_factory):
-    """A tiny Llama whose rows split into 256-weight super-blocks (hidden 256, intermediate 512)."""
-    from tests.tiny import llama_config, make_model
-
-    return make_model(tmp_path_factory.mktemp("wide") / "llama",
-                      llama_config(hidden=256, inter=512, architectures=["LlamaForCausalLM"], head_dim=64))
-
-
 def _quantize(model, out, text_file, *extra):
     return runner.invoke(app, ["quantize", str(model), "--method", "gptq", "--out", str(out), "--format", "gguf",
                                "--dataset", str(text_file), "--nsamples", "4", "--seqlen", "32", "--device", "cpu",

@@ -31,14 +31,6 @@ TEXT = ("The Eiffel Tower was built for the 1889 World's Fair in Paris. It is 33
         "was the tallest man-made structure in the world.")
 
 
-@pytest.fixture(scope="module")
-def wide(tmp_path_factory):
-    from tests.tiny import llama_config, make_model
-
-    return make_model(tmp_path_factory.mktemp("wide") / "llama",
-                      llama_config(hidden=256, inter=512, architectures=["LlamaForCausalLM"], head_dim=64))
-
-
 def quantkit_logits(path, ids):
     from quantkit.models.sources import _load_gguf
 

@@ -95,15 +95,6 @@ def test_fallbacks_for_widths_not_a_multiple_of_256():
     assert fallback(Q.Q4_K, 512) == Q.Q4_K and fallback(Q.Q4_K, 40) == Q.F16
 
 
-@pytest.fixture(scope="module")
-def wide(tmp_path_factory):
-    """A tiny Llama whose rows split into 256-weight super-blocks (hidden 256, intermediate 512)."""
-    from tests.tiny import llama_config, make_model
-
-    return make_model(tmp_path_factory.mktemp("wide") / "llama",
-                      llama_config(hidden=256, inter=512, architectures=["LlamaForCausalLM"], head_dim=64))
-
-
 def read(path):
     r = GGUFReader(str(path))
     tensors = {t.name: t for t in r.tensors}

@@ -143,7 +143,8 @@ class EndToEnd:
                 continue
             a, b = codec.parts(data, module.weight.shape[1])
             d, m = codec.scales(data)
-            x = HeaderParts(*(None if v is None else torch.from_numpy(v) for v in (a, b, d, m)))  # type: ignore[arg-type]
+            x = HeaderParts(*(None if v is None else torch.from_numpy(v)  # type: ignore[arg-type]
+                              for v in (a, b, d, m)))
             if module.weight is head.weight:  # the head (tied or not) as the file's bytes give it
                 module.weight.data.copy_(x.weight().to(module.weight.dtype))
             elif n.startswith(prefix) and isinstance(module, torch.nn.Linear):

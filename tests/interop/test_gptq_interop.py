@@ -31,6 +31,7 @@ CASES = {  # name -> scheme
     "signround-w4g32-e2e-rounding": {"bits": 4, "group_size": 32},
     "signround-w4g32-sym-e2e": {"bits": 4, "group_size": 32, "sym": True},
     "signround-w4g32-e2e-embedding": {"bits": 4, "group_size": 32},  # the tied embedding tuned end to end
+    "signround-w4g32-e2e-relative-norms": {"bits": 4, "group_size": 32},  # the norms' gains stepped in relative terms
     "signround-w4g32-prefix": {"bits": 4, "group_size": 32},
     "w4g32-rotated": {"bits": 4, "group_size": 32, "rotation": "hadamard"},  # untied head, norms at 1
     "signround-w4g32-rotated-e2e": {"bits": 4, "group_size": 32, "rotation": "hadamard"},
@@ -45,6 +46,7 @@ METHODS = {
     "signround-w4g32-e2e-rounding": ("signround", {"iters": 4, "e2e_steps": 3, "e2e_rounding_lr": 0.05}),
     "signround-w4g32-sym-e2e": ("signround", {"iters": 4, "e2e_steps": 2}),  # negative scales where the extreme is > 0
     "signround-w4g32-e2e-embedding": ("signround", {"iters": 4, "e2e_steps": 2, "e2e_embedding_lr": 1e-4}),
+    "signround-w4g32-e2e-relative-norms": ("signround", {"iters": 4, "e2e_steps": 2, "e2e_norms": "relative"}),
     "signround-w4g32-prefix": ("signround", {"iters": 4, "window_tokens": 16, "windows_per_step": 6}),
     "signround-w4g32-rotated-e2e": ("signround", {"iters": 4, "e2e_steps": 2}),
     "w4g32-e2e": ("gptq", {"e2e_steps": 2}),

@@ -334,10 +334,10 @@ def tuning_loop(model: nn.Module, teacher: Teacher, samples: Tensor, p: E2EParam
     kl_sum = torch.compile(_kl_sum_and_grad, dynamic=False) if p.compile else _kl_sum_and_grad
     norms = norm_params(model) if p.norms != "off" else {}
     groups = list(groups)
-    relative = _RelativeNorms(model, norms) if p.norms == "relative" else None
+    relative = _RelativeNorms(model, norms) if p.norms == "relative" and norms else None
     if relative is not None:
         groups.append({"params": list(relative.logs.values()), "lr": p.norm_lr})
-    elif norms:
+    elif norms and p.norms == "additive":
         groups.append({"params": list(norms.values()), "lr": p.norm_lr})
     if embeddings:
         groups.append({"params": embeddings, "lr": p.embedding_lr})

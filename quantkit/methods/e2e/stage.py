@@ -24,7 +24,8 @@ from quantkit.grid import QuantizedWeight
 from quantkit.methods.base import EncodedArtifact, GridTarget, Loaded, QuantJob, RunFacts
 from quantkit.methods.e2e.headers import HeaderParts, tune_headers
 from quantkit.methods.e2e.stored import stored_results
-from quantkit.methods.e2e.tune import E2EParams, norm_params, teacher_of, tune_end_to_end
+from quantkit.methods.e2e.norms import norm_params
+from quantkit.methods.e2e.tune import E2EParams, teacher_of, tune_end_to_end
 from quantkit.models.arch import ArchSpec
 from quantkit.models.sources import load_model
 
@@ -117,15 +118,20 @@ class EndToEnd:
             return self._tune_target(loaded, job, samples, results)
         quantized = stored_results(loaded, job, results, self.job_format(job),  # type: ignore[attr-defined]
                                    self.describe(job).get("options", {}))  # type: ignore[attr-defined]
-        place_outside_blocks(loaded.model, loaded.spec, job.device)
-        loaded.model.to(job.device)
         p = e2e_params(job, self.e2e_compile(job, loaded.spec))
-        base, _ = load_model(job.source, torch.float32, job.trust_remote_code, loaded.tokenizer)  # not read again
-        teacher = teacher_of(base.to(job.device), loaded.model, samples, p, quantized if p.rounding_lr > 0 else ())
-        del base  # the teacher's hidden states and head are all the tuning reads of it
+        teacher = self._teacher(loaded, job, samples, p, quantized if p.rounding_lr > 0 else ())
         out = tune_end_to_end(loaded.model, teacher, quantized, samples, p)
         loaded.model.to("cpu")
         return {n: q.to("cpu") for n, q in out.items()}
+
+    @staticmethod
+    def _teacher(loaded: Loaded, job: QuantJob, samples: Tensor, p: E2EParams, weights: Any = ()) -> Any:
+        """The model moved to the job's device and the float model's side of the loss on `samples`; the float
+        model is loaded again for it and freed (its hidden states and head are all the tuning reads of it)."""
+        place_outside_blocks(loaded.model, loaded.spec, job.device)
+        loaded.model.to(job.device)
+        base, _ = load_model(job.source, torch.float32, job.trust_remote_code, loaded.tokenizer)
+        return teacher_of(base.to(job.device), loaded.model, samples, p, weights)
 
     def _tune_target(self, loaded: Loaded, job: QuantJob, samples: Tensor, results: dict[str, Any]) -> dict[str, Any]:
         """The stage onto `job.target`'s blocks: `results` are each Linear's bytes; the decoder Linears' block
@@ -149,13 +155,8 @@ class EndToEnd:
                 module.weight.data.copy_(x.weight().to(module.weight.dtype))
             elif n.startswith(prefix) and isinstance(module, torch.nn.Linear):
                 parts[n] = x
-        place_outside_blocks(loaded.model, loaded.spec, job.device)
-        loaded.model.to(job.device)
         p = e2e_params(job, self.e2e_compile(job, loaded.spec))
-        base, _ = load_model(job.source, torch.float32, job.trust_remote_code, loaded.tokenizer)
-        teacher = teacher_of(base.to(job.device), loaded.model, samples, p)
-        del base
-        tuned = tune_headers(loaded.model, teacher, parts, samples, p)
+        tuned = tune_headers(loaded.model, self._teacher(loaded, job, samples, p), parts, samples, p)
         loaded.model.to("cpu")
         out = dict(results)
         for n, (d, m) in tuned.items():

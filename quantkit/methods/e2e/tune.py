@@ -27,6 +27,7 @@ from torch.nn import functional as F
 from torch.func import functional_call
 
 from quantkit.grid import QuantizedWeight
+from quantkit.methods.e2e.norms import RelativeNorms, norm_params
 from quantkit.methods.signsgd import linear_decay, sign_step_, ste_half
 
 log = logging.getLogger(__name__)
@@ -56,12 +57,6 @@ class E2EParams:
 def _keep_off_zero(s: Tensor, eps: float = 1e-6) -> Tensor:
     """A scale kept at least `eps` away from 0 on its own side (symmetric grids store negative scales)."""
     return torch.where(s < 0, s.clamp(max=-eps), s.clamp(min=eps))
-
-
-def norm_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
-    return {n: p for n, p in model.named_parameters()
-            if p.ndim == 1 and id(p) not in linear and "norm" in n and n.endswith("weight")}
 
 
 def _embedding_params(model: nn.Module) -> list[nn.Parameter]:
@@ -334,7 +329,7 @@ def tuning_loop(model: nn.Module, teacher: Teacher, samples: Tensor, p: E2EParam
     kl_sum = torch.compile(_kl_sum_and_grad, dynamic=False) if p.compile else _kl_sum_and_grad
     norms = norm_params(model) if p.norms != "off" else {}
     groups = list(groups)
-    relative = _RelativeNorms(model, norms) if p.norms == "relative" and norms else None
+    relative = RelativeNorms(model, norms) if p.norms == "relative" and norms else None
     if relative is not None:
         groups.append({"params": list(relative.logs.values()), "lr": p.norm_lr})
     elif norms and p.norms == "additive":
@@ -374,32 +369,3 @@ def tuning_loop(model: nn.Module, teacher: Teacher, samples: Tensor, p: E2EParam
     if relative is not None:
         relative.store()
     return first, last
-
-
-class _RelativeNorms:
-    """The norms' gains tuned in relative terms: gain = g0 * exp(t), t starting at 0. A norm's gain is affine in its
-    weight with slope 1 (x * w, or Gemma's x * (1 + w)), so w = w0 + g0 * (exp(t) - 1), with g0 read off the
-    module itself (the gain of an all-ones input). An additive step of Adam's size would move the tiny weights that
-    hold down a model's outlier channels (SmolLM2: |w| down to 1e-5) by many times their own size."""
-
-    def __init__(self, model: nn.Module, norms: dict[str, nn.Parameter]):
-        self.model, self.norms = model, norms
-        self.prefix = f"{model.base_model_prefix}."
-        self.w0, self.g0 = {}, {}
-        with torch.no_grad():
-            for n, w in norms.items():
-                module = model.get_submodule(n.rsplit(".", 1)[0])
-                ones = torch.ones(1, w.shape[0], dtype=w.dtype, device=w.device)
-                self.w0[n], self.g0[n] = w.detach().clone(), module(ones).reshape(-1).detach().to(w.dtype)
-        self.logs = {n: torch.zeros_like(w, requires_grad=True) for n, w in norms.items()}
-
-    def _value(self, n: str) -> Tensor:
-        return self.w0[n] + self.g0[n] * torch.expm1(self.logs[n])
-
-    def weights(self) -> dict[str, Tensor]:
-        return {n.removeprefix(self.prefix): self._value(n) for n in self.norms}
-
-    def store(self) -> None:
-        with torch.no_grad():
-            for n, w in self.norms.items():
-                w.copy_(self._value(n))

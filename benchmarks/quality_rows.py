@@ -43,6 +43,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "signround-e2e-eb8-i200": ("signround", {"e2e_steps": 32, "e2e_batch_size": 8, "iters": 200}),
     "signround-e2e-eb8-i200-emb": ("signround", {"e2e_steps": 32, "e2e_batch_size": 8, "iters": 200,
                                                  "e2e_embedding_lr": 2e-4}),
+    # session 22: half the block steps of the 0.8x row, for the time target (AutoRound measured beside it)
+    "signround-e2e-eb8-i100-emb": ("signround", {"e2e_steps": 32, "e2e_batch_size": 8, "iters": 100,
+                                                 "e2e_embedding_lr": 2e-4}),
     "signround-e2e-eb4-i100-fisher": ("signround", {"e2e_steps": 32, "e2e_batch_size": 4, "iters": 100,
                                                     "loss": "fisher"}),
     # the residual stream rotated first (`--rotate hadamard`, ROTATED_ROWS)

@@ -46,6 +46,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # session 22: half the block steps of the 0.8x row, for the time target (AutoRound measured beside it)
     "signround-e2e-eb8-i100-emb": ("signround", {"e2e_steps": 32, "e2e_batch_size": 8, "iters": 100,
                                                  "e2e_embedding_lr": 2e-4}),
+    # the same with the norms stepped on their log-gains end to end (SmolLM2's smallest norm weights are ~1e-5)
+    "signround-e2e-eb8-i100-emb-rel": ("signround", {"e2e_steps": 32, "e2e_batch_size": 8, "iters": 100,
+                                                     "e2e_embedding_lr": 2e-4, "e2e_norms": "relative"}),
     "signround-e2e-eb4-i100-fisher": ("signround", {"e2e_steps": 32, "e2e_batch_size": 4, "iters": 100,
                                                     "loss": "fisher"}),
     # the residual stream rotated first (`--rotate hadamard`, ROTATED_ROWS)

@@ -65,6 +65,9 @@ def test_gptq_end_to_end_on_a_rotated_model_loads(tiny, text_file, tmp_path):
              calib=_calib(text_file), device="cpu", options={"calib_dtype": "float32", "e2e_steps": 2})
     model = quantkit.load(tmp_path / "r", kernel="reference")
     assert torch.isfinite(model(input_ids=torch.arange(1, 17).unsqueeze(0)).logits).all()
+    # on an integer grid the default step is GRID_LR, recorded as resolved (as before the default became per target)
+    from quantkit.methods.e2e.stage import GRID_LR
+    assert json.loads((tmp_path / "r" / "quantkit.json").read_text())["options"]["e2e_lr"] == GRID_LR
 
 
 @pytest.mark.parametrize("extra, match", [

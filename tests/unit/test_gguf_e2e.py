@@ -77,10 +77,12 @@ def _codes_only(reader: GGUFReader) -> dict[str, np.ndarray]:
 def test_cli_tunes_headers_and_norms_only(wide, text_file, tmp_path):
     plain, tuned, again = tmp_path / "p.gguf", tmp_path / "t.gguf", tmp_path / "a.gguf"
     assert _quantize(wide, plain, text_file).exit_code == 0
-    r = _quantize(wide, tuned, text_file, "--opt", "e2e_steps=12", "--json", "-")
+    # a random tiny model is far from its float self at 4 bits: it takes the integer grids' step (the default onto
+    # GGUF, 3e-5, is for real models' nearly lossless files; test_gguf_stage_default_step below)
+    r = _quantize(wide, tuned, text_file, "--opt", "e2e_steps=12", "--opt", "e2e_lr=1e-3", "--json", "-")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["options"]["e2e_steps"] == 12
-    assert _quantize(wide, again, text_file, "--opt", "e2e_steps=12").exit_code == 0
+    assert _quantize(wide, again, text_file, "--opt", "e2e_steps=12", "--opt", "e2e_lr=1e-3").exit_code == 0
     assert tuned.read_bytes() == again.read_bytes()                    # same seed, same bytes
     a, b = GGUFReader(str(plain)), GGUFReader(str(tuned))
     ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
@@ -104,3 +106,22 @@ def test_cli_gguf_stage_refuses_what_it_cannot_store(tiny_llama, text_file, tmp_
     r = _quantize(tiny_llama, out, text_file, "--opt", "e2e_steps=2", "--opt", opt)
     assert r.exit_code == 2 and "block scales and norms only" in r.output and "Traceback" not in r.output
     assert not out.exists()
+
+
+def test_gguf_stage_default_step(wide, text_file, tmp_path, caplog):
+    """Onto GGUF the stage's default step is HEADER_LR, recorded as resolved; 1e-4 and up is warned about."""
+    from quantkit.api import quantize
+    from quantkit.methods.e2e.stage import GRID_LR, HEADER_LR
+
+    # before any CLI run in this test: the CLI's logging set-up replaces the root handlers (caplog's among them)
+    with caplog.at_level("WARNING", logger="quantkit.methods.e2e.stage"):
+        quantize(wide, "gptq", tmp_path / "w.gguf", fmt="gguf", gguf_type="q4_k_m", device="cpu",
+                 options={"e2e_steps": 2, "e2e_lr": 1e-3},
+                 calib={"dataset": str(text_file), "nsamples": 8, "seqlen": 32, "seed": 0})
+    assert any("raised the KL" in r.getMessage() for r in caplog.records)
+    prov = json.loads((tmp_path / "w.gguf.quantkit_provenance.json").read_text())
+    assert prov["options"]["e2e_lr"] == 1e-3
+    out = tmp_path / "d.gguf"
+    assert _quantize(wide, out, text_file, "--opt", "e2e_steps=2").exit_code == 0
+    prov = json.loads((tmp_path / "d.gguf.quantkit_provenance.json").read_text())
+    assert prov["options"]["e2e_lr"] == HEADER_LR < GRID_LR

@@ -14,7 +14,7 @@ from torch import Tensor
 from quantkit.errors import SchemeError
 from quantkit.methods.base import EncodedArtifact, GridTarget, Loaded, QuantJob, RunFacts, describe_moe
 from quantkit.methods.blockwise import BlockStep, BlockwiseMethod
-from quantkit.methods.e2e.stage import E2EOptions, EndToEnd, without_unused_e2e
+from quantkit.methods.e2e.stage import E2EOptions, EndToEnd, record_e2e_lr, without_unused_e2e
 from quantkit.methods.gptq.algorithm import GPTQParams
 from quantkit.methods.gptq.block import gptq_block
 from quantkit.methods.gptq.grid import grid_group, input_stats
@@ -232,7 +232,7 @@ class GPTQ(EndToEnd, BlockwiseMethod):
         return gptq_step(job, spec, coverage)
 
     def describe(self, job: QuantJob, facts: RunFacts | None = None) -> dict[str, Any]:
-        opts = without_unused_e2e(job.options.model_dump(mode="json"))
+        opts = record_e2e_lr(without_unused_e2e(job.options.model_dump(mode="json")), job)
         if job.target is None:  # the head options act only on a format with a grid for the head (GGUF)
             for k in ("head", "head_embed_weight", "head_activations", "activations", "activations_alpha"):
                 opts.pop(k, None)

@@ -22,7 +22,7 @@ from quantkit.compute import can_compile
 from quantkit.errors import SchemeError
 from quantkit.grid import QuantizedWeight, rtn_quantize
 from quantkit.methods.base import Loaded, QuantJob, RunFacts, describe_moe
-from quantkit.methods.e2e.stage import E2EOptions, EndToEnd, calib_autocast
+from quantkit.methods.e2e.stage import E2EOptions, EndToEnd, calib_autocast, record_e2e_lr
 from quantkit.methods.blockwise import BlockStep, BlockwiseMethod
 from quantkit.methods.scaling import usable_mappings
 from quantkit.methods.signround.block import GridOf, SignRoundParams, tune_block
@@ -189,7 +189,7 @@ class SignRound(EndToEnd, BlockwiseMethod):
         return use_compile(job, spec)
 
     def describe(self, job: QuantJob, facts: RunFacts | None = None) -> dict[str, Any]:
-        opts = job.options.model_dump(mode="json")
+        opts = record_e2e_lr(job.options.model_dump(mode="json"), job)
         dt = calib_autocast(job)
         opts["calib_dtype_used"] = "float32" if dt is None else str(dt).removeprefix("torch.")
         opts["compile_used"] = use_compile(job)

@@ -19,7 +19,7 @@ class RelativeNorms:
     hold down a model's outlier channels (SmolLM2: |w| down to 1e-5) by many times their own size."""
 
     def __init__(self, model: nn.Module, norms: dict[str, nn.Parameter]):
-        self.model, self.norms = model, norms
+        self.norms = norms
         self.prefix = f"{model.base_model_prefix}."
         self.w0, self.g0 = {}, {}
         with torch.no_grad():

@@ -152,10 +152,10 @@ class EndToEnd:
         """The stage onto `job.target`'s blocks: `results` are each Linear's bytes; the decoder Linears' block
         scales and mins are tuned, the output head (when rounded onto its grid) computes as its bytes decode."""
         target: GridTarget = job.target  # type: ignore[assignment]
-        if e2e_lr(job) >= 1e-4:
+        lr = e2e_lr(job)
+        if lr >= 1e-4:
             log.warning("e2e_lr %g on %s's block headers: from 1e-4 up the stage raised the KL on SmolLM2 q5_k_m "
-                        "(benchmarks/results/gguf.md, session 21); the default is %g", e2e_lr(job), target.label,
-                        HEADER_LR)
+                        "(benchmarks/results/gguf.md, session 21); the default is %g", lr, target.label, HEADER_LR)
         prefix = f"{loaded.model.base_model_prefix}."
         head = loaded.model.get_output_embeddings()
         parts = {}

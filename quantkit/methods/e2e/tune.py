@@ -332,7 +332,7 @@ def tuning_loop(model: nn.Module, teacher: Teacher, samples: Tensor, p: E2EParam
     relative = RelativeNorms(model, norms) if p.norms == "relative" and norms else None
     if relative is not None:
         groups.append({"params": list(relative.logs.values()), "lr": p.norm_lr})
-    elif norms and p.norms == "additive":
+    elif norms:  # additive (off leaves `norms` empty)
         groups.append({"params": list(norms.values()), "lr": p.norm_lr})
     if embeddings:
         groups.append({"params": embeddings, "lr": p.embedding_lr})

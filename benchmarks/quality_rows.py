@@ -49,6 +49,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # the same with the norms stepped on their log-gains end to end (SmolLM2's smallest norm weights are ~1e-5)
     "signround-e2e-eb8-i100-emb-rel": ("signround", {"e2e_steps": 32, "e2e_batch_size": 8, "iters": 100,
                                                      "e2e_embedding_lr": 2e-4, "e2e_norms": "relative"}),
+    # session 23, Gemma 3: the same without the embedding (Gemma's embedding std is 0.041 against SmolLM2's 0.136,
+    # so 2e-4 would be the step that overshot on SmolLM2; and its 262k-row gradient costs a fifth head product)
+    "signround-e2e-eb8-i100-rel": ("signround", {"e2e_steps": 32, "e2e_batch_size": 8, "iters": 100,
+                                                 "e2e_norms": "relative"}),
     "signround-e2e-eb4-i100-fisher": ("signround", {"e2e_steps": 32, "e2e_batch_size": 4, "iters": 100,
                                                     "loss": "fisher"}),
     # the residual stream rotated first (`--rotate hadamard`, ROTATED_ROWS)

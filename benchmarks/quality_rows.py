@@ -86,6 +86,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "signround-fb-e2e-eb4-i100": ("signround", {"e2e_steps": 32, "e2e_batch_size": 4, "iters": 100}),
     # AutoRound's own default step count (200) on the same allocation
     "signround-fb-e2e-eb4-i200": ("signround", {"e2e_steps": 32, "e2e_batch_size": 4, "iters": 200}),
+    # session 22's 0.789x w4g64 recipe on the 3-bit allocation (session 23, for w3g64's time target)
+    "signround-fb-e2e-eb8-i100-emb-rel": ("signround", {"e2e_steps": 32, "e2e_batch_size": 8, "iters": 100,
+                                                        "e2e_embedding_lr": 2e-4, "e2e_norms": "relative"}),
     # the same on 4- and 8-bit group grids only (no 3-bit, no per-channel: what gptq_marlin serves)
     "signround-fbm-e2e-eb4-i100": ("signround", {"e2e_steps": 32, "e2e_batch_size": 4, "iters": 100}),
     # the same on group grids only (2/3/4/8 bits, no per-channel grid: each row keeps several scales to tune)
@@ -103,7 +106,8 @@ _GRIDS_W3 = "w2g64,w2g32," + _GRIDS_W4
 BUDGET_ROWS = {v: {"w4g64": _GRIDS_W4, "w3g64": _GRIDS_W3}
                for v in ("gptq-fb", "gptq-fb-e2e", "gptq-rot-fb", "gptq-rot-fb-e2e", "gptq-rot-fb-e2e-eb4",
                          "gptq-rot-ft-fb-e2e", "signround-fb", "signround-fb-e2e",
-                         "signround-fb-e2e-eb4-i100", "signround-fb-e2e-eb4-i200")}
+                         "signround-fb-e2e-eb4-i100", "signround-fb-e2e-eb4-i200",
+                         "signround-fb-e2e-eb8-i100-emb-rel")}
 BUDGET_ROWS["signround-fbm-e2e-eb4-i100"] = {"w4g64": "w4g128,w4g64,w4g32,w8g128,w8g64,w8g32"}
 BUDGET_ROWS["signround-fbg-e2e-eb4-i100"] = {"w3g64": "w2g64,w2g32,w3g128,w3g64,w3g32,w4g128,w4g64,w4g32,"
                                                        "w8g128,w8g64,w8g32"}

@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=1, help="batch order of the extra steps (the row's stage used 0)")
     ap.add_argument("--embedding-lr", type=float, default=0.0, help="tune the embedding too (E2EParams.embedding_lr)")
+    ap.add_argument("--token-fraction", type=float, default=1.0,
+                    help="share of each step's positions in the KL (E2EParams.token_fraction)")
     ap.add_argument("--no-before", action="store_true", help="skip scoring the checkpoint as read")
     ap.add_argument("--tag", default="")
     a = ap.parse_args()
@@ -82,7 +84,7 @@ def main() -> None:
     student, tok, quantized = student_from(Path(a.checkpoint), a.model)
     samples = calibration_samples(tok, "wiki-vital", a.nsamples, 512, 0)
     p = E2EParams(steps=a.steps, batch_size=a.batch, lr=a.lr, norm_lr=a.lr, compile=can_compile(torch.device("cpu")),
-                  seed=a.seed, embedding_lr=a.embedding_lr)
+                  seed=a.seed, embedding_lr=a.embedding_lr, token_fraction=a.token_fraction)
     base, _ = load_model(resolve(a.model), torch.float32)
     windows = test_windows(tok, seqlen=512, max_windows=a.windows)
     before = evaluate([student], windows, base=base)[0] if a.steps and not a.no_before else None

@@ -105,3 +105,21 @@ def test_end_to_end_embedding_lever_is_written_and_deterministic(tiny, text_file
     assert json.loads((tmp_path / "a" / "quantkit.json").read_text())["options"]["e2e_embedding_lr"] == 1e-4
     ids = _calibration_ids(tiny, text_file)
     assert _kl_to_base(tiny, tmp_path / "a", ids) < _kl_to_base(tiny, tmp_path / "off", ids)
+
+
+def test_end_to_end_token_fraction_is_recorded_deterministic_and_checked(tiny, text_file, tmp_path):
+    """`--opt e2e_token_fraction`: the stage takes a share of each step's positions (other scales than with all of
+    them), the same bytes on a second run, recorded; out of (0, 1] it is refused before any work."""
+    kw = dict(scheme={"bits": 3, "group_size": 32}, calib=_calib(text_file), device="cpu")
+    opts = {"calib_dtype": "float32", "e2e_steps": 8, "e2e_lr": 1e-2}
+    quantize(tiny, "gptq", tmp_path / "all", options=opts, **kw)
+    quantize(tiny, "gptq", tmp_path / "a", options={**opts, "e2e_token_fraction": 0.5}, **kw)
+    quantize(tiny, "gptq", tmp_path / "b", options={**opts, "e2e_token_fraction": 0.5}, **kw)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    full, a = load_file(str(tmp_path / "all" / "model.safetensors")), load_file(str(tmp_path / "a" / "model.safetensors"))
+    assert any(not torch.equal(a[k], full[k]) for k in a if k.endswith("scales"))
+    assert json.loads((tmp_path / "a" / "quantkit.json").read_text())["options"]["e2e_token_fraction"] == 0.5
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match="e2e_token_fraction"):  # pydantic's; the CLI says it in one line
+            quantize(tiny, "gptq", tmp_path / f"bad{bad}", options={**opts, "e2e_token_fraction": bad}, **kw)
+        assert not (tmp_path / f"bad{bad}").exists()

@@ -235,3 +235,39 @@ def test_norms_off_leave_the_norms(tiny):
     tune_end_to_end(model, base, quantized, samples, E2EParams(steps=10, batch_size=4, lr=1e-2, norms="off"))
     assert kl() < before
     assert all(torch.equal(w, norms[n]) for n, w in norm_params(model).items())
+
+
+def test_positions_pick_the_same_tokens_of_both_models_in_order():
+    """`token_fraction` < 1 keeps that share of the positions, the same ones for teacher and student, in order and
+    seeded; at 1 it keeps them all and draws nothing (the batch order that follows is unchanged)."""
+    from quantkit.methods.e2e.tune import _positions
+
+    t = torch.arange(2 * 10 * 3, dtype=torch.float32).reshape(2, 10, 3)
+    s = t + 1000
+    gen = torch.Generator().manual_seed(0)
+    th, sh = _positions(t, s, 0.25, gen)
+    assert th.shape == (5, 3) and torch.equal(sh, th + 1000)
+    rows = (th[:, 0] / 3).long()
+    assert torch.equal(rows, rows.sort().values) and len(set(rows.tolist())) == 5
+    again, _ = _positions(t, s, 0.25, torch.Generator().manual_seed(0))
+    assert torch.equal(again, th)
+    state = gen.get_state()
+    th1, sh1 = _positions(t, s, 1.0, gen)
+    assert torch.equal(th1, t.reshape(-1, 3)) and torch.equal(sh1, s.reshape(-1, 3))
+    assert torch.equal(gen.get_state(), state)
+    assert _positions(t, s, 1e-6, gen)[0].shape == (1, 3)  # at least one
+
+
+def test_end_to_end_on_a_share_of_the_positions_lowers_kl_and_repeats(tiny):
+    """Tuning on a quarter of each step's positions still lowers the KL over all of them, and the same seed gives
+    the same scales."""
+    from quantkit.methods.e2e.tune import E2EParams, tune_end_to_end
+
+    outs = []
+    for _ in range(2):
+        base, model, quantized, samples, kl = _rtn_model_and_base(tiny)
+        before = kl()
+        p = E2EParams(steps=30, batch_size=4, lr=1e-2, norm_lr=1e-2, token_fraction=0.25)
+        outs.append(tune_end_to_end(model, base, quantized, samples, p))
+        assert kl() < before
+    assert all(torch.equal(outs[0][n].scales, outs[1][n].scales) for n in outs[0])

@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 # (benchmarks/results/gguf.md, sessions 21-22).
 GRID_LR = 1e-3
 HEADER_LR = 3e-5
-E2E_FIELDS = ("e2e_steps", "e2e_batch_size", "e2e_lr", "e2e_rounding_lr", "e2e_embedding_lr", "e2e_norms")
+E2E_FIELDS = ("e2e_steps", "e2e_batch_size", "e2e_lr", "e2e_rounding_lr", "e2e_embedding_lr", "e2e_norms",
+              "e2e_token_fraction")
 
 
 class E2EOptions(BaseModel):
@@ -54,6 +55,10 @@ class E2EOptions(BaseModel):
     e2e_embedding_lr: float = Field(0.0, ge=0, le=1, description="Adam step size of the token embedding and output "
                                                                  "layer end to end, which the checkpoint keeps in "
                                                                  "float (0: they stay the float model's)")
+    e2e_token_fraction: float = Field(1.0, gt=0, le=1, description="share of each end-to-end step's token "
+                                                                   "positions whose logits enter the KL, drawn "
+                                                                   "at random (seeded): the vocabulary-sized "
+                                                                   "products shrink with it")
     e2e_norms: Literal["additive", "relative", "off"] = Field(
         "additive", description="how the stage steps the norms: additive (Adam on the weights), relative (on "
                                 "log-gains: tiny weights move by their own size), or off")
@@ -77,7 +82,7 @@ def e2e_params(job: QuantJob, compile_step: bool) -> E2EParams:
     lr = e2e_lr(job)
     return E2EParams(steps=o.e2e_steps, batch_size=o.e2e_batch_size, lr=lr, norm_lr=lr,
                      rounding_lr=o.e2e_rounding_lr, embedding_lr=o.e2e_embedding_lr, norms=o.e2e_norms,
-                     autocast=calib_autocast(job),
+                     token_fraction=o.e2e_token_fraction, autocast=calib_autocast(job),
                      compile=compile_step, seed=job.calib.seed)
 
 

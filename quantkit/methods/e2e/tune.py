@@ -39,7 +39,10 @@ class E2EParams:
     rounding_lr: signed-gradient step of the rounding offsets (0: the codes stay as the blocks left them);
     embedding_lr: Adam step of the token embedding and output layer (0: they stay the float model's);
     logit_chunk: tokens whose logits are alive at once (the vocabulary makes them the largest tensors);
-    compile: the KL over each chunk's logits through torch.compile (its fp32 log-softmaxes fused: 1.3x a step)."""
+    compile: the KL over each chunk's logits through torch.compile (its fp32 log-softmaxes fused: 1.3x a step);
+    token_fraction: share of a step's token positions whose logits enter the KL, drawn afresh each step (1: all).
+    The decoder still runs every position; only the vocabulary-sized products shrink, which on a large vocabulary
+    (Gemma 3's 262k) are most of a step."""
 
     steps: int = 32
     batch_size: int = 2
@@ -52,6 +55,7 @@ class E2EParams:
     autocast: torch.dtype | None = None
     compile: bool = False
     seed: int = 0
+    token_fraction: float = 1.0
 
 
 def _keep_off_zero(s: Tensor, eps: float = 1e-6) -> Tensor:
@@ -304,6 +308,17 @@ def tune_end_to_end(model: nn.Module, base: nn.Module | Teacher, quantized: dict
     return out
 
 
+def _positions(teacher_h: Tensor, student_h: Tensor, fraction: float, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """The two models' final hidden states (..., hidden) as (tokens, hidden), at a random `fraction` of the
+    positions (in order; at least one), the same positions for both; all of them, and no draw, when fraction is 1."""
+    th, sh = teacher_h.reshape(-1, teacher_h.shape[-1]), student_h.reshape(-1, student_h.shape[-1])
+    if fraction >= 1:
+        return th, sh
+    n = sh.shape[0]
+    keep = torch.randperm(n, generator=gen)[:max(1, round(fraction * n))].sort().values.to(sh.device)
+    return th[keep], sh[keep]
+
+
 def decoder_prefix(model: nn.Module, names: Iterable[str]) -> str:
     """The decoder's prefix ("model."), checked to start every tuned Linear's name."""
     prefix = f"{model.base_model_prefix}."
@@ -355,8 +370,9 @@ def tuning_loop(model: nn.Module, teacher: Teacher, samples: Tensor, p: E2EParam
                 s_head = _head(model, p.autocast)
             with ctx():
                 student = functional_call(model.base_model, now, (), {"input_ids": batch, "use_cache": False})
-                loss = chunked_kl(teacher.hidden[picked].to(dev), student.last_hidden_state, t_head, s_head,
-                                  p.logit_chunk, kl_sum, head_weight)
+                th, sh = _positions(teacher.hidden[picked].to(dev), student.last_hidden_state, p.token_fraction,
+                                    gen)
+                loss = chunked_kl(th, sh, t_head, s_head, p.logit_chunk, kl_sum, head_weight)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -53,6 +53,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # so 2e-4 would be the step that overshot on SmolLM2; and its 262k-row gradient costs a fifth head product)
     "signround-e2e-eb8-i100-rel": ("signround", {"e2e_steps": 32, "e2e_batch_size": 8, "iters": 100,
                                                  "e2e_norms": "relative"}),
+    # session 23: Gemma's end-to-end stage cost 2312 s (9 s a window: its 262k-row head is ~60% of a step) and
+    # moved its calibration KL by 6%; a quarter of each step's positions in the KL (`e2e_token_fraction`)
+    "signround-e2e-eb4-i100-f25": ("signround", {"e2e_steps": 32, "e2e_batch_size": 4, "iters": 100,
+                                                 "e2e_token_fraction": 0.25}),
+    "signround-e2e-eb8-i100-f25": ("signround", {"e2e_steps": 32, "e2e_batch_size": 8, "iters": 100,
+                                                 "e2e_token_fraction": 0.25}),
     "signround-e2e-eb4-i100-fisher": ("signround", {"e2e_steps": 32, "e2e_batch_size": 4, "iters": 100,
                                                     "loss": "fisher"}),
     # the residual stream rotated first (`--rotate hadamard`, ROTATED_ROWS)

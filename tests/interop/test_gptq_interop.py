@@ -33,6 +33,7 @@ CASES = {  # name -> scheme
     "signround-w4g32-e2e-embedding": {"bits": 4, "group_size": 32},  # the tied embedding tuned end to end
     "signround-w4g32-e2e-relative-norms": {"bits": 4, "group_size": 32},  # the norms' gains stepped in relative terms
     "signround-w4g32-prefix": {"bits": 4, "group_size": 32},
+    "signround-w4g32-e2e-token-fraction": {"bits": 4, "group_size": 32},  # a share of the positions in the KL
     "w4g32-rotated": {"bits": 4, "group_size": 32, "rotation": "hadamard"},  # untied head, norms at 1
     "signround-w4g32-rotated-e2e": {"bits": 4, "group_size": 32, "rotation": "hadamard"},
     "w4g32-e2e": {"bits": 4, "group_size": 32},  # GPTQ's codes, scales and norms tuned end to end
@@ -48,6 +49,7 @@ METHODS = {
     "signround-w4g32-e2e-embedding": ("signround", {"iters": 4, "e2e_steps": 2, "e2e_embedding_lr": 1e-4}),
     "signround-w4g32-e2e-relative-norms": ("signround", {"iters": 4, "e2e_steps": 2, "e2e_norms": "relative"}),
     "signround-w4g32-prefix": ("signround", {"iters": 4, "window_tokens": 16, "windows_per_step": 6}),
+    "signround-w4g32-e2e-token-fraction": ("signround", {"iters": 4, "e2e_steps": 2, "e2e_token_fraction": 0.25}),
     "signround-w4g32-rotated-e2e": ("signround", {"iters": 4, "e2e_steps": 2}),
     "w4g32-e2e": ("gptq", {"e2e_steps": 2}),
     "w4g32-rotated-e2e": ("gptq", {"e2e_steps": 2}),

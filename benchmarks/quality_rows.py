@@ -50,11 +50,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "signround-e2e-eb8-i100-emb-rel": ("signround", {"e2e_steps": 32, "e2e_batch_size": 8, "iters": 100,
                                                      "e2e_embedding_lr": 2e-4, "e2e_norms": "relative"}),
     # session 23, Gemma 3: the same without the embedding (Gemma's embedding std is 0.041 against SmolLM2's 0.136,
-    # so 2e-4 would be the step that overshot on SmolLM2; and its 262k-row gradient costs a fifth head product)
+    # so 2e-4 would be the step that overshot on SmolLM2; and its 262k-row gradient costs a fourth head product)
     "signround-e2e-eb8-i100-rel": ("signround", {"e2e_steps": 32, "e2e_batch_size": 8, "iters": 100,
                                                  "e2e_norms": "relative"}),
-    # session 23: Gemma's end-to-end stage cost 2312 s (9 s a window: its 262k-row head is ~60% of a step) and
-    # moved its calibration KL by 6%; a quarter of each step's positions in the KL (`e2e_token_fraction`)
+    # session 23: Gemma's end-to-end stage cost 2312 s (9 s a window) and
+    # moved its calibration KL by 6% (its 262k-row head: 56% of a step, benchmarks/e2e_step.py); a quarter of
+    # each step's positions in the KL (`e2e_token_fraction`)
     "signround-e2e-eb4-i100-f25": ("signround", {"e2e_steps": 32, "e2e_batch_size": 4, "iters": 100,
                                                  "e2e_token_fraction": 0.25}),
     "signround-e2e-eb8-i100-f25": ("signround", {"e2e_steps": 32, "e2e_batch_size": 8, "iters": 100,
